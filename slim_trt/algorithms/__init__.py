@@ -1,0 +1,1 @@
+"""Pure tensor algorithms: no I/O, no hooks, no model objects."""

@@ -1,0 +1,1 @@
+"""Calibration: text -> token windows, where the decoder blocks are, and the layer-by-layer runner."""

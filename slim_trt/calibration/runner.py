@@ -1,0 +1,206 @@
+"""The layer-by-layer calibration loop.
+
+Only one decoder block's activations are held at a time: the calibration windows are run up to block 0 once,
+then for each block we (1) run the dense block to collect per-linear input statistics, (2) let a callback
+compress its linears, (3) run the compressed block to produce the next block's inputs. So every block sees the
+outputs of the compressed blocks before it, as in SparseGPT/SLiM.
+
+The arguments a block receives besides the hidden states (rotary cos/sin, causal or sliding-window masks,
+position ids) depend only on the batch shape, so they are recorded once per batch size from a real forward pass
+instead of being rebuilt per architecture.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..errors import SlimError
+from .families import block_linears, decoder_blocks
+
+
+@dataclass
+class LinearStats:
+    """Running statistics of one linear layer's inputs over the calibration tokens."""
+
+    hessian: torch.Tensor | None = None  # 2/n * sum x x^T, as in the GPTQ reference
+    nsamples: int = 0
+    sq_sum: torch.Tensor | None = None  # sum over tokens of x^2, per input channel
+    abs_sum: torch.Tensor | None = None  # sum over tokens of |x|, per input channel
+    ntokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        from ..algorithms.gptq import accumulate_hessian
+
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        if not torch.isfinite(x).all():
+            raise _NonFinite()
+        self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x)
+        sq, ab = (x * x).sum(0), x.abs().sum(0)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.abs_sum = ab if self.abs_sum is None else self.abs_sum + ab
+        self.ntokens += x.shape[0]
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        """L2 norm of each input channel over all tokens (Wanda's ||X_j||)."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """Mean |x| of each input channel (SLiM-LoRA's saliency)."""
+        return self.abs_sum / max(self.ntokens, 1)
+
+
+class _NonFinite(Exception):
+    pass
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class BlockResult:
+    index: int
+    layers: dict[str, dict] = field(default_factory=dict)  # per-linear info from the callback
+    output_rel_error: float = 0.0  # ||Y_compressed - Y_dense|| / ||Y_dense|| of the block output
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(windows.split(batch_size))
+
+
+@torch.no_grad()
+def _record_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> list[dict]:
+    """One forward pass on `batch` that records the keyword arguments every block receives."""
+    recorded: list[dict] = [None] * len(blocks)  # type: ignore[list-item]
+    handles = []
+
+    def make_hook(i: int):
+        def hook(_mod, args, kwargs):
+            recorded[i] = dict(kwargs)
+            if i == len(blocks) - 1:
+                raise _Stop
+        return hook
+
+    for i, blk in enumerate(blocks):
+        handles.append(blk.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    for kw in recorded:
+        kw.pop("past_key_values", None)
+        kw["use_cache"] = False
+    return recorded
+
+
+@torch.no_grad()
+def _block0_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering block 0 for one batch (the forward stops there)."""
+    out: list[torch.Tensor] = []
+
+    def hook(_mod, args, kwargs):
+        out.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return out[0]
+
+
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_for: Callable[[int], dict]) -> list[torch.Tensor]:
+    outs = []
+    for x in inputs:
+        y = block(x, **kwargs_for(x.shape[0]))
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(y.pow(2).sum()) for y in b)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    windows: torch.Tensor,
+    compress_block: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], dict[str, dict]],
+    *,
+    batch_size: int = 8,
+    skip: Callable[[str], bool] = lambda name: False,
+    restore_block: Callable[[int, nn.Module], bool] = lambda i, block: False,
+    on_block_done: Callable[[BlockResult], None] = lambda r: None,
+    progress: Iterable | None = None,
+) -> list[BlockResult]:
+    """Compress `model` block by block.
+
+    compress_block(i, block, linears, stats) replaces the given linears inside `block` and returns per-layer info.
+    restore_block(i, block) may put an earlier run's compressed layers into `block` and return True (resume);
+    the block then only runs forward to produce the next block's inputs.
+    """
+    blocks = decoder_blocks(model)
+    prefix = _blocks_prefix(model, blocks)
+    batches = _batches(windows, batch_size)
+    # Recorded up front, before any statistics hook is attached (recording runs the dense blocks).
+    kw_cache = {b.shape[0]: _record_block_kwargs(model, blocks, b) for b in batches}
+
+    def kwargs_for(i: int):
+        return lambda bsz: kw_cache[bsz][i]
+
+    hidden = [_block0_inputs(model, blocks, b) for b in batches]
+    results: list[BlockResult] = []
+    indices = range(len(blocks)) if progress is None else progress
+    for i in indices:
+        block = blocks[i]
+        res = BlockResult(index=i)
+        if restore_block(i, block):
+            hidden = _run_block(block, hidden, kwargs_for(i))
+            results.append(res)
+            continue
+        linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
+        stats = {n: LinearStats() for n in linears}
+        handles = [m.register_forward_hook(_stats_hook(stats[n])) for n, m in linears.items()]
+        try:
+            dense_out = _run_block(block, hidden, kwargs_for(i))
+        except _NonFinite:
+            raise SlimError(f"NaN or Inf in the activations entering block {prefix}{i}: the model or the "
+                            f"calibration text is broken (check the source weights; try another dtype)")
+        finally:
+            for h in handles:
+                h.remove()
+        res.layers = compress_block(i, block, linears, stats)
+        hidden = _run_block(block, hidden, kwargs_for(i))
+        if not all(torch.isfinite(h).all() for h in hidden):
+            raise SlimError(f"NaN or Inf in the outputs of compressed block {prefix}{i}")
+        res.output_rel_error = _rel(hidden, dense_out)
+        del dense_out
+        results.append(res)
+        on_block_done(res)
+    return results
+
+
+def _stats_hook(stats: LinearStats):
+    def hook(_mod, args, _out):
+        stats.add(args[0])
+    return hook
+
+
+def _blocks_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            return name + "."
+    return ""

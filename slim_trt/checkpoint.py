@@ -1,0 +1,288 @@
+"""The compressed checkpoint: a folder that reloads into a runnable PyTorch model.
+
+  config.json, generation_config.json, tokenizer files   as Hugging Face writes them
+  model.safetensors        every tensor that is not a compressed linear (embeddings, norms, lm_head, ...)
+  slim_layers.safetensors  the compressed linears: packed INT4 (two per byte, low nibble first) or INT8 values,
+                           N:M metadata (position of each kept value inside its group), scales, adapters
+  slim_manifest.json       schema version, method config, per-layer shapes/bits/sparsity/rank, sha256 of every
+                           tensor and of both files, the source model
+
+Only safetensors are read back (no pickle), and every file is checked against the manifest before use.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .algorithms.qtensor import QuantizedTensor
+from .algorithms.quantize import nm_compress, nm_decompress, pack_bits, pack_int4, unpack_bits, unpack_int4
+from .compressed_linear import CompressedLinear, compressed_layers
+from .errors import SlimError
+
+FORMAT = "slim-trt-checkpoint"
+SCHEMA_VERSION = 1
+MANIFEST = "slim_manifest.json"
+DENSE_FILE = "model.safetensors"
+LAYERS_FILE = "slim_layers.safetensors"
+
+
+# ---------------------------------------------------------------- packing of small unsigned fields
+def pack_uint(x: torch.Tensor, nbits: int) -> torch.Tensor:
+    """Pack a [rows, cols] tensor of values < 2**nbits (nbits in 1, 2, 4, 8) into uint8, first value lowest."""
+    per = 8 // nbits
+    rows, cols = x.shape
+    pad = (-cols) % per
+    x = torch.nn.functional.pad(x.to(torch.int32), (0, pad)).reshape(rows, -1, per)
+    shifts = torch.arange(per, dtype=torch.int32) * nbits
+    return (x << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_uint(p: torch.Tensor, nbits: int, cols: int) -> torch.Tensor:
+    per = 8 // nbits
+    shifts = torch.arange(per, dtype=torch.int32) * nbits
+    x = (p.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << nbits) - 1)
+    return x.reshape(p.shape[0], -1)[:, :cols].to(torch.uint8)
+
+
+def _index_bits(m: int) -> int:
+    need = max(1, (m - 1).bit_length())
+    return next(b for b in (1, 2, 4, 8) if b >= need)
+
+
+# ---------------------------------------------------------------- one tensor <-> stored fields
+def _factor_to_tensors(prefix: str, f: QuantizedTensor | torch.Tensor, out: dict) -> dict:
+    if isinstance(f, QuantizedTensor):
+        out[f"{prefix}.q"] = pack_int4(f.q) if f.bits == 4 else f.q.contiguous()
+        out[f"{prefix}.scale"] = f.scale.to(torch.float32).contiguous()
+        return {"bits": f.bits, "group_size": f.group_size, "shape": list(f.shape)}
+    out[f"{prefix}.float"] = f.to(torch.float32).contiguous()
+    return {"bits": 16, "shape": list(f.shape)}
+
+
+def _factor_from_tensors(prefix: str, t: dict, meta: dict) -> QuantizedTensor | torch.Tensor:
+    if meta["bits"] == 16:
+        return t[f"{prefix}.float"]
+    rows, cols = meta["shape"]
+    q = t[f"{prefix}.q"]
+    q = unpack_int4(q, cols) if meta["bits"] == 4 else q
+    return QuantizedTensor(q=q, scale=t[f"{prefix}.scale"], bits=meta["bits"], group_size=meta["group_size"])
+
+
+def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torch.Tensor], dict]:
+    """The stored fields of one compressed linear, and its manifest entry (without checksums)."""
+    from .config import Sparsity
+
+    t: dict[str, torch.Tensor] = {}
+    sp = Sparsity.parse(layer.sparsity)
+    meta: dict = {"shape": [layer.out_features, layer.in_features], "sparsity": str(sp), "rank": layer.rank,
+                  "bias": layer.bias is not None}
+    qw = layer.qweight
+    if qw is not None and sp.kind == "nm":
+        # N:M storage: only the kept values plus each one's position inside its group of M.
+        values, idx = nm_compress(qw.q, sp.n, sp.m)
+        vals = QuantizedTensor(q=values, scale=qw.scale, bits=qw.bits, group_size=qw.group_size)
+        t[f"{name}.weight.values"] = pack_int4(vals.q) if qw.bits == 4 else vals.q.contiguous()
+        t[f"{name}.weight.scale"] = qw.scale.to(torch.float32).contiguous()
+        t[f"{name}.weight.indices"] = pack_uint(idx, _index_bits(sp.m))
+        meta.update(storage="nm", bits=qw.bits, group_size=qw.group_size, n=sp.n, m=sp.m,
+                    values_cols=int(values.shape[1]))
+    else:
+        info = _factor_to_tensors(f"{name}.weight", qw if qw is not None else layer.weight, t)
+        meta.update(storage="dense", bits=info["bits"], group_size=info.get("group_size"))
+        if sp.kind != "none" and layer.mask is not None:
+            t[f"{name}.mask"] = pack_bits(layer.mask)
+            meta["storage"] = "masked"
+    if layer.rank:
+        L = layer.lora_L_q if layer.lora_L_q is not None else layer.lora_L
+        R = layer.lora_R_q if layer.lora_R_q is not None else layer.lora_R
+        meta["lora_L"] = _factor_to_tensors(f"{name}.lora_L", L, t)
+        meta["lora_R"] = _factor_to_tensors(f"{name}.lora_R", R, t)
+    if layer.bias is not None:
+        t[f"{name}.bias"] = layer.bias.to(torch.float32).contiguous()
+    return t, meta
+
+
+def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> CompressedLinear:
+    N, K = meta["shape"]
+    mask = None
+    if meta["storage"] == "nm":
+        n, m = meta["n"], meta["m"]
+        cols = meta["values_cols"]
+        vals = t[f"{name}.weight.values"]
+        vals = unpack_int4(vals, cols) if meta["bits"] == 4 else vals
+        idx = unpack_uint(t[f"{name}.weight.indices"], _index_bits(m), cols)
+        q = nm_decompress(vals, idx, n, m, K)
+        weight = QuantizedTensor(q=q, scale=t[f"{name}.weight.scale"], bits=meta["bits"],
+                                 group_size=meta["group_size"])
+        mask = q != 0
+    else:
+        weight = _factor_from_tensors(f"{name}.weight", t, {"bits": meta["bits"], "shape": meta["shape"],
+                                                             "group_size": meta.get("group_size")})
+        if meta["storage"] == "masked":
+            mask = unpack_bits(t[f"{name}.mask"], K)
+    L = R = None
+    if meta.get("rank"):
+        L = _factor_from_tensors(f"{name}.lora_L", t, meta["lora_L"])
+        R = _factor_from_tensors(f"{name}.lora_R", t, meta["lora_R"])
+    return CompressedLinear(weight, mask=mask, sparsity=meta["sparsity"], lora_L=L, lora_R=R,
+                            bias=t.get(f"{name}.bias"))
+
+
+# ---------------------------------------------------------------- checksums
+def tensor_sha256(x: torch.Tensor) -> str:
+    return hashlib.sha256(x.detach().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_layers(path: Path, layers: dict[str, CompressedLinear]) -> dict:
+    """Write compressed layers to one safetensors file; return their manifest entries with checksums."""
+    tensors, metas = {}, {}
+    for name, layer in layers.items():
+        t, meta = layer_to_tensors(name, layer)
+        meta["tensors"] = {k[len(name) + 1:]: tensor_sha256(v) for k, v in t.items()}
+        tensors.update(t)
+        metas[name] = meta
+    save_file(tensors, str(path))
+    return metas
+
+
+def load_layers(path: Path, metas: dict, verify: bool = True) -> dict[str, CompressedLinear]:
+    t = load_file(str(path))
+    out = {}
+    for name, meta in metas.items():
+        if verify:
+            for key, sha in meta["tensors"].items():
+                full = f"{name}.{key}"
+                if full not in t or tensor_sha256(t[full]) != sha:
+                    raise SlimError(f"checkpoint tensor {full} is missing or its checksum does not match the "
+                                    f"manifest: the checkpoint is corrupt or was modified; re-run compress")
+        out[name] = layer_from_tensors(name, t, meta)
+    return out
+
+
+# ---------------------------------------------------------------- whole model
+def _dense_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Persistent tensors that are not compressed layers, with shared tensors stored once (tied embeddings)."""
+    seen: dict[tuple, str] = {}
+    state, tied = {}, {}
+    for k, v in model.state_dict().items():
+        key = (v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape))
+        if key in seen:
+            tied[k] = seen[key]
+            continue
+        seen[key] = k
+        state[k] = v.detach().contiguous()
+    return state, tied
+
+
+def prepare_target(path: Path, force: bool) -> Path:
+    """Refuse an existing output unless forced; return a fresh temporary folder beside it."""
+    if path.exists() and not force:
+        raise SlimError(f"output {path} already exists: pass --force to replace it, or choose another -o")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+
+
+def commit_target(tmp: Path, path: Path) -> None:
+    """Atomically move a finished temporary folder into place (replacing an old output when forced)."""
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def save(model: torch.nn.Module, path: str | Path, *, tokenizer=None, manifest_extra: dict | None = None,
+         force: bool = False) -> Path:
+    """Save a compressed model as a checkpoint folder (written to a temporary folder, then renamed)."""
+    path = Path(path)
+    tmp = prepare_target(path, force)
+    try:
+        model.config.save_pretrained(tmp)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        state, tied = _dense_state(model)
+        save_file(state, str(tmp / DENSE_FILE))
+        layer_meta = save_layers(tmp / LAYERS_FILE, dict(compressed_layers(model)))
+        manifest = {
+            "format": FORMAT,
+            "schema_version": SCHEMA_VERSION,
+            "architecture": model.config.model_type,
+            "tied": tied,
+            "layers": layer_meta,
+            "files": {f: file_sha256(tmp / f) for f in (DENSE_FILE, LAYERS_FILE)},
+            **(manifest_extra or {}),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        commit_target(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def read_manifest(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.exists():
+        raise SlimError(f"no such checkpoint: {path}")
+    mf = path / MANIFEST
+    if not path.is_dir() or not mf.exists():
+        raise SlimError(f"{path} is not a slim-trt checkpoint (no {MANIFEST}): run `slim-trt compress` first")
+    try:
+        manifest = json.loads(mf.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimError(f"{mf} is not valid JSON ({e}): the checkpoint is corrupt; re-run compress")
+    if manifest.get("format") != FORMAT:
+        raise SlimError(f"{mf} is not a slim-trt manifest")
+    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
+        raise SlimError(f"{path} was written by a newer slim-trt (schema {manifest['schema_version']}): upgrade slim-trt")
+    return manifest
+
+
+def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Load a checkpoint folder into a runnable causal LM whose compressed linears are CompressedLinear."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    if verify:
+        for f, sha in manifest["files"].items():
+            if not (path / f).exists():
+                raise SlimError(f"checkpoint file {path / f} is missing: the checkpoint is incomplete; re-run compress")
+            if file_sha256(path / f) != sha:
+                raise SlimError(f"checksum mismatch for {path / f}: the checkpoint is corrupt or was modified; "
+                                f"re-run compress")
+    config = AutoConfig.from_pretrained(path)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, layer in load_layers(path / LAYERS_FILE, manifest["layers"], verify=verify).items():
+        model.set_submodule(name, layer.to(dtype))
+    state = load_file(str(path / DENSE_FILE))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = manifest.get("tied", {})
+    for alias, source in tied.items():
+        parent, _, leaf = alias.rpartition(".")
+        src_parent, _, src_leaf = source.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, getattr(model.get_submodule(src_parent), src_leaf))
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise SlimError(f"checkpoint {path} does not match its config (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}): the checkpoint is corrupt; re-run compress")
+    return model.eval()

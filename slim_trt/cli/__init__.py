@@ -1,0 +1,84 @@
+"""`slim-trt`: a thin command line over the public Python API.
+
+Each subcommand lives in its own module with a `register(subparsers)` function; modules import heavy
+libraries only inside the function that runs the command, so a missing optional backend (TensorRT,
+tritonserver) breaks only its own subcommand and `--help` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from ..errors import SlimError
+
+# Order is the order shown by `slim-trt --help`.
+COMMANDS = ("compress", "info", "eval", "demo", "export", "verify", "lint", "build", "bench", "deploy", "serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="slim-trt",
+        description=(
+            "Compress a Hugging Face causal LM one-shot with SLiM (quantize -> 2:4 prune -> low-rank adapters), "
+            "export it to ONNX with Q/DQ nodes, verify it in ONNX Runtime, lint it for TensorRT, build TensorRT "
+            "engines on sparse tensor cores and deploy them behind Triton."
+        ),
+        epilog="Typical flow: slim-trt compress MODEL -o ckpt/ ; slim-trt export ckpt/ -o export/NAME/ ; "
+        "slim-trt verify export/NAME/model.onnx --reference ckpt/ ; slim-trt lint export/NAME/model.onnx",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMANDS:
+        try:
+            module = importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"{__name__}.{name}":
+                continue  # subcommand not part of this build
+            raise
+        module.register(sub)
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("slim-trt")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _quiet_libraries() -> None:
+    # Our own progress bars and messages are the interface; transformers' per-file bars and advisories are noise.
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_libraries()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        rc = args.func(args)
+    except SlimError as e:
+        print(f"slim-trt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"slim-trt {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return int(rc or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

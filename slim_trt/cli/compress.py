@@ -1,0 +1,80 @@
+"""slim-trt compress MODEL -o OUT"""
+from __future__ import annotations
+
+from .common import add_parser, eprint, print_json
+
+_FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
+          "quantize_adapters", "skip_layers")
+
+
+def register(sub) -> None:
+    p = add_parser(
+        sub, "compress", "compress a Hugging Face causal LM one-shot with SLiM",
+        "Quantize (symmetric INT4/INT8), prune along K (2:4 by default) and fit low-rank adapters on the total\n"
+        "error, one decoder block at a time on calibration text. Defaults reproduce SLiM: 2:4, 4-bit,\n"
+        "SLiM-Quant, Wanda, SLiM-LoRA at rank 0.1. An interrupted run resumes when re-run unchanged.",
+        "  slim-trt compress gemma3-270m -o out/gemma-slim --nsamples 32 --seqlen 512\n"
+        "  slim-trt compress ./my-llama -o out/llama --pruner sparsegpt --quantizer gptq --calib data.txt\n"
+        "  slim-trt compress model.gguf -o out/m --sparsity unstructured:0.5 --quantize-adapters",
+    )
+    p.add_argument("model", metavar="MODEL",
+                   help="a local Hugging Face folder, a hub id, a .gguf file, or 'gemma3-270m' (the embedded default)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint folder to write")
+    p.add_argument("--preset", choices=["slim-paper"], default=None,
+                   help="start from a named recipe; explicit flags still override it")
+    p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4]")
+    p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16], help="weight bits; 16 = no quantization [default: 4]")
+    p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq"], help="[default: slim]")
+    p.add_argument("--group-size", type=int, default=None,
+                   help="0 per tensor, -1 per channel, G groups along K [default: 0 for slim, 128 otherwise]")
+    p.add_argument("--pruner", default=None, choices=["wanda", "sparsegpt", "magnitude"], help="[default: wanda]")
+    p.add_argument("--lowrank", default=None, choices=["slim", "svd", "none"], help="adapters [default: slim]")
+    p.add_argument("--rank-ratio", type=float, default=None, help="rank = ratio x min(d_in, d_out) [default: 0.1]")
+    p.add_argument("--rank-multiple", type=int, default=None, help="round the rank up to a multiple [default: 1]")
+    p.add_argument("--quantize-adapters", action="store_true", default=None, help="4-bit group-128 adapters")
+    p.add_argument("--skip", dest="skip_layers", action="append", default=None, metavar="PATTERN",
+                   help="keep matching layers dense (glob on the full name, e.g. '*.down_proj'); repeatable")
+    p.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration text file (or a HF dataset name when the hub is reachable) "
+                        "[default: the shipped WikiText-2 validation excerpt]")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the run summary as JSON ('-' = stdout)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def config_from_args(args):
+    from ..config import PRESETS, CompressConfig
+
+    values = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    for k in _FLAGS:
+        v = getattr(args, k, None)
+        if v is not None:
+            values[k] = tuple(v) if k == "skip_layers" else v
+    return CompressConfig(**values)
+
+
+def run(args) -> int:
+    from ..compress import compress_model
+    from ..config import CalibConfig
+
+    cfg = config_from_args(args)
+    calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                        batch_size=args.batch_size)
+    out, report = compress_model(args.model, args.output, cfg, calib, force=args.force, progress=not args.quiet,
+                                 trust_remote_code=args.trust_remote_code)
+    s = report.summary()
+    eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s, peak memory "
+           f"{s['peak_rss_gb']:.2f} GB, {s['bits_per_param']:.3f} bits/param "
+           f"({s['bits_per_param_with_adapters']:.3f} with adapters), mean layer error "
+           f"{s['mean_rel_error_base']:.4f} -> {s['mean_rel_error']:.4f} with adapters")
+    if s["skipped_layers"]:
+        eprint(f"kept dense: {', '.join(s['skipped_layers'])}")
+    if args.json:
+        print_json({"output": str(out), "config": cfg.to_dict(), **s}, args.json)
+    return 0

@@ -1,0 +1,64 @@
+"""slim-trt eval MODEL_OR_CKPT --data FILE"""
+from __future__ import annotations
+
+from .common import add_parser, eprint, print_json
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "eval", "perplexity of a model or a compressed checkpoint on text",
+                   "Non-overlapping windows of --seqlen tokens (BOS first), the first --windows of them.",
+                   "  slim-trt eval out/gemma-slim --data ../shared/data/wikitext-2/test.txt --seqlen 512\n"
+                   "  slim-trt eval gemma3-270m --windows 8")
+    p.add_argument("model", metavar="MODEL_OR_CKPT", help="a slim-trt checkpoint, or any MODEL accepted by compress")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="evaluation text [default: the shipped WikiText-2 test excerpt]")
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--windows", default="32", help="how many windows, or 'all'")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.set_defaults(func=run)
+
+
+def load_any(ref: str):
+    """(model, tokenizer) for a slim-trt checkpoint or any MODEL."""
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from ..checkpoint import MANIFEST, load
+    from ..models import load_model
+
+    if (Path(ref) / MANIFEST).exists():
+        return load(ref), AutoTokenizer.from_pretrained(ref)
+    return load_model(ref)
+
+
+def parse_windows(text: str) -> int | None:
+    from ..errors import SlimError
+
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SlimError(f"bad --windows {text!r}: give a positive number or 'all'")
+    return n
+
+
+def run(args) -> int:
+    from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text
+    from ..evaluate import perplexity
+
+    limit = parse_windows(args.windows)
+    text = load_text(args.data, default=SHIPPED_EVAL)
+    model, tok = load_any(args.model)
+    windows = eval_windows(tok, text, args.seqlen, limit)
+    ppl = perplexity(model, windows, args.batch_size, progress=True)
+    eprint(f"perplexity {ppl:.3f} on {len(windows)} windows x {args.seqlen} tokens")
+    if args.json:
+        print_json({"model": args.model, "perplexity": ppl, "windows": len(windows), "seqlen": args.seqlen}, args.json)
+    else:
+        print(f"{ppl:.4f}")
+    return 0

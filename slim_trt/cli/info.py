@@ -1,0 +1,42 @@
+"""slim-trt info CKPT"""
+from __future__ import annotations
+
+from .common import add_parser, print_json
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "info", "summarise a compressed checkpoint",
+                   "Print the method, the calibration, and per layer: shape, bits, sparsity, rank, error.",
+                   "  slim-trt info out/gemma-slim\n  slim-trt info out/gemma-slim --json -")
+    p.add_argument("checkpoint", metavar="CKPT")
+    p.add_argument("--json", default=None, metavar="FILE", help="write the manifest summary as JSON ('-' = stdout)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..checkpoint import read_manifest
+
+    m = read_manifest(args.checkpoint)
+    stats = m.get("layer_stats", {})
+    if args.json:
+        print_json({k: m.get(k) for k in ("source_model", "architecture", "method", "calibration", "summary")}
+                   | {"layers": {n: {**meta, **stats.get(n, {})} for n, meta in m["layers"].items()}}, args.json)
+        return 0
+    print(f"checkpoint   {args.checkpoint}")
+    print(f"source       {m.get('source_model')}  ({m.get('architecture')})")
+    meth = m.get("method", {})
+    print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",
+          "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters") if k in meth))
+    cal = m.get("calibration", {})
+    print(f"calibration  {cal.get('source')}  {cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed {cal.get('seed')}")
+    print(f"{'layer':<44} {'shape':>12} {'bits':>4} {'sparsity':>9} {'rank':>5} {'err':>7} {'err+lr':>7}")
+    for name, meta in m["layers"].items():
+        st = stats.get(name, {})
+        shape = "x".join(map(str, meta["shape"]))
+        print(f"{name:<44} {shape:>12} {meta['bits']:>4} {meta['sparsity']:>9} {meta['rank']:>5} "
+              f"{st.get('rel_error_base', float('nan')):>7.4f} {st.get('rel_error', float('nan')):>7.4f}")
+    s = m.get("summary", {})
+    if s:
+        print(f"{s.get('compressed_layers')} layers, {s.get('bits_per_param')} bits/param "
+              f"({s.get('bits_per_param_with_adapters')} with adapters), compressed in {s.get('seconds')} s")
+    return 0

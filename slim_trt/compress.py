@@ -1,0 +1,238 @@
+"""compress(model, config, windows): replace every eligible linear with a CompressedLinear, block by block.
+
+compress_model(source, out, ...) is the whole job behind `slim-trt compress`: load, calibrate, compress with
+per-block resume, save the checkpoint atomically.
+"""
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import json
+import resource
+import shutil
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .algorithms.pipeline import compress_weight, storage_bits
+from .calibration.runner import BlockResult, LinearStats, run_layerwise
+from .checkpoint import load_layers, save, save_layers
+from .compressed_linear import CompressedLinear, compressed_layers
+from .config import CalibConfig, CompressConfig
+from .errors import SlimError
+
+
+@dataclass
+class CompressReport:
+    layers: dict[str, dict] = field(default_factory=dict)
+    blocks: list[dict] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    peak_rss_gb: float = 0.0
+
+    def bits_per_param(self, with_adapters: bool) -> float:
+        params = sum(v["params"] for v in self.layers.values())
+        bits = sum(v["base_bits"] + (v["adapter_bits"] if with_adapters else 0) for v in self.layers.values())
+        return bits / params if params else 0.0
+
+    def summary(self) -> dict:
+        return {
+            "compressed_layers": len(self.layers),
+            "skipped_layers": self.skipped,
+            "seconds": round(self.seconds, 2),
+            "peak_rss_gb": round(self.peak_rss_gb, 3),
+            "bits_per_param": round(self.bits_per_param(False), 4),
+            "bits_per_param_with_adapters": round(self.bits_per_param(True), 4),
+            "mean_rel_error_base": _mean(v["rel_error_base"] for v in self.layers.values()),
+            "mean_rel_error": _mean(v["rel_error"] for v in self.layers.values()),
+        }
+
+
+def _mean(xs) -> float:
+    xs = list(xs)
+    return round(sum(xs) / len(xs), 6) if xs else 0.0
+
+
+def peak_rss_gb() -> float:
+    # ru_maxrss is in KiB on Linux.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _skip_filter(cfg: CompressConfig, model: nn.Module, report: CompressReport):
+    sp = cfg.sparsity_spec
+
+    def skip(full_name: str) -> bool:
+        if any(fnmatch.fnmatch(full_name, pat) or full_name.endswith("." + pat) for pat in cfg.skip_layers):
+            report.skipped.append(full_name)
+            return True
+        lin = model.get_submodule(full_name)
+        if sp.kind == "nm" and lin.in_features % sp.m:
+            warnings.warn(f"{full_name}: K={lin.in_features} is not a multiple of {sp.m}; kept dense")
+            report.skipped.append(full_name)
+            return True
+        return False
+    return skip
+
+
+def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig) -> tuple[CompressedLinear, dict]:
+    W = lin.weight.detach()
+    cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg)
+    sp = cfg.sparsity_spec
+    layer = CompressedLinear(cw.weight, mask=cw.mask, sparsity=str(sp), lora_L=cw.lora_L, lora_R=cw.lora_R,
+                             bias=lin.bias, compute_dtype=W.dtype)
+    info = {"rel_error_base": round(cw.rel_error_base, 6), "rel_error": round(cw.rel_error, 6),
+            "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
+    return layer, info
+
+
+def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
+             progress: bool = True, resume_dir: Path | None = None) -> CompressReport:
+    """Compress `model` in place with calibration token windows [n, seqlen]; returns a report.
+
+    With `resume_dir`, each finished block is saved there and blocks found there are restored instead of
+    recomputed, so an interrupted run continues where it stopped and ends with the same result.
+    """
+    from .calibration.families import decoder_blocks
+
+    t0 = time.time()
+    report = CompressReport()
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
+    skip = _skip_filter(config, model, report)
+    for name, mod in blocks.named_modules(prefix=prefix.rstrip(".")):
+        if isinstance(mod, nn.Linear) and not torch.isfinite(mod.weight).all():
+            raise SlimError(f"NaN or Inf in the weights of {name}: the source model is broken; fix it or keep "
+                            f"the layer out with --skip {name}")
+
+    def compress_block(i, block, linears, stats):
+        infos = {}
+        for rel_name, lin in linears.items():
+            full = f"{prefix}{i}.{rel_name}"
+            layer, info = compress_linear(full, lin, stats[rel_name], config)
+            block.set_submodule(rel_name, layer)
+            stats[rel_name] = None  # free the Hessian as soon as the layer is done
+            infos[full] = info
+        report.layers.update(infos)
+        return infos
+
+    def restore_block(i, block):
+        if resume_dir is None:
+            return False
+        f, meta_f = resume_dir / f"block_{i:04d}.safetensors", resume_dir / f"block_{i:04d}.json"
+        if not (f.exists() and meta_f.exists()):
+            return False
+        meta = json.loads(meta_f.read_text())
+        for full, layer in load_layers(f, meta["layers"]).items():
+            block.set_submodule(full[len(f"{prefix}{i}."):], layer.to(next(model.parameters()).dtype))
+        report.layers.update(meta["infos"])
+        report.skipped.extend(meta.get("skipped", []))
+        report.blocks.append(meta["block"])
+        return True
+
+    def on_block_done(res: BlockResult):
+        entry = {"index": res.index, "output_rel_error": round(res.output_rel_error, 6)}
+        report.blocks.append(entry)
+        if progress:
+            errs = "  ".join(f"{n.rsplit('.', 1)[-1]} {v['rel_error_base']:.3f}->{v['rel_error']:.3f}"
+                             for n, v in res.layers.items())
+            bar.write(f"block {res.index:>3}: out err {res.output_rel_error:.4f} | {errs}")
+        if resume_dir is not None:
+            layers = {n: model.get_submodule(n) for n in res.layers}
+            metas = save_layers(resume_dir / f"block_{res.index:04d}.safetensors.tmp", layers)
+            (resume_dir / f"block_{res.index:04d}.safetensors.tmp").replace(resume_dir / f"block_{res.index:04d}.safetensors")
+            skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
+            tmp = resume_dir / f"block_{res.index:04d}.json.tmp"
+            tmp.write_text(json.dumps({"layers": metas, "infos": res.layers, "skipped": skipped, "block": entry}))
+            tmp.replace(resume_dir / f"block_{res.index:04d}.json")
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress, file=sys.stderr)
+    with torch.no_grad():
+        run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
+                      restore_block=restore_block, on_block_done=on_block_done, progress=bar)
+    bar.close()
+    report.skipped = sorted(set(report.skipped))
+    report.seconds = time.time() - t0
+    report.peak_rss_gb = peak_rss_gb()
+    return report
+
+
+def _fingerprint(source: str, cfg: CompressConfig, windows: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(source.encode())
+    h.update(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(windows.numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _check_divisible(model: nn.Module, cfg: CompressConfig) -> None:
+    """Fail early on an unsupported architecture or an N:M pattern that fits no layer."""
+    from .calibration.families import block_linears, decoder_blocks
+
+    blocks = decoder_blocks(model)
+    sp = cfg.sparsity_spec
+    if sp.kind != "nm":
+        return
+    ks = sorted({lin.in_features for b in blocks for lin in block_linears(b).values()})
+    if all(k % sp.m for k in ks):
+        raise SlimError(f"sparsity {sp} does not divide the input size of any layer (K = {ks}): choose M that "
+                        f"divides K, e.g. 2:4")
+
+
+def compress_model(source: str, out: str | Path, config: CompressConfig | None = None,
+                   calib: CalibConfig | None = None, *, force: bool = False, progress: bool = True,
+                   trust_remote_code: bool = False) -> tuple[Path, CompressReport]:
+    """Load MODEL, calibrate on text, compress block by block (resumable), save a checkpoint folder at `out`."""
+    from .calibration.data import calibration_windows, load_text
+    from .calibration.families import decoder_blocks
+    from .models import load_model
+
+    config = config or CompressConfig()
+    calib = calib or CalibConfig()
+    out = Path(out)
+    if out.exists() and not force:
+        raise SlimError(f"output {out} already exists: pass --force to replace it, or choose another -o")
+    text = load_text(calib.source)
+    model, tok = load_model(source, trust_remote_code=trust_remote_code)
+    _check_divisible(model, config)
+    windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed)
+    fp = _fingerprint(source, config, windows)
+    partial = out.with_name(out.name + ".partial")
+    state_f = partial / "state.json"
+    if partial.exists():
+        state = json.loads(state_f.read_text()) if state_f.exists() else {}
+        if state.get("fingerprint") != fp:
+            raise SlimError(f"{partial} holds an interrupted run with a different model, config or calibration "
+                            f"data: re-run that exact command to resume it, or delete {partial} to start over")
+        if progress:
+            done = len(list(partial.glob("block_*.json")))
+            print(f"resuming from {partial}: {done} block(s) already compressed", file=sys.stderr)
+    created = not partial.exists()
+    if created:
+        partial.mkdir(parents=True)
+        state_f.write_text(json.dumps({"fingerprint": fp, "source": source, "config": config.to_dict()}))
+    try:
+        report = compress(model, config, windows, batch_size=calib.batch_size, progress=progress,
+                          resume_dir=partial)
+    except SlimError:
+        # A user error will not go away on a re-run, so there is nothing worth resuming.
+        if created:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    manifest_extra = {
+        "source_model": source,
+        "method": config.to_dict(),
+        "calibration": {"source": calib.source or "shipped:calib_sample.txt", "nsamples": calib.nsamples,
+                        "seqlen": calib.seqlen, "seed": calib.seed, "fingerprint": fp},
+        "layer_stats": report.layers,
+        "summary": report.summary(),
+    }
+    save(model, out, tokenizer=tok, manifest_extra=manifest_extra, force=force)
+    shutil.rmtree(partial, ignore_errors=True)
+    return out, report

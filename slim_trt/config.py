@@ -1,0 +1,158 @@
+"""Dataclass configs, validated on construction. Defaults reproduce the SLiM paper."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+
+from .errors import SlimError
+
+QUANTIZERS = ("slim", "absmax", "gptq")
+PRUNERS = ("wanda", "sparsegpt", "magnitude")
+LOWRANKS = ("slim", "svd", "none")
+BITS = (4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
+
+
+@dataclass(frozen=True)
+class Sparsity:
+    """A sparsity pattern along the input dimension K.
+
+    kind "nm": in each row, every group of `m` consecutive input columns keeps at most `n` weights.
+    kind "unstructured": a fraction `ratio` of each row's weights is pruned.
+    kind "none": dense.
+    """
+
+    kind: str = "nm"
+    n: int = 2
+    m: int = 4
+    ratio: float = 0.5
+
+    @staticmethod
+    def parse(text: str) -> "Sparsity":
+        t = str(text).strip().lower()
+        if t in ("none", "dense", "0"):
+            return Sparsity(kind="none", n=0, m=0, ratio=0.0)
+        if t.startswith("unstructured:"):
+            try:
+                r = float(t.split(":", 1)[1])
+            except ValueError:
+                raise SlimError(f"bad sparsity {text!r}: use unstructured:RATIO with RATIO in (0, 1), e.g. unstructured:0.5")
+            if not 0.0 < r < 1.0:
+                raise SlimError(f"bad sparsity {text!r}: the unstructured ratio must be in (0, 1)")
+            return Sparsity(kind="unstructured", n=0, m=0, ratio=r)
+        if ":" in t:
+            a, b = t.split(":", 1)
+            try:
+                n, m = int(a), int(b)
+            except ValueError:
+                raise SlimError(f"bad sparsity {text!r}: use N:M (e.g. 2:4), unstructured:RATIO or none")
+            if not (0 < n < m):
+                raise SlimError(f"bad sparsity {text!r}: N:M needs 0 < N < M (e.g. 2:4)")
+            return Sparsity(kind="nm", n=n, m=m, ratio=1.0 - n / m)
+        raise SlimError(f"bad sparsity {text!r}: use N:M (e.g. 2:4), unstructured:RATIO or none")
+
+    def __str__(self) -> str:
+        if self.kind == "none":
+            return "none"
+        if self.kind == "unstructured":
+            return f"unstructured:{self.ratio:g}"
+        return f"{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
+class CompressConfig:
+    """What to do to every compressed linear layer.
+
+    group_size: 0 = one scale per tensor, -1 = one per output channel, G > 0 = one per G input columns.
+    None picks the quantizer's default (per tensor for SLiM-Quant, 128 for AbsMax and GPTQ).
+    """
+
+    sparsity: str = "2:4"
+    bits: int = 4
+    quantizer: str = "slim"
+    group_size: int | None = None
+    pruner: str = "wanda"
+    lowrank: str = "slim"
+    rank_ratio: float = 0.1
+    rank_multiple: int = 1
+    quantize_adapters: bool = False
+    adapter_bits: int = 4
+    adapter_group_size: int = 128
+    skip_layers: tuple[str, ...] = ()
+    percdamp: float = 0.01  # Hessian dampening for GPTQ / SparseGPT, as in the reference code
+    blocksize: int = 128
+
+    def __post_init__(self) -> None:
+        Sparsity.parse(self.sparsity)  # raises on bad text
+        if self.bits not in BITS:
+            raise SlimError(f"bad --bits {self.bits}: choose 4 or 8 (or 16 for no quantization)")
+        if self.quantizer not in QUANTIZERS:
+            raise SlimError(f"bad --quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+        if self.pruner not in PRUNERS:
+            raise SlimError(f"bad --pruner {self.pruner!r}: choose one of {', '.join(PRUNERS)}")
+        if self.lowrank not in LOWRANKS:
+            raise SlimError(f"bad --lowrank {self.lowrank!r}: choose one of {', '.join(LOWRANKS)}")
+        if not (0.0 < self.rank_ratio < 1.0):
+            raise SlimError(f"bad --rank-ratio {self.rank_ratio}: it must be in (0, 1), e.g. 0.1")
+        if self.rank_multiple < 1:
+            raise SlimError(f"bad --rank-multiple {self.rank_multiple}: it must be >= 1")
+        if self.group_size is not None and self.group_size < -1:
+            raise SlimError(f"bad --group-size {self.group_size}: use 0 (per tensor), -1 (per channel) or a positive group")
+        if self.adapter_bits not in (4, 8):
+            raise SlimError(f"bad adapter bits {self.adapter_bits}: choose 4 or 8")
+        if self.adapter_group_size < 1:
+            raise SlimError(f"bad adapter group size {self.adapter_group_size}: it must be >= 1")
+        if not (0.0 <= self.percdamp < 1.0):
+            raise SlimError(f"bad percdamp {self.percdamp}: it must be in [0, 1)")
+        object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+
+    @property
+    def sparsity_spec(self) -> Sparsity:
+        return Sparsity.parse(self.sparsity)
+
+    @property
+    def effective_group_size(self) -> int:
+        if self.group_size is not None:
+            return self.group_size
+        return 0 if self.quantizer == "slim" else 128
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["skip_layers"] = list(self.skip_layers)
+        d["effective_group_size"] = self.effective_group_size
+        return d
+
+    @staticmethod
+    def from_dict(d: dict) -> "CompressConfig":
+        names = {f.name for f in dataclasses.fields(CompressConfig)}
+        return CompressConfig(**{k: (tuple(v) if k == "skip_layers" else v) for k, v in d.items() if k in names})
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Where calibration text comes from and how it is cut into token windows."""
+
+    source: str | None = None  # a local text file, a HF dataset name, or None for the shipped sample
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 0
+    batch_size: int = 8  # windows per forward pass through one block
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1:
+            raise SlimError(f"bad --nsamples {self.nsamples}: it must be >= 1")
+        if self.seqlen < 8:
+            raise SlimError(f"bad --seqlen {self.seqlen}: it must be >= 8")
+        if self.batch_size < 1:
+            raise SlimError(f"bad batch size {self.batch_size}: it must be >= 1")
+
+
+PRESETS: dict[str, dict] = {
+    # The SLiM paper's recipe: per-tensor SLiM-Quant, Wanda 2:4, SLiM-LoRA at rank 0.1.
+    "slim-paper": dict(sparsity="2:4", bits=4, quantizer="slim", group_size=0, pruner="wanda",
+                       lowrank="slim", rank_ratio=0.1),
+}

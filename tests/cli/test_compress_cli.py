@@ -1,0 +1,105 @@
+"""The compress/info/eval commands, end to end on a tiny saved model, and their bad-input errors."""
+import json
+
+import pytest
+import torch
+
+from slim_trt.cli import main
+from tests.conftest import save_tiny_model
+
+FAST = ["--nsamples", "4", "--seqlen", "16", "-q"]
+
+
+def run(args, capsys):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--json", tmp_path / "s.json"], capsys)
+    assert rc == 0, err
+    s = json.loads((tmp_path / "s.json").read_text())
+    assert s["compressed_layers"] == 14 and s["bits_per_param"] > 3.0
+    assert s["bits_per_param_with_adapters"] > s["bits_per_param"]
+    rc, text, _ = run(["info", out], capsys)
+    assert rc == 0 and "model.layers.1.mlp.down_proj" in text and "2:4" in text
+    rc, text, _ = run(["eval", out, "--seqlen", "16", "--windows", "3"], capsys)
+    assert rc == 0 and float(text.strip()) > 1.0
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--rank-ratio" in out and "examples:" in out and "gemma3-270m" in out
+
+
+def _unsupported_model(tmp_path):
+    import transformers as tf
+
+    from tests.conftest import tiny_tokenizer
+
+    cfg = tf.GPT2Config(vocab_size=256, n_embd=32, n_layer=1, n_head=2, n_positions=64)
+    path = tmp_path / "gpt2"
+    tf.GPT2LMHeadModel(cfg).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def _nan_model(tmp_path):
+    from tests.conftest import tiny_model, tiny_tokenizer
+
+    m = tiny_model("llama")
+    with torch.no_grad():
+        m.model.layers[0].self_attn.v_proj.weight[3, 3] = float("inf")
+    m.save_pretrained(tmp_path / "nan")
+    tiny_tokenizer().save_pretrained(tmp_path / "nan")
+    return tmp_path / "nan"
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("missing", "no such model folder"),
+    ("unsupported", "unsupported architecture 'gpt2'"),
+    ("rank", "--rank-ratio"),
+    ("nm", "does not divide"),
+    ("empty_calib", "empty"),
+    ("nan", "model.layers.0.self_attn.v_proj"),
+    ("exists", "--force"),
+    ("bad_sparsity", "bad sparsity"),
+])
+def test_bad_input_exits_2_with_one_line(case, needle, tiny_model_dir, tmp_path, capsys):
+    model, out, extra = tiny_model_dir, tmp_path / "out", []
+    if case == "missing":
+        model = tmp_path / "nowhere" / "model"
+    elif case == "unsupported":
+        model = _unsupported_model(tmp_path)
+    elif case == "rank":
+        extra = ["--rank-ratio", "1.5"]
+    elif case == "nm":
+        extra = ["--sparsity", "2:7"]
+    elif case == "empty_calib":
+        (tmp_path / "empty.txt").write_text("")
+        extra = ["--calib", tmp_path / "empty.txt"]
+    elif case == "nan":
+        model = _nan_model(tmp_path)
+    elif case == "exists":
+        out.mkdir()
+    elif case == "bad_sparsity":
+        extra = ["--sparsity", "half"]
+    rc, _, err = run(["compress", model, "-o", out, *FAST, *extra], capsys)
+    assert rc == 2
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and lines[0].startswith("slim-trt compress: error: ") and needle in lines[0], err
+    assert "Traceback" not in err
+    if case != "exists":
+        assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_unknown_flag_value_is_exit_2(tiny_model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--pruner", "random"])
+    assert e.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+import json
+
+import pytest
+import torch
+
+from slim_trt.checkpoint import MANIFEST, load, pack_uint, save, unpack_uint
+from slim_trt.compress import compress
+from slim_trt.compressed_linear import compressed_layers
+from slim_trt.config import CompressConfig
+from slim_trt.errors import SlimError
+from tests.conftest import calib_windows, tiny_model, tiny_tokenizer
+
+
+@pytest.mark.parametrize("nbits", [1, 2, 4, 8])
+def test_pack_uint_round_trip(nbits):
+    x = torch.randint(0, 2**nbits, (3, 13), dtype=torch.uint8)
+    assert torch.equal(unpack_uint(pack_uint(x, nbits), nbits, 13), x)
+
+
+CONFIGS = {
+    "slim-2:4": CompressConfig(),
+    "absmax-g32-unstructured-q-adapters": CompressConfig(sparsity="unstructured:0.5", quantizer="absmax",
+                                                         group_size=32, quantize_adapters=True, adapter_group_size=16),
+    "int8-dense-svd": CompressConfig(sparsity="none", bits=8, lowrank="svd"),
+    "fp-2:4-noadapters": CompressConfig(bits=16, lowrank="none"),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(CONFIGS))
+def saved(request, tmp_path_factory):
+    model = tiny_model("llama")
+    compress(model, CONFIGS[request.param], calib_windows(n=4, seqlen=16), progress=False)
+    path = tmp_path_factory.mktemp("ckpt") / "ckpt"
+    save(model, path, tokenizer=tiny_tokenizer())
+    return model, path
+
+
+def test_round_trip_identical_logits(saved):
+    model, path = saved
+    loaded = load(path)
+    x = calib_windows(n=2, seqlen=12, seed=9)
+    assert torch.equal(model(x).logits, loaded(x).logits)
+    a, b = dict(compressed_layers(model)), dict(compressed_layers(loaded))
+    assert a.keys() == b.keys() and len(a) == 14
+    for name in a:
+        assert torch.equal(a[name].base_weight(), b[name].base_weight())
+        fa, fb = a[name].lowrank_factors(), b[name].lowrank_factors()
+        assert (fa is None) == (fb is None)
+        if fa:
+            assert torch.equal(fa[0], fb[0]) and torch.equal(fa[1], fb[1])
+
+
+def test_existing_output_refused(saved, tmp_path):
+    model, path = saved
+    with pytest.raises(SlimError, match="--force"):
+        save(model, path)
+    save(model, path, force=True)  # replaced atomically
+    assert (path / MANIFEST).exists()
+    assert not [p for p in path.parent.iterdir() if p.name.startswith(".")]  # no temporary leftovers
+
+
+def test_tampered_and_truncated_checkpoints_refused(saved, tmp_path):
+    import shutil
+
+    _, path = saved
+    bad = tmp_path / "bad"
+    shutil.copytree(path, bad)
+    f = bad / "slim_layers.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-5] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(SlimError, match="checksum"):
+        load(bad)
+    f.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(SlimError, match="checksum"):
+        load(bad)
+    (bad / "model.safetensors").unlink()
+    with pytest.raises(SlimError, match="missing"):
+        load(bad)
+    with pytest.raises(SlimError, match="not a slim-trt checkpoint"):
+        load(tmp_path)
+
+
+def test_manifest_records_layers(saved):
+    _, path = saved
+    m = json.loads((path / MANIFEST).read_text())
+    assert m["schema_version"] == 1 and m["architecture"] == "llama"
+    layer = m["layers"]["model.layers.0.mlp.down_proj"]
+    assert layer["shape"] == [64, 128]
+    assert all(len(sha) == 64 for sha in layer["tensors"].values())

@@ -1,0 +1,116 @@
+import json
+
+import pytest
+import torch
+
+import slim_trt
+from slim_trt.algorithms.prune import nm_violations
+from slim_trt.compress import compress, compress_model
+from slim_trt.compressed_linear import compressed_layers
+from slim_trt.config import CalibConfig, CompressConfig
+from slim_trt.errors import SlimError
+from tests.conftest import calib_windows, tiny_model
+
+
+def _logit_err(model, ref, x):
+    with torch.no_grad():
+        return float((model(x).logits - ref).norm() / ref.norm())
+
+
+def test_every_block_linear_is_compressed_2to4_along_k(family):
+    model = tiny_model(family)
+    report = compress(model, CompressConfig(), calib_windows(n=6, seqlen=24), progress=False)
+    layers = dict(compressed_layers(model))
+    n_blocks = model.config.num_hidden_layers
+    assert len(layers) == len(report.layers) == n_blocks * (7 if family != "opt" else 6)
+    assert "lm_head" not in layers and not any("embed" in n for n in layers)
+    for name, layer in layers.items():
+        W = layer.base_weight()
+        N, K = W.shape
+        assert nm_violations(W, 2, 4) == 0, name
+        # exactly 2 of every 4 consecutive input columns are kept (q == 0 can only remove more)
+        assert int(layer.mask.sum()) == N * K // 2
+        assert layer.mask.reshape(N, K // 4, 4).sum(-1).eq(2).all()
+        L, R = layer.lowrank_factors()
+        assert L.shape == (N, max(1, -(-min(N, K) // 10))) and R.shape == (L.shape[1], K)
+        scale = layer.qweight.scale
+        assert scale.numel() == 1  # SLiM-Quant: one scale per tensor
+        q = layer.qweight.q
+        assert q.min() >= -8 and q.max() <= 7
+
+
+def test_adapters_lower_the_model_output_error():
+    windows = calib_windows(n=8, seqlen=32)
+    x = calib_windows(n=4, seqlen=32, seed=5)
+    ref = tiny_model("llama")(x).logits
+    errs = {}
+    for lowrank in ("none", "svd", "slim"):
+        model = tiny_model("llama")
+        compress(model, CompressConfig(lowrank=lowrank, rank_ratio=0.25), windows, progress=False)
+        errs[lowrank] = _logit_err(model, ref, x)
+    assert errs["slim"] < 0.9 * errs["none"], errs
+    assert errs["svd"] < errs["none"], errs
+
+
+def test_report_counts_bits_exactly():
+    model = tiny_model("llama")
+    rep = compress(model, CompressConfig(lowrank="none"), calib_windows(n=2, seqlen=16), progress=False)
+    # 2:4 INT4: 2 kept values x 4 bits + 2 x 2-bit indices per group of 4 = 3 bits/weight, plus one fp16 scale
+    params = sum(v["params"] for v in rep.layers.values())
+    assert rep.bits_per_param(False) == pytest.approx(3.0 + 16 * len(rep.layers) / params)
+    assert rep.bits_per_param(True) == rep.bits_per_param(False)
+
+
+def test_skip_list_and_indivisible_k_stay_dense():
+    model = tiny_model("llama")
+    with pytest.warns(UserWarning, match="not a multiple of 3"):
+        rep = compress(model, CompressConfig(sparsity="2:3", skip_layers=("*.q_proj",)), calib_windows(n=2, seqlen=16),
+                       progress=False)
+    # K = 64 (attention inputs) and 128 (down_proj) are not multiples of 3: everything stays dense
+    assert dict(compressed_layers(model)) == {}
+    assert len(rep.skipped) == 14
+
+
+def test_non_finite_weights_name_the_layer():
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    with pytest.raises(SlimError, match=r"model\.layers\.1\.mlp\.up_proj"):
+        compress(model, CompressConfig(), calib_windows(n=2, seqlen=16), progress=False)
+
+
+def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    import slim_trt.compress as C
+
+    cfg = CompressConfig()
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    out_a = tmp_path / "a"
+    compress_model(str(tiny_model_dir), out_a, cfg, calib, progress=False)
+
+    out_b = tmp_path / "b"
+    real = C.save_layers
+    calls = {"n": 0}
+
+    def crash_after_first_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(C, "save_layers", crash_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
+    assert not out_b.exists() and (tmp_path / "b.partial" / "block_0000.json").exists()
+    monkeypatch.setattr(C, "save_layers", real)
+
+    # a different config must not silently mix with the saved blocks
+    with pytest.raises(SlimError, match="different"):
+        compress_model(str(tiny_model_dir), out_b, CompressConfig(rank_ratio=0.2), calib, progress=False)
+    compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
+    assert not (tmp_path / "b.partial").exists()
+    a, b = slim_trt.load(out_a), slim_trt.load(out_b)
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    assert torch.equal(a(x).logits, b(x).logits)
+    ma = json.loads((out_a / "slim_manifest.json").read_text())
+    mb = json.loads((out_b / "slim_manifest.json").read_text())
+    assert ma["layers"] == mb["layers"]  # same tensors, same checksums

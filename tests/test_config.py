@@ -1,0 +1,46 @@
+import pytest
+
+from slim_trt.config import CalibConfig, CompressConfig, Sparsity
+from slim_trt.errors import SlimError
+
+
+def test_sparsity_parse():
+    assert Sparsity.parse("2:4") == Sparsity("nm", 2, 4, 0.5)
+    assert Sparsity.parse("4:8").ratio == 0.5
+    assert Sparsity.parse("unstructured:0.3").ratio == pytest.approx(0.3)
+    assert Sparsity.parse("none").kind == "none"
+    assert str(Sparsity.parse("2:4")) == "2:4"
+
+
+@pytest.mark.parametrize("bad", ["4:2", "2:2", "0:4", "x:4", "unstructured:1.5", "unstructured:0", "half", "unstructured:a"])
+def test_sparsity_parse_rejects(bad):
+    with pytest.raises(SlimError):
+        Sparsity.parse(bad)
+
+
+def test_defaults_are_the_slim_paper():
+    c = CompressConfig()
+    assert (c.sparsity, c.bits, c.quantizer, c.pruner, c.lowrank, c.rank_ratio) == ("2:4", 4, "slim", "wanda", "slim", 0.1)
+    assert c.effective_group_size == 0
+    assert CompressConfig(quantizer="absmax").effective_group_size == 128
+
+
+@pytest.mark.parametrize("kw", [dict(rank_ratio=0.0), dict(rank_ratio=1.0), dict(rank_ratio=-0.1), dict(bits=3),
+                                dict(quantizer="awq"), dict(pruner="random"), dict(lowrank="qr"),
+                                dict(group_size=-2), dict(rank_multiple=0), dict(sparsity="3:2")])
+def test_config_rejects(kw):
+    with pytest.raises(SlimError):
+        CompressConfig(**kw)
+
+
+def test_config_round_trip_and_fingerprint():
+    c = CompressConfig(sparsity="unstructured:0.5", skip_layers=("*.down_proj",))
+    d = c.to_dict()
+    assert CompressConfig.from_dict(d) == c
+    assert c.fingerprint() != CompressConfig().fingerprint()
+
+
+def test_calib_config_rejects():
+    for kw in (dict(nsamples=0), dict(seqlen=2), dict(batch_size=0)):
+        with pytest.raises(SlimError):
+            CalibConfig(**kw)
