@@ -197,8 +197,18 @@ def prepare_target(path: Path, force: bool) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
 
 
+def _umask_permissions(folder: Path) -> None:
+    # mkdtemp (and safetensors) create private 0700/0600 entries; a finished output gets the usual modes.
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for p in folder.rglob("*"):
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def commit_target(tmp: Path, path: Path) -> None:
     """Atomically move a finished temporary folder into place (replacing an old output when forced)."""
+    _umask_permissions(tmp)
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
         os.replace(path, old)
@@ -257,6 +267,14 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers < 5
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
+
+
 def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     """Load a checkpoint folder into a runnable causal LM whose compressed linears are CompressedLinear."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -271,7 +289,8 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype = torch.fl
                 raise SlimError(f"checksum mismatch for {path / f}: the checkpoint is corrupt or was modified; "
                                 f"re-run compress")
     config = AutoConfig.from_pretrained(path)
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with _no_init_weights():  # every parameter is overwritten below; random init would cost seconds
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, layer in load_layers(path / LAYERS_FILE, manifest["layers"], verify=verify).items():
         model.set_submodule(name, layer.to(dtype))
     state = load_file(str(path / DENSE_FILE))

@@ -1,4 +1,8 @@
-"""Perplexity and next-token agreement on token windows."""
+"""Perplexity and next-token agreement on token windows.
+
+Batches default to one window: with a 262k-token vocabulary (Gemma) the logits of a single 512-token window
+are already 0.5 GB in float32.
+"""
 from __future__ import annotations
 
 import math
@@ -8,14 +12,14 @@ from torch import nn
 
 
 @torch.no_grad()
-def window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int = 4):
+def window_logits(model: nn.Module, windows: torch.Tensor, batch_size: int = 1):
     """Yield (window batch, logits float32) over the windows, in order."""
     for batch in windows.split(batch_size):
         yield batch, model(input_ids=batch, use_cache=False).logits.float()
 
 
 @torch.no_grad()
-def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, progress: bool = False) -> float:
+def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 1, progress: bool = False) -> float:
     """exp(mean next-token NLL) over every predicted token of the windows."""
     from tqdm.auto import tqdm
 
@@ -31,7 +35,7 @@ def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4, pro
 
 
 @torch.no_grad()
-def compare(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 4) -> dict:
+def compare(model: nn.Module, reference: nn.Module, windows: torch.Tensor, batch_size: int = 1) -> dict:
     """Perplexity of both models and the top-1 next-token agreement of `model` with `reference`."""
     nll = {"model": 0.0, "reference": 0.0}
     agree, count = 0, 0

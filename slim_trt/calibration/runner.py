@@ -28,7 +28,6 @@ class LinearStats:
     hessian: torch.Tensor | None = None  # 2/n * sum x x^T, as in the GPTQ reference
     nsamples: int = 0
     sq_sum: torch.Tensor | None = None  # sum over tokens of x^2, per input channel
-    abs_sum: torch.Tensor | None = None  # sum over tokens of |x|, per input channel
     ntokens: int = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -38,9 +37,8 @@ class LinearStats:
         if not torch.isfinite(x).all():
             raise _NonFinite()
         self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x)
-        sq, ab = (x * x).sum(0), x.abs().sum(0)
+        sq = (x * x).sum(0)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
-        self.abs_sum = ab if self.abs_sum is None else self.abs_sum + ab
         self.ntokens += x.shape[0]
 
     @property
@@ -50,8 +48,8 @@ class LinearStats:
 
     @property
     def saliency(self) -> torch.Tensor:
-        """Mean |x| of each input channel (SLiM-LoRA's saliency)."""
-        return self.abs_sum / max(self.ntokens, 1)
+        """SLiM-LoRA's per-channel saliency: the reference code uses the channel's L2 norm (only ratios matter)."""
+        return self.act_norm
 
 
 class _NonFinite(Exception):

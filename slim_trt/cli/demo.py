@@ -57,11 +57,15 @@ def run(args) -> int:
     if not args.no_export:
         eprint(f"[3/4] exporting ONNX ({args.dtype}) ...")
         t = time.time()
-        export_dir = slim_trt.export(ckpt, out / "export", dtype=args.dtype, force=True)
+        slim_trt.export(ckpt, out / "export", dtype=args.dtype, force=True)
         result["export_seconds"] = time.time() - t
-        eprint("[4/4] verifying ONNX Runtime against PyTorch ...")
-        rep = slim_trt.verify(Path(export_dir) / "model.onnx", reference=ckpt)
-        print(rep.table())
+        result["onnx_bytes"] = sum(f.stat().st_size for f in (out / "export").glob("model.onnx*"))
+        eprint(f"      {out / 'export'}: {result['onnx_bytes'] / 2**20:.1f} MiB in {result['export_seconds']:.0f} s")
+        eprint("[4/4] verifying ONNX Runtime against PyTorch (prefill + decode through the KV cache) ...")
+        from ..verify import format_report
+
+        rep = slim_trt.verify(out / "export" / "model.onnx", reference=ckpt)
+        print(format_report(rep))
         result["verify"] = rep.to_dict()
     result["seconds"] = time.time() - t0
     result["peak_rss_gb"] = peak_rss_gb()
@@ -69,4 +73,4 @@ def run(args) -> int:
     print(f"dense perplexity {ppl_dense:.3f} -> compressed {ppl_c:.3f} (x{ppl_c / ppl_dense:.2f}); "
           f"{s['bits_per_param_with_adapters']:.3f} bits/param with adapters; total {result['seconds']:.0f} s, "
           f"peak memory {result['peak_rss_gb']:.2f} GB; details in {out / 'demo.json'}")
-    return 0 if result.get("verify", {}).get("passed", True) else 1
+    return 0 if result.get("verify", {}).get("ok", True) else 1

@@ -14,7 +14,7 @@ def register(sub) -> None:
                    help="evaluation text [default: the shipped WikiText-2 test excerpt]")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--windows", default="32", help="how many windows, or 'all'")
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=1, help="windows per forward pass")
     p.add_argument("--json", default=None, metavar="FILE")
     p.set_defaults(func=run)
 

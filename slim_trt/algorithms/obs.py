@@ -1,0 +1,152 @@
+"""The Optimal-Brain-Surgeon column sweep shared by GPTQ and SparseGPT.
+
+Both walk the columns of W (input channels) left to right. Each column is replaced by its compressed value
+(pruned to 0 and/or rounded to the grid); the error, divided by the pivot of the upper Cholesky factor U of
+H^-1, is pushed onto the columns not yet visited, so that the layer output X W^T changes as little as possible
+on the calibration inputs. Updates inside a block of `blocksize` columns are immediate, updates of later
+columns are applied once per block (the "lazy batch" of GPTQ). Follows IST-DASLab/gptq and sparsegpt.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..config import Sparsity
+from .prune import mask_for, nm_mask, pruned_count
+from .qtensor import INT_RANGE
+from .quantize import absmax_scale, slim_quant_scale
+
+
+def group_scale(W: torch.Tensor, bits: int, group_size: int, method: str) -> torch.Tensor:
+    if method == "absmax":
+        return absmax_scale(W, bits, group_size)
+    if method == "slim":
+        return slim_quant_scale(W, bits, group_size)
+    raise ValueError(f"unknown scale method {method!r}: use 'absmax' or 'slim'")
+
+
+def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, dead): U = upper Cholesky factor of (H + damp I)^-1 in float32, damp = percdamp * mean(diag H);
+    dead = input channels with H_ii == 0 (never active in calibration). Those get H_ii = 1 so the factorisation
+    exists; they are decoupled from every other channel. Factorised in float64: H of real layers is badly
+    conditioned and float32 Cholesky can fail on it."""
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square [K, K], got {tuple(H.shape)}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("H contains NaN or inf: the calibration activations overflowed")
+    H = H.detach().to(torch.float64).clone()
+    diag = H.diagonal()
+    dead = diag == 0
+    H[dead, dead] = 1.0
+    diag.add_(percdamp * diag.mean())
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise ValueError(f"H + {percdamp:g} * mean(diag H) * I is not positive definite: raise percdamp "
+                         "(e.g. 0.1) or calibrate on more tokens")
+    U = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    return U.to(torch.float32), dead
+
+
+def obs_sweep(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    *,
+    bits: int | None,
+    group_size: int = 128,
+    scale_method: str = "absmax",
+    mask: torch.Tensor | None = None,
+    sparsity: Sparsity | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    static_groups: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Compress W [N, K] column by column; returns (W_new float32, keep mask, q int8 or None, scale or None).
+
+    mask: a fixed keep-mask (GPTQ on a pruned weight). sparsity: choose the mask during the sweep with the
+    SparseGPT criterion w^2 / U_jj^2 (N:M per group of m columns when the group is reached; unstructured per
+    block of columns). bits None: prune only. Pruned entries are exactly 0 in W_new and in q.
+    """
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D [N, K], got {tuple(W.shape)}")
+    N, K = W.shape
+    if H.shape != (K, K):
+        raise ValueError(f"H has shape {tuple(H.shape)}, expected [{K}, {K}] for W of shape {tuple(W.shape)}")
+    if mask is not None and sparsity is not None:
+        raise ValueError("give either a fixed mask or a sparsity to choose one, not both")
+    if mask is not None and mask.shape != W.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from weight shape {tuple(W.shape)}")
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    kind = "none" if sparsity is None else sparsity.kind
+    if kind == "nm":
+        if K % sparsity.m:
+            raise ValueError(f"N:M sparsity along K needs K % m == 0, got K={K}, m={sparsity.m}")
+        if blocksize % sparsity.m:
+            raise ValueError(f"blocksize {blocksize} must be a multiple of m={sparsity.m}")
+    if bits is not None and bits not in INT_RANGE:
+        raise ValueError(f"bits must be one of {sorted(INT_RANGE)} or None, got {bits}")
+
+    U, dead = inverse_hessian_factor(H, percdamp)
+    Wc = W.detach().to(torch.float32).clone()
+    Wc[:, dead] = 0.0  # as in the reference: a channel that is always 0 carries no information about its weight
+    d = U.diagonal()
+
+    keep = torch.ones(N, K, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
+    if kind in ("nm", "unstructured"):
+        # Scales must exist before the final mask does; estimate it once with the same criterion on W.
+        estimate = mask_for(Wc.square() / d.square()[None, :], sparsity)
+    else:
+        estimate = keep.clone()
+
+    lo = hi = 0
+    scale = q = None
+    if bits is not None:
+        lo, hi = INT_RANGE[bits]
+        q = torch.zeros(N, K, dtype=torch.int8)
+        if group_size in (0, -1) or static_groups:
+            scale = group_scale(Wc * estimate, bits, group_size, scale_method)
+        elif group_size > 0:
+            scale = torch.empty(N, -(-K // group_size))
+        else:
+            raise ValueError(f"group_size must be 0, -1 or a positive integer, got {group_size}")
+
+    out = torch.zeros(N, K)
+    for i1 in range(0, K, blocksize):
+        i2 = min(i1 + blocksize, K)
+        W1 = Wc[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        if kind == "unstructured":
+            # SparseGPT's adaptive mask: the lowest-scoring fraction of the whole block (all rows together).
+            score = (W1.square() / d[i1:i2].square()[None, :]).flatten()
+            block = torch.ones(score.numel(), dtype=torch.bool)
+            block[torch.argsort(score, stable=True)[: pruned_count(score.numel(), sparsity.ratio)]] = False
+            keep[:, i1:i2] = estimate[:, i1:i2] = block.reshape(N, i2 - i1)
+        for i in range(i2 - i1):
+            col = i1 + i
+            if kind == "nm" and col % sparsity.m == 0:
+                m = sparsity.m
+                score = W1[:, i:i + m].square() / d[col:col + m].square()[None, :]
+                keep[:, col:col + m] = estimate[:, col:col + m] = nm_mask(score, sparsity.n, m)
+            w = W1[:, i]
+            kept = keep[:, col]
+            if bits is None:
+                c = torch.where(kept, w, 0.0)
+            else:
+                if group_size > 0 and not static_groups and col % group_size == 0:
+                    # The group's current values (already updated by every earlier column of this block;
+                    # columns past the block still lack this block's pending lazy update, as in the reference).
+                    end = min(col + group_size, K)
+                    cur = torch.cat([W1[:, i:end - i1], Wc[:, i2:max(i2, end)]], dim=1)
+                    scale[:, col // group_size] = group_scale(
+                        cur * estimate[:, col:col + cur.shape[1]], bits, -1, scale_method)[:, 0]
+                s = scale if group_size == 0 else scale[:, 0] if group_size == -1 else scale[:, col // group_size]
+                qc = torch.round(w / s).clamp_(lo, hi)
+                qc = torch.where(kept, qc, 0.0)
+                q[:, col] = qc.to(torch.int8)
+                c = qc * s
+            out[:, i1 + i] = c
+            err = (w - c) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            Err1[:, i] = err
+        Wc[:, i2:] -= Err1 @ U[i1:i2, i2:]
+    return out, keep, q, scale

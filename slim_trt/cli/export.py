@@ -1,0 +1,58 @@
+"""slim-trt export CKPT -o export/NAME/"""
+from __future__ import annotations
+
+from .common import add_parser, eprint
+
+
+def register(sub) -> None:
+    p = add_parser(sub, "export", "export a checkpoint to ONNX (Q/DQ weights, KV cache) for TensorRT",
+                   "Write OUT/model.onnx (opset 21; INT4/INT8 weights as DequantizeLinear -> MatMul, the 2:4 pattern "
+                   "along K) and OUT/slim_export.json (I/O names, shapes, dynamic axes, checkpoint hash, options), "
+                   "and copy the tokenizer to OUT/tokenizer/.",
+                   "  slim-trt export out/gemma-slim -o export/gemma-slim/\n"
+                   "  slim-trt export out/gemma-slim -o export/gemma-slim-fp32/ --dtype fp32 --lowrank plugin\n"
+                   "  slim-trt export out/gemma-slim -o export/gemma-prefill/ --no-cache")
+    p.add_argument("checkpoint", metavar="CKPT", help="a folder written by `slim-trt compress`")
+    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (export/NAME/)")
+    p.add_argument("--dtype", default="fp16", help="compute dtype: fp16 (TensorRT), bf16, or fp32 (CPU checks)")
+    p.add_argument("--lowrank", default="decomposed",
+                   help="decomposed: Add(Y, MatMul(MatMul(X, R^T), L^T)), runs anywhere; "
+                        "plugin: one LowRankAdd node for the fused TensorRT plugin")
+    p.add_argument("--act-quant", default=None, metavar="int8",
+                   help="int8: static symmetric per-tensor INT8 Q/DQ on the inputs of compressed MatMuls (W8A8), "
+                        "scales calibrated on the shipped text sample")
+    p.add_argument("--no-cache", action="store_true", help="prefill-only graph without KV-cache inputs/outputs")
+    p.add_argument("--external-data", action="store_true",
+                   help="always store weights in model.onnx.data (default: only above ~1.5 GB)")
+    p.add_argument("--force", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the sidecar JSON here ('-' = stdout)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    import time
+    from pathlib import Path
+
+    from ..exporter import MODEL_FILE, SIDECAR, export
+    from .common import print_json
+
+    t0 = time.perf_counter()
+    meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
+                  act_quant=args.act_quant, external_data=True if args.external_data else None, force=args.force)
+    out = Path(args.out)
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(MODEL_FILE))
+    eprint(f"wrote {out / MODEL_FILE} ({size / 2**20:.1f} MiB{', external data' if meta['external_data'] else ''}) "
+           f"and {out / SIDECAR} in {time.perf_counter() - t0:.1f} s")
+    print(f"architecture     {meta['architecture']} ({meta['num_layers']} layers, {meta['num_kv_heads']} KV heads "
+          f"x {meta['head_dim']})")
+    print(f"graph            opset {meta['opset']}, IR {meta['ir_version']}, dtype {meta['dtype']}, "
+          f"lowrank {meta['lowrank']}, act-quant {meta['act_quant'] or 'none'}, "
+          f"{'KV cache' if meta['with_cache'] else 'prefill only'}")
+    print(f"compressed       {len(meta['compressed_layers'])} linear layers as Q/DQ MatMul")
+    print(f"inputs           {', '.join(i['name'] for i in meta['inputs'][:3])}"
+          f"{' + past_key_values.*' if meta['with_cache'] else ''}")
+    print(f"outputs          logits{' + present.*' if meta['with_cache'] else ''}")
+    print(f"tokenizer        {out / meta['tokenizer'] if meta['tokenizer'] else 'none'}")
+    if args.json:
+        print_json(meta, args.json)
+    return 0

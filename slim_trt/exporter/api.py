@@ -1,0 +1,218 @@
+"""Public API: export_model (in-memory model) and export (checkpoint folder) -> model.onnx + slim_export.json."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from ..errors import SlimError
+from .decoder import BuildContext, architecture, build, kv_layout
+from .graph import NUMPY_NAME, GraphBuilder
+from .linear import LOWRANK_PLUGIN
+from .options import EXTERNAL_DATA_THRESHOLD, IR_VERSION, OPSET, ExportOptions
+
+SIDECAR = "slim_export.json"
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+SCHEMA_VERSION = 1
+TOKENIZER_DIR = "tokenizer"
+
+
+def build_onnx(model: nn.Module, options: ExportOptions, *, act_scales: dict[str, float] | None = None,
+               progress: bool = False) -> tuple[onnx.ModelProto, list]:
+    """The ONNX graph of `model` (in memory) and the records of its compressed layers."""
+    b = GraphBuilder(options.dtype)
+    ctx = BuildContext(b=b, lowrank=options.lowrank, with_cache=options.with_cache, act_scales=act_scales,
+                       records=[], progress=progress)
+    with torch.no_grad():
+        build(ctx, model)
+    doc = f"slim-trt export: {architecture(model)}, dtype={options.dtype}, lowrank={options.lowrank}"
+    return b.make_model("slim_trt_" + architecture(model), OPSET, IR_VERSION, doc), ctx.records
+
+
+def _io_entries(values) -> list[dict]:
+    out = []
+    for vi in values:
+        tt = vi.type.tensor_type
+        shape = [d.dim_param if d.dim_param else int(d.dim_value) for d in tt.shape.dim]
+        out.append({"name": vi.name, "dtype": NUMPY_NAME[tt.elem_type], "shape": shape})
+    return out
+
+
+def sidecar(model: nn.Module, proto: onnx.ModelProto, records: list, options: ExportOptions, *,
+            checkpoint_path: str | None, manifest_sha256: str | None, tokenizer: str | None) -> dict:
+    """The slim_export.json content (the contract read by the TensorRT builder and the Triton deployer)."""
+    cfg = model.config
+    L, Hkv, D = kv_layout(model)
+    inputs, outputs = _io_entries(proto.graph.input), _io_entries(proto.graph.output)
+    dynamic = {}
+    for e in inputs + outputs:
+        axes = {str(i): d for i, d in enumerate(e["shape"]) if isinstance(d, str)}
+        if axes:
+            dynamic[e["name"]] = axes
+    custom = []
+    if any(n.domain == LOWRANK_PLUGIN["domain"] for n in proto.graph.node):
+        custom.append(dict(LOWRANK_PLUGIN))
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model_file": MODEL_FILE,
+        "opset": OPSET,
+        "ir_version": int(proto.ir_version),
+        "dtype": options.dtype,
+        "with_cache": options.with_cache,
+        "lowrank": options.lowrank,
+        "act_quant": options.act_quant,
+        "architecture": architecture(model),
+        "num_layers": L,
+        "num_attention_heads": int(cfg.num_attention_heads),
+        "num_kv_heads": Hkv,
+        "head_dim": D,
+        "hidden_size": int(cfg.hidden_size),
+        "vocab_size": int(cfg.vocab_size),
+        "max_position_embeddings": int(cfg.max_position_embeddings),
+        "sliding_window": getattr(cfg, "sliding_window", None) if architecture(model) == "gemma3_text" else None,
+        "inputs": inputs,
+        "outputs": outputs,
+        "dynamic_axes": dynamic,
+        "checkpoint": {"path": checkpoint_path, "manifest_sha256": manifest_sha256},
+        "tokenizer": tokenizer,
+        "custom_ops": custom,
+        "options": options.to_dict(),
+        "compressed_layers": [r.to_dict() for r in records],
+    }
+
+
+def _initializer_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def _prepare_out(out_dir: Path, force: bool) -> Path:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise SlimError(f"output {out_dir} exists and is not a folder: choose another -o")
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise SlimError(f"output {out_dir} already exists: pass --force to replace it or choose another -o")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+
+
+def _commit(tmp: Path, out_dir: Path) -> None:
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time() * 1000)}")
+        out_dir.rename(old)
+    tmp.rename(out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except Exception as e:  # noqa: BLE001 - any failure here means "no usable tokenizer in that folder"
+        raise SlimError(f"cannot load the tokenizer in {tokenizer_dir} ({type(e).__name__}): "
+                        "pass a folder with tokenizer files or none") from e
+    tok.save_pretrained(str(dest))
+
+
+def save_onnx(proto: onnx.ModelProto, folder: Path, external_data: bool | None) -> bool:
+    """Write folder/model.onnx (and model.onnx.data when large or asked); check it; return whether external."""
+    path = folder / MODEL_FILE
+    external = external_data if external_data is not None else _initializer_bytes(proto) > EXTERNAL_DATA_THRESHOLD
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        onnx.checker.check_model(str(path))
+    else:
+        onnx.checker.check_model(proto)
+        onnx.save_model(proto, str(path))
+    return external
+
+
+def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOptions | None = None,
+                 tokenizer_dir: str | Path | None = None, checkpoint_path: str | None = None,
+                 manifest_sha256: str | None = None, act_scales: dict[str, float] | None = None,
+                 calib_windows: torch.Tensor | None = None, force: bool = False, progress: bool = False) -> dict:
+    """Export an in-memory (compressed) causal LM to out_dir/model.onnx + out_dir/slim_export.json.
+
+    With options.act_quant == "int8", activation scales come from `act_scales` or are measured on `calib_windows`
+    (token ids [n, seqlen]). Returns the sidecar dict. Nothing is written in place: the folder is built under a
+    temporary name and renamed at the end.
+    """
+    options = options or ExportOptions()
+    out_dir = Path(out_dir)
+    architecture(model)  # refuse unsupported models before touching the disk
+    if options.act_quant == "int8" and act_scales is None:
+        if calib_windows is None:
+            raise SlimError("--act-quant int8 needs calibration text: give calib_windows (token ids) or act_scales")
+        from .calibrate import activation_scales
+
+        act_scales = activation_scales(model, calib_windows)
+    tmp = _prepare_out(out_dir, force)
+    try:
+        proto, records = build_onnx(model, options, act_scales=act_scales, progress=progress)
+        external = save_onnx(proto, tmp, options.external_data)
+        tokenizer = None
+        if tokenizer_dir is not None:
+            _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_DIR)
+            tokenizer = TOKENIZER_DIR
+        meta = sidecar(model, proto, records, options, checkpoint_path=checkpoint_path,
+                       manifest_sha256=manifest_sha256, tokenizer=tokenizer)
+        meta["external_data"] = DATA_FILE if external else None
+        (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
+        _commit(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def manifest_sha256(ckpt: Path) -> str:
+    return hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
+
+
+def has_tokenizer(folder: Path) -> bool:
+    return any((folder / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+
+
+def _calibration_windows(tokenizer_dir: Path | None, n: int = 8, seqlen: int = 128) -> torch.Tensor:
+    """Token windows from the shipped calibration sample, tokenized with the checkpoint's tokenizer."""
+    if tokenizer_dir is None:
+        raise SlimError("--act-quant int8 calibrates on text and needs the checkpoint's tokenizer files: "
+                        "save the checkpoint with its tokenizer")
+    from transformers import AutoTokenizer
+
+    from ..calibration.data import calibration_windows, load_text
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return calibration_windows(tok, load_text(None), nsamples=n, seqlen=seqlen)
+
+
+def export(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with_cache: bool = True,
+           lowrank: str = "decomposed", act_quant: str | None = None, external_data: bool | None = None,
+           force: bool = False, progress: bool = True) -> dict:
+    """Load a slim-trt checkpoint folder and export it (see export_model). Returns the sidecar dict."""
+    options = ExportOptions(dtype=dtype, with_cache=with_cache, lowrank=lowrank, act_quant=act_quant,
+                            external_data=external_data)
+    ckpt = Path(ckpt_path)
+    if not ckpt.exists():
+        raise SlimError(f"checkpoint {ckpt} does not exist: give the folder written by `slim-trt compress`")
+    if not (ckpt / "slim_manifest.json").is_file():
+        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): run `slim-trt compress` first")
+    from ..checkpoint import load
+
+    model = load(ckpt)
+    tok = ckpt if has_tokenizer(ckpt) else None
+    calib = None
+    if act_quant == "int8":
+        calib = _calibration_windows(tok)
+    return export_model(model, out_dir, options=options, tokenizer_dir=tok, checkpoint_path=str(ckpt.resolve()),
+                        manifest_sha256=manifest_sha256(ckpt), calib_windows=calib, force=force, progress=progress)

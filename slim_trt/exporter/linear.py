@@ -1,0 +1,127 @@
+"""Linear layers as ONNX: float MatMul, Q/DQ MatMul for compressed weights, and the low-rank path.
+
+Orientation: torch `Linear.weight` is [N, K]; ONNX `MatMul(X, W)` wants [K, N]. Quantized weights are stored
+transposed as INT4/INT8 initializers of shape [K, N], so the 2:4 groups (4 consecutive input columns in torch)
+become 4 consecutive rows, and per-group scales block along axis 0.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..algorithms.qtensor import QuantizedTensor
+from ..compressed_linear import CompressedLinear
+from .graph import GraphBuilder, int_tensor, tensor_from_torch
+
+# The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
+LOWRANK_PLUGIN = {"op_type": "LowRankAdd", "domain": "slim_trt", "plugin_version": "1", "plugin_namespace": "slim_trt"}
+
+
+@dataclass
+class LayerRecord:
+    """What the sidecar says about one compressed layer."""
+
+    name: str
+    onnx_weight: str
+    K: int
+    N: int
+    bits: int
+    group_size: int | None
+    sparsity: str
+    rank: int
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: bool) -> str:
+    """DequantizeLinear over an integer initializer holding `qt` ([rows, cols]), in the compute dtype.
+
+    transpose=True stores [cols, rows] (the MatMul orientation): per-group scales block along axis 0.
+    transpose=False keeps [rows, cols] (the plugin's torch orientation): groups block along axis 1.
+    """
+    q = qt.q.cpu().numpy()
+    scale = qt.scale.detach().cpu().to(torch.float32)
+    rows, cols = q.shape
+    if transpose:
+        q = np.ascontiguousarray(q.T)
+    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits))
+    attrs: dict = {}
+    if qt.group_size == 0:
+        s = scale.reshape(())
+    elif qt.group_size == -1:
+        s = scale.reshape(rows)
+        attrs["axis"] = 1 if transpose else 0
+    else:
+        s = scale.reshape(rows, -1)
+        if transpose:
+            s = s.T
+        attrs.update(axis=0 if transpose else 1, block_size=int(qt.group_size))
+    sname = b.add_initializer(tensor_from_torch(f"{name}.scale", s, b.dtype))
+    # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
+    return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+
+
+def _factor(b: GraphBuilder, f: torch.Tensor, fq: QuantizedTensor | None, name: str, *, transpose: bool) -> str:
+    if fq is not None:
+        return dequantized(b, fq, name, transpose=transpose)
+    return b.weight(name, f.T if transpose else f)
+
+
+def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str) -> str:
+    """Static symmetric per-tensor INT8 Q/DQ on an activation (zero point an explicit int8 0)."""
+    s = b.add_initializer(tensor_from_torch(f"{name}.act_scale", torch.tensor(float(scale)), b.dtype))
+    zp = b.add_initializer(tensor_from_torch(f"{name}.act_zero_point", torch.tensor(0, dtype=torch.int8)))
+    q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}/act")
+    return b.op("DequantizeLinear", [q, s, zp], name=f"{name}/act")
+
+
+def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowrank: str = "decomposed",
+                act_scale: float | None = None, records: list[LayerRecord] | None = None) -> str:
+    """y = module(x) as ONNX nodes; returns the output name. Appends a LayerRecord for compressed layers."""
+    if isinstance(module, CompressedLinear):
+        return _emit_compressed(b, x, module, name, lowrank=lowrank, act_scale=act_scale, records=records)
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"{name}: cannot export {type(module).__name__} as a linear layer")
+    w = b.weight(f"{name}.weight", module.weight.T)
+    y = b.op("MatMul", [x, w], name=name)
+    if module.bias is not None:
+        y = b.op("Add", [y, b.weight(f"{name}.bias", module.bias)], name=name)
+    return y
+
+
+def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records) -> str:
+    if m.qweight is not None:
+        w = dequantized(b, m.qweight, name, transpose=True)
+        weight_name = f"{name}.qweight"
+    else:  # bits=16: pruned but not quantized
+        weight_name = b.weight(f"{name}.weight", m.weight.T)
+        w = weight_name
+    x_in = activation_qdq(b, x, act_scale, name) if act_scale is not None else x
+    y = b.op("MatMul", [x_in, w], name=name)
+    if m.bias is not None:
+        y = b.op("Add", [y, b.weight(f"{name}.bias", m.bias)], name=name)
+    if m.lora_L is not None:
+        # The adapters see the unquantized activation: they are the (fp16) correction path.
+        if lowrank == "decomposed":
+            rt = _factor(b, m.lora_R, m.lora_R_q, f"{name}.lora_R", transpose=True)   # [K, r]
+            lt = _factor(b, m.lora_L, m.lora_L_q, f"{name}.lora_L", transpose=True)   # [r, N]
+            t = b.op("MatMul", [x, rt], name=f"{name}.lora_R")
+            u = b.op("MatMul", [t, lt], name=f"{name}.lora_L")
+            y = b.op("Add", [y, u], name=f"{name}.lora")
+        else:
+            r = _factor(b, m.lora_R, m.lora_R_q, f"{name}.lora_R", transpose=False)   # [r, K]
+            l_ = _factor(b, m.lora_L, m.lora_L_q, f"{name}.lora_L", transpose=False)  # [N, r]
+            b.opsets[LOWRANK_PLUGIN["domain"]] = 1
+            y = b.op(LOWRANK_PLUGIN["op_type"], [y, x, r, l_], name=f"{name}.lora", domain=LOWRANK_PLUGIN["domain"],
+                     plugin_version=LOWRANK_PLUGIN["plugin_version"],
+                     plugin_namespace=LOWRANK_PLUGIN["plugin_namespace"])
+    if records is not None:
+        records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=m.bits,
+                                   group_size=m.qweight.group_size if m.qweight is not None else None,
+                                   sparsity=str(m.sparsity), rank=m.rank))
+    return y
+

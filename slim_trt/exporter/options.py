@@ -1,0 +1,46 @@
+"""Export options, validated on construction (bad values are user errors)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from ..errors import SlimError
+
+DTYPES = ("fp16", "bf16", "fp32")
+LOWRANK_MODES = ("decomposed", "plugin")
+ACT_QUANT = (None, "int8")
+OPSET = 21
+# onnx 1.23 writes IR 11+ by default, which ONNX Runtime 1.31 refuses; IR 10 carries everything opset 21 needs
+# (INT4, blocked DequantizeLinear).
+IR_VERSION = 10
+# protobuf cannot serialize more than 2 GiB; stay well below it before switching to external data.
+EXTERNAL_DATA_THRESHOLD = int(1.5 * 2**30)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to export.
+
+    dtype: the compute dtype of the graph (activations, float weights, Q/DQ scales).
+    with_cache: KV-cache inputs/outputs (`past_key_values.{i}.key` ... `present.{i}.value`); False = prefill only.
+    lowrank: "decomposed" = Add(Y, MatMul(MatMul(X, R^T), L^T)); "plugin" = one LowRankAdd node (slim_trt domain).
+    act_quant: None, or "int8" for static symmetric per-tensor INT8 Q/DQ on the inputs of compressed MatMuls.
+    external_data: True = always write model.onnx.data, False = never, None = only above ~1.5 GB.
+    """
+
+    dtype: str = "fp16"
+    with_cache: bool = True
+    lowrank: str = "decomposed"
+    act_quant: str | None = None
+    external_data: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise SlimError(f"bad --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        if self.lowrank not in LOWRANK_MODES:
+            raise SlimError(f"bad --lowrank {self.lowrank!r}: choose one of {', '.join(LOWRANK_MODES)}")
+        if self.act_quant not in ACT_QUANT:
+            raise SlimError(f"bad --act-quant {self.act_quant!r}: use int8 (or leave it out for weight-only)")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

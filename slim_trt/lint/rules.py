@@ -1,0 +1,221 @@
+"""The lint rules. Each takes the GraphView and the target table and yields findings (or layers).
+
+Rule ids:
+  opset            the default-domain opset against the target's documented range; INT4/blocked Q/DQ need >= 21
+  op-support       every standard op is in the target parser's support list
+  constant-input   inputs the parser needs at build time (axes, CumSum axis) are constants
+  plugin           custom-domain nodes name a plugin the project ships, with its version and namespace
+  qdq-scale        Q/DQ scales are constants in the compute dtype
+  qdq-zero-point   zero points are constant zeros of a signed type
+  int4             INT4 only on constant weights feeding MatMul/Gemm, signed, even last dimension, target >= TRT 10
+  qdq-block        blocked quantization along exactly one axis with a consistent scale shape
+  sparsity-2to4    layers that claim 2:4 (sidecar, or >= 50% zeros) really are 2:4 along K
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto
+
+from ..exporter.linear import LOWRANK_PLUGIN
+from .model import INT4_TYPES, TYPE_NAME, GraphView, attr, quantize_output_type
+
+KNOWN_PLUGINS = (LOWRANK_PLUGIN,)
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class Finding:
+    severity: str  # "error" | "warning" | "info"
+    rule: str
+    node: str
+    message: str
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerInfo:
+    """One MatMul/Gemm whose weight is a constant (behind DequantizeLinear or not)."""
+
+    name: str
+    weight: str
+    K: int
+    N: int
+    dtype: str
+    is_2to4: bool
+    groups_violating: int
+    flops: int  # multiply-adds x 2 per token
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def check_opset(v: GraphView, table: dict):
+    if v.opset < table["opset_min"]:
+        yield Finding("error", "opset", "", f"opset {v.opset} is below {table['title']}'s minimum {table['opset_min']}")
+    elif v.opset > table["opset_max"]:
+        yield Finding("warning", "opset", "", f"opset {v.opset} is above the {table['opset_max']} documented for "
+                      f"{table['title']}: the parser warns and may reject newer op versions")
+
+
+def check_ops(v: GraphView, table: dict):
+    missing: dict[str, list[str]] = {}
+    for n in v.model.graph.node:
+        if n.domain in STANDARD_DOMAINS and n.op_type not in table["ops"]:
+            missing.setdefault(n.op_type, []).append(n.name)
+        for idx in table["constant_inputs"].get(n.op_type, []) if n.domain in STANDARD_DOMAINS else []:
+            if idx < len(n.input) and n.input[idx] and not v.is_constant(n.input[idx]):
+                yield Finding("error", "constant-input", n.name, f"{n.op_type} input {idx} ({n.input[idx]}) must be a "
+                              f"constant for TensorRT's parser")
+    for op, names in sorted(missing.items()):
+        yield Finding("error", "op-support", names[0], f"{op} ({len(names)} node(s)) is not supported by "
+                      f"{table['title']}'s ONNX parser")
+
+
+def check_plugins(v: GraphView, table: dict):
+    for n in v.model.graph.node:
+        if n.domain in STANDARD_DOMAINS:
+            continue
+        known = [p for p in KNOWN_PLUGINS if p["op_type"] == n.op_type]
+        if not known:
+            provided = ", ".join(f"{p['op_type']} v{p['plugin_version']} (namespace {p['plugin_namespace']})"
+                                 for p in KNOWN_PLUGINS)
+            yield Finding("error", "plugin", n.name, f"unknown custom op {n.domain}::{n.op_type}: TensorRT needs a "
+                          f"plugin for it and slim-trt provides only {provided}")
+            continue
+        p = known[0]
+        version, namespace = attr(n, "plugin_version"), attr(n, "plugin_namespace")
+        version = version.decode() if isinstance(version, bytes) else version
+        namespace = namespace.decode() if isinstance(namespace, bytes) else namespace
+        if version != p["plugin_version"] or namespace != p["plugin_namespace"]:
+            yield Finding("error", "plugin", n.name, f"{n.op_type} asks for plugin_version={version!r}, "
+                          f"plugin_namespace={namespace!r}; the project provides version {p['plugin_version']!r} in "
+                          f"namespace {p['plugin_namespace']!r}: re-export with this slim-trt")
+
+
+def _blocked_shape_ok(x_shape: list[int], s_shape: list[int], axis: int, block: int) -> bool:
+    if len(s_shape) != len(x_shape):
+        return False
+    axis = axis % len(x_shape)
+    return all(s == (-(-d // block) if i == axis else d) for i, (d, s) in enumerate(zip(x_shape, s_shape)))
+
+
+def check_qdq(v: GraphView, table: dict):
+    ct = v.compute_type
+    for n in v.model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain not in STANDARD_DOMAINS:
+            continue
+        scale = n.input[1]
+        if not v.is_constant(scale):
+            yield Finding("error", "qdq-scale", n.name, f"{n.op_type} scale {scale} is not a constant: TensorRT "
+                          f"needs build-time scales")
+        elif v.constants[scale].data_type != ct:
+            yield Finding("error", "qdq-scale", n.name, f"{n.op_type} scale is {TYPE_NAME[v.constants[scale].data_type]}"
+                          f" but the model computes in {TYPE_NAME[ct]}: re-export with matching --dtype")
+        zp = n.input[2] if len(n.input) > 2 else ""
+        if zp:
+            if not v.is_constant(zp):
+                yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is not a constant")
+            elif np.any(v.array(zp) != 0):
+                yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is non-zero: TensorRT "
+                              f"supports symmetric quantization only (zero point 0)")
+        qtype = quantize_output_type(v, n) if n.op_type == "QuantizeLinear" else v.elem_type(n.input[0])
+        if qtype in (TensorProto.UINT8, TensorProto.UINT4):
+            yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} uses unsigned {TYPE_NAME[qtype]}: "
+                          f"TensorRT quantizes to signed INT8/INT4 only")
+        if qtype in INT4_TYPES:
+            yield from _check_int4(v, table, n)
+        block = attr(n, "block_size", 0)
+        if block:
+            if v.opset < 21:
+                yield Finding("error", "opset", n.name, f"blocked {n.op_type} (block_size) needs opset >= 21, "
+                              f"the model has {v.opset}")
+            if not table["blocked_quantization"]:
+                yield Finding("error", "qdq-block", n.name, f"{table['title']} has no blocked quantization")
+            if v.is_constant(n.input[0]) and v.is_constant(scale):
+                xs, ss = list(v.constants[n.input[0]].dims), list(v.constants[scale].dims)
+                if not _blocked_shape_ok(xs, ss, attr(n, "axis", 1), block):
+                    yield Finding("error", "qdq-block", n.name, f"scale shape {ss} does not block {xs} along exactly "
+                                  f"one axis ({attr(n, 'axis', 1)}) with block_size {block}")
+
+
+def _check_int4(v: GraphView, table: dict, n):
+    if v.opset < 21:
+        yield Finding("error", "opset", n.name, f"INT4 {n.op_type} needs opset >= 21, the model has {v.opset}: "
+                      f"re-export with opset 21")
+    if not table["int4_weights"]:
+        yield Finding("error", "int4", n.name, f"{table['title']} has no INT4 (TensorRT >= 10 needed)")
+    if n.op_type == "QuantizeLinear":
+        yield Finding("error", "int4", n.name, "INT4 QuantizeLinear on an activation: TensorRT supports INT4 only on "
+                      "constant weights (weight-only quantization)")
+        return
+    x = n.input[0]
+    if not v.is_constant(x):
+        yield Finding("error", "int4", n.name, "INT4 DequantizeLinear of a non-constant tensor: INT4 is weight-only")
+        return
+    dims = list(v.constants[x].dims)
+    if dims and dims[-1] % 2:
+        yield Finding("error", "int4", n.name, f"INT4 weight {x} has an odd last dimension {dims[-1]}: TensorRT packs "
+                      f"INT4 in pairs along the last dimension")
+    for consumer, idx in v.consumers.get(n.output[0], []):
+        if consumer.op_type in table["int4_consumers"] and idx == 1:
+            continue
+        if consumer.domain not in STANDARD_DOMAINS and any(p["op_type"] == consumer.op_type for p in KNOWN_PLUGINS):
+            yield Finding("warning", "int4", n.name, f"INT4 weight {x} feeds plugin {consumer.op_type}: TensorRT must "
+                          f"fold the DequantizeLinear into a constant plugin input (check the build log)")
+            continue
+        yield Finding("error", "int4", n.name, f"INT4 weight {x} feeds {consumer.op_type} ({consumer.name}) input "
+                      f"{idx}: TensorRT runs INT4 only as the weight of MatMul/Gemm")
+
+
+def _trace_weight(v: GraphView, name: str):
+    """Follow a MatMul weight back through Transpose/Cast/Identity/DequantizeLinear to a constant.
+
+    Returns (array in [K, N] orientation, constant name, dtype name) or None for a runtime tensor.
+    """
+    transposed = False
+    while name not in v.constants:
+        n = v.producer.get(name)
+        if n is None:
+            return None
+        if n.op_type == "Transpose" and list(attr(n, "perm", [1, 0])) == [1, 0]:
+            transposed = not transposed
+        elif n.op_type not in ("Cast", "Identity", "DequantizeLinear"):
+            return None
+        name = n.input[0]
+    a = v.array(name)
+    if a.ndim != 2:
+        return None
+    return (a.T if transposed else a), name, TYPE_NAME[v.constants[name].data_type]
+
+
+def layers_and_sparsity(v: GraphView, expected_2to4: set[str] | None):
+    """LayerInfo per constant-weight MatMul/Gemm, and sparsity findings."""
+    layers, findings = [], []
+    for n in v.model.graph.node:
+        if n.op_type not in ("MatMul", "Gemm") or n.domain not in STANDARD_DOMAINS or len(n.input) < 2:
+            continue
+        traced = _trace_weight(v, n.input[1])
+        if traced is None:
+            continue
+        w, const_name, dtype = traced
+        if n.op_type == "Gemm" and attr(n, "transB", 0):
+            w = w.T
+        K, N = w.shape
+        nz = w != 0
+        if K % 4 == 0:
+            per_group = nz.reshape(K // 4, 4, N).sum(axis=1)
+            violating = int((per_group > 2).sum())
+        else:
+            violating = int(np.ceil(K / 4)) * N
+        info = LayerInfo(n.name, const_name, int(K), int(N), dtype, violating == 0, violating, 2 * int(K) * int(N))
+        layers.append(info)
+        claims = (const_name in expected_2to4) if expected_2to4 is not None else (1.0 - nz.mean()) >= 0.5
+        if claims and not info.is_2to4:
+            total = int(np.ceil(K / 4)) * N
+            findings.append(Finding("error", "sparsity-2to4", n.name, f"weight {const_name} [{K}x{N}] is meant to be "
+                                    f"2:4 but {violating} of {total} groups of 4 along K keep more than 2 values"))
+    return layers, findings

@@ -1,0 +1,19 @@
+"""Per-target TensorRT support tables, kept as data in tables/<target>.json (each names its source)."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from importlib.resources import files
+
+from ..errors import SlimError
+
+TARGETS = ("trt10", "trt11", "jetson-orin-jp6")
+
+
+@lru_cache(maxsize=None)
+def load_table(target: str) -> dict:
+    if target not in TARGETS:
+        raise SlimError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
+    table = json.loads(files("slim_trt.lint").joinpath("tables", f"{target}.json").read_text())
+    table["ops"] = frozenset(table["ops"])
+    return table

@@ -1,0 +1,194 @@
+"""Target profiles: what each deployment GPU supports, kept as data in engines/profiles/<name>.json.
+
+A profile names the GPUs it covers (by compute capability), the TensorRT versions that run there, the lint
+target to check the ONNX against, which precisions and 2:4 sparsity the hardware supports, a memory budget and
+default optimization-profile shapes. `slim-trt build --target NAME` reads one; without --target the profile
+is picked from the GPU's compute capability. Pure data handling, no TensorRT.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import SlimError
+from .backend import GpuInfo, parse_version
+
+PROFILES_ENV = "SLIM_TRT_PROFILES_DIR"
+SUPPORT_KEYS = ("int4_weights", "int8", "fp8", "fp4", "bf16", "sparsity_2_4")
+SHAPE_AXES = ("batch", "sequence", "past_sequence")
+PLATFORMS = ("datacenter", "workstation", "jetson")
+# Used only when slim_trt.lint cannot be imported; the lint module's TARGETS is the authority.
+_FALLBACK_LINT_TARGETS = ("trt10", "trt11", "jetson-orin-jp6")
+
+
+def profiles_dir() -> Path:
+    """$SLIM_TRT_PROFILES_DIR, else engines/profiles/ of the source tree this package lives in."""
+    env = os.environ.get(PROFILES_ENV)
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "engines" / "profiles"
+
+
+def lint_targets() -> tuple[str, ...]:
+    try:
+        from ..lint import TARGETS
+    except ImportError:
+        return _FALLBACK_LINT_TARGETS
+    return tuple(TARGETS)
+
+
+@dataclass(frozen=True)
+class TargetProfile:
+    name: str
+    description: str
+    compute_capabilities: tuple[str, ...]
+    platform: str
+    lint_target: str
+    lint_target_by_tensorrt_major: dict
+    tensorrt_min_version: str
+    tensorrt_max_major: int
+    supports: dict
+    memory_budget_gb: float
+    workspace_gb: float
+    default_shapes: dict
+    notes: str
+    source: str
+
+    def lint_target_for(self, tensorrt_version: str | None) -> str:
+        """The lint table matching the installed TensorRT (the profile's default when unknown)."""
+        if tensorrt_version:
+            major = str(parse_version(tensorrt_version)[0])
+            return self.lint_target_by_tensorrt_major.get(major, self.lint_target)
+        return self.lint_target
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description,
+                "compute_capabilities": list(self.compute_capabilities), "platform": self.platform,
+                "lint_target": self.lint_target, "supports": dict(self.supports),
+                "memory_budget_gb": self.memory_budget_gb, "workspace_gb": self.workspace_gb,
+                "tensorrt": {"min_version": self.tensorrt_min_version, "max_major": self.tensorrt_max_major},
+                "source": self.source}
+
+
+def _fail(source: str, what: str) -> SlimError:
+    return SlimError(f"target profile {source}: {what}")
+
+
+def _shape_triple(source: str, axis: str, value) -> tuple[int, int, int]:
+    if (not isinstance(value, list) or len(value) != 3 or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                                  for v in value)):
+        raise _fail(source, f"default_shapes.{axis} must be [min, opt, max] integers, got {value!r}")
+    lo, opt, hi = value
+    floor = 0 if axis == "past_sequence" else 1
+    if not floor <= lo <= opt <= hi:
+        raise _fail(source, f"default_shapes.{axis} needs {floor} <= min <= opt <= max, got {value}")
+    return lo, opt, hi
+
+
+def profile_from_dict(d: dict, source: str = "<dict>") -> TargetProfile:
+    """Validate a profile's JSON content; every problem names the field and the file."""
+    if not isinstance(d, dict):
+        raise _fail(source, "must be a JSON object")
+    if d.get("schema_version") != 1:
+        raise _fail(source, f"schema_version must be 1, got {d.get('schema_version')!r}")
+    for key in ("name", "description", "platform", "lint_target"):
+        if not isinstance(d.get(key), str) or not d[key]:
+            raise _fail(source, f"{key!r} must be a non-empty string")
+    if d["platform"] not in PLATFORMS:
+        raise _fail(source, f"platform must be one of {', '.join(PLATFORMS)}, got {d['platform']!r}")
+    ccs = d.get("compute_capabilities")
+    if not isinstance(ccs, list) or not ccs:
+        raise _fail(source, "compute_capabilities must be a non-empty list such as [\"9.0\"]")
+    for cc in ccs:
+        parts = str(cc).split(".")
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise _fail(source, f"compute capability {cc!r} must look like \"8.7\"")
+    known = lint_targets()
+    by_major = d.get("lint_target_by_tensorrt_major", {})
+    if not isinstance(by_major, dict):
+        raise _fail(source, "lint_target_by_tensorrt_major must map a TensorRT major version to a lint target")
+    for t in [d["lint_target"], *by_major.values()]:
+        if t not in known:
+            raise _fail(source, f"lint target {t!r} is not one of slim-trt lint's targets ({', '.join(known)})")
+    trt = d.get("tensorrt")
+    if not isinstance(trt, dict) or "min_version" not in trt or not isinstance(trt.get("max_major"), int):
+        raise _fail(source, "tensorrt must be {\"min_version\": \"10.0\", \"max_major\": 11}")
+    try:
+        min_v = parse_version(trt["min_version"])
+    except ValueError:
+        raise _fail(source, f"tensorrt.min_version {trt['min_version']!r} is not a version") from None
+    if min_v[0] > trt["max_major"]:
+        raise _fail(source, "tensorrt.min_version is above tensorrt.max_major")
+    supports = d.get("supports")
+    if not isinstance(supports, dict) or set(supports) != set(SUPPORT_KEYS) or not all(
+            isinstance(v, bool) for v in supports.values()):
+        raise _fail(source, f"supports must give true/false for exactly: {', '.join(SUPPORT_KEYS)}")
+    for key in ("memory_budget_gb", "workspace_gb"):
+        v = d.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0:
+            raise _fail(source, f"{key} must be a positive number, got {v!r}")
+    if d["workspace_gb"] >= d["memory_budget_gb"]:
+        raise _fail(source, "workspace_gb must be smaller than memory_budget_gb")
+    shapes = d.get("default_shapes")
+    if not isinstance(shapes, dict) or set(shapes) != set(SHAPE_AXES):
+        raise _fail(source, f"default_shapes must give [min, opt, max] for exactly: {', '.join(SHAPE_AXES)}")
+    triples = {axis: _shape_triple(source, axis, shapes[axis]) for axis in SHAPE_AXES}
+    return TargetProfile(
+        name=d["name"], description=d["description"], compute_capabilities=tuple(str(c) for c in ccs),
+        platform=d["platform"], lint_target=d["lint_target"], lint_target_by_tensorrt_major=dict(by_major),
+        tensorrt_min_version=str(trt["min_version"]), tensorrt_max_major=int(trt["max_major"]),
+        supports=dict(supports), memory_budget_gb=float(d["memory_budget_gb"]),
+        workspace_gb=float(d["workspace_gb"]), default_shapes=triples, notes=str(d.get("notes", "")),
+        source=source)
+
+
+def list_targets(directory: Path | None = None) -> list[str]:
+    directory = directory or profiles_dir()
+    return sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
+
+
+def load_target(name_or_path: str, directory: Path | None = None) -> TargetProfile:
+    """A shipped profile by name (`hopper`) or any profile file by path (`./my_gpu.json`)."""
+    text = str(name_or_path)
+    path = Path(text)
+    if not (text.endswith(".json") or os.sep in text):
+        directory = directory or profiles_dir()
+        path = directory / f"{text}.json"
+        if not path.is_file():
+            names = ", ".join(list_targets(directory)) or f"none found in {directory}"
+            raise SlimError(f"unknown --target {text!r}: choose one of {names}, or give a profile .json path")
+    if not path.is_file():
+        raise SlimError(f"target profile {path} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimError(f"target profile {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    profile = profile_from_dict(data, str(path))
+    if path.parent == (directory or profiles_dir()) and profile.name != path.stem:
+        raise SlimError(f"target profile {path}: its name {profile.name!r} must match the file name")
+    return profile
+
+
+def target_for_gpu(gpu: GpuInfo, directory: Path | None = None) -> TargetProfile | None:
+    """The shipped profile covering this GPU's compute capability, if any."""
+    for name in list_targets(directory):
+        profile = load_target(name, directory)
+        if gpu.cc in profile.compute_capabilities:
+            return profile
+    return None
+
+
+def check_target(profile: TargetProfile, gpu: GpuInfo | None, tensorrt_version: str | None) -> None:
+    """A TensorRT engine runs only on the GPU family and TensorRT it was built with: refuse mismatches."""
+    if gpu is not None and gpu.cc not in profile.compute_capabilities:
+        raise SlimError(
+            f"--target {profile.name} is for compute capability {', '.join(profile.compute_capabilities)} but this "
+            f"GPU is {gpu.name} ({gpu.cc}): build on the target device, or drop --target to build for this GPU")
+    if tensorrt_version:
+        v = parse_version(tensorrt_version)
+        if v < parse_version(profile.tensorrt_min_version) or v[0] > profile.tensorrt_max_major:
+            raise SlimError(
+                f"--target {profile.name} needs TensorRT {profile.tensorrt_min_version} to "
+                f"{profile.tensorrt_max_major}.x, this machine has {tensorrt_version}")

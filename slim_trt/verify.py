@@ -1,0 +1,309 @@
+"""ONNX Runtime vs PyTorch: the exported graph against the model it was exported from.
+
+Both run the same real text windows. PyTorch runs each window in one pass (its logits at position t depend only
+on tokens <= t); ONNX Runtime runs a prefill of the first `len - decode_steps` tokens and then `decode_steps`
+single-token steps through the KV cache (`present.*` fed back as `past_key_values.*`), so the cache path is
+checked too. Reported: max/mean |logit error|, cosine similarity (mean and worst position), top-1 agreement and
+the perplexity of both on the window's next tokens.
+
+ONNX Runtime runs through Polygraphy's OnnxrtRunner; with save_inputs/save_outputs the feeds and ORT outputs are
+written in Polygraphy's JSON format, so a GPU machine can replay them against TensorRT:
+    polygraphy run model.onnx --trt --load-inputs inputs.json --load-outputs outputs.json
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import MissingDependencyError, SlimError
+
+SIDECAR = "slim_export.json"
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits. Defaults depend on the export dtype (fp32: numerical noise only; fp16/bf16: rounding)."""
+
+    max_abs: float
+    mean_abs: float
+    cosine_min: float
+    top1_min: float
+    ppl_rel_max: float
+
+    @staticmethod
+    def for_dtype(dtype: str) -> "Thresholds":
+        if dtype == "fp32":
+            # Gemma 3 270M measured max 5.3e-5, mean 4.5e-6: summation-order noise only.
+            return Thresholds(max_abs=1e-2, mean_abs=1e-3, cosine_min=0.99999, top1_min=0.99, ppl_rel_max=1e-3)
+        if dtype == "fp16":
+            # Gemma 3 270M (SLiM 2:4 + INT4) measured 0.084 / 0.0036 / 0.999988 / 100% / 2.5e-4: ~5-20x margin.
+            return Thresholds(max_abs=0.5, mean_abs=0.05, cosine_min=0.999, top1_min=0.97, ppl_rel_max=0.01)
+        return Thresholds(max_abs=2.0, mean_abs=0.25, cosine_min=0.995, top1_min=0.90, ppl_rel_max=0.05)
+
+    def replace(self, **kw) -> "Thresholds":
+        return dataclasses.replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+@dataclass
+class VerifyReport:
+    metrics: dict
+    thresholds: Thresholds
+    settings: dict = field(default_factory=dict)
+    engine: dict | None = None
+
+    @property
+    def checks(self) -> dict[str, bool]:
+        m, t = self.metrics, self.thresholds
+        return {"max_abs": m["max_abs"] <= t.max_abs, "mean_abs": m["mean_abs"] <= t.mean_abs,
+                "cosine_min": m["cosine_min"] >= t.cosine_min, "top1": m["top1"] >= t.top1_min,
+                "ppl_rel": m["ppl_rel"] <= t.ppl_rel_max}
+
+    @property
+    def ok(self) -> bool:
+        engine_ok = self.engine is None or bool(self.engine.get("ok", False))
+        return all(self.checks.values()) and engine_ok
+
+    def to_dict(self) -> dict:
+        return {"ok": self.ok, "metrics": self.metrics, "thresholds": dataclasses.asdict(self.thresholds),
+                "checks": self.checks, "settings": self.settings, "engine": self.engine}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# metrics (pure)
+# ---------------------------------------------------------------------------------------------------------
+
+def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return float(torch.exp(nll.mean()))
+
+
+def compare_logits(test: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict:
+    """Error metrics between two [n, L, V] logit tensors for token windows `ids` [n, L]."""
+    test, ref = test.float(), ref.float()
+    diff = (test - ref).abs()
+    cos = torch.nn.functional.cosine_similarity(test.double(), ref.double(), dim=-1)
+    ppl_test, ppl_ref = _perplexity(test, ids), _perplexity(ref, ids)
+    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()), "top1": float((test.argmax(-1) == ref.argmax(-1)).double().mean()),
+            "ppl_onnx": ppl_test, "ppl_torch": ppl_ref, "ppl_rel": abs(ppl_test - ppl_ref) / ppl_ref,
+            "positions": int(ids.numel())}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running the ONNX model
+# ---------------------------------------------------------------------------------------------------------
+
+def _float_np(elem: str):
+    return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(elem)
+
+
+def run_onnx(sess, ids: torch.Tensor, decode_steps: int) -> tuple[torch.Tensor, list[dict], list[dict]]:
+    """Logits [n, L, V] from prefill + `decode_steps` cached steps; plus every feed dict and output dict."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner
+
+    inputs = {i.name: i for i in sess.get_inputs()}
+    with_cache = "past_key_values.0.key" in inputs
+    n, total = ids.shape
+    steps = decode_steps if with_cache else 0
+    prefill = total - steps
+    if prefill < 1:
+        raise SlimError(f"windows of {total} tokens are too short for {decode_steps} decode steps: use a longer "
+                        f"--seqlen or fewer --decode-steps")
+    feeds, outputs, pieces = [], [], []
+    with OnnxrtRunner(sess) as runner:
+        feed = _feed(inputs, ids[:, :prefill], past=None, start=0)
+        for step in range(steps + 1):
+            out = dict(runner.infer(feed))
+            feeds.append(feed)
+            outputs.append(out)
+            pieces.append(torch.from_numpy(np.asarray(out["logits"], dtype=np.float32)))
+            pos = prefill + step
+            if step < steps:
+                feed = _feed(inputs, ids[:, pos:pos + 1], past=out, start=pos)
+    return torch.cat(pieces, dim=1), feeds, outputs
+
+
+def _feed(inputs: dict, ids: torch.Tensor, past: dict | None, start: int) -> dict:
+    n, s = ids.shape
+    feed = {"input_ids": ids.numpy().astype(np.int64),
+            "attention_mask": np.ones((n, start + s), dtype=np.int64)}
+    if "position_ids" in inputs:
+        feed["position_ids"] = np.tile(np.arange(start, start + s, dtype=np.int64), (n, 1))
+    for name, meta in inputs.items():
+        if name.startswith("past_key_values."):
+            if past is None:
+                _, heads, _, dim = meta.shape
+                feed[name] = np.zeros((n, heads, 0, dim), dtype=_float_np(meta.type))
+            else:
+                feed[name] = past[name.replace("past_key_values.", "present.")]
+    return feed
+
+
+def _save_polygraphy(feeds: list[dict], outputs: list[dict], save_inputs, save_outputs, runner_name: str):
+    from polygraphy.comparator import IterationResult, RunResults
+    from polygraphy.json import save_json
+
+    if save_inputs:
+        save_json(feeds, str(save_inputs), description="slim-trt verify inputs")
+    if save_outputs:
+        results = RunResults()
+        results.append((runner_name, [IterationResult(outputs=o, runner_name=runner_name) for o in outputs]))
+        results.save(str(save_outputs))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# public API
+# ---------------------------------------------------------------------------------------------------------
+
+def read_sidecar(onnx_path: Path) -> dict | None:
+    p = onnx_path.parent / SIDECAR
+    if not p.is_file():
+        return None
+    meta = json.loads(p.read_text())
+    return meta if meta.get("model_file") == onnx_path.name else None
+
+
+def _check_onnx_path(onnx_path: str | Path) -> Path:
+    import onnx
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SlimError(f"{path} is not an ONNX file ({type(e).__name__}): give the model.onnx written by "
+                        f"`slim-trt export`") from e
+    if not model.graph.node:
+        raise SlimError(f"{path} is not an ONNX model (empty graph): give the model.onnx written by `slim-trt export`")
+    return path
+
+
+@torch.no_grad()
+def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor, *, decode_steps: int = 4,
+                 thresholds: Thresholds | None = None, providers: list[str] | None = None,
+                 save_inputs: str | Path | None = None, save_outputs: str | Path | None = None,
+                 batch_size: int = 4) -> VerifyReport:
+    """Compare the ONNX model (ONNX Runtime) with `model` (PyTorch) on token windows [n, L]."""
+    from .exporter.ort_runtime import session
+
+    path = _check_onnx_path(onnx_path)
+    meta = read_sidecar(path) or {}
+    dtype = meta.get("dtype", "fp32")
+    if dtype == "bf16":
+        raise SlimError("a bf16 export cannot run in ONNX Runtime on the CPU: verify an fp32 or fp16 export of the "
+                        "same checkpoint, or the TensorRT engine with --engine on a GPU")
+    try:
+        sess = session(path, providers)
+    except SlimError:
+        raise
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types on broken files
+        raise SlimError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
+    t0 = time.perf_counter()
+    onnx_logits, feeds, outputs = [], [], []
+    for i in range(0, windows.shape[0], batch_size):
+        lg, f, o = run_onnx(sess, windows[i:i + batch_size], decode_steps)
+        onnx_logits.append(lg)
+        feeds += f
+        outputs += o
+    t_onnx = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    ref = torch.cat([model(input_ids=windows[i:i + batch_size], use_cache=False).logits.float()
+                     for i in range(0, windows.shape[0], batch_size)])
+    t_torch = time.perf_counter() - t0
+    with_cache = any(x.name.startswith("past_key_values.") for x in sess.get_inputs())
+    metrics = compare_logits(torch.cat(onnx_logits), ref, windows)
+    _save_polygraphy(feeds, outputs, save_inputs, save_outputs, runner_name="onnxrt-runner-slim-trt")
+    settings = {"onnx": str(path), "dtype": dtype, "providers": sess.get_providers(), "windows": int(windows.shape[0]),
+                "seqlen": int(windows.shape[1]), "decode_steps": decode_steps if with_cache else 0,
+                "with_cache": with_cache, "onnx_seconds": round(t_onnx, 3), "torch_seconds": round(t_torch, 3)}
+    return VerifyReport(metrics=metrics, thresholds=thresholds or Thresholds.for_dtype(dtype), settings=settings)
+
+
+def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = None, windows: int = 2,
+           seqlen: int = 64, decode_steps: int = 4, thresholds: dict | None = None,
+           providers: list[str] | None = None, save_inputs: str | Path | None = None,
+           save_outputs: str | Path | None = None, engine: str | Path | None = None,
+           plugins: list[str] | None = None, ignore_manifest: bool = False) -> VerifyReport:
+    """Verify an export against the checkpoint it came from (`reference`, a `slim-trt compress` folder).
+
+    text: a text file (default: the shipped WikiText-2 test excerpt); thresholds: overrides by field name.
+    engine: also compare a TensorRT engine (needs TensorRT + GPU) through slim_trt.trt.verify_engine.
+    """
+    from .calibration.data import SHIPPED_EVAL, eval_windows, load_text
+
+    path = _check_onnx_path(onnx_path)
+    ckpt = Path(reference)
+    if not ckpt.exists():
+        raise SlimError(f"reference checkpoint {ckpt} does not exist: give the folder written by `slim-trt compress`")
+    if not (ckpt / "slim_manifest.json").is_file():
+        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): give the `slim-trt compress` "
+                        f"output the export was made from")
+    if decode_steps < 0 or windows < 1 or seqlen < 2:
+        raise SlimError("--windows must be >= 1, --seqlen >= 2 and --decode-steps >= 0")
+    meta = read_sidecar(path) or {}
+    expected = (meta.get("checkpoint") or {}).get("manifest_sha256")
+    actual = hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
+    if expected and expected != actual and not ignore_manifest:
+        raise SlimError(f"{path} was exported from another checkpoint (manifest sha256 {expected[:12]}..., "
+                        f"{ckpt} has {actual[:12]}...): pass the checkpoint it was exported from, or "
+                        f"--ignore-manifest")
+    from transformers import AutoTokenizer
+
+    from .checkpoint import load
+
+    tok_dir = ckpt if (ckpt / "tokenizer_config.json").is_file() or (ckpt / "tokenizer.json").is_file() else None
+    if tok_dir is None and meta.get("tokenizer"):
+        tok_dir = path.parent / meta["tokenizer"]
+    if tok_dir is None:
+        raise SlimError(f"no tokenizer in {ckpt} or beside {path}: verify needs it to tokenize the text")
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    ids = eval_windows(tok, load_text(text, default=SHIPPED_EVAL), seqlen, limit=windows)
+    model = load(ckpt)
+    dtype = meta.get("dtype", "fp32")
+    th = Thresholds.for_dtype(dtype).replace(**(thresholds or {}))
+    report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,
+                          save_inputs=save_inputs, save_outputs=save_outputs)
+    report.settings.update(reference=str(ckpt), manifest_sha256=actual, text=text or SHIPPED_EVAL)
+    if engine is not None:
+        try:
+            from .trt import verify_engine
+        except ImportError as e:
+            raise MissingDependencyError("verifying a TensorRT engine needs slim_trt.trt with TensorRT and a GPU "
+                                         "(pip install 'slim-trt[trt]' on a GPU machine)") from e
+        report.engine = verify_engine(path, engine, plugins=tuple(plugins or ()), input_ids=ids,
+                                      decode_steps=decode_steps, providers=providers)
+    return report
+
+
+def format_report(report: VerifyReport) -> str:
+    m, t, c = report.metrics, report.thresholds, report.checks
+    s = report.settings
+    rows = [("max |logit error|", f"{m['max_abs']:.4g}", f"<= {t.max_abs:g}", c["max_abs"]),
+            ("mean |logit error|", f"{m['mean_abs']:.4g}", f"<= {t.mean_abs:g}", c["mean_abs"]),
+            ("cosine (mean / min)", f"{m['cosine_mean']:.6f} / {m['cosine_min']:.6f}", f">= {t.cosine_min:g}",
+             c["cosine_min"]),
+            ("top-1 agreement", f"{100 * m['top1']:.2f}%", f">= {100 * t.top1_min:g}%", c["top1"]),
+            ("perplexity onnx / torch", f"{m['ppl_onnx']:.4f} / {m['ppl_torch']:.4f}",
+             f"rel <= {t.ppl_rel_max:g}", c["ppl_rel"])]
+    lines = [f"slim-trt verify: {s.get('onnx')} ({s.get('dtype')}) vs PyTorch, {s.get('windows')} window(s) x "
+             f"{s.get('seqlen')} tokens, {s.get('decode_steps')} decode step(s) through the KV cache, "
+             f"providers {', '.join(s.get('providers', []))}"]
+    w = max(len(r[0]) for r in rows)
+    lines.append(f"{'METRIC':{w}}  {'VALUE':>25}  {'THRESHOLD':>14}  RESULT")
+    for name, val, thr, ok in rows:
+        lines.append(f"{name:{w}}  {val:>25}  {thr:>14}  {'ok' if ok else 'FAIL'}")
+    if report.engine is not None:
+        lines.append(f"TensorRT engine vs ONNX Runtime: {'ok' if report.engine.get('ok') else 'FAIL'} "
+                     f"(see the JSON report's 'engine')")
+    lines.append("PASSED" if report.ok else "FAILED")
+    return "\n".join(lines)
