@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from slim_trt.checkpoint import MANIFEST, load, pack_uint, save, unpack_uint
-from slim_trt.compress import compress
+from slim_trt.compressor import compress
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.config import CompressConfig
 from slim_trt.errors import SlimError

@@ -60,7 +60,7 @@ def config_from_args(args):
 
 
 def run(args) -> int:
-    from ..compress import compress_model
+    from ..compressor import compress_model
     from ..config import CalibConfig
 
     cfg = config_from_args(args)

@@ -29,7 +29,7 @@ def run(args) -> int:
 
     import slim_trt
     from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text
-    from ..compress import compress_model, peak_rss_gb
+    from ..compressor import compress_model, peak_rss_gb
     from ..config import CalibConfig, CompressConfig
     from ..evaluate import perplexity
     from ..models import load_model
@@ -62,9 +62,9 @@ def run(args) -> int:
         result["onnx_bytes"] = sum(f.stat().st_size for f in (out / "export").glob("model.onnx*"))
         eprint(f"      {out / 'export'}: {result['onnx_bytes'] / 2**20:.1f} MiB in {result['export_seconds']:.0f} s")
         eprint("[4/4] verifying ONNX Runtime against PyTorch (prefill + decode through the KV cache) ...")
-        from ..verify import format_report
+        from ..verification import format_report
 
-        rep = slim_trt.verify(out / "export" / "model.onnx", reference=ckpt)
+        rep = slim_trt.verification(out / "export" / "model.onnx", reference=ckpt)
         print(format_report(rep))
         result["verify"] = rep.to_dict()
     result["seconds"] = time.time() - t0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .common import add_parser
 
-TARGETS = ("trt10", "trt11", "jetson-orin-jp6")  # kept in step with slim_trt.lint.tables.TARGETS (tested)
+TARGETS = ("trt10", "trt11", "jetson-orin-jp6")  # kept in step with slim_trt.linter.tables.TARGETS (tested)
 
 
 def register(sub) -> None:
@@ -21,7 +21,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..lint import format_report, lint
+    from ..linter import format_report, lint
     from .common import print_json
 
     report = lint(args.onnx, target=args.target)

@@ -38,7 +38,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..verify import format_report, verify
+    from ..verification import format_report, verify
     from .common import print_json
 
     thresholds = {"max_abs": args.max_abs, "mean_abs": args.mean_abs, "cosine_min": args.min_cosine,

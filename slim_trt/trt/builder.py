@@ -102,9 +102,9 @@ def _feature_warnings(meta: dict, target: TargetProfile, sparsity: bool) -> list
 def run_lint(onnx_path: Path, lint_target: str) -> dict:
     """The `slim-trt lint` pre-flight: stop on errors, return the report as a dict."""
     try:
-        from ..lint import lint
+        from ..linter import lint
     except ImportError as e:
-        raise SlimError("slim_trt.lint is missing from this installation: reinstall slim-trt, or pass --skip-lint "
+        raise SlimError("slim_trt.linter is missing from this installation: reinstall slim-trt, or pass --skip-lint "
                         "to build without the pre-flight check") from e
     report = lint(str(onnx_path), target=lint_target)
     if not report.ok:

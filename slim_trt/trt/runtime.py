@@ -1,9 +1,9 @@
 """Running engines: `verify_engine` (TensorRT vs ONNX Runtime) and `bench` (prefill/decode latency, tokens/s).
 
 verify_engine feeds TensorRT the exact inputs ONNX Runtime saw (prefill, then decode steps through the KV
-cache, built by slim_trt.verify.run_onnx) or inputs and outputs saved on a CPU machine with `slim-trt verify
+cache, built by slim_trt.verification.run_onnx) or inputs and outputs saved on a CPU machine with `slim-trt verify
 --save-inputs/--save-outputs` (Polygraphy JSON), runs them through Polygraphy's Comparator, and reports the
-metrics of the ONNX Runtime check (slim_trt.verify.compare_logits) against the same thresholds.
+metrics of the ONNX Runtime check (slim_trt.verification.compare_logits) against the same thresholds.
 
 bench times Polygraphy's TrtRunner with inputs staged on the GPU beforehand and outputs left there, so the
 numbers are enqueue + execution + synchronization, not host copies.
@@ -72,7 +72,7 @@ def engine_metrics(test_outputs: list[dict], ref_outputs: list[dict], feeds: lis
     """The ONNX Runtime check's metrics, TensorRT (test) against ONNX Runtime (reference)."""
     import torch
 
-    from ..verify import compare_logits
+    from ..verification import compare_logits
 
     test, ref = _concat_logits(test_outputs), _concat_logits(ref_outputs)
     if test.shape != ref.shape:
@@ -106,7 +106,7 @@ def verify_engine(onnx_path: str | Path, engine_path: str | Path, *, plugins=(),
     from polygraphy.comparator import CompareFunc, Comparator, IterationResult, RunResults
     from polygraphy.json import load_json
 
-    from ..verify import Thresholds, run_onnx
+    from ..verification import Thresholds, run_onnx
 
     onnx = Path(onnx_path)
     engine_file = Path(engine_path)

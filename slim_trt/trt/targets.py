@@ -19,7 +19,7 @@ PROFILES_ENV = "SLIM_TRT_PROFILES_DIR"
 SUPPORT_KEYS = ("int4_weights", "int8", "fp8", "fp4", "bf16", "sparsity_2_4")
 SHAPE_AXES = ("batch", "sequence", "past_sequence")
 PLATFORMS = ("datacenter", "workstation", "jetson")
-# Used only when slim_trt.lint cannot be imported; the lint module's TARGETS is the authority.
+# Used only when slim_trt.linter cannot be imported; the lint module's TARGETS is the authority.
 _FALLBACK_LINT_TARGETS = ("trt10", "trt11", "jetson-orin-jp6")
 
 
@@ -33,7 +33,7 @@ def profiles_dir() -> Path:
 
 def lint_targets() -> tuple[str, ...]:
     try:
-        from ..lint import TARGETS
+        from ..linter import TARGETS
     except ImportError:
         return _FALLBACK_LINT_TARGETS
     return tuple(TARGETS)

@@ -13,7 +13,7 @@ from slim_trt.compressed_linear import compressed_layers
 from slim_trt.errors import SlimError
 from slim_trt.exporter import LOWRANK_PLUGIN, ExportOptions, export_model
 from slim_trt.exporter.ort_runtime import session
-from slim_trt.verify import run_onnx
+from slim_trt.verification import run_onnx
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.exporter.conftest import compressed_model
 

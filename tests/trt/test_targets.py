@@ -7,7 +7,7 @@ import json
 import pytest
 
 from slim_trt.errors import SlimError
-from slim_trt.lint import TARGETS as LINT_TARGETS
+from slim_trt.linter import TARGETS as LINT_TARGETS
 from slim_trt.trt.backend import GpuInfo
 from slim_trt.trt.targets import check_target, list_targets, load_target, profile_from_dict, target_for_gpu
 

@@ -5,7 +5,7 @@ import torch
 
 import slim_trt
 from slim_trt.algorithms.prune import nm_violations
-from slim_trt.compress import compress, compress_model
+from slim_trt.compressor import compress, compress_model
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.config import CalibConfig, CompressConfig
 from slim_trt.errors import SlimError
@@ -80,7 +80,7 @@ def test_non_finite_weights_name_the_layer():
 
 
 def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
-    import slim_trt.compress as C
+    import slim_trt.compressor as C
 
     cfg = CompressConfig()
     calib = CalibConfig(nsamples=4, seqlen=16)

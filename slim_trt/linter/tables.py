@@ -14,6 +14,6 @@ TARGETS = ("trt10", "trt11", "jetson-orin-jp6")
 def load_table(target: str) -> dict:
     if target not in TARGETS:
         raise SlimError(f"unknown target {target!r}: choose one of {', '.join(TARGETS)}")
-    table = json.loads(files("slim_trt.lint").joinpath("tables", f"{target}.json").read_text())
+    table = json.loads(files("slim_trt.linter").joinpath("tables", f"{target}.json").read_text())
     table["ops"] = frozenset(table["ops"])
     return table

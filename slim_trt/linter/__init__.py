@@ -4,7 +4,7 @@
     report.ok, report.findings, report.layers, report.summary, report.to_dict()
 
 The TensorRT builder calls lint() before building and stops on errors. Support lists live as data in
-slim_trt/lint/tables/<target>.json.
+slim_trt/linter/tables/<target>.json.
 """
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ from onnx import numpy_helper
 
 from slim_trt.errors import SlimError
 from slim_trt.exporter import ExportOptions, export, export_model
-from slim_trt.verify import Thresholds, compare_logits, format_report, verify, verify_model
+from slim_trt.verification import Thresholds, compare_logits, format_report, verify, verify_model
 from tests.exporter.conftest import compressed_model, save_compressed_checkpoint
 
 

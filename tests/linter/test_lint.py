@@ -11,8 +11,8 @@ from onnx import TensorProto, helper, numpy_helper
 from slim_trt.errors import SlimError
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.exporter.graph import int_tensor
-from slim_trt.lint import TARGETS, format_report, lint
-from slim_trt.lint.tables import load_table
+from slim_trt.linter import TARGETS, format_report, lint
+from slim_trt.linter.tables import load_table
 from tests.exporter.conftest import compressed_model
 
 
