@@ -30,7 +30,7 @@ _LAZY = {
     "verify": "slim_trt.verification",
     "lint": "slim_trt.linter",
     "build": "slim_trt.trt",
-    "deploy": "slim_trt.deploy",
+    "deploy": "slim_trt.triton",
 }
 
 __all__ = sorted(_LAZY)
