@@ -64,7 +64,7 @@ def run(args) -> int:
         eprint("[4/4] verifying ONNX Runtime against PyTorch (prefill + decode through the KV cache) ...")
         from ..verification import format_report
 
-        rep = slim_trt.verification(out / "export" / "model.onnx", reference=ckpt)
+        rep = slim_trt.verify(out / "export" / "model.onnx", reference=ckpt)
         print(format_report(rep))
         result["verify"] = rep.to_dict()
     result["seconds"] = time.time() - t0
