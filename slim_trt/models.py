@@ -5,7 +5,6 @@ converted model is cached as a plain Hugging Face folder keyed by the file's sha
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -32,14 +31,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("SLIM_TRT_CACHE", Path.home() / ".cache" / "slim-trt"))
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _embedded_gguf(name: str) -> Path:
     try:
         pkg = __import__(_EMBEDDED[name])
@@ -51,7 +42,9 @@ def _embedded_gguf(name: str) -> Path:
 
 def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     """Convert a .gguf file to a cached HF folder (float32) once; later calls return the cached folder."""
-    target = cache_dir() / "gguf" / _sha256(gguf)[:16]
+    from .checkpoint import file_sha256
+
+    target = cache_dir() / "gguf" / file_sha256(gguf)[:16]
     if (target / "config.json").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
