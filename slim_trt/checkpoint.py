@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from .algorithms.qtensor import QuantizedTensor
 from .algorithms.quantize import nm_compress, nm_decompress, pack_bits, pack_int4, unpack_bits, unpack_int4
 from .compressed_linear import CompressedLinear, compressed_layers
 from .errors import SlimError
+from .outputs import commit_output, prepare_output
 
 FORMAT = "slim-trt-checkpoint"
 SCHEMA_VERSION = 1
@@ -189,40 +188,11 @@ def _dense_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
     return state, tied
 
 
-def prepare_target(path: Path, force: bool) -> Path:
-    """Refuse an existing output unless forced; return a fresh temporary folder beside it."""
-    if path.exists() and not force:
-        raise SlimError(f"output {path} already exists: pass --force to replace it, or choose another -o")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-
-
-def _umask_permissions(folder: Path) -> None:
-    # mkdtemp (and safetensors) create private 0700/0600 entries; a finished output gets the usual modes.
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.rglob("*"):
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
-
-
-def commit_target(tmp: Path, path: Path) -> None:
-    """Atomically move a finished temporary folder into place (replacing an old output when forced)."""
-    _umask_permissions(tmp)
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-        os.replace(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, path)
-
-
 def save(model: torch.nn.Module, path: str | Path, *, tokenizer=None, manifest_extra: dict | None = None,
          force: bool = False) -> Path:
     """Save a compressed model as a checkpoint folder (written to a temporary folder, then renamed)."""
     path = Path(path)
-    tmp = prepare_target(path, force)
+    tmp = prepare_output(path, force)
     try:
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
@@ -243,7 +213,7 @@ def save(model: torch.nn.Module, path: str | Path, *, tokenizer=None, manifest_e
             **(manifest_extra or {}),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
-        commit_target(tmp, path)
+        commit_output(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path

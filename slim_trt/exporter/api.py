@@ -4,8 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import onnx
@@ -13,6 +11,7 @@ import torch
 from torch import nn
 
 from ..errors import SlimError
+from ..outputs import commit_output, prepare_output
 from .decoder import BuildContext, architecture, build, kv_layout
 from .graph import NUMPY_NAME, GraphBuilder
 from .linear import LOWRANK_PLUGIN
@@ -93,25 +92,6 @@ def _initializer_bytes(proto: onnx.ModelProto) -> int:
     return sum(len(t.raw_data) for t in proto.graph.initializer)
 
 
-def _prepare_out(out_dir: Path, force: bool) -> Path:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SlimError(f"output {out_dir} exists and is not a folder: choose another -o")
-    if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise SlimError(f"output {out_dir} already exists: pass --force to replace it or choose another -o")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-
-
-def _commit(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{int(time.time() * 1000)}")
-        out_dir.rename(old)
-    tmp.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def _copy_tokenizer(tokenizer_dir: Path, dest: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -156,7 +136,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
         from .calibrate import activation_scales
 
         act_scales = activation_scales(model, calib_windows)
-    tmp = _prepare_out(out_dir, force)
+    tmp = prepare_output(out_dir, force)
     try:
         proto, records = build_onnx(model, options, act_scales=act_scales, progress=progress)
         external = save_onnx(proto, tmp, options.external_data)
@@ -168,7 +148,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
                        manifest_sha256=manifest_sha256, tokenizer=tokenizer)
         meta["external_data"] = DATA_FILE if external else None
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
-        _commit(tmp, out_dir)
+        commit_output(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

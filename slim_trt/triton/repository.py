@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlimError
+from ..outputs import commit_output, prepare_output
 from . import configs
 from .export_info import ExportInfo, read_export
 
@@ -84,12 +85,10 @@ def deploy(export_dir: str | os.PathLike, repo: str | os.PathLike, config: Deplo
     info = read_export(export_dir)
     repo = Path(repo).resolve()
     _check_inputs(info, config, repo)
-    tmp = repo.parent / f".{repo.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = prepare_output(repo, config.overwrite)
     try:
         result = _write(info, config, tmp, repo)
-        _replace(tmp, repo, config.overwrite)
+        commit_output(tmp, repo)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     result.repo = repo
@@ -211,19 +210,6 @@ def _write(info: ExportInfo, config: DeployConfig, tmp: Path, final: Path) -> De
 
     (tmp / "README.md").write_text(render_readme(final, config, manifest, spec))
     return result
-
-
-def _replace(tmp: Path, repo: Path, overwrite: bool) -> None:
-    """Rename the finished repository into place; an old one (with overwrite) is moved aside first."""
-    old = None
-    if repo.exists():
-        if not overwrite:
-            raise SlimError(f"{repo} appeared while deploying: pass --force to replace it")
-        old = repo.parent / f".{repo.name}.old-{os.getpid()}"
-        repo.rename(old)
-    tmp.rename(repo)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_repository(repo: str | os.PathLike) -> dict:
