@@ -3,12 +3,17 @@
 W_c is the quantized (and pruned) base weight, L [out, r] and R [r, in] the low-rank adapters. The module
 keeps both the integer form (for saving and for the ONNX exporter) and the dequantized float form (for a
 fast forward pass); the float form is derived, never saved.
+
+For adapter fine-tuning, train_adapters() turns L and R into fp32 Parameters (master copies; quantized adapters
+are fake-quantized in the forward with a straight-through estimator) and freeze_adapters() turns them back into
+buffers plus their integer form, re-quantized on the same grid.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .algorithms.lowrank import quantize_adapter
 from .algorithms.qtensor import QuantizedTensor
 
 Factor = torch.Tensor | QuantizedTensor
@@ -50,6 +55,7 @@ class CompressedLinear(nn.Module):
         self.register_buffer("lora_L", None if L is None else L.to(compute_dtype), persistent=False)
         self.register_buffer("lora_R", None if R is None else R.to(compute_dtype), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype), persistent=False)
+        self._fake_quant: dict[str, tuple[int, int]] = {}  # adapter name -> (bits, group_size) while training
 
     @property
     def bits(self) -> int:
@@ -69,11 +75,54 @@ class CompressedLinear(nn.Module):
             return None
         return self.lora_L.to(torch.float32), self.lora_R.to(torch.float32)
 
+    def _adapter(self, name: str) -> torch.Tensor:
+        A = getattr(self, name)
+        spec = self._fake_quant.get(name)
+        if spec is not None:
+            # Straight-through estimator: the forward sees the quantized value, the gradient passes unchanged.
+            A = A + (quantize_adapter(A, *spec).dequantize() - A).detach()
+        return A
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         if self.lora_L is not None:
-            y = y + nn.functional.linear(nn.functional.linear(x, self.lora_R.to(x.dtype)), self.lora_L.to(x.dtype))
+            L, R = self._adapter("lora_L"), self._adapter("lora_R")
+            y = y + nn.functional.linear(nn.functional.linear(x, R.to(x.dtype)), L.to(x.dtype))
         return y
+
+    def train_adapters(self) -> list[nn.Parameter]:
+        """Make L and R trainable fp32 Parameters (nothing else of the layer trains); returns them.
+
+        Quantized adapters keep their bits and group size: the forward fake-quantizes the master copies on the
+        AbsMax grid quantize_adapter uses, so freeze_adapters() can store exactly what training saw."""
+        if self.lora_L is None:
+            return []
+        if "lora_L" in self._parameters:
+            return [self.lora_L, self.lora_R]
+        for name in ("lora_L", "lora_R"):
+            master = getattr(self, name).detach().to(torch.float32).clone()
+            delattr(self, name)
+            self.register_parameter(name, nn.Parameter(master))
+            q = getattr(self, f"{name}_q")
+            if q is not None:
+                self._fake_quant[name] = (q.bits, q.group_size)
+        return [self.lora_L, self.lora_R]
+
+    def freeze_adapters(self) -> None:
+        """Back to buffers after training: quantized adapters are re-quantized from the masters (same grid as the
+        training forward), float adapters keep the masters' values."""
+        if "lora_L" not in self._parameters:
+            return
+        dtype = self.weight.dtype
+        for name in ("lora_L", "lora_R"):
+            master = self._parameters[name].detach().to(torch.float32)
+            delattr(self, name)
+            spec = self._fake_quant.pop(name, None)
+            if spec is not None:
+                q = quantize_adapter(master, *spec)
+                setattr(self, f"{name}_q", q)
+                master = q.dequantize()
+            self.register_buffer(name, master.to(dtype), persistent=False)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "

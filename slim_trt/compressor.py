@@ -19,10 +19,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .algorithms.pipeline import compress_weight, storage_bits
+from .algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, storage_bits
 from .calibration.runner import BlockResult, LinearStats, run_layerwise
 from .checkpoint import load_layers, save, save_layers
-from .compressed_linear import CompressedLinear, compressed_layers
+from .compressed_linear import CompressedLinear
 from .config import CalibConfig, CompressConfig
 from .errors import SlimError
 
@@ -79,14 +79,17 @@ def _skip_filter(cfg: CompressConfig, model: nn.Module, report: CompressReport):
     return skip
 
 
-def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig) -> tuple[CompressedLinear, dict]:
+def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig, *, rank: int | None = None,
+                    base=None) -> tuple[CompressedLinear, dict]:
     W = lin.weight.detach()
-    cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg)
+    cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base)
     sp = cfg.sparsity_spec
     layer = CompressedLinear(cw.weight, mask=cw.mask, sparsity=str(sp), lora_L=cw.lora_L, lora_R=cw.lora_R,
                              bias=lin.bias, compute_dtype=W.dtype)
     info = {"rel_error_base": round(cw.rel_error_base, 6), "rel_error": round(cw.rel_error, 6),
             "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
+    if cfg.refit_rounds:
+        info["refit_rounds"] = cw.refit_rounds
     return layer, info
 
 
@@ -111,9 +114,18 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
 
     def compress_block(i, block, linears, stats):
         infos = {}
+        ranks, bases = {}, {}
+        if config.rank_allocation == "sensitivity" and linears:
+            # Ranks depend on every linear's error, so all bases of the block come first.
+            bases = {n: compress_base(lin.weight, stats[n].hessian, stats[n].act_norm, config)
+                     for n, lin in linears.items()}
+            ranks = plan_block_ranks({n: lin.weight for n, lin in linears.items()},
+                                     {n: b[0] for n, b in bases.items()},
+                                     {n: stats[n].saliency for n in linears}, config)
         for rel_name, lin in linears.items():
             full = f"{prefix}{i}.{rel_name}"
-            layer, info = compress_linear(full, lin, stats[rel_name], config)
+            layer, info = compress_linear(full, lin, stats[rel_name], config, rank=ranks.get(rel_name),
+                                          base=bases.pop(rel_name, None))
             block.set_submodule(rel_name, layer)
             stats[rel_name] = None  # free the Hessian as soon as the layer is done
             infos[full] = info
@@ -187,10 +199,13 @@ def _check_divisible(model: nn.Module, cfg: CompressConfig) -> None:
 
 def compress_model(source: str, out: str | Path, config: CompressConfig | None = None,
                    calib: CalibConfig | None = None, *, force: bool = False, progress: bool = True,
-                   trust_remote_code: bool = False) -> tuple[Path, CompressReport]:
-    """Load MODEL, calibrate on text, compress block by block (resumable), save a checkpoint folder at `out`."""
+                   trust_remote_code: bool = False, finetune=None) -> tuple[Path, CompressReport]:
+    """Load MODEL, calibrate on text, compress block by block (resumable), save a checkpoint folder at `out`.
+
+    finetune: a slim_trt.finetune.FinetuneConfig to fine-tune the adapters on the calibration windows right
+    after compression, before saving (resumable too, from OUT.partial/finetune).
+    """
     from .calibration.data import calibration_windows, load_text
-    from .calibration.families import decoder_blocks
     from .models import load_model
 
     config = config or CompressConfig()
@@ -233,6 +248,13 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
         "layer_stats": report.layers,
         "summary": report.summary(),
     }
-    save(model, out, tokenizer=tok, manifest_extra=manifest_extra, force=force)
+    if finetune is None:
+        save(model, out, tokenizer=tok, manifest_extra=manifest_extra, force=force)
+    else:
+        from .finetune import finetune as finetune_adapters, finetune_manifest, save_finetuned
+
+        ft = finetune_adapters(model, windows, finetune, state_dir=partial / "finetune", progress=progress)
+        manifest_extra["finetune"] = finetune_manifest(finetune, ft, calibration="the compression windows")
+        save_finetuned(model, out, tokenizer=tok, manifest_extra=manifest_extra, report=ft, force=force)
     shutil.rmtree(partial, ignore_errors=True)
     return out, report

@@ -4,13 +4,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .errors import SlimError
 
 QUANTIZERS = ("slim", "absmax", "gptq")
 PRUNERS = ("wanda", "sparsegpt", "magnitude")
 LOWRANKS = ("slim", "svd", "none")
+RANK_ALLOCATIONS = ("uniform", "sensitivity")
 BITS = (4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
 
 
@@ -82,6 +83,8 @@ class CompressConfig:
     skip_layers: tuple[str, ...] = ()
     percdamp: float = 0.01  # Hessian dampening for GPTQ / SparseGPT, as in the reference code
     blocksize: int = 128
+    refit_rounds: int = 0  # after the adapters: re-quantize the base from W - L R, re-fit the adapters, k rounds
+    rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
 
     def __post_init__(self) -> None:
         Sparsity.parse(self.sparsity)  # raises on bad text
@@ -105,6 +108,13 @@ class CompressConfig:
             raise SlimError(f"bad adapter group size {self.adapter_group_size}: it must be >= 1")
         if not (0.0 <= self.percdamp < 1.0):
             raise SlimError(f"bad percdamp {self.percdamp}: it must be in [0, 1)")
+        if isinstance(self.refit_rounds, bool) or not isinstance(self.refit_rounds, int) or self.refit_rounds < 0:
+            raise SlimError(f"bad --refit-rounds {self.refit_rounds!r}: give a whole number >= 0 (0 = no refit)")
+        if self.rank_allocation not in RANK_ALLOCATIONS:
+            raise SlimError(f"bad --rank-allocation {self.rank_allocation!r}: choose one of {', '.join(RANK_ALLOCATIONS)}")
+        if self.lowrank == "none" and (self.refit_rounds or self.rank_allocation != "uniform"):
+            raise SlimError("--refit-rounds and --rank-allocation sensitivity need adapters: drop them or choose "
+                            "--lowrank slim (or svd)")
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
 
     @property

@@ -1,4 +1,5 @@
-"""One weight matrix through the SLiM pipeline: quantize -> prune -> low-rank adapters on the total error.
+"""One weight matrix through the SLiM pipeline: quantize -> prune -> low-rank adapters on the total error
+(-> optional base/adapter refit rounds), and the block-level rank allocation by sensitivity.
 
 Pure: a weight, its input statistics and a config in; integer tensors, a mask and adapters out.
 """
@@ -9,11 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CompressConfig
-from .gptq import gptq_quantize
-from .lowrank import quantize_adapter, rank_for, slim_lowrank, svd_lowrank
+from .lowrank import rank_for
 from .prune import magnitude_scores, prune, wanda_scores
 from .qtensor import QuantizedTensor
-from .quantize import quantize_weight
+from .refit import base_on_mask, fit_adapters, refit
 from .sparsegpt import sparsegpt
 
 
@@ -25,6 +25,7 @@ class CompressedWeight:
     lora_R: QuantizedTensor | torch.Tensor | None
     rel_error_base: float  # ||(W - W_c) X|| / ||W X|| over the calibration tokens
     rel_error: float  # the same with the adapters added
+    refit_rounds: int = 0  # base/adapter refit rounds that were kept (CompressConfig.refit_rounds)
 
     def base_float(self) -> torch.Tensor:
         w = self.weight
@@ -42,49 +43,117 @@ def _as_float(x):
     return x.dequantize() if isinstance(x, QuantizedTensor) else x
 
 
-def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, saliency: torch.Tensor,
-                    cfg: CompressConfig) -> CompressedWeight:
+def compress_base(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor,
+                  cfg: CompressConfig) -> tuple[QuantizedTensor | torch.Tensor, torch.Tensor]:
+    """Quantize and prune W: (base weight, bool keep-mask [N, K], all True when dense)."""
     W = W.detach().to(torch.float32)
     sp = cfg.sparsity_spec
-    group = cfg.effective_group_size
-    bits = None if cfg.bits == 16 else cfg.bits
-    scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
-
     if cfg.pruner == "sparsegpt" and sp.kind != "none":
         # SparseGPT prunes and (when asked) GPTQ-quantizes jointly, column by column.
-        W_c, mask, qt = sparsegpt(W, H, sp, bits=bits, group_size=group, scale_method=scale_method,
-                                  blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-        weight = qt if qt is not None else W_c
-    else:
-        # The mask is chosen from the original weights (more information than the quantized ones); the
-        # quantization scale is chosen on the dense weights, before pruning, as in SLiM.
-        scores = wanda_scores(W, act_norm) if cfg.pruner == "wanda" else magnitude_scores(W)
-        _, mask = prune(W, scores, sp)
-        if bits is None:
-            weight = W * mask
-        elif cfg.quantizer == "gptq":
-            weight = gptq_quantize(W, H, bits, group_size=group, scale_method="absmax", mask=mask,
-                                   blocksize=cfg.blocksize, percdamp=cfg.percdamp)
-        else:
-            qt = quantize_weight(W, cfg.quantizer, bits, group)
-            weight = QuantizedTensor(q=qt.q * mask.to(torch.int8), scale=qt.scale, bits=bits,
-                                     group_size=qt.group_size)
-    if sp.kind == "none":
-        mask = None
+        bits = None if cfg.bits == 16 else cfg.bits
+        scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
+        W_c, mask, qt = sparsegpt(W, H, sp, bits=bits, group_size=cfg.effective_group_size,
+                                  scale_method=scale_method, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        return (qt if qt is not None else W_c), mask
+    # The mask is chosen from the original weights (more information than the quantized ones); the
+    # quantization scale is chosen on the dense weights, before pruning, as in SLiM.
+    scores = wanda_scores(W, act_norm) if cfg.pruner == "wanda" else magnitude_scores(W)
+    _, mask = prune(W, scores, sp)
+    return base_on_mask(W, H, mask, cfg), mask
 
-    W_c = _as_float(weight)
-    E = W - W_c
+
+def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, saliency: torch.Tensor,
+                    cfg: CompressConfig, *, rank: int | None = None,
+                    base: tuple[QuantizedTensor | torch.Tensor, torch.Tensor] | None = None) -> CompressedWeight:
+    """quantize -> prune -> adapters (-> refit rounds). `rank` overrides the config's rank (sensitivity
+    allocation); `base` is a (weight, mask) pair from compress_base already computed by the caller."""
+    W = W.detach().to(torch.float32)
+    weight, mask = base if base is not None else compress_base(W, H, act_norm, cfg)
+    E = W - _as_float(weight)
     base_err = output_rel_error(E, W, H)
     L = R = None
+    rounds = 0
     if cfg.lowrank != "none":
-        r = rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
-        L, R = slim_lowrank(E, saliency, r) if cfg.lowrank == "slim" else svd_lowrank(E, r)
-        if cfg.quantize_adapters:
-            L = quantize_adapter(L, cfg.adapter_bits, cfg.adapter_group_size)
-            R = quantize_adapter(R, cfg.adapter_bits, cfg.adapter_group_size)
+        r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
+        L, R = fit_adapters(E, saliency, r, cfg)
+        if cfg.refit_rounds:
+            res = refit(W, H, saliency, weight, mask, L, R, cfg, cfg.refit_rounds)
+            weight, L, R, rounds = res.weight, res.lora_L, res.lora_R, res.rounds_kept
+            E = W - _as_float(weight)
         E = E - _as_float(L) @ _as_float(R)
+    if cfg.sparsity_spec.kind == "none":
+        mask = None
     return CompressedWeight(weight=weight, mask=mask, lora_L=L, lora_R=R, rel_error_base=base_err,
-                            rel_error=output_rel_error(E, W, H))
+                            rel_error=output_rel_error(E, W, H), refit_rounds=rounds)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sensitivity-based ranks: one block's uniform adapter budget, spent where the error is
+# ---------------------------------------------------------------------------------------------------------------
+
+def error_spectrum(W: torch.Tensor, E: torch.Tensor, saliency: torch.Tensor, lowrank: str) -> torch.Tensor:
+    """Singular values of the error in the norm the adapters minimise, relative to the weight in that norm:
+    svd(E diag(s)) / ||W diag(s)||_F for SLiM-LoRA, svd(E) / ||W||_F for plain SVD. The sum of the squares past
+    rank r is the squared relative error rank-r adapters leave (Eckart-Young)."""
+    W, E = W.detach().to(torch.float32), E.detach().to(torch.float32)
+    if lowrank == "slim" and float(saliency.max()) > 0:  # slim_lowrank falls back to plain SVD on s == 0
+        s = saliency.detach().to(torch.float32).reshape(1, -1)
+        W, E = W * s, E * s
+    den = float(torch.linalg.norm(W))
+    S = torch.linalg.svdvals(E)
+    return S / den if den > 0 else torch.zeros_like(S)
+
+
+def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budget: int,
+                   caps: dict[str, int], multiple: int = 1) -> dict[str, int]:
+    """Greedy ranks under a parameter budget: sum_i r_i * costs[i] <= budget, r_i <= caps[i].
+
+    Every layer starts at min(multiple, cap); then rank is handed out `multiple` at a time to the layer whose
+    next singular values remove the most squared (normalised) error per parameter, sum(sigma^2) / (step * cost),
+    skipping steps that no longer fit the budget. Squared because the errors of different layers add up as
+    energies; with decreasing singular values the gains diminish, so greedy is the optimum up to the last step.
+    """
+    if multiple < 1:
+        raise ValueError(f"multiple must be >= 1, got {multiple}")
+    names = sorted(spectra)
+    ranks = {n: min(multiple, caps[n]) for n in names}
+    spent = sum(ranks[n] * costs[n] for n in names)
+    if spent > budget:
+        raise ValueError(f"the budget {budget} does not cover the minimum ranks (cost {spent})")
+    energy = {n: spectra[n].detach().to(torch.float64).square() for n in names}
+
+    def next_step(n: str) -> tuple[float, int] | None:
+        step = min(multiple, caps[n] - ranks[n])
+        if step <= 0:
+            return None
+        gain = float(energy[n][ranks[n]:ranks[n] + step].sum())
+        return gain / (step * costs[n]), step
+
+    while True:
+        best = None
+        for n in names:  # a handful of layers per block: a linear scan is clearer than a heap
+            s = next_step(n)
+            if s is not None and spent + s[1] * costs[n] <= budget and (best is None or s[0] > best[1]):
+                best = (n, s[0], s[1])
+        if best is None or best[1] <= 0.0:
+            return ranks
+        n, _, step = best
+        ranks[n] += step
+        spent += step * costs[n]
+
+
+def plan_block_ranks(weights: dict[str, torch.Tensor], bases: dict[str, QuantizedTensor | torch.Tensor],
+                     saliencies: dict[str, torch.Tensor], cfg: CompressConfig) -> dict[str, int]:
+    """Ranks for the linears of one block: the block's uniform budget sum_i rank_for(N_i, K_i) (N_i + K_i),
+    shared out by allocate_ranks on the errors the bases leave."""
+    spectra, costs, caps, budget = {}, {}, {}, 0
+    for n, W in weights.items():
+        N, K = W.shape
+        E = W.detach().to(torch.float32) - _as_float(bases[n])
+        spectra[n] = error_spectrum(W, E, saliencies[n], cfg.lowrank)
+        costs[n], caps[n] = N + K, min(N, K)
+        budget += rank_for(N, K, cfg.rank_ratio, cfg.rank_multiple) * (N + K)
+    return allocate_ranks(spectra, costs, budget, caps, cfg.rank_multiple)
 
 
 def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 4) -> dict:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
-          "quantize_adapters", "skip_layers")
+          "quantize_adapters", "skip_layers", "refit_rounds", "rank_allocation")
 
 
 def register(sub) -> None:
@@ -32,6 +32,18 @@ def register(sub) -> None:
     p.add_argument("--rank-ratio", type=float, default=None, help="rank = ratio x min(d_in, d_out) [default: 0.1]")
     p.add_argument("--rank-multiple", type=int, default=None, help="round the rank up to a multiple [default: 1]")
     p.add_argument("--quantize-adapters", action="store_true", default=None, help="4-bit group-128 adapters")
+    p.add_argument("--refit-rounds", type=int, default=None, metavar="N",
+                   help="after the adapters, re-quantize the base from W - L R and re-fit the adapters, up to N "
+                        "rounds, each kept only if the layer's output error drops [default: 0]")
+    p.add_argument("--rank-allocation", default=None, choices=["uniform", "sensitivity"],
+                   help="sensitivity: share each block's uniform adapter budget among its layers by the error "
+                        "their singular values leave [default: uniform]")
+    p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
+                   help="fine-tune the adapters for N steps on the calibration windows before saving "
+                        "(see slim-trt finetune)")
+    p.add_argument("--finetune-minutes", type=float, default=None, metavar="M",
+                   help="fine-tune the adapters for at most M minutes (the schedule still spans --finetune-steps, "
+                        "default 100; whichever ends first)")
     p.add_argument("--skip", dest="skip_layers", action="append", default=None, metavar="PATTERN",
                    help="keep matching layers dense (glob on the full name, e.g. '*.down_proj'); repeatable")
     p.add_argument("--calib", default=None, metavar="FILE",
@@ -59,6 +71,19 @@ def config_from_args(args):
     return CompressConfig(**values)
 
 
+def finetune_config_from_args(args):
+    """A FinetuneConfig when --finetune-steps or --finetune-minutes is given, else None."""
+    steps, minutes = getattr(args, "finetune_steps", None), getattr(args, "finetune_minutes", None)
+    if steps is None and minutes is None:
+        return None
+    from ..finetune import FinetuneConfig
+
+    kw = {"seed": args.seed, "minutes": minutes}
+    if steps is not None:
+        kw["steps"] = steps
+    return FinetuneConfig(**kw)
+
+
 def run(args) -> int:
     from ..compressor import compress_model
     from ..config import CalibConfig
@@ -66,8 +91,14 @@ def run(args) -> int:
     cfg = config_from_args(args)
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)
+    ft_cfg = finetune_config_from_args(args)
+    if ft_cfg is not None and cfg.lowrank == "none":
+        from ..errors import SlimError
+
+        raise SlimError("--finetune-steps / --finetune-minutes train the adapters, but --lowrank none makes none: "
+                        "drop the fine-tuning flags or choose --lowrank slim")
     out, report = compress_model(args.model, args.output, cfg, calib, force=args.force, progress=not args.quiet,
-                                 trust_remote_code=args.trust_remote_code)
+                                 trust_remote_code=args.trust_remote_code, finetune=ft_cfg)
     s = report.summary()
     eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s, peak memory "
            f"{s['peak_rss_gb']:.2f} GB, {s['bits_per_param']:.3f} bits/param "
@@ -75,6 +106,13 @@ def run(args) -> int:
            f"{s['mean_rel_error_base']:.4f} -> {s['mean_rel_error']:.4f} with adapters")
     if s["skipped_layers"]:
         eprint(f"kept dense: {', '.join(s['skipped_layers'])}")
+    ft = None
+    if ft_cfg is not None:
+        from ..checkpoint import read_manifest
+
+        ft = {k: v for k, v in read_manifest(out)["finetune"].items() if k != "losses"}
+        eprint(f"fine-tuned the adapters: {ft['steps']} steps in {ft['seconds']:.1f} s, loss {ft['initial_loss']} -> "
+               f"{ft['final_loss']}")
     if args.json:
-        print_json({"output": str(out), "config": cfg.to_dict(), **s}, args.json)
+        print_json({"output": str(out), "config": cfg.to_dict(), **s, **({"finetune": ft} if ft else {})}, args.json)
     return 0

@@ -1,0 +1,102 @@
+"""Re-fit the base to what the adapters leave, alternating with the adapters (issue 7).
+
+One-shot SLiM fits the adapters to the error of a base that was chosen without them. Once L R exists, the
+base can do better: quantize W - L R instead of W (with the same mask and the same quantizer/scale rule, as the
+reference code's Q(mask(W - L R))), then re-fit the adapters to the new error W - W_c. Each half-step is a
+minimisation of (a proxy of) the same objective, so alternating them a few rounds is the classic low-rank +
+sparse/quantized decomposition. The proxies differ (SLiM-LoRA weights by diag(s), the base rule by nothing or by
+H), so a round is kept only if the activation-weighted output error tr(E H E^T) actually goes down.
+
+Pure: tensors and a config in, tensors out.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..config import CompressConfig
+from .gptq import gptq_quantize
+from .lowrank import quantize_adapter, slim_lowrank, svd_lowrank
+from .obs import obs_sweep
+from .qtensor import QuantizedTensor
+from .quantize import quantize_weight
+
+Factor = QuantizedTensor | torch.Tensor
+
+
+def as_float(x: Factor) -> torch.Tensor:
+    return x.dequantize() if isinstance(x, QuantizedTensor) else x
+
+
+def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: CompressConfig) -> Factor:
+    """The base weight for target T with a fixed keep-mask, by the config's quantizer and scale rule.
+
+    slim / absmax: scale chosen on the dense T (as SLiM chooses it before pruning), round to nearest, zero the
+    pruned entries. gptq, or sparsegpt with a sparsity: the H-based OBS sweep with the mask fixed (for sparsegpt
+    the mask is the one its first sweep chose). bits 16: the masked T (or the OBS-compensated one for sparsegpt).
+    """
+    T = T.detach().to(torch.float32)
+    bits = None if cfg.bits == 16 else cfg.bits
+    group = cfg.effective_group_size
+    if cfg.pruner == "sparsegpt" and cfg.sparsity_spec.kind != "none":
+        scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
+        W_new, _, q, scale = obs_sweep(T, H, bits=bits, group_size=group, scale_method=scale_method, mask=mask,
+                                       blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        return W_new if q is None else QuantizedTensor(q=q, scale=scale, bits=bits, group_size=group)
+    if bits is None:
+        return T * mask
+    if cfg.quantizer == "gptq":
+        return gptq_quantize(T, H, bits, group_size=group, scale_method="absmax", mask=mask,
+                             blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+    qt = quantize_weight(T, cfg.quantizer, bits, group)
+    return QuantizedTensor(q=qt.q * mask.to(torch.int8), scale=qt.scale, bits=bits, group_size=qt.group_size)
+
+
+def fit_adapters(E: torch.Tensor, saliency: torch.Tensor, rank: int, cfg: CompressConfig) -> tuple[Factor, Factor]:
+    """L, R for the error E by the config's low-rank method, quantized when the config asks for it."""
+    L, R = slim_lowrank(E, saliency, rank) if cfg.lowrank == "slim" else svd_lowrank(E, rank)
+    if cfg.quantize_adapters:
+        L = quantize_adapter(L, cfg.adapter_bits, cfg.adapter_group_size)
+        R = quantize_adapter(R, cfg.adapter_bits, cfg.adapter_group_size)
+    return L, R
+
+
+def output_energy(E: torch.Tensor, H: torch.Tensor) -> float:
+    """tr(E H E^T): the squared output error over the tokens H was built from (up to H's normalisation)."""
+    return max(float(((E @ H) * E).sum()), 0.0)
+
+
+@dataclass
+class RefitResult:
+    weight: Factor
+    lora_L: Factor
+    lora_R: Factor
+    energies: list[float] = field(default_factory=list)  # tr(E H E^T) before round 1, then after each kept round
+    rounds_kept: int = 0
+
+
+def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Factor, mask: torch.Tensor,
+          lora_L: Factor, lora_R: Factor, cfg: CompressConfig, rounds: int) -> RefitResult:
+    """Up to `rounds` rounds of: base <- base_on_mask(W - L R), then (L, R) <- fit_adapters(W - base).
+
+    Stops at the first round that does not lower tr(E H E^T) (E = W - base - L R) and keeps the previous
+    state, so the returned error is never above the input's. The rank of the adapters never changes.
+    """
+    W = W.detach().to(torch.float32)
+    rank = int(as_float(lora_R).shape[0])
+    best = RefitResult(weight, lora_L, lora_R)
+    err = output_energy(W - as_float(weight) - as_float(lora_L) @ as_float(lora_R), H)
+    best.energies.append(err)
+    for _ in range(rounds):
+        base = base_on_mask(W - as_float(best.lora_L) @ as_float(best.lora_R), H, mask, cfg)
+        E = W - as_float(base)
+        L, R = fit_adapters(E, saliency, rank, cfg)
+        new_err = output_energy(E - as_float(L) @ as_float(R), H)
+        if not new_err < err:
+            break  # the next round would start from the same state and give the same answer
+        best.weight, best.lora_L, best.lora_R = base, L, R
+        best.energies.append(new_err)
+        best.rounds_kept += 1
+        err = new_err
+    return best
