@@ -199,6 +199,8 @@ def test_finetune_cli_writes_a_checkpoint_with_its_record(ckpt, tmp_path, capsys
     la, lb = dict(compressed_layers(a)), dict(compressed_layers(b))
     assert all(torch.equal(la[n].qweight.q, lb[n].qweight.q) for n in la)
     assert any(not torch.equal(la[n].lora_L, lb[n].lora_L) for n in la)
+    rc, text, _ = run(["info", out], capsys)
+    assert rc == 0 and "finetune     4 steps" in text
 
 
 def test_compress_with_finetune_steps(tiny_model_dir, tmp_path, capsys):

@@ -19,14 +19,16 @@ def run(args) -> int:
     m = read_manifest(args.checkpoint)
     stats = m.get("layer_stats", {})
     if args.json:
-        print_json({k: m.get(k) for k in ("source_model", "architecture", "method", "calibration", "summary")}
+        print_json({k: m.get(k) for k in ("source_model", "architecture", "method", "calibration", "summary",
+                                          "finetune")}
                    | {"layers": {n: {**meta, **stats.get(n, {})} for n, meta in m["layers"].items()}}, args.json)
         return 0
     print(f"checkpoint   {args.checkpoint}")
     print(f"source       {m.get('source_model')}  ({m.get('architecture')})")
     meth = m.get("method", {})
     print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",
-          "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters") if k in meth))
+          "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters", "refit_rounds",
+          "rank_allocation") if k in meth))
     cal = m.get("calibration", {})
     print(f"calibration  {cal.get('source')}  {cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed {cal.get('seed')}")
     print(f"{'layer':<44} {'shape':>12} {'bits':>4} {'sparsity':>9} {'rank':>5} {'err':>7} {'err+lr':>7}")
@@ -35,6 +37,9 @@ def run(args) -> int:
         shape = "x".join(map(str, meta["shape"]))
         print(f"{name:<44} {shape:>12} {meta['bits']:>4} {meta['sparsity']:>9} {meta['rank']:>5} "
               f"{st.get('rel_error_base', float('nan')):>7.4f} {st.get('rel_error', float('nan')):>7.4f}")
+    ft = m.get("finetune")
+    if ft:
+        print(f"finetune     {ft.get('steps')} steps, loss {ft.get('initial_loss')} -> {ft.get('final_loss')}")
     s = m.get("summary", {})
     if s:
         print(f"{s.get('compressed_layers')} layers, {s.get('bits_per_param')} bits/param "
