@@ -33,7 +33,8 @@ def register(sub) -> None:
         "      --batch 1 --seq 1,128,1024 --past 0,512,2048 --plugins plugins/build/lowrank_add/liblowrank_add_plugin.so\n"
         "  slim-trt build --list-targets")
     p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="model.onnx written by `slim-trt export`")
-    p.add_argument("-o", "--output", metavar="NAME.plan", help="engine file to write (e.g. engines/NAME.plan)")
+    p.add_argument("-o", "--output", metavar="NAME.plan",
+                   help="engine file to write [default: engines/NAME.plan, NAME = the ONNX file's folder name]")
     p.add_argument("--target", metavar="NAME|FILE.json", default=None,
                    help="target profile from engines/profiles/ (see --list-targets) or a profile file; "
                         "default: the profile matching this GPU")
@@ -74,12 +75,16 @@ def _list_targets() -> int:
 
 
 def run(args) -> int:
+    from pathlib import Path
+
     from ..errors import SlimError
 
     if args.list_targets:
         return _list_targets()
-    if not args.model or not args.output:
-        raise SlimError("give the model and the engine to write: slim-trt build MODEL.onnx -o engines/NAME.plan")
+    if not args.model:
+        raise SlimError("give the model to build: slim-trt build MODEL.onnx [-o engines/NAME.plan]")
+    if not args.output:
+        args.output = str(Path("engines") / f"{Path(args.model).resolve().parent.name}.plan")
     from ..trt.builder import build
 
     report = build(args.model, args.output, target=args.target, sparsity=args.sparsity, batch=args.batch,

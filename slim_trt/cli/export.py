@@ -13,7 +13,8 @@ def register(sub) -> None:
                    "  slim-trt export out/gemma-slim -o export/gemma-slim-fp32/ --dtype fp32 --lowrank plugin\n"
                    "  slim-trt export out/gemma-slim -o export/gemma-prefill/ --no-cache")
     p.add_argument("checkpoint", metavar="CKPT", help="a folder written by `slim-trt compress`")
-    p.add_argument("-o", "--out", required=True, metavar="DIR", help="output folder (export/NAME/)")
+    p.add_argument("-o", "--out", default=None, metavar="DIR",
+                   help="output folder [default: export/NAME/, NAME = the checkpoint folder's name]")
     p.add_argument("--dtype", default="fp16", help="compute dtype: fp16 (TensorRT), bf16, or fp32 (CPU checks)")
     p.add_argument("--lowrank", default="decomposed",
                    help="decomposed: Add(Y, MatMul(MatMul(X, R^T), L^T)), runs anywhere; "
@@ -37,6 +38,8 @@ def run(args) -> int:
     from .common import print_json
 
     t0 = time.perf_counter()
+    if args.out is None:
+        args.out = str(Path("export") / Path(args.checkpoint).resolve().name)
     meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
                   act_quant=args.act_quant, external_data=True if args.external_data else None, force=args.force)
     out = Path(args.out)

@@ -49,3 +49,10 @@ def test_export_bad_inputs(ckpt, tmp_path, capsys):
         assert rc == 2 and message in err, (args, err)
         assert len(err.strip().splitlines()) == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_export_defaults_to_the_export_folder(ckpt, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rc, _, err = run(["export", ckpt, "--dtype", "fp32", "--no-cache"], capsys)
+    assert rc == 0, err
+    assert (tmp_path / "export" / ckpt.name / "model.onnx").exists()
