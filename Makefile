@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test test-fast bench-accuracy clean
+.PHONY: venv demo test bench-accuracy bench-peers clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,8 +25,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VPY) -m pytest -q tests
 
+# The committed run used 32 calibration windows (see bench/README.md); rows already in the JSON are skipped.
 bench-accuracy: $(STAMP)
-	$(VPY) bench/accuracy.py --out bench/results/
+	$(VPY) bench/accuracy.py --nsamples 32 --windows 32 --out bench/results/
+
+# The peer libraries pin their own transformers, so each gets its own venv (never .venv).
+bench-peers:
+	$(PY) -m venv bench/.venv-modelopt && bench/.venv-modelopt/bin/pip install -q -r bench/peers/requirements-modelopt.txt
+	$(PY) -m venv bench/.venv-llmcompressor && bench/.venv-llmcompressor/bin/pip install -q -r bench/peers/requirements-llmcompressor.txt
 
 clean:
 	rm -rf $(VENV) out

@@ -1,0 +1,740 @@
+#!/usr/bin/env python
+"""Accuracy benchmark: every compression recipe (ours and two peer libraries) on one model, one data set.
+
+    python bench/accuracy.py [--rows 1,7,8|all] [--windows N|all] [--nsamples 128] --out bench/results/
+
+Perplexity on non-overlapping WikiText-2 test windows (the same windows for every row) and the top-1 next-token
+agreement with the dense model. Each row is written to the JSON as soon as it finishes, so an interrupted run
+resumes: rows already in the JSON with the same config and settings are skipped unless --redo.
+
+Peer rows (NVIDIA ModelOpt, llm-compressor) run their libraries' own APIs in their own venvs
+(bench/.venv-<peer>, made from bench/peers/requirements-<peer>.txt) through bench/peers/run_<peer>.py; the peer
+saves a plain HF folder with fake-quantized dense weights, and this harness checks the pattern (2:4 count, 4-bit
+levels per group) and evaluates it with the same code as our rows.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script from a checkout
+    sys.path.insert(0, str(REPO))
+
+from slim_trt.errors import SlimError
+
+BENCH = Path(__file__).resolve().parent
+DEFAULT_CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
+DENSE_BITS = 16.0  # the dense reference is deployed in fp16/bf16
+
+
+@dataclass(frozen=True)
+class Row:
+    number: int
+    name: str
+    label: str
+    compress: dict | None = None  # CompressConfig keyword arguments (our rows)
+    peer: str | None = None  # peer library key (peer rows)
+
+    @property
+    def key(self) -> str:
+        return f"{self.number}-{self.name}"
+
+
+# 2:4 sparsity and 4-bit weights unless named; SLiM-Quant defaults to one scale per tensor.
+ROWS: tuple[Row, ...] = (
+    Row(1, "dense", "dense"),
+    Row(2, "magnitude-absmax", "magnitude + group-128 AbsMax",
+        {"pruner": "magnitude", "quantizer": "absmax", "group_size": 128, "lowrank": "none"}),
+    Row(3, "wanda-absmax", "Wanda + group-128 AbsMax",
+        {"pruner": "wanda", "quantizer": "absmax", "group_size": 128, "lowrank": "none"}),
+    Row(4, "sparsegpt-gptq", "SparseGPT + GPTQ (group 128)",
+        {"pruner": "sparsegpt", "quantizer": "gptq", "group_size": 128, "lowrank": "none"}),
+    Row(5, "wanda-slimquant", "Wanda + SLiM-Quant, no adapters", {"pruner": "wanda", "quantizer": "slim", "lowrank": "none"}),
+    Row(6, "naive-lora", "Naive-LoRA (SVD) + SLiM-Quant", {"lowrank": "svd"}),
+    Row(7, "slim-lora", "SLiM-LoRA + SLiM-Quant (defaults)", {}),
+    Row(8, "slim-lora-q4-adapters", "SLiM-LoRA, 4-bit adapters", {"quantize_adapters": True}),
+    Row(9, "slim-lora-8bit", "SLiM-LoRA, 8-bit weights", {"bits": 8}),
+    Row(10, "slim-lora-unstructured", "SLiM-LoRA, 50% unstructured", {"sparsity": "unstructured:0.5"}),
+    Row(11, "modelopt", "NVIDIA ModelOpt: SparseGPT 2:4 + INT4 AWQ", peer="modelopt"),
+    Row(12, "llmcompressor", "llm-compressor: SparseGPT 2:4 + GPTQ W4A16", peer="llmcompressor"),
+)
+
+PEERS = {
+    "modelopt": {"package": "nvidia-modelopt",
+                 "recipe": {"library": "nvidia-modelopt", "steps": [
+                     {"api": "modelopt.torch.sparsity.sparsify", "mode": "sparsegpt", "pattern": "2:4 sparsity"},
+                     {"api": "modelopt.torch.sparsity.export"},
+                     {"api": "modelopt.torch.quantization.quantize", "config": "INT4_AWQ_CFG",
+                      "weights": "INT4 symmetric, block 128 along K", "activations": "not quantized"}]}},
+    "llmcompressor": {"package": "llmcompressor",
+                      "recipe": {"library": "llmcompressor", "steps": [
+                          {"api": "llmcompressor.oneshot", "modifier": "SparseGPTModifier", "sparsity": 0.5,
+                           "mask_structure": "2:4"},
+                          {"api": "llmcompressor.oneshot", "modifier": "GPTQModifier", "scheme": "W4A16",
+                           "weights": "INT4 symmetric, group 128 along K"}]}},
+}
+PEER_BITS_NOTE = ("peer bits: the same storage formula as our rows (slim_trt.algorithms.pipeline.storage_bits) for "
+                  "the pattern found in the saved weights: 2:4 with a 2-bit index per kept value when every group of "
+                  "4 holds <= 2 non-zeros, else dense; 4-bit values; one 16-bit scale per 128 input columns; plus "
+                  "16 bits per input channel for AWQ's pre-quant scale when the peer has one")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Settings, selection
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    calib: str
+    data: str
+    nsamples: int
+    seqlen: int
+    seed: int
+    windows: int | None  # None = the whole split
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "calib": self.calib, "data": self.data, "nsamples": self.nsamples,
+                "seqlen": self.seqlen, "seed": self.seed, "windows": "all" if self.windows is None else self.windows}
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def select_rows(spec: str) -> list[Row]:
+    """'all', or a comma list of row numbers, names or JSON keys ('1,slim-lora,9-slim-lora-8bit'), run in the
+    order given (so the rows that matter most can go first)."""
+    if spec.strip().lower() == "all":
+        return list(ROWS)
+    by_number = {str(r.number): r for r in ROWS}
+    by_name = {r.name: r for r in ROWS} | {r.key: r for r in ROWS}
+    chosen: list[Row] = []
+    for item in (s.strip() for s in spec.split(",") if s.strip()):
+        row = by_number.get(item) or by_name.get(item.lower())
+        if row is None:
+            raise SlimError(f"unknown row {item!r} in --rows: use numbers 1-{len(ROWS)} or names "
+                            f"({', '.join(r.name for r in ROWS)})")
+        if row not in chosen:
+            chosen.append(row)
+    if not chosen:
+        raise SlimError("--rows is empty: give 'all' or a comma list such as 1,7,8")
+    return chosen
+
+
+def row_config(row: Row) -> dict:
+    from slim_trt.config import CompressConfig
+
+    if row.compress is not None:
+        return {"method": "slim_trt.compressor", **CompressConfig(**row.compress).to_dict()}
+    if row.peer is not None:
+        return PEERS[row.peer]["recipe"]
+    return {"method": "dense"}
+
+
+def same_config(stored: dict, row: Row) -> bool:
+    """Whether a stored row was made with this row's recipe. Our rows compare as CompressConfig objects, so a
+    field added to CompressConfig later (whose default keeps the old behaviour) does not invalidate results."""
+    from slim_trt.config import CompressConfig
+
+    if row.compress is None:
+        return stored == row_config(row)
+    try:
+        return CompressConfig.from_dict(stored) == CompressConfig(**row.compress)
+    except (TypeError, SlimError):
+        return False
+
+
+def parse_windows(text: str) -> int | None:
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SlimError(f"bad --windows {text!r}: give a positive number or 'all'")
+    return n
+
+
+def portable_path(path: str) -> str:
+    """A text file's path relative to the checkout when it lives beside it (../shared/...), so the settings
+    fingerprint is the same in every clone; absolute otherwise."""
+    p = Path(path).resolve()
+    try:
+        p.relative_to(REPO.parent)
+    except ValueError:
+        return str(p)
+    return os.path.relpath(p, REPO)
+
+
+def model_tag(model: str) -> str:
+    return Path(model).name if os.sep in model or Path(model).is_dir() else model.replace("/", "_")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure evaluation helpers
+
+
+def score(model, windows, reference_top1, batch_size: int = 4) -> dict:
+    """Perplexity of `model` over every predicted token, and its top-1 agreement with precomputed reference
+    top-1 predictions [n, seqlen - 1]. The same numbers as slim_trt.evaluate.compare, without re-running the
+    dense model for every row (its logits over a 262k vocabulary are half the cost of each evaluation)."""
+    import torch
+
+    from slim_trt.evaluate import window_logits
+
+    nll, agree, count, offset = 0.0, 0, 0, 0
+    for batch, logits in window_logits(model, windows, batch_size):
+        a = logits[:, :-1]
+        target = batch[:, 1:]
+        nll += float(torch.nn.functional.cross_entropy(a.reshape(-1, a.shape[-1]), target.reshape(-1), reduction="sum"))
+        if reference_top1 is not None:
+            agree += int((a.argmax(-1) == reference_top1[offset:offset + len(batch)]).sum())
+        count += target.numel()
+        offset += len(batch)
+    return {"perplexity": math.exp(nll / count), "top1_agreement": agree / count if reference_top1 is not None else None,
+            "tokens": count}
+
+
+def reference_pass(model, windows, batch_size: int = 4):
+    """(perplexity, top-1 predictions [n, seqlen - 1]) of the dense model."""
+    import torch
+
+    from slim_trt.evaluate import window_logits
+
+    nll, count, tops = 0.0, 0, []
+    for batch, logits in window_logits(model, windows, batch_size):
+        a = logits[:, :-1]
+        nll += float(torch.nn.functional.cross_entropy(a.reshape(-1, a.shape[-1]), batch[:, 1:].reshape(-1),
+                                                       reduction="sum"))
+        count += batch[:, 1:].numel()
+        tops.append(a.argmax(-1))
+    return math.exp(nll / count), torch.cat(tops)
+
+
+def check_weight_pattern(W, n: int = 2, m: int = 4, group_size: int = 128, bits: int = 4, prescale=None) -> dict:
+    """Count what a saved weight really is: N:M violations along K and distinct values per quantization group.
+
+    `prescale` [K] undoes a per-input-channel factor folded into the weight (AWQ's pre-quant scale), so the
+    levels are counted on the quantizer's own grid.
+    """
+    import torch
+
+    W = W.detach().to(torch.float32)
+    if prescale is not None:
+        W = W / prescale.to(torch.float32).reshape(1, -1)
+    N, K = W.shape
+    nz = W != 0
+    violations = int((nz[:, : K - K % m].reshape(N, -1, m).sum(-1) > n).sum()) if K >= m else 0
+    max_levels, over = 0, 0
+    for g0 in range(0, K, group_size):
+        blk = W[:, g0:g0 + group_size]
+        # Distinct values per row of the group (zero counts as a level of the symmetric grid), compared on a
+        # grid of 2^-14 of the group's max |w|: on a 4-bit grid the levels are q / q_max apart by >= 1/8, while
+        # a folded-back pre-quant scale leaves float round-off of ~1e-7 that must not count as a new level.
+        amax = blk.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
+        srt = torch.round(blk / amax * 2 ** 14).sort(dim=1).values
+        levels = 1 + (srt[:, 1:] != srt[:, :-1]).sum(1)
+        max_levels = max(max_levels, int(levels.max()))
+        over += int((levels > 2 ** bits).sum())
+    return {"nm_violations": violations, "zero_fraction": float(1 - nz.float().mean()),
+            "max_levels_per_group": max_levels, "groups_over_levels": over, "groups": N * math.ceil(K / group_size)}
+
+
+def peer_storage_bits(N: int, K: int, is_nm: bool, prescale: bool) -> dict:
+    """Storage bits of a peer layer with our formula: 4-bit values, 16-bit scale per 128 columns, 2:4 metadata."""
+    import torch
+
+    from slim_trt.algorithms.pipeline import CompressedWeight, storage_bits
+    from slim_trt.algorithms.qtensor import QuantizedTensor
+
+    qt = QuantizedTensor(q=torch.zeros(N, K, dtype=torch.int8), scale=torch.zeros(N, math.ceil(K / 128)), bits=4,
+                         group_size=128)
+    cw = CompressedWeight(weight=qt, mask=None, lora_L=None, lora_R=None, rel_error_base=0.0, rel_error=0.0)
+    out = storage_bits(cw, "nm" if is_nm else "none", 2, 4)
+    if prescale:
+        out["base_bits"] += 16 * K
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Memory
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (VmHWM) so the next reading covers one row only (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_gb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    from slim_trt.compressor import peak_rss_gb as ru_maxrss_gb
+
+    return ru_maxrss_gb()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Results file
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+
+    import torch
+    import transformers
+
+    def ver(pkg):
+        try:
+            return md.version(pkg)
+        except md.PackageNotFoundError:
+            return None
+
+    commit = None
+    try:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True, timeout=10, check=False).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "slim_trt": ver("slim-trt") or ver("slim_trt"), "slim_trt_commit": commit}
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are ordinary files
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def gap_closed(rows: dict) -> dict:
+    """(ppl_sparsegpt_gptq - ppl_slim) / (ppl_sparsegpt_gptq - ppl_dense), for each SLiM-LoRA 2:4 4-bit row."""
+    def ppl(key):
+        r = rows.get(key)
+        return r["perplexity"] if r and r.get("status") == "ok" else None
+
+    dense, sgpt = ppl("1-dense"), ppl("4-sparsegpt-gptq")
+    out = {"formula": "(ppl_sparsegpt_gptq - ppl_slim) / (ppl_sparsegpt_gptq - ppl_dense)",
+           "dense_perplexity": dense, "sparsegpt_gptq_perplexity": sgpt}
+    for key in ("7-slim-lora", "8-slim-lora-q4-adapters"):
+        p = ppl(key)
+        out[key] = (None if None in (dense, sgpt, p) or sgpt == dense else round((sgpt - p) / (sgpt - dense), 4))
+    slim = ppl("7-slim-lora")
+    out["slim_lora_beats"] = {k: (None if slim is None or ppl(k) is None else slim < ppl(k))
+                              for k in ("4-sparsegpt-gptq", "11-modelopt", "12-llmcompressor")}
+    return out
+
+
+def _fmt(x, nd=2):
+    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def markdown(results: dict) -> str:
+    s = results["settings"]
+    lines = [f"# Accuracy: {results['model']}", "",
+             (f"WikiText-2 test perplexity over {results.get('eval_windows', '?')} windows x {s['seqlen']} tokens "
+             f"({results.get('eval_tokens', '?')} predicted tokens); calibration {s['nsamples']} x {s['seqlen']} "
+             f"tokens of WikiText-2 valid, seed {s['seed']}. Top-1 = next-token agreement with the dense model. "
+             f"Bits per parameter count the compressed linear layers only (weights + 2:4 index + 16-bit scales; "
+             f"'+ad.' adds the adapters). Peak RSS: the benchmark process during that row's compression (peers: "
+             f"the peer's own process)."), "",
+             "| # | method | PPL | PPL / dense | top-1 | bits/param | + ad. | compress s | peak RSS GB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for row in ROWS:
+        r = results["rows"].get(row.key)
+        if r is None:
+            continue
+        status = r["status"] if r["status"] == "ok" else f"{r['status']}: {r.get('error', '')[:120]}"
+        if r.get("pattern_check") and r["status"] == "ok":
+            pc = r["pattern_check"]
+            shape = "2:4" if pc["is_2_4"] else f"NOT 2:4: {pc['nm_violations']} groups of 4 with > 2 non-zeros"
+            status += f" ({shape}; max levels per 128-group {pc['max_levels_per_group']})"
+        lines.append(f"| {row.number} | {row.label} | {_fmt(r.get('perplexity'))} | {_fmt(r.get('ratio_to_dense'), 3)} "
+                     f"| {_fmt(r.get('top1_agreement'), 3)} | {_fmt(r.get('bits_per_param'), 3)} "
+                     f"| {_fmt(r.get('bits_per_param_with_adapters'), 3)} | {_fmt(r.get('compress_seconds'), 0)} "
+                     f"| {_fmt(r.get('peak_rss_gb'), 2)} | {status.replace('|', '/')} |")
+    g = results.get("gap_closed", {})
+    if g.get("7-slim-lora") is not None:
+        lines += ["", f"Gap closed by SLiM-LoRA between SparseGPT+GPTQ and dense: {g['7-slim-lora']:.1%}"
+                      + (f" (4-bit adapters: {g['8-slim-lora-q4-adapters']:.1%})"
+                         if g.get("8-slim-lora-q4-adapters") is not None else "") + "."]
+    lines += ["", f"Versions: {json.dumps(results.get('versions', {}))}", ""]
+    return "\n".join(lines)
+
+
+def plot_png(results: dict) -> bytes | None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = [(row, results["rows"][row.key]) for row in ROWS if row.key in results["rows"]
+           and results["rows"][row.key]["status"] == "ok"]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=120)
+    for row, r in pts:
+        x, y = r["bits_per_param_with_adapters"], r["ratio_to_dense"]
+        color = "tab:gray" if row.compress is None and row.peer is None else ("tab:red" if row.peer else "tab:blue")
+        ax.scatter([x], [y], color=color, zorder=3)
+        # numbers only beside the points (names collide where rows share a storage cost); the key is on the right
+        ax.annotate(str(row.number), (x, y), textcoords="offset points", xytext=(5, 3), fontsize=8)
+    key = "\n".join(f"{row.number:>2}  {row.label}" for row, _ in pts)
+    fig.text(0.70, 0.5, key, fontsize=7, va="center", family="monospace")
+    fig.subplots_adjust(right=0.68)
+    ax.set_yscale("log")
+    ax.set_xlabel("bits per parameter of the linear layers (with adapters)")
+    ax.set_ylabel("perplexity / dense perplexity (log)")
+    ax.set_title(f"{results['model']}: WikiText-2 perplexity ratio vs storage (blue: slim-trt, red: peers)",
+                 fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+class Results:
+    """The JSON file plus its Markdown and PNG siblings, rewritten atomically after every row."""
+
+    def __init__(self, out_dir: Path, tag: str, settings: Settings, redo: bool):
+        self.json_path = out_dir / f"accuracy_{tag}.json"
+        self.md_path = self.json_path.with_suffix(".md")
+        self.png_path = self.json_path.with_suffix(".png")
+        self.settings = settings
+        data = json.loads(self.json_path.read_text()) if self.json_path.exists() else None
+        if data and data.get("settings_fingerprint") != settings.fingerprint() and not redo and data.get("rows"):
+            raise SlimError(f"{self.json_path} holds results made with other settings ({data.get('settings')}): "
+                            f"pass --redo to replace them, or choose another --out")
+        if not data or data.get("settings_fingerprint") != settings.fingerprint():
+            data = {"rows": {}}
+        data.update({"benchmark": "accuracy", "model": tag, "settings": settings.to_dict(),
+                     "settings_fingerprint": settings.fingerprint()})
+        self.data = data
+
+    def done(self, row: Row) -> bool:
+        r = self.data["rows"].get(row.key)
+        return bool(r) and r.get("status") == "ok" and same_config(r.get("config") or {}, row)
+
+    def put(self, row: Row, record: dict) -> None:
+        self.data["rows"][row.key] = record
+        self.write()
+
+    def write(self) -> None:
+        rows = self.data["rows"]
+        dense = rows.get("1-dense", {}).get("perplexity")
+        for r in rows.values():  # the dense row may finish after others on a partial re-run
+            if r.get("status") == "ok" and dense:
+                r["ratio_to_dense"] = round(r["perplexity"] / dense, 4)
+        self.data["gap_closed"] = gap_closed(rows)
+        ordered = {row.key: rows[row.key] for row in ROWS if row.key in rows}
+        # metadata first, the (long) rows last, so the file reads top-down
+        self.data = {**{k: v for k, v in self.data.items() if k != "rows"}, "rows": ordered}
+        atomic_write(self.json_path, (json.dumps(self.data, indent=1) + "\n").encode())
+        atomic_write(self.md_path, markdown(self.data).encode())
+        png = plot_png(self.data)
+        if png:
+            atomic_write(self.png_path, png)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running rows
+
+
+@dataclass
+class Context:
+    dense: object  # the untouched dense model (copied for every row)
+    tokenizer: object
+    folder: Path  # the HF folder the peers load
+    calib: object  # LongTensor [nsamples, seqlen]
+    eval: object  # LongTensor [windows, seqlen]
+    ref_top1: object
+    dense_ppl: float
+    batch_size: int
+    eval_batch_size: int
+
+
+def run_ours(row: Row, ctx: Context) -> dict:
+    from slim_trt.compressor import compress
+    from slim_trt.config import CompressConfig
+
+    model = copy.deepcopy(ctx.dense)  # compress works in place; the dense copy stays in memory
+    reset_peak_rss()
+    report = compress(model, CompressConfig(**row.compress), ctx.calib, batch_size=ctx.batch_size, progress=True)
+    peak = peak_rss_gb()
+    summary = report.summary()
+    ev = score(model, ctx.eval, ctx.ref_top1, ctx.eval_batch_size)
+    del model
+    return {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
+            "bits_per_param": summary["bits_per_param"],
+            "bits_per_param_with_adapters": summary["bits_per_param_with_adapters"],
+            "compress_seconds": summary["seconds"], "peak_rss_gb": round(peak, 3),
+            "mean_rel_error_base": summary["mean_rel_error_base"], "mean_rel_error": summary["mean_rel_error"],
+            "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"]}
+                       for n, v in report.layers.items()},
+            "block_output_rel_error": [b["output_rel_error"] for b in sorted(report.blocks, key=lambda b: b["index"])]}
+
+
+def peer_python(venv_dir: Path, peer: str) -> Path:
+    return venv_dir / f".venv-{peer}" / "bin" / "python"
+
+
+def run_peer(row: Row, ctx: Context, venv_dir: Path, timeout: float) -> dict:
+    """Run the peer's script in its venv; load, check and evaluate what it saved. Raises PeerFailed."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from slim_trt.calibration.families import block_linears, decoder_blocks
+
+    py = peer_python(venv_dir, row.peer)
+    req = BENCH / "peers" / f"requirements-{row.peer}.txt"
+    if not py.exists():
+        raise PeerFailed(f"no venv for {row.peer} at {py.parent.parent}: create it with `python -m venv "
+                         f"{py.parent.parent} && {py} -m pip install -r {req}`", None)
+    with tempfile.TemporaryDirectory(prefix=f"peer-{row.peer}-") as tmp:
+        tmp = Path(tmp)
+        torch.save(ctx.calib, tmp / "calib.pt")
+        out = tmp / "model"
+        cmd = [str(py), str(BENCH / "peers" / f"run_{row.peer}.py"), "--model", str(ctx.folder),
+               "--calib", str(tmp / "calib.pt"), "--out", str(out), "--batch-size", str(ctx.batch_size)]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+               "PYTHONPATH": ""}
+        print(f"  $ {' '.join(cmd)}", flush=True)
+        log = tmp / "peer.log"
+        try:
+            with open(log, "w") as f:
+                proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout,
+                                      check=False)
+        except subprocess.TimeoutExpired:
+            raise PeerFailed(f"timed out after {timeout:.0f} s", _peer_report(out))
+        report = _peer_report(out)
+        if proc.returncode != 0 or report is None or report.get("status") != "ok":
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            err = (report or {}).get("error") or (tail[-1] if tail else f"exit code {proc.returncode}")
+            raise PeerFailed(err, report, "\n".join(tail))
+        prescales = load_file(out / "prescale.safetensors") if (out / "prescale.safetensors").exists() else {}
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+        bits, params = 0, 0
+        blocks = decoder_blocks(model)
+        prefix = next(n for n, m in model.named_modules() if m is blocks)
+        per_layer = {}
+        for i, block in enumerate(blocks):
+            for rel, lin in block_linears(block).items():
+                name = f"{prefix}.{i}.{rel}"
+                pre = prescales.get(f"{name}.weight")
+                per_layer[name] = check_weight_pattern(lin.weight, prescale=pre)
+        nm_ok_all = all(c["nm_violations"] == 0 for c in per_layer.values())
+        for name in per_layer:
+            N, K = model.get_submodule(name).weight.shape
+            b = peer_storage_bits(N, K, nm_ok_all, f"{name}.weight" in prescales)
+            bits += b["base_bits"]
+            params += b["params"]
+        checks = {"layers_checked": len(per_layer), "is_2_4": nm_ok_all,
+                  "nm_violations": sum(c["nm_violations"] for c in per_layer.values()),
+                  "zero_fraction": round(sum(c["zero_fraction"] for c in per_layer.values()) / len(per_layer), 4),
+                  "max_levels_per_group": max(c["max_levels_per_group"] for c in per_layer.values()),
+                  "groups_over_16_levels": sum(c["groups_over_levels"] for c in per_layer.values()),
+                  "groups": sum(c["groups"] for c in per_layer.values()),
+                  "on_4bit_grid": all(c["groups_over_levels"] == 0 for c in per_layer.values())}
+        ev = score(model, ctx.eval, ctx.ref_top1, ctx.eval_batch_size)
+        del model
+    return {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
+            "bits_per_param": round(bits / params, 4), "bits_per_param_with_adapters": round(bits / params, 4),
+            "bits_note": PEER_BITS_NOTE, "compress_seconds": report.get("seconds"),
+            "peak_rss_gb": report.get("peak_rss_gb"), "pattern_check": checks, "peer_report": report}
+
+
+class PeerFailed(Exception):
+    def __init__(self, error: str, report: dict | None, log_tail: str | None = None):
+        super().__init__(error)
+        self.error, self.report, self.log_tail = error, report, log_tail
+
+
+def _peer_report(out: Path) -> dict | None:
+    f = out / "peer_report.json"
+    if not f.exists():
+        f = out.with_name(out.name + ".report.json")  # the peer writes here when it failed before saving
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def prepare(args, settings: Settings) -> Context:
+    import torch
+
+    from slim_trt.calibration.data import calibration_windows, eval_windows, load_text
+    from slim_trt.models import load_model, model_folder
+
+    t0 = time.time()
+    dense, tok = load_model(settings.model)
+    calib = calibration_windows(tok, load_text(settings.calib), settings.nsamples, settings.seqlen, settings.seed)
+    ev = eval_windows(tok, load_text(settings.data), settings.seqlen, settings.windows)
+    print(f"loaded {settings.model}, {len(calib)} calibration and {len(ev)} evaluation windows of {settings.seqlen} "
+          f"tokens ({time.time() - t0:.0f} s); dense reference pass ...", flush=True)
+    with torch.no_grad():
+        dense_ppl, top1 = reference_pass(dense, ev, args.eval_batch_size)
+    print(f"dense perplexity {dense_ppl:.3f} ({time.time() - t0:.0f} s)", flush=True)
+    return Context(dense=dense, tokenizer=tok, folder=Path(model_folder(settings.model)), calib=calib, eval=ev,
+                   ref_top1=top1, dense_ppl=dense_ppl, batch_size=args.batch_size,
+                   eval_batch_size=args.eval_batch_size)
+
+
+def run_row(row: Row, ctx: Context, args, base_versions: dict) -> dict:
+    record = {"number": row.number, "name": row.name, "label": row.label, "config": row_config(row),
+              "versions": dict(base_versions)}
+    t0 = time.time()
+    try:
+        if row.compress is None and row.peer is None:
+            record.update(status="ok", perplexity=ctx.dense_ppl, top1_agreement=1.0, bits_per_param=DENSE_BITS,
+                          bits_per_param_with_adapters=DENSE_BITS, compress_seconds=0.0, peak_rss_gb=None,
+                          note="the reference; bits are those of fp16 storage")
+        elif row.peer is not None:
+            record["versions"][PEERS[row.peer]["package"]] = None
+            res = run_peer(row, ctx, Path(args.peer_venvs), args.peer_timeout)
+            rep = res["peer_report"]
+            record["versions"].update({f"peer_{k}": v for k, v in rep.get("versions", {}).items()})
+            record["versions"][PEERS[row.peer]["package"]] = rep.get("versions", {}).get(PEERS[row.peer]["package"])
+            record.update(status="ok", **res)
+        else:
+            record.update(status="ok", **run_ours(row, ctx))
+    except PeerFailed as e:
+        rep = e.report or {}
+        record["versions"].update({f"peer_{k}": v for k, v in rep.get("versions", {}).items()})
+        record["versions"][PEERS[row.peer]["package"]] = (rep.get("versions", {}).get(PEERS[row.peer]["package"])
+                                                          or _venv_version(Path(args.peer_venvs), row.peer))
+        record.update(status="failed", error=e.error, perplexity=None, ratio_to_dense=None, top1_agreement=None,
+                      bits_per_param=None, bits_per_param_with_adapters=None,
+                      compress_seconds=rep.get("seconds"), peak_rss_gb=rep.get("peak_rss_gb"),
+                      traceback=rep.get("traceback"), log_tail=e.log_tail)
+    record["ratio_to_dense"] = (round(record["perplexity"] / ctx.dense_ppl, 4)
+                                if record.get("perplexity") is not None else None)
+    record["wall_seconds"] = round(time.time() - t0, 1)
+    record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    return record
+
+
+def _venv_version(venv_dir: Path, peer: str) -> str | None:
+    """The peer package version installed in its venv (for failed rows), read without importing it."""
+    py = peer_python(venv_dir, peer)
+    if not py.exists():
+        return None
+    try:
+        r = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version('{PEERS[peer]['package']}'))"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench/accuracy.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="rows:\n" + "\n".join(f"  {r.number:>2} {r.name:<24} {r.label}" for r in ROWS))
+    p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names [default: all]")
+    p.add_argument("--model", default="gemma3-270m", help="MODEL as slim-trt compress takes it [default: gemma3-270m]")
+    p.add_argument("--calib", default=str(DEFAULT_CALIB), metavar="FILE", help="calibration text")
+    p.add_argument("--data", default=str(DEFAULT_DATA), metavar="FILE", help="evaluation text")
+    p.add_argument("--nsamples", type=int, default=128, help="calibration windows [default: 128]")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: 512]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--windows", default="32", help="evaluation windows: N (the first N) or 'all' [default: 32]")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward [default: 8]")
+    p.add_argument("--eval-batch-size", type=int, default=4)
+    p.add_argument("--out", default=str(BENCH / "results"), help="output folder [default: bench/results]")
+    p.add_argument("--redo", action="store_true", help="recompute rows already in the JSON")
+    p.add_argument("--peer-venvs", default=str(BENCH), metavar="DIR",
+                   help="folder holding .venv-modelopt and .venv-llmcompressor [default: bench/]")
+    p.add_argument("--peer-timeout", type=float, default=3 * 3600, help="seconds per peer run [default: 10800]")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except SlimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args) -> int:
+    rows = select_rows(args.rows)
+    for flag, v in (("--nsamples", args.nsamples), ("--batch-size", args.batch_size),
+                    ("--eval-batch-size", args.eval_batch_size)):
+        if v < 1:
+            raise SlimError(f"bad {flag} {v}: it must be >= 1")
+    for flag, f in (("--calib", args.calib), ("--data", args.data)):
+        if not Path(f).is_file():
+            raise SlimError(f"{flag} {f}: no such file (the WikiText-2 files live in ../shared/data/wikitext-2/)")
+    settings = Settings(model=args.model, calib=portable_path(args.calib), data=portable_path(args.data),
+                        nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
+                        windows=parse_windows(args.windows))
+    results = Results(Path(args.out), model_tag(args.model), settings, args.redo)
+    todo = [r for r in rows if args.redo or not results.done(r)]
+    for r in rows:
+        if r not in todo:
+            print(f"[{r.number}] {r.name}: already in {results.json_path}, skipped (--redo to recompute)")
+    if not todo:
+        results.write()
+        return 0
+    t_run = time.time()
+    ctx = prepare(args, settings)
+    base_versions = versions()
+    results.data.update(versions=base_versions, eval_windows=len(ctx.eval), eval_tokens=int(ctx.eval[:, 1:].numel()),
+                        calib_windows=len(ctx.calib))
+    # Row 1 is the reference pass itself; record it whenever it is selected.
+    for row in todo:
+        print(f"[{row.number}] {row.name}: {row.label} ...", flush=True)
+        record = run_row(row, ctx, args, base_versions)
+        results.put(row, record)
+        if record["status"] == "ok":
+            print(f"[{row.number}] {row.name}: ppl {record['perplexity']:.3f} (x{record['ratio_to_dense']:.3f}), top-1 "
+                  f"{record['top1_agreement']:.3f}, {record['bits_per_param']:.3f} bits/param "
+                  f"({record['bits_per_param_with_adapters']:.3f} with adapters), {record['wall_seconds']:.0f} s",
+                  flush=True)
+        else:
+            print(f"[{row.number}] {row.name}: FAILED: {record['error']}", flush=True)
+    results.data["last_run_seconds"] = round(time.time() - t_run, 1)
+    results.write()
+    print(f"wrote {results.json_path}, {results.md_path.name}, {results.png_path.name} "
+          f"({time.time() - t_run:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
