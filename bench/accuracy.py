@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from a checkout
     sys.path.insert(0, str(REPO))
 
+from slim_trt.calibration.data import parse_window_count
 from slim_trt.errors import SlimError
 
 BENCH = Path(__file__).resolve().parent
@@ -155,18 +156,6 @@ def same_config(stored: dict, row: Row) -> bool:
         return CompressConfig.from_dict(stored) == CompressConfig(**row.compress)
     except (TypeError, SlimError):
         return False
-
-
-def parse_windows(text: str) -> int | None:
-    if str(text).strip().lower() == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise SlimError(f"bad --windows {text!r}: give a positive number or 'all'")
-    return n
 
 
 def portable_path(path: str) -> str:
@@ -703,7 +692,7 @@ def _main(args) -> int:
             raise SlimError(f"{flag} {f}: no such file (the WikiText-2 files live in ../shared/data/wikitext-2/)")
     settings = Settings(model=args.model, calib=portable_path(args.calib), data=portable_path(args.data),
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
-                        windows=parse_windows(args.windows))
+                        windows=parse_window_count(args.windows))
     results = Results(Path(args.out), model_tag(args.model), settings, args.redo)
     todo = [r for r in rows if args.redo or not results.done(r)]
     for r in rows:

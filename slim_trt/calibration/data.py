@@ -90,3 +90,16 @@ def eval_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) ->
         n = min(n, limit)
     bos = _bos(tokenizer)
     return torch.stack([_with_bos(ids[i * seqlen:(i + 1) * seqlen], bos) for i in range(n)])
+
+
+def parse_window_count(text: str) -> int | None:
+    """A --windows value: a positive count, or 'all' (None)."""
+    if str(text).strip().lower() == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise SlimError(f"bad --windows {text!r}: give a positive number or 'all'")
+    return n

@@ -33,25 +33,11 @@ def load_any(ref: str):
     return load_model(ref)
 
 
-def parse_windows(text: str) -> int | None:
-    from ..errors import SlimError
-
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise SlimError(f"bad --windows {text!r}: give a positive number or 'all'")
-    return n
-
-
 def run(args) -> int:
-    from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text
+    from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text, parse_window_count
     from ..evaluate import perplexity
 
-    limit = parse_windows(args.windows)
+    limit = parse_window_count(args.windows)
     text = load_text(args.data, default=SHIPPED_EVAL)
     model, tok = load_any(args.model)
     windows = eval_windows(tok, text, args.seqlen, limit)
