@@ -91,3 +91,12 @@ def save_tiny_model(path, family: str = "llama", seed: int = 0):
 @pytest.fixture
 def tiny_model_dir(tmp_path):
     return save_tiny_model(tmp_path / "tiny-llama", "llama")
+
+
+def run_cli(args, capsys):
+    """Run `slim-trt ARGS` in process; return (exit code, stdout, stderr)."""
+    from slim_trt.cli import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err

@@ -10,13 +10,13 @@ import torch
 
 import slim_trt
 from slim_trt.algorithms.lowrank import quantize_adapter
-from slim_trt.cli import main
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.compressor import compress
 from slim_trt.config import CompressConfig
 from slim_trt.errors import SlimError
 from slim_trt.finetune import FinetuneConfig, batch_indices, finetune, lr_at, save_finetuned
 from tests.conftest import calib_windows, tiny_model
+from tests.conftest import run_cli as run
 
 QUANT = CompressConfig(quantize_adapters=True, adapter_group_size=16)
 FIXED = dict(lr=1e-2, schedule="constant", warmup_steps=0)
@@ -163,10 +163,6 @@ def test_config_rejects(kw):
 FAST = ["--nsamples", "4", "--seqlen", "16", "-q"]
 
 
-def run(args, capsys):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,11 @@ import pytest
 import torch
 
 from slim_trt.cli import main
-from tests.conftest import save_tiny_model
+from tests.conftest import run_cli as run
 
 FAST = ["--nsamples", "4", "--seqlen", "16", "-q"]
 
 
-def run(args, capsys):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):

@@ -5,15 +5,11 @@ import json
 
 import onnx
 
-from slim_trt.cli import main
 from slim_trt.exporter import ExportOptions, export_model
 from tests.exporter.conftest import compressed_model
+from tests.conftest import run_cli as run
 
 
-def run(args, capsys):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 def test_lint_cli(tmp_path, capsys):

@@ -5,15 +5,11 @@ import json
 
 import pytest
 
-from slim_trt.cli import main
 from slim_trt.exporter import export
 from tests.exporter.conftest import save_compressed_checkpoint
+from tests.conftest import run_cli as run
 
 
-def run(args, capsys):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
 
 
 @pytest.fixture(scope="module")
