@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -48,29 +49,75 @@ class Row:
     label: str
     compress: dict | None = None  # CompressConfig keyword arguments (our rows)
     peer: str | None = None  # peer library key (peer rows)
+    # Adapter fine-tuning after compression: FinetuneConfig keyword arguments plus "windows", the number of
+    # training windows drawn from the calibration text (seed + 1, so not the compression windows).
+    finetune: dict | None = None
 
     @property
     def key(self) -> str:
         return f"{self.number}-{self.name}"
 
 
-# 2:4 sparsity and 4-bit weights unless named; SLiM-Quant defaults to one scale per tensor.
+def paper(**changes) -> dict:
+    """The SLiM paper's recipe (every knob spelled out, so the rows keep their meaning when the defaults of
+    CompressConfig move) with some knobs changed."""
+    from slim_trt.config import PRESETS
+
+    return {**PRESETS["slim-paper"], **changes}
+
+
+# The SparseGPT + GPTQ (group 128) base with 4-bit adapters: what issue 7's rows vary.
+SGPT = dict(pruner="sparsegpt", quantizer="gptq", group_size=128, quantize_adapters=True)
+
+# 2:4 sparsity and 4-bit weights unless named.
 ROWS: tuple[Row, ...] = (
     Row(1, "dense", "dense"),
     Row(2, "magnitude-absmax", "magnitude + group-128 AbsMax",
-        {"pruner": "magnitude", "quantizer": "absmax", "group_size": 128, "lowrank": "none"}),
+        paper(pruner="magnitude", quantizer="absmax", group_size=128, lowrank="none")),
     Row(3, "wanda-absmax", "Wanda + group-128 AbsMax",
-        {"pruner": "wanda", "quantizer": "absmax", "group_size": 128, "lowrank": "none"}),
+        paper(pruner="wanda", quantizer="absmax", group_size=128, lowrank="none")),
     Row(4, "sparsegpt-gptq", "SparseGPT + GPTQ (group 128)",
-        {"pruner": "sparsegpt", "quantizer": "gptq", "group_size": 128, "lowrank": "none"}),
-    Row(5, "wanda-slimquant", "Wanda + SLiM-Quant, no adapters", {"pruner": "wanda", "quantizer": "slim", "lowrank": "none"}),
-    Row(6, "naive-lora", "Naive-LoRA (SVD) + SLiM-Quant", {"lowrank": "svd"}),
-    Row(7, "slim-lora", "SLiM-LoRA + SLiM-Quant (defaults)", {}),
-    Row(8, "slim-lora-q4-adapters", "SLiM-LoRA, 4-bit adapters", {"quantize_adapters": True}),
-    Row(9, "slim-lora-8bit", "SLiM-LoRA, 8-bit weights", {"bits": 8}),
-    Row(10, "slim-lora-unstructured", "SLiM-LoRA, 50% unstructured", {"sparsity": "unstructured:0.5"}),
+        paper(pruner="sparsegpt", quantizer="gptq", group_size=128, lowrank="none")),
+    Row(5, "wanda-slimquant", "Wanda + SLiM-Quant, no adapters", paper(lowrank="none")),
+    Row(6, "naive-lora", "Naive-LoRA (SVD) + SLiM-Quant", paper(lowrank="svd")),
+    Row(7, "slim-lora", "SLiM-LoRA + SLiM-Quant (the paper's recipe, --preset slim-paper)", paper()),
+    Row(8, "slim-lora-q4-adapters", "SLiM-LoRA, 4-bit adapters", paper(quantize_adapters=True)),
+    Row(9, "slim-lora-8bit", "SLiM-LoRA, 8-bit weights", paper(bits=8)),
+    Row(10, "slim-lora-unstructured", "SLiM-LoRA, 50% unstructured", paper(sparsity="unstructured:0.5")),
     Row(11, "modelopt", "NVIDIA ModelOpt: SparseGPT 2:4 + INT4 AWQ", peer="modelopt"),
     Row(12, "llmcompressor", "llm-compressor: SparseGPT 2:4 + GPTQ W4A16", peer="llmcompressor"),
+    # Issue 7: beyond the paper. Adapters on the SparseGPT + GPTQ base, then one change at a time.
+    Row(13, "sgpt-gptq-lora", "SparseGPT+GPTQ g128 + SLiM-LoRA r0.1, fp16 adapters",
+        paper(**{**SGPT, "quantize_adapters": False})),
+    Row(14, "sgpt-gptq-lora-q4", "SparseGPT+GPTQ g128 + SLiM-LoRA r0.1, 4-bit adapters", paper(**SGPT)),
+    Row(15, "sgpt-gptq-lora-q4-r02", "SparseGPT+GPTQ g128 + SLiM-LoRA r0.2, 4-bit adapters",
+        paper(**SGPT, rank_ratio=0.2)),
+    Row(16, "sgpt-gptq-hlora-q4-r02", "SparseGPT+GPTQ g128 + H-LoRA (full H) r0.2, 4-bit adapters",
+        paper(**SGPT, rank_ratio=0.2, lowrank="hessian")),
+    Row(17, "sgpt-gptq-hlora-q4-r01", "SparseGPT+GPTQ g128 + H-LoRA (full H) r0.1, 4-bit adapters",
+        paper(**SGPT, lowrank="hessian")),
+    Row(18, "sgpt-gptq-hlora-gq4-r02", "row 16 with GPTQ-quantized adapters (R by H, then L refit and by R H R^T)",
+        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")),
+    Row(19, "wanda-slimquant-g128-lora", "Wanda + group-128 SLiM-Quant + SLiM-LoRA r0.1", paper(group_size=128)),
+    Row(20, "sgpt-slimq-hlora-gq4-r02", "row 18 with group-128 SLiM-Quant (OBS) instead of GPTQ's AbsMax scales",
+        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")),
+    Row(21, "sgpt-gptq-hlora-gq4-r02-refit2", "row 18 + 2 base/adapter refit rounds",
+        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq", refit_rounds=2)),
+    Row(22, "sgpt-gptq-hlora-gq4-r02-sens", "row 18 + ranks by sensitivity (same budget)",
+        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq", rank_allocation="sensitivity")),
+    Row(23, "sgpt-gptq-hlora-gq4-r02-ft", "row 18 + adapter fine-tuning (KD from dense, <= 25 min)",
+        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq"),
+        finetune={"loss": "kd", "steps": 50, "minutes": 25.0, "batch_size": 4, "lr": 1e-4, "windows": 128}),
+    Row(24, "sgpt-slimq-hlora-gq4-r023-refit3", "rows 20 + 21 combined, 3 refit rounds, rank 0.23 (4.5-bit budget)",
+        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.23, lowrank="hessian", adapter_quantizer="gptq",
+              refit_rounds=3)),
+    Row(25, "sgpt-slimq-hlora-gq4-r023-refit3-ft", "row 24 + adapter fine-tuning (KD from dense, <= 25 min)",
+        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.23, lowrank="hessian", adapter_quantizer="gptq",
+              refit_rounds=3),
+        finetune={"loss": "kd", "steps": 50, "minutes": 25.0, "batch_size": 4, "lr": 1e-4, "windows": 128}),
+    Row(26, "sgpt-slimq-hlora-gq4-r017-refit3", "row 24 at rank 0.17 (4.107 bits, below llm-compressor's 4.125)",
+        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.17, lowrank="hessian", adapter_quantizer="gptq",
+              refit_rounds=3)),
 )
 
 PEERS = {
@@ -139,7 +186,10 @@ def row_config(row: Row) -> dict:
     from slim_trt.config import CompressConfig
 
     if row.compress is not None:
-        return {"method": "slim_trt.compressor", **CompressConfig(**row.compress).to_dict()}
+        out = {"method": "slim_trt.compressor", **CompressConfig(**row.compress).to_dict()}
+        if row.finetune is not None:
+            out["finetune"] = finetune_settings(row)
+        return out
     if row.peer is not None:
         return PEERS[row.peer]["recipe"]
     return {"method": "dense"}
@@ -152,10 +202,29 @@ def same_config(stored: dict, row: Row) -> bool:
 
     if row.compress is None:
         return stored == row_config(row)
+    stored = {**LEGACY, **stored}
+    if stored.get("finetune") != (finetune_settings(row) if row.finetune is not None else None):
+        return False
+    def normal(c: CompressConfig) -> CompressConfig:  # group_size None means the quantizer's default
+        return dataclasses.replace(c, group_size=c.effective_group_size)
+
     try:
-        return CompressConfig.from_dict(stored) == CompressConfig(**row.compress)
+        return normal(CompressConfig.from_dict(stored)) == normal(CompressConfig(**row.compress))
     except (TypeError, SlimError):
         return False
+
+
+# CompressConfig fields added after results were stored, with the behaviour those results had (a stored config
+# without the field was made that way, whatever the field's default is today).
+LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uniform"}
+
+
+def finetune_settings(row: Row) -> dict:
+    """The row's fine-tuning as recorded: every FinetuneConfig field (defaults filled in) plus "windows"."""
+    from slim_trt.finetune import FinetuneConfig
+
+    kw = {k: v for k, v in row.finetune.items() if k != "windows"}
+    return {**FinetuneConfig(**kw).to_dict(), "windows": row.finetune.get("windows", 32)}
 
 
 def portable_path(path: str) -> str:
@@ -344,6 +413,26 @@ def gap_closed(rows: dict) -> dict:
     return out
 
 
+BUDGET_BITS = 4.5  # issue 7: bits per parameter with adapters, averaged over the compressed linears
+
+
+def best_rows(rows: dict) -> dict:
+    """best_one_shot / best_finetuned: the lowest-perplexity 2:4 INT4 row of ours within BUDGET_BITS (adapters
+    counted), without / with adapter fine-tuning; None when no row qualifies."""
+    def qualifies(r: dict, tuned: bool) -> bool:
+        c = r.get("config") or {}
+        return (r.get("status") == "ok" and c.get("method") == "slim_trt.compressor" and c.get("sparsity") == "2:4"
+                and c.get("bits") == 4 and r["bits_per_param_with_adapters"] <= BUDGET_BITS
+                and ("finetune" in c) == tuned)
+
+    out = {"best_rule": f"lowest perplexity among slim-trt 2:4 INT4 rows at <= {BUDGET_BITS} bits/param with "
+                        f"adapters; best_finetuned among rows with adapter fine-tuning"}
+    for name, tuned in (("best_one_shot", False), ("best_finetuned", True)):
+        cands = [(r["perplexity"], k) for k, r in rows.items() if qualifies(r, tuned)]
+        out[name] = min(cands)[1] if cands else None
+    return out
+
+
 def _fmt(x, nd=2):
     return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
@@ -377,6 +466,12 @@ def markdown(results: dict) -> str:
         lines += ["", f"Gap closed by SLiM-LoRA between SparseGPT+GPTQ and dense: {g['7-slim-lora']:.1%}"
                       + (f" (4-bit adapters: {g['8-slim-lora-q4-adapters']:.1%})"
                          if g.get("8-slim-lora-q4-adapters") is not None else "") + "."]
+    for name in ("best_one_shot", "best_finetuned"):
+        key = results.get(name)
+        if key and key in results["rows"]:
+            r = results["rows"][key]
+            lines += ["", f"{name}: row {key}, perplexity {r['perplexity']:.2f} (x{r['ratio_to_dense']:.3f} dense) at "
+                          f"{r['bits_per_param_with_adapters']:.3f} bits/param with adapters."]
     lines += ["", f"Versions: {json.dumps(results.get('versions', {}))}", ""]
     return "\n".join(lines)
 
@@ -448,6 +543,7 @@ class Results:
             if r.get("status") == "ok" and dense:
                 r["ratio_to_dense"] = round(r["perplexity"] / dense, 4)
         self.data["gap_closed"] = gap_closed(rows)
+        self.data.update(best_rows(rows))
         ordered = {row.key: rows[row.key] for row in ROWS if row.key in rows}
         # metadata first, the (long) rows last, so the file reads top-down
         self.data = {**{k: v for k, v in self.data.items() if k != "rows"}, "rows": ordered}
@@ -473,6 +569,8 @@ class Context:
     dense_ppl: float
     batch_size: int
     eval_batch_size: int
+    settings: Settings
+    out_dir: Path
 
 
 def run_ours(row: Row, ctx: Context) -> dict:
@@ -484,16 +582,42 @@ def run_ours(row: Row, ctx: Context) -> dict:
     report = compress(model, CompressConfig(**row.compress), ctx.calib, batch_size=ctx.batch_size, progress=True)
     peak = peak_rss_gb()
     summary = report.summary()
+    extra = {}
+    if row.finetune is not None:
+        extra["finetune"] = run_finetune(row, ctx, model)
+        peak = peak_rss_gb()
     ev = score(model, ctx.eval, ctx.ref_top1, ctx.eval_batch_size)
     del model
-    return {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
+    return {**extra, "perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
             "bits_per_param": summary["bits_per_param"],
             "bits_per_param_with_adapters": summary["bits_per_param_with_adapters"],
             "compress_seconds": summary["seconds"], "peak_rss_gb": round(peak, 3),
             "mean_rel_error_base": summary["mean_rel_error_base"], "mean_rel_error": summary["mean_rel_error"],
-            "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"]}
+            "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"],
+                           **({"refit_rounds": v["refit_rounds"]} if "refit_rounds" in v else {})}
                        for n, v in report.layers.items()},
             "block_output_rel_error": [b["output_rel_error"] for b in sorted(report.blocks, key=lambda b: b["index"])]}
+
+
+def run_finetune(row: Row, ctx: Context, model) -> dict:
+    """Fine-tune the compressed model's adapters in place (teacher: the dense model); the loss curve goes next to
+    the results as finetune_<row key>.png."""
+    from slim_trt.calibration.data import calibration_windows, load_text
+    from slim_trt.finetune import FinetuneConfig, finetune, save_loss_curve
+
+    st = finetune_settings(row)
+    cfg = FinetuneConfig(**{k: v for k, v in st.items() if k != "windows"})
+    windows = calibration_windows(ctx.tokenizer, load_text(ctx.settings.calib), st["windows"], ctx.settings.seqlen,
+                                  ctx.settings.seed + 1)
+    with tempfile.TemporaryDirectory(prefix="bench-ft-") as state:
+        rep = finetune(model, windows, cfg, state_dir=state, progress=True, teacher=ctx.dense)
+    model.eval()
+    png = ctx.out_dir / f"finetune_{row.key}.png"
+    with tempfile.TemporaryDirectory(dir=ctx.out_dir) as tmp:
+        if save_loss_curve(rep.losses, Path(tmp) / png.name, title=f"row {row.number}: adapter fine-tuning",
+                           loss=cfg.loss):
+            os.replace(Path(tmp) / png.name, png)
+    return {**rep.summary(), "loss_curve": png.name, "losses": [round(x, 5) for x in rep.losses]}
 
 
 def peer_python(venv_dir: Path, peer: str) -> Path:
@@ -596,7 +720,7 @@ def prepare(args, settings: Settings) -> Context:
     print(f"dense perplexity {dense_ppl:.3f} ({time.time() - t0:.0f} s)", flush=True)
     return Context(dense=dense, tokenizer=tok, folder=Path(model_folder(settings.model)), calib=calib, eval=ev,
                    ref_top1=top1, dense_ppl=dense_ppl, batch_size=args.batch_size,
-                   eval_batch_size=args.eval_batch_size)
+                   eval_batch_size=args.eval_batch_size, settings=settings, out_dir=Path(args.out))
 
 
 def run_row(row: Row, ctx: Context, args, base_versions: dict) -> dict:

@@ -5,6 +5,7 @@ per-block resume, save the checkpoint atomically.
 """
 from __future__ import annotations
 
+import copy
 import fnmatch
 import hashlib
 import json
@@ -121,7 +122,8 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
                      for n, lin in linears.items()}
             ranks = plan_block_ranks({n: lin.weight for n, lin in linears.items()},
                                      {n: b[0] for n, b in bases.items()},
-                                     {n: stats[n].saliency for n in linears}, config)
+                                     {n: stats[n].saliency for n in linears}, config,
+                                     {n: stats[n].hessian for n in linears})
         for rel_name, lin in linears.items():
             full = f"{prefix}{i}.{rel_name}"
             layer, info = compress_linear(full, lin, stats[rel_name], config, rank=ranks.get(rel_name),
@@ -216,6 +218,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     text = load_text(calib.source)
     model, tok = load_model(source, trust_remote_code=trust_remote_code)
     _check_divisible(model, config)
+    # Distillation needs the dense model after compression has replaced the layers in place.
+    teacher = copy.deepcopy(model) if finetune is not None and finetune.loss == "kd" else None
     windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed)
     fp = _fingerprint(source, config, windows)
     partial = out.with_name(out.name + ".partial")
@@ -253,8 +257,12 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     else:
         from .finetune import finetune as finetune_adapters, finetune_manifest, save_finetuned
 
-        ft = finetune_adapters(model, windows, finetune, state_dir=partial / "finetune", progress=progress)
-        manifest_extra["finetune"] = finetune_manifest(finetune, ft, calibration="the compression windows")
-        save_finetuned(model, out, tokenizer=tok, manifest_extra=manifest_extra, report=ft, force=force)
+        ft = finetune_adapters(model, windows, finetune, state_dir=partial / "finetune", progress=progress,
+                               teacher=teacher)
+        del teacher
+        manifest_extra["finetune"] = finetune_manifest(finetune, ft, calibration="the compression windows",
+                                                       teacher=source if finetune.loss == "kd" else None)
+        save_finetuned(model, out, tokenizer=tok, manifest_extra=manifest_extra, report=ft, force=force,
+                       loss=finetune.loss)
     shutil.rmtree(partial, ignore_errors=True)
     return out, report

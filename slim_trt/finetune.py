@@ -34,6 +34,8 @@ from .compressed_linear import CompressedLinear, compressed_layers
 from .errors import SlimError
 
 SCHEDULES = ("cosine", "constant")
+LOSSES = ("ce", "kd")
+LOSS_LABELS = {"ce": "next-token cross-entropy (nats/token)", "kd": "KL(dense || compressed) (nats/token)"}
 LOSS_CURVE = "finetune_loss.png"
 
 
@@ -50,6 +52,10 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
     save_every: int = 10  # steps between resumable states
+    # "ce": next-token cross-entropy on the text (SLiM's recipe). "kd": KL divergence from the dense model's
+    # next-token distribution (distillation): every position gives a full 262k-way target instead of one token,
+    # which is what a CPU budget of a few hundred windows needs.
+    loss: str = "ce"
 
     def __post_init__(self) -> None:
         def whole(name: str, v, lo: int) -> None:
@@ -65,6 +71,8 @@ class FinetuneConfig:
             raise SlimError(f"bad --minutes {self.minutes}: give a positive number of minutes")
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise SlimError(f"bad --lr {self.lr}: give a positive learning rate, e.g. 1e-4")
+        if self.loss not in LOSSES:
+            raise SlimError(f"bad --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.schedule not in SCHEDULES:
             raise SlimError(f"bad --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
@@ -133,6 +141,17 @@ def next_token_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     logits = model(input_ids=ids, use_cache=False).logits
     return nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(),
                                        ids[:, 1:].reshape(-1), reduction="sum")
+
+
+def distill_loss(model: nn.Module, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Summed KL(teacher || student) of the next-token distributions at every predicting position of a batch
+    (the same positions as next_token_loss). The teacher runs without gradients."""
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=ids, use_cache=False).logits[:, :-1].float(), dim=-1)
+    logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+    log_p = torch.log_softmax(logits, dim=-1)
+    return nn.functional.kl_div(log_p.reshape(-1, log_p.shape[-1]), target.reshape(-1, target.shape[-1]),
+                                log_target=True, reduction="sum")
 
 
 # ------------------------------------------------------------------------------------------- resumable state
@@ -212,8 +231,11 @@ def adapter_layers(model: nn.Module) -> dict[str, CompressedLinear]:
 
 def finetune(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig | None = None, *,
              state_dir: str | Path | None = None, eval_windows: torch.Tensor | None = None,
-             progress: bool = True, on_step: Callable[[int, float], None] | None = None) -> FinetuneReport:
+             progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+             teacher: nn.Module | None = None) -> FinetuneReport:
     """Train the adapters of `model` in place on token windows [n, seqlen]; returns a report.
+
+    teacher: the dense model, needed by cfg.loss == "kd" (it is only run forward, in eval mode).
 
     state_dir: where the resumable state lives (resumed when it holds a run with the same fingerprint).
     eval_windows: held-out windows whose perplexity is measured before and after.
@@ -226,9 +248,13 @@ def finetune(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig | None
     cfg = cfg or FinetuneConfig()
     if windows.dim() != 2 or windows.shape[0] < 1 or windows.shape[1] < 2:
         raise SlimError(f"fine-tuning needs token windows [n >= 1, seqlen >= 2], got {tuple(windows.shape)}")
+    if cfg.loss == "kd" and teacher is None:
+        raise SlimError("--loss kd distils from the dense model, but none was given: pass --teacher MODEL (the "
+                        "model that was compressed) or use --loss ce")
     layers = adapter_layers(model)
     if not layers:
-        raise SlimError("the model has no low-rank adapters to fine-tune: compress it with --lowrank slim (or svd)")
+        raise SlimError("the model has no low-rank adapters to fine-tune: compress it with --lowrank hessian "
+                        "(or slim, svd)")
     state_dir = Path(state_dir) if state_dir is not None else None
     t_run = time.time()
     was_training = model.training
@@ -255,6 +281,8 @@ def finetune(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig | None
         losses: list[float] = list(meta["losses"])
         report.eval_ppl_before = meta["eval_ppl_before"]
         torch.use_deterministic_algorithms(True, warn_only=True)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
         model.train()  # as the reference Trainer does (dropout, if the model has any, draws from the saved RNG)
         tokens_per_step = cfg.batch_size * (windows.shape[1] - 1)
         bar = tqdm(total=cfg.steps, initial=start, desc="finetune", unit="step", disable=not progress,
@@ -277,7 +305,8 @@ def finetune(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig | None
             batch = windows[batch_indices(step, cfg.batch_size, windows.shape[0], cfg.seed)]
             total = 0.0
             for micro in batch.split(cfg.micro_batch_size):
-                loss = next_token_loss(model, micro) / tokens_per_step
+                loss = (distill_loss(model, teacher, micro) if cfg.loss == "kd"
+                        else next_token_loss(model, micro)) / tokens_per_step
                 loss.backward()
                 total += float(loss.detach())
             if not math.isfinite(total):
@@ -314,7 +343,8 @@ def finetune(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig | None
 
 
 # ------------------------------------------------------------------------------------------- outputs
-def save_loss_curve(losses: list[float], path: str | Path, title: str = "adapter fine-tuning") -> bool:
+def save_loss_curve(losses: list[float], path: str | Path, title: str = "adapter fine-tuning",
+                    loss: str = "ce") -> bool:
     """Write the loss curve as a PNG (matplotlib, Agg canvas); False when matplotlib is not installed."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -331,7 +361,7 @@ def save_loss_curve(losses: list[float], path: str | Path, title: str = "adapter
         smooth = [sum(losses[max(0, i - k + 1):i + 1]) / len(losses[max(0, i - k + 1):i + 1]) for i in range(len(losses))]
         ax.plot(steps, smooth, lw=2, label=f"mean of {k}")
     ax.set_xlabel("step")
-    ax.set_ylabel("next-token cross-entropy")
+    ax.set_ylabel(LOSS_LABELS.get(loss, loss))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
@@ -346,7 +376,7 @@ def finetune_manifest(cfg: FinetuneConfig, report: FinetuneReport, **extra) -> d
 
 
 def save_finetuned(model: nn.Module, out: str | Path, *, tokenizer=None, manifest_extra: dict, report: FinetuneReport,
-                   force: bool = False) -> tuple[Path, bool]:
+                   force: bool = False, loss: str = "ce") -> tuple[Path, bool]:
     """checkpoint.save plus the loss curve PNG, both in place before the folder appears at `out`.
     Returns (out, whether the PNG was written)."""
     from .checkpoint import save
@@ -356,7 +386,7 @@ def save_finetuned(model: nn.Module, out: str | Path, *, tokenizer=None, manifes
     staging = prepare_output(out, force)
     try:
         save(model, staging, tokenizer=tokenizer, manifest_extra=manifest_extra, force=True)
-        plotted = save_loss_curve(report.losses, staging / LOSS_CURVE)
+        plotted = save_loss_curve(report.losses, staging / LOSS_CURVE, loss=loss)
         commit_output(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -375,9 +405,13 @@ _CHECKPOINT_KEYS = ("format", "schema_version", "architecture", "tied", "layers"
 def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig | None = None, *,
                         calib_source: str | None = None, nsamples: int = 128, seqlen: int = 512, calib_seed: int = 0,
                         eval_source: str | None = None, eval_windows: int = 0, state_dir: str | Path | None = None,
-                        force: bool = False, progress: bool = True) -> tuple[Path, FinetuneReport, bool]:
+                        force: bool = False, progress: bool = True, teacher: str | None = None,
+                        trust_remote_code: bool = False) -> tuple[Path, FinetuneReport, bool]:
     """The job behind `slim-trt finetune`: load CKPT, fine-tune its adapters on calibration windows, save OUT
-    (a new checkpoint whose manifest records the fine-tuning). Returns (out, report, loss curve written)."""
+    (a new checkpoint whose manifest records the fine-tuning). Returns (out, report, loss curve written).
+
+    teacher: the dense model for cfg.loss == "kd" (MODEL as `slim-trt compress` takes it); by default the
+    checkpoint's own source model, as its manifest names it."""
     from transformers import AutoTokenizer
 
     from .calibration.data import SHIPPED_EVAL, calibration_windows, eval_windows as make_eval_windows, load_text
@@ -393,12 +427,21 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
         raise SlimError(f"the output {out} is the input checkpoint: write the fine-tuned model to another -o")
     manifest = read_manifest(ckpt)
     if not any(meta.get("rank") for meta in manifest["layers"].values()):
-        raise SlimError(f"{ckpt} has no low-rank adapters to fine-tune: compress with --lowrank slim (or svd)")
+        raise SlimError(f"{ckpt} has no low-rank adapters to fine-tune: compress with --lowrank hessian (or slim, svd)")
     _refuse_existing(out, force)
     try:
         tok = AutoTokenizer.from_pretrained(ckpt)
     except (OSError, ValueError) as e:
         raise SlimError(f"{ckpt} has no usable tokenizer ({type(e).__name__}): re-run compress, which saves it")
+    teacher_model = None
+    if cfg.loss == "kd":
+        from .models import load_model
+
+        teacher = teacher or manifest.get("source_model")
+        if not teacher:
+            raise SlimError(f"--loss kd needs the dense model and {ckpt}'s manifest does not name one: pass "
+                            f"--teacher MODEL")
+        teacher_model, _ = load_model(teacher, trust_remote_code=trust_remote_code)
     model = load(ckpt)
     windows = calibration_windows(tok, load_text(calib_source), nsamples, seqlen, calib_seed)
     held_out = None
@@ -407,13 +450,17 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
     state_dir = Path(state_dir) if state_dir is not None else out.with_name(out.name + ".partial")
     if progress and state_dir.exists() and _state_files(state_dir):
         print(f"resuming from {state_dir}", file=sys.stderr)
-    report = finetune(model, windows, cfg, state_dir=state_dir, eval_windows=held_out, progress=progress)
+    report = finetune(model, windows, cfg, state_dir=state_dir, eval_windows=held_out, progress=progress,
+                      teacher=teacher_model)
+    del teacher_model
     extra = {k: v for k, v in manifest.items() if k not in _CHECKPOINT_KEYS and k != "finetune"}
     calibration = {"source": calib_source or "shipped:calib_sample.txt", "nsamples": nsamples, "seqlen": seqlen,
                    "seed": calib_seed}
     extra["finetune"] = finetune_manifest(cfg, report, source_checkpoint=str(ckpt), calibration=calibration,
+                                          teacher=teacher if cfg.loss == "kd" else None,
                                           eval={"source": eval_source or "shipped:eval_sample.txt",
                                                 "windows": len(held_out) if held_out is not None else 0})
-    out, plotted = save_finetuned(model, out, tokenizer=tok, manifest_extra=extra, report=report, force=force)
+    out, plotted = save_finetuned(model, out, tokenizer=tok, manifest_extra=extra, report=report, force=force,
+                                  loss=cfg.loss)
     shutil.rmtree(state_dir, ignore_errors=True)
     return out, report, plotted

@@ -7,7 +7,7 @@ import slim_trt
 from slim_trt.algorithms.prune import nm_violations
 from slim_trt.compressor import compress, compress_model
 from slim_trt.compressed_linear import compressed_layers
-from slim_trt.config import CalibConfig, CompressConfig
+from slim_trt.config import PRESETS, CalibConfig, CompressConfig
 from slim_trt.errors import SlimError
 from tests.conftest import calib_windows, tiny_model
 
@@ -19,7 +19,7 @@ def _logit_err(model, ref, x):
 
 def test_every_block_linear_is_compressed_2to4_along_k(family):
     model = tiny_model(family)
-    report = compress(model, CompressConfig(), calib_windows(n=6, seqlen=24), progress=False)
+    report = compress(model, CompressConfig(**PRESETS["slim-paper"]), calib_windows(n=6, seqlen=24), progress=False)
     layers = dict(compressed_layers(model))
     n_blocks = model.config.num_hidden_layers
     assert len(layers) == len(report.layers) == n_blocks * (7 if family != "opt" else 6)
@@ -39,22 +39,38 @@ def test_every_block_linear_is_compressed_2to4_along_k(family):
         assert q.min() >= -8 and q.max() <= 7
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_the_default_recipe_gives_group_scales_and_4bit_adapters(family):
+    model = tiny_model(family)
+    compress(model, CompressConfig(), calib_windows(n=6, seqlen=24), progress=False)
+    for name, layer in compressed_layers(model):
+        N, K = layer.base_weight().shape
+        assert nm_violations(layer.base_weight(), 2, 4) == 0 and int(layer.mask.sum()) == N * K // 2, name
+        assert layer.qweight.scale.shape == (N, -(-K // 128))  # one SLiM-Quant scale per 128 input columns
+        assert layer.rank == -(-min(N, K) * 23 // 100)  # ceil(0.23 x min(N, K))
+        for q in (layer.lora_L_q, layer.lora_R_q):
+            assert q is not None and q.bits == 4 and q.q.min() >= -8 and q.q.max() <= 7
+
+
 def test_adapters_lower_the_model_output_error():
     windows = calib_windows(n=8, seqlen=32)
     x = calib_windows(n=4, seqlen=32, seed=5)
     ref = tiny_model("llama")(x).logits
     errs = {}
-    for lowrank in ("none", "svd", "slim"):
+    for lowrank in ("none", "svd", "slim", "hessian"):
         model = tiny_model("llama")
-        compress(model, CompressConfig(lowrank=lowrank, rank_ratio=0.25), windows, progress=False)
+        cfg = CompressConfig(**{**PRESETS["slim-paper"], "lowrank": lowrank, "rank_ratio": 0.25})
+        compress(model, cfg, windows, progress=False)
         errs[lowrank] = _logit_err(model, ref, x)
     assert errs["slim"] < 0.9 * errs["none"], errs
     assert errs["svd"] < errs["none"], errs
+    assert errs["hessian"] < errs["slim"], errs
 
 
 def test_report_counts_bits_exactly():
     model = tiny_model("llama")
-    rep = compress(model, CompressConfig(lowrank="none"), calib_windows(n=2, seqlen=16), progress=False)
+    cfg = CompressConfig(**{**PRESETS["slim-paper"], "lowrank": "none"})
+    rep = compress(model, cfg, calib_windows(n=2, seqlen=16), progress=False)
     # 2:4 INT4: 2 kept values x 4 bits + 2 x 2-bit indices per group of 4 = 3 bits/weight, plus one fp16 scale
     params = sum(v["params"] for v in rep.layers.values())
     assert rep.bits_per_param(False) == pytest.approx(3.0 + 16 * len(rep.layers) / params)
@@ -105,7 +121,7 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_pat
 
     # a different config must not silently mix with the saved blocks
     with pytest.raises(SlimError, match="different"):
-        compress_model(str(tiny_model_dir), out_b, CompressConfig(rank_ratio=0.2), calib, progress=False)
+        compress_model(str(tiny_model_dir), out_b, CompressConfig(rank_ratio=0.3), calib, progress=False)
     compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
     assert not (tmp_path / "b.partial").exists()
     a, b = slim_trt.load(out_a), slim_trt.load(out_b)

@@ -1,6 +1,6 @@
 import pytest
 
-from slim_trt.config import CalibConfig, CompressConfig, Sparsity
+from slim_trt.config import PRESETS, CalibConfig, CompressConfig, Sparsity
 from slim_trt.errors import SlimError
 
 
@@ -18,11 +18,19 @@ def test_sparsity_parse_rejects(bad):
         Sparsity.parse(bad)
 
 
-def test_defaults_are_the_slim_paper():
-    c = CompressConfig()
-    assert (c.sparsity, c.bits, c.quantizer, c.pruner, c.lowrank, c.rank_ratio) == ("2:4", 4, "slim", "wanda", "slim", 0.1)
-    assert c.effective_group_size == 0
-    assert CompressConfig(quantizer="absmax").effective_group_size == 128
+def test_defaults_are_the_best_one_shot_recipe_and_the_preset_is_the_paper():
+    c = CompressConfig()  # bench row 24 (issue 7): SparseGPT + SLiM-Quant g128, H-LoRA r 0.23, GPTQ-rounded
+    assert (c.sparsity, c.bits, c.quantizer, c.pruner, c.lowrank, c.rank_ratio, c.quantize_adapters) == \
+        ("2:4", 4, "slim", "sparsegpt", "hessian", 0.23, True)
+    assert c.effective_group_size == 128 and (c.refit_rounds, c.rank_allocation) == (3, "uniform")
+    assert c.adapter_quantizer == "gptq"
+    assert CompressConfig(lowrank="none").refit_rounds == 0  # nothing to alternate with
+    p = CompressConfig(**PRESETS["slim-paper"])
+    assert (p.sparsity, p.bits, p.quantizer, p.pruner, p.lowrank, p.rank_ratio, p.quantize_adapters) == \
+        ("2:4", 4, "slim", "wanda", "slim", 0.1, False)
+    assert p.effective_group_size == 0 and CompressConfig(quantizer="slim", group_size=None).effective_group_size == 0
+    # every knob is in the preset, so it keeps its meaning whatever the defaults become
+    assert set(PRESETS["slim-paper"]) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
 
 
 @pytest.mark.parametrize("kw", [dict(rank_ratio=0.0), dict(rank_ratio=1.0), dict(rank_ratio=-0.1), dict(bits=3),

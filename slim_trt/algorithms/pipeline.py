@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CompressConfig
-from .lowrank import rank_for
+from .lowrank import hessian_root, rank_for
 from .prune import magnitude_scores, prune, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
@@ -75,7 +75,7 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
     rounds = 0
     if cfg.lowrank != "none":
         r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
-        L, R = fit_adapters(E, saliency, r, cfg)
+        L, R = fit_adapters(E, saliency, r, cfg, H)
         if cfg.refit_rounds:
             res = refit(W, H, saliency, weight, mask, L, R, cfg, cfg.refit_rounds)
             weight, L, R, rounds = res.weight, res.lora_L, res.lora_R, res.rounds_kept
@@ -91,12 +91,17 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
 # Sensitivity-based ranks: one block's uniform adapter budget, spent where the error is
 # ---------------------------------------------------------------------------------------------------------------
 
-def error_spectrum(W: torch.Tensor, E: torch.Tensor, saliency: torch.Tensor, lowrank: str) -> torch.Tensor:
+def error_spectrum(W: torch.Tensor, E: torch.Tensor, saliency: torch.Tensor, lowrank: str,
+                   H: torch.Tensor | None = None, percdamp: float = 0.01) -> torch.Tensor:
     """Singular values of the error in the norm the adapters minimise, relative to the weight in that norm:
-    svd(E diag(s)) / ||W diag(s)||_F for SLiM-LoRA, svd(E) / ||W||_F for plain SVD. The sum of the squares past
-    rank r is the squared relative error rank-r adapters leave (Eckart-Young)."""
+    svd(E diag(s)) / ||W diag(s)||_F for SLiM-LoRA, svd(E C) / ||W C||_F (C C^T = H) for "hessian",
+    svd(E) / ||W||_F for plain SVD. The sum of the squares past rank r is the squared relative error rank-r
+    adapters leave (Eckart-Young)."""
     W, E = W.detach().to(torch.float32), E.detach().to(torch.float32)
-    if lowrank == "slim" and float(saliency.max()) > 0:  # slim_lowrank falls back to plain SVD on s == 0
+    C = hessian_root(H, percdamp) if lowrank == "hessian" and H is not None else None
+    if C is not None:
+        W, E = W @ C, E @ C
+    elif lowrank == "slim" and float(saliency.max()) > 0:  # slim_lowrank falls back to plain SVD on s == 0
         s = saliency.detach().to(torch.float32).reshape(1, -1)
         W, E = W * s, E * s
     den = float(torch.linalg.norm(W))
@@ -143,14 +148,15 @@ def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budg
 
 
 def plan_block_ranks(weights: dict[str, torch.Tensor], bases: dict[str, QuantizedTensor | torch.Tensor],
-                     saliencies: dict[str, torch.Tensor], cfg: CompressConfig) -> dict[str, int]:
+                     saliencies: dict[str, torch.Tensor], cfg: CompressConfig,
+                     hessians: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Ranks for the linears of one block: the block's uniform budget sum_i rank_for(N_i, K_i) (N_i + K_i),
     shared out by allocate_ranks on the errors the bases leave."""
     spectra, costs, caps, budget = {}, {}, {}, 0
     for n, W in weights.items():
         N, K = W.shape
         E = W.detach().to(torch.float32) - _as_float(bases[n])
-        spectra[n] = error_spectrum(W, E, saliencies[n], cfg.lowrank)
+        spectra[n] = error_spectrum(W, E, saliencies[n], cfg.lowrank, (hessians or {}).get(n), cfg.percdamp)
         costs[n], caps[n] = N + K, min(N, K)
         budget += rank_for(N, K, cfg.rank_ratio, cfg.rank_multiple) * (N + K)
     return allocate_ranks(spectra, costs, budget, caps, cfg.rank_multiple)

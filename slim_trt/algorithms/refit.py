@@ -5,7 +5,7 @@ base can do better: quantize W - L R instead of W (with the same mask and the sa
 reference code's Q(mask(W - L R))), then re-fit the adapters to the new error W - W_c. Each half-step is a
 minimisation of (a proxy of) the same objective, so alternating them a few rounds is the classic low-rank +
 sparse/quantized decomposition. The proxies differ (SLiM-LoRA weights by diag(s), the base rule by nothing or by
-H), so a round is kept only if the activation-weighted output error tr(E H E^T) actually goes down.
+H; lowrank "hessian" uses H on both sides), so a round is kept only if the activation-weighted output error tr(E H E^T) actually goes down.
 
 Pure: tensors and a config in, tensors out.
 """
@@ -17,7 +17,7 @@ import torch
 
 from ..config import CompressConfig
 from .gptq import gptq_quantize
-from .lowrank import quantize_adapter, slim_lowrank, svd_lowrank
+from .lowrank import gptq_adapters, hessian_lowrank, quantize_adapter, slim_lowrank, svd_lowrank
 from .obs import obs_sweep
 from .qtensor import QuantizedTensor
 from .quantize import quantize_weight
@@ -53,10 +53,22 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
     return QuantizedTensor(q=qt.q * mask.to(torch.int8), scale=qt.scale, bits=bits, group_size=qt.group_size)
 
 
-def fit_adapters(E: torch.Tensor, saliency: torch.Tensor, rank: int, cfg: CompressConfig) -> tuple[Factor, Factor]:
-    """L, R for the error E by the config's low-rank method, quantized when the config asks for it."""
-    L, R = slim_lowrank(E, saliency, rank) if cfg.lowrank == "slim" else svd_lowrank(E, rank)
-    if cfg.quantize_adapters:
+def fit_adapters(E: torch.Tensor, saliency: torch.Tensor, rank: int, cfg: CompressConfig,
+                 H: torch.Tensor | None = None) -> tuple[Factor, Factor]:
+    """L, R for the error E by the config's low-rank method, quantized when the config asks for it.
+    `H` (the layer's input second moment) is needed by lowrank "hessian" and used by adapter_quantizer "gptq"
+    (without it the adapters are rounded to nearest)."""
+    if cfg.lowrank == "hessian":
+        if H is None:
+            raise ValueError("lowrank 'hessian' needs the layer's H")
+        L, R = hessian_lowrank(E, H, rank, cfg.percdamp)
+    elif cfg.lowrank == "slim":
+        L, R = slim_lowrank(E, saliency, rank)
+    else:
+        L, R = svd_lowrank(E, rank)
+    if cfg.quantize_adapters and cfg.adapter_quantizer == "gptq" and H is not None:
+        L, R = gptq_adapters(E, L, R, H, cfg.adapter_bits, cfg.adapter_group_size, cfg.percdamp)
+    elif cfg.quantize_adapters:
         L = quantize_adapter(L, cfg.adapter_bits, cfg.adapter_group_size)
         R = quantize_adapter(R, cfg.adapter_bits, cfg.adapter_group_size)
     return L, R
@@ -91,7 +103,7 @@ def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Fact
     for _ in range(rounds):
         base = base_on_mask(W - as_float(best.lora_L) @ as_float(best.lora_R), H, mask, cfg)
         E = W - as_float(base)
-        L, R = fit_adapters(E, saliency, rank, cfg)
+        L, R = fit_adapters(E, saliency, rank, cfg, H)
         new_err = output_energy(E - as_float(L) @ as_float(R), H)
         if not new_err < err:
             break  # the next round would start from the same state and give the same answer

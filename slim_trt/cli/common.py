@@ -7,7 +7,15 @@ import sys
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show defaults and keep the examples in descriptions as written."""
+    """Show defaults and keep the examples in descriptions as written. A help text that states its own default
+    ("[default: ...]", used where the parsed default is None so that presets can tell "not given" apart) or
+    whose default is None/False says nothing more."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "[default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+            return text
+        return super()._get_help_string(action)
 
 
 def add_parser(sub, name: str, help: str, description: str, examples: str = ""):

@@ -8,11 +8,12 @@ def register(sub) -> None:
     p = add_parser(
         sub, "finetune", "fine-tune the low-rank adapters of a compressed checkpoint",
         "Train only L and R of every compressed layer (the quantized, pruned base and every other weight stay\n"
-        "frozen) with next-token cross-entropy on calibration text: AdamW, linear warmup, cosine or constant\n"
-        "schedule, gradient clipping (SLiM's recipe). 4-bit adapters are trained through a straight-through\n"
-        "estimator and saved on their quantization grid. Bounded by --steps and/or --minutes; an interrupted run\n"
-        "resumes from --state when re-run unchanged. Writes a new checkpoint with the loss curve\n"
-        "(finetune_loss.png) and the fine-tuning config and report in its manifest.",
+        "frozen) with next-token cross-entropy on calibration text (SLiM's recipe) or by distilling the dense\n"
+        "model (--loss kd): AdamW, linear warmup, cosine or constant schedule, gradient clipping. 4-bit\n"
+        "adapters are trained through a straight-through estimator and saved on their quantization grid.\n"
+        "Bounded by --steps and/or --minutes; an interrupted run resumes from --state when re-run unchanged.\n"
+        "Writes a new checkpoint with the loss curve (finetune_loss.png) and the fine-tuning config and\n"
+        "report in its manifest.",
         "  slim-trt finetune out/gemma-slim -o out/gemma-slim-ft --minutes 30\n"
         "  slim-trt finetune out/gemma-slim -o out/gemma-slim-ft --steps 200 --lr 2e-4 --calib data.txt",
     )
@@ -30,6 +31,11 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step")
     p.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward/backward pass")
     p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
+    p.add_argument("--loss", choices=["ce", "kd"], default="ce",
+                   help="ce: next-token cross-entropy (SLiM's recipe); kd: distil the dense model's next-token "
+                        "distribution (KL), which learns more per window [default: ce]")
+    p.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="the dense model for --loss kd [default: the checkpoint's source model]")
     p.add_argument("--seed", type=int, default=0, help="window sampling and batch order")
     p.add_argument("--save-every", type=int, default=10, help="steps between resumable states")
     p.add_argument("--state", default=None, metavar="DIR", help="resumable state folder [default: OUT.partial]")
@@ -48,11 +54,11 @@ def run(args) -> int:
     cfg = FinetuneConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, schedule=args.schedule,
                          warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                          micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm, seed=args.seed,
-                         save_every=args.save_every)
+                         save_every=args.save_every, loss=args.loss)
     out, report, plotted = finetune_checkpoint(
         args.checkpoint, args.output, cfg, calib_source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen,
         calib_seed=args.seed, eval_source=args.eval_data, eval_windows=args.eval_windows, state_dir=args.state,
-        force=args.force, progress=not args.quiet)
+        force=args.force, progress=not args.quiet, teacher=args.teacher)
     s = report.summary()
     eprint(f"wrote {out}: {s['steps']} steps ({'time budget reached' if s['stopped'] == 'time' else 'done'}) in "
            f"{s['seconds']:.1f} s, {s['trainable_params']} adapter parameters in {s['adapted_layers']} layers, "

@@ -1,6 +1,7 @@
 """Base/adapter refit rounds and sensitivity-based rank allocation (issue 7 one-shot options)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import defaultdict
 
@@ -14,8 +15,15 @@ from slim_trt.algorithms.qtensor import QuantizedTensor
 from slim_trt.algorithms.quantize import slim_quant_scale
 from slim_trt.algorithms.refit import as_float, base_on_mask, fit_adapters, refit
 from slim_trt.compressor import compress
-from slim_trt.config import CompressConfig
+from slim_trt.config import PRESETS, CompressConfig
 from tests.conftest import calib_windows, tiny_model
+
+PAPER = CompressConfig(**PRESETS["slim-paper"])
+
+
+def paper(**changes) -> CompressConfig:
+    """The SLiM paper's recipe with some knobs changed (the defaults are another recipe)."""
+    return dataclasses.replace(PAPER, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -25,17 +33,18 @@ def heavy(layer, student_t):
     return 0.05 * student_t((128, 256), seed=2), H, X.norm(dim=0)
 
 
-CONFIGS = [dict(), dict(quantize_adapters=True), dict(group_size=128), dict(quantizer="absmax"),
-           dict(quantizer="gptq"), dict(pruner="sparsegpt", quantizer="gptq"), dict(bits=16), dict(lowrank="svd")]
+CONFIGS = [dict(), dict(quantize_adapters=True), dict(group_size=128), dict(quantizer="absmax", group_size=128),
+           dict(quantizer="gptq", group_size=128), dict(pruner="sparsegpt", quantizer="gptq", group_size=128),
+           dict(bits=16), dict(lowrank="svd"), dict(lowrank="hessian")]
 
 
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: ",".join(f"{k}={v}" for k, v in kw.items()) or "slim-paper")
 def test_refit_never_increases_the_output_error(kw, heavy):
     W, H, s = heavy
-    cfg = CompressConfig(**kw)
+    cfg = paper(**kw)
     weight, mask = compress_base(W, H, s, cfg)
     r = rank_for(*W.shape, cfg.rank_ratio)
-    L, R = fit_adapters(W - as_float(weight), s, r, cfg)
+    L, R = fit_adapters(W - as_float(weight), s, r, cfg, H)
     res = refit(W, H, s, weight, mask, L, R, cfg, rounds=3)
     e = res.energies
     assert len(e) == res.rounds_kept + 1 and all(b < a for a, b in zip(e, e[1:])), e
@@ -48,10 +57,17 @@ def test_refit_never_increases_the_output_error(kw, heavy):
         assert isinstance(res.weight, QuantizedTensor) and res.weight.bits == 4
 
 
+def test_refit_never_increases_the_output_error_with_the_defaults(heavy):
+    W, H, s = heavy
+    one_shot, refitted = (compress_weight(W, H, s, s, CompressConfig(refit_rounds=k)) for k in (0, 2))
+    assert refitted.rel_error <= one_shot.rel_error and 0 <= refitted.refit_rounds <= 2
+    assert refitted.rel_error_base == one_shot.rel_error_base
+
+
 def test_refit_gains_on_the_slim_paper_recipe(heavy):
     # measured on this layer: rel. output error 0.2191 (one-shot) -> 0.2056 (1 round) -> 0.2000 (3 rounds)
     W, H, s = heavy
-    one_shot, one, three = (compress_weight(W, H, s, s, CompressConfig(refit_rounds=k)) for k in (0, 1, 3))
+    one_shot, one, three = (compress_weight(W, H, s, s, paper(refit_rounds=k)) for k in (0, 1, 3))
     assert one.rel_error < 0.96 * one_shot.rel_error and three.rel_error < one.rel_error
     assert (one.refit_rounds, three.refit_rounds) == (1, 3)
     assert three.rel_error_base == one_shot.rel_error_base  # reported against the first base, as before
@@ -64,9 +80,9 @@ def test_refit_strictly_decreases_when_both_steps_are_exact(heavy, student_t):
     g = torch.Generator().manual_seed(3)
     s = torch.exp(0.7 * torch.randn(256, generator=g))
     H = torch.diag(s * s)
-    cw = compress_weight(W, H, s, s, CompressConfig(bits=16, refit_rounds=4))
+    cw = compress_weight(W, H, s, s, paper(bits=16, refit_rounds=4))
     assert cw.refit_rounds == 4  # every round was kept, i.e. lowered the error
-    assert cw.rel_error < 0.9 * compress_weight(W, H, s, s, CompressConfig(bits=16)).rel_error
+    assert cw.rel_error < 0.9 * compress_weight(W, H, s, s, paper(bits=16)).rel_error
     # measured rel. output error per round: 0.1254 -> 0.1145 -> 0.1102 -> 0.1077 -> 0.1061
 
 
@@ -74,7 +90,7 @@ def test_refit_base_is_q_of_masked_w_minus_lr(heavy):
     """SLiM-Quant per tensor: the new base is round(mask(W - L R) / scale) with the scale SLiM-Quant picks on the
     dense W - L R, the same rule as the first base (the reference code's Q(mask(W - L R)))."""
     W, H, s = heavy
-    cfg = CompressConfig()
+    cfg = PAPER
     weight, mask = compress_base(W, H, s, cfg)
     L, R = fit_adapters(W - weight.dequantize(), s, 13, cfg)
     T = W - L @ R
@@ -120,13 +136,21 @@ def test_allocate_ranks_is_optimal_for_equal_costs():
 
 def test_error_spectrum_gives_the_relative_error_adapters_leave(heavy):
     W, H, s = heavy
-    cfg = CompressConfig()
+    cfg = PAPER
     weight, _ = compress_base(W, H, s, cfg)
     E = W - weight.dequantize()
     S = error_spectrum(W, E, s, "slim")
     L, R = fit_adapters(E, s, 10, cfg)
     left = torch.linalg.norm((E - L @ R) * s) / torch.linalg.norm(W * s)
     assert float(left) == pytest.approx(float(S[10:].square().sum().sqrt()), rel=1e-4)
+    # with the full H the spectrum is that of E C (C C^T = H + damping), and rank-r H-LoRA leaves its tail
+    cfg_h = paper(lowrank="hessian")
+    S = error_spectrum(W, E, s, "hessian", H, cfg_h.percdamp)
+    L, R = fit_adapters(E, s, 10, cfg_h, H)
+    D = E - L @ R
+    Hd = H + cfg_h.percdamp * H.diagonal().mean() * torch.eye(H.shape[0])
+    left = (((D @ Hd) * D).sum() / ((W @ Hd) * W).sum()).sqrt()
+    assert float(left) == pytest.approx(float(S[10:].square().sum().sqrt()), rel=1e-3)
 
 
 @pytest.mark.parametrize("family", ["llama", "opt"])
@@ -135,7 +159,7 @@ def test_sensitivity_ranks_keep_each_block_within_the_uniform_budget(family):
     reports = {}
     for alloc in ("uniform", "sensitivity"):
         model = tiny_model(family)
-        reports[alloc] = compress(model, CompressConfig(rank_allocation=alloc), windows, progress=False).layers
+        reports[alloc] = compress(model, paper(rank_allocation=alloc), windows, progress=False).layers
     uni, sens = reports["uniform"], reports["sensitivity"]
     assert uni.keys() == sens.keys()
 
@@ -157,8 +181,8 @@ def test_sensitivity_ranks_keep_each_block_within_the_uniform_budget(family):
 
 def test_compress_with_refit_rounds_reports_them():
     windows = calib_windows(n=8, seqlen=32)
-    one_shot = compress(tiny_model("llama"), CompressConfig(), windows, progress=False).layers
-    refitted = compress(tiny_model("llama"), CompressConfig(refit_rounds=2), windows, progress=False).layers
+    one_shot = compress(tiny_model("llama"), PAPER, windows, progress=False).layers
+    refitted = compress(tiny_model("llama"), paper(refit_rounds=2), windows, progress=False).layers
     assert all(0 <= v["refit_rounds"] <= 2 for v in refitted.values()) and "refit_rounds" not in next(iter(one_shot.values()))
     block0 = [n for n in one_shot if ".layers.0." in n]  # block 0 sees the same inputs in both runs
     assert all(refitted[n]["rel_error"] <= one_shot[n]["rel_error"] for n in block0)
@@ -169,3 +193,24 @@ def test_output_rel_error_matches_energies(heavy):
     W, H, _ = heavy
     E = 0.1 * W
     assert output_rel_error(E, W, H) == pytest.approx(0.1, rel=1e-5)
+
+
+def test_sensitivity_ranks_with_the_default_h_lora():
+    """The defaults (H-LoRA, GPTQ-rounded 4-bit adapters): the spectra come from E C (C C^T = H), and every
+    block still spends at most its uniform budget of adapter parameters sum r (N + K)."""
+    windows = calib_windows(n=8, seqlen=32)
+    uni = compress(tiny_model("llama"), CompressConfig(), windows, progress=False).layers
+    sens = compress(tiny_model("llama"), CompressConfig(rank_allocation="sensitivity"), windows, progress=False).layers
+    model = tiny_model("llama")
+    shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in uni}
+
+    def per_block(layers):
+        out = defaultdict(int)
+        for name, v in layers.items():
+            N, K = shapes[name]
+            out[name.split(".layers.")[1].split(".")[0]] += v["rank"] * (N + K)
+        return out
+
+    b_uni, b_sens = per_block(uni), per_block(sens)
+    assert all(b_sens[b] <= b_uni[b] for b in b_uni) and any(sens[n]["rank"] != uni[n]["rank"] for n in uni)
+    assert sum(v["rel_error"] ** 2 for v in sens.values()) < sum(v["rel_error"] ** 2 for v in uni.values())

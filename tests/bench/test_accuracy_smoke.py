@@ -151,15 +151,55 @@ def test_peer_bits_use_the_storage_formula():
 
 def test_row_selection():
     assert [r.number for r in bench.select_rows("7,dense,slim-lora")] == [7, 1]
-    assert len(bench.select_rows("all")) == 12
+    assert len(bench.select_rows("all")) == len(bench.ROWS) == 26
+    assert [r.number for r in bench.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
     with pytest.raises(bench.SlimError):
-        bench.select_rows("13")
+        bench.select_rows("99")
 
 
 def test_stored_config_matches_when_new_fields_keep_their_defaults():
     row = next(r for r in bench.ROWS if r.name == "slim-lora")
     stored = bench.row_config(row)
-    older = {k: v for k, v in stored.items() if k != "rank_ratio"}  # written before a field existed
+    # written before refit_rounds and rank_allocation existed (their defaults keep the old behaviour)
+    older = {k: v for k, v in stored.items() if k not in ("refit_rounds", "rank_allocation")}
     assert bench.same_config(stored, row) and bench.same_config(older, row)
     assert not bench.same_config({**stored, "bits": 8}, row)
     assert not bench.same_config(stored, next(r for r in bench.ROWS if r.name == "slim-lora-q4-adapters"))
+    # stored before adapter_quantizer existed: those adapters were rounded to nearest
+    row16 = next(r for r in bench.ROWS if r.number == 16)
+    old16 = {k: v for k, v in bench.row_config(row16).items() if k != "adapter_quantizer"}
+    assert bench.same_config(old16, row16)
+    assert not bench.same_config(old16, next(r for r in bench.ROWS if r.number == 18))
+
+
+def test_finetune_row_records_its_training(smoke_run, tmp_path):
+    """Row 23 (row 18's compression + KD fine-tuning) on the tiny model: the training is recorded in the row and
+    its loss curve lands next to the results; the row's config carries the fine-tuning settings."""
+    argv = [a for a in smoke_run[0]]
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    assert bench.main(argv + ["--rows", "18,23"]) == 0
+    rows = json.loads((tmp_path / "accuracy_tiny-llama.json").read_text())["rows"]
+    one_shot, tuned = rows["18-sgpt-gptq-hlora-gq4-r02"], rows["23-sgpt-gptq-hlora-gq4-r02-ft"]
+    assert one_shot["status"] == tuned["status"] == "ok"
+    ft = tuned["finetune"]
+    assert ft["steps"] == 50 and ft["stopped"] == "steps" and len(ft["losses"]) == 50
+    assert tuned["config"]["finetune"]["loss"] == "kd" and tuned["config"]["finetune"]["windows"] == 128
+    assert (tmp_path / ft["loss_curve"]).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sum(ft["losses"][-5:]) < sum(ft["losses"][:5])  # the distillation loss went down
+    # the same compression: fine-tuning changes only the adapters, so the storage is the same
+    assert tuned["bits_per_param_with_adapters"] == one_shot["bits_per_param_with_adapters"]
+    assert "finetune" not in one_shot["config"]
+
+
+def test_best_rows_follow_the_budget_and_the_finetuning_split():
+    def row(ppl, storage, **cfg):
+        return {"status": "ok", "perplexity": ppl, "bits_per_param_with_adapters": storage,
+                "config": {"method": "slim_trt.compressor", "sparsity": "2:4", "bits": 4, **cfg}}
+
+    rows = {"a": row(50.0, 4.6), "b": row(60.0, 4.4), "c": row(55.0, 4.3, sparsity="unstructured:0.5"),
+            "d": row(40.0, 4.4, finetune={"loss": "kd"}), "e": row(45.0, 16.0, bits=8),
+            "f": {"status": "ok", "perplexity": 1.0, "bits_per_param_with_adapters": 4.1,
+                  "config": {"library": "llmcompressor"}}}
+    best = bench.best_rows(rows)
+    assert best["best_one_shot"] == "b" and best["best_finetuned"] == "d"
+    assert bench.best_rows({"a": rows["a"]})["best_one_shot"] is None

@@ -25,6 +25,23 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
     assert rc == 0 and float(text.strip()) > 1.0
 
 
+@pytest.mark.parametrize("flags,expect", [
+    ([], dict(pruner="sparsegpt", quantizer="slim", lowrank="hessian", rank_ratio=0.23, quantize_adapters=True,
+              adapter_quantizer="gptq", effective_group_size=128, refit_rounds=3)),
+    (["--preset", "slim-paper"], dict(pruner="wanda", quantizer="slim", lowrank="slim", rank_ratio=0.1,
+                                      quantize_adapters=False, effective_group_size=0, refit_rounds=0)),
+    (["--preset", "slim-paper", "--quantize-adapters", "--lowrank", "hessian"],
+     dict(pruner="wanda", lowrank="hessian", quantize_adapters=True, adapter_quantizer="rtn")),
+    (["--no-quantize-adapters", "--adapter-quantizer", "rtn"], dict(quantize_adapters=False, adapter_quantizer="rtn")),
+])
+def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, *flags], capsys)
+    assert rc == 0, err
+    method = json.loads((out / "slim_manifest.json").read_text())["method"]
+    assert {k: method[k] for k in expect} == expect
+
+
 def test_help_teaches(capsys):
     with pytest.raises(SystemExit) as e:
         main(["compress", "--help"])
