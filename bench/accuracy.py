@@ -68,6 +68,10 @@ def paper(**changes) -> dict:
 
 # The SparseGPT + GPTQ (group 128) base with 4-bit adapters: what issue 7's rows vary.
 SGPT = dict(pruner="sparsegpt", quantizer="gptq", group_size=128, quantize_adapters=True)
+# Row 18: H-LoRA r0.2 with GPTQ-rounded adapters; row 24: the best one-shot recipe (the CompressConfig defaults).
+HLORA = paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")
+BEST = {**HLORA, "quantizer": "slim", "rank_ratio": 0.23, "refit_rounds": 3}
+FINETUNE = {"loss": "kd", "steps": 50, "minutes": 25.0, "batch_size": 4, "lr": 1e-4, "windows": 128}
 
 # 2:4 sparsity and 4-bit weights unless named.
 ROWS: tuple[Row, ...] = (
@@ -97,27 +101,21 @@ ROWS: tuple[Row, ...] = (
     Row(17, "sgpt-gptq-hlora-q4-r01", "SparseGPT+GPTQ g128 + H-LoRA (full H) r0.1, 4-bit adapters",
         paper(**SGPT, lowrank="hessian")),
     Row(18, "sgpt-gptq-hlora-gq4-r02", "row 16 with GPTQ-quantized adapters (R by H, then L refit and by R H R^T)",
-        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")),
+        HLORA),
     Row(19, "wanda-slimquant-g128-lora", "Wanda + group-128 SLiM-Quant + SLiM-LoRA r0.1", paper(group_size=128)),
     Row(20, "sgpt-slimq-hlora-gq4-r02", "row 18 with group-128 SLiM-Quant (OBS) instead of GPTQ's AbsMax scales",
-        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")),
-    Row(21, "sgpt-gptq-hlora-gq4-r02-refit2", "row 18 + 2 base/adapter refit rounds",
-        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq", refit_rounds=2)),
+        {**HLORA, "quantizer": "slim"}),
+    Row(21, "sgpt-gptq-hlora-gq4-r02-refit2", "row 18 + 2 base/adapter refit rounds", {**HLORA, "refit_rounds": 2}),
     Row(22, "sgpt-gptq-hlora-gq4-r02-sens", "row 18 + ranks by sensitivity (same budget)",
-        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq", rank_allocation="sensitivity")),
-    Row(23, "sgpt-gptq-hlora-gq4-r02-ft", "row 18 + adapter fine-tuning (KD from dense, <= 25 min)",
-        paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq"),
-        finetune={"loss": "kd", "steps": 50, "minutes": 25.0, "batch_size": 4, "lr": 1e-4, "windows": 128}),
+        {**HLORA, "rank_allocation": "sensitivity"}),
+    Row(23, "sgpt-gptq-hlora-gq4-r02-ft", "row 18 + adapter fine-tuning (KD from dense, <= 25 min)", HLORA,
+        finetune=FINETUNE),
     Row(24, "sgpt-slimq-hlora-gq4-r023-refit3", "rows 20 + 21 combined, 3 refit rounds, rank 0.23 (4.5-bit budget)",
-        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.23, lowrank="hessian", adapter_quantizer="gptq",
-              refit_rounds=3)),
-    Row(25, "sgpt-slimq-hlora-gq4-r023-refit3-ft", "row 24 + adapter fine-tuning (KD from dense, <= 25 min)",
-        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.23, lowrank="hessian", adapter_quantizer="gptq",
-              refit_rounds=3),
-        finetune={"loss": "kd", "steps": 50, "minutes": 25.0, "batch_size": 4, "lr": 1e-4, "windows": 128}),
+        BEST),
+    Row(25, "sgpt-slimq-hlora-gq4-r023-refit3-ft", "row 24 + adapter fine-tuning (KD from dense, <= 25 min)", BEST,
+        finetune=FINETUNE),
     Row(26, "sgpt-slimq-hlora-gq4-r017-refit3", "row 24 at rank 0.17 (4.107 bits, below llm-compressor's 4.125)",
-        paper(**{**SGPT, "quantizer": "slim"}, rank_ratio=0.17, lowrank="hessian", adapter_quantizer="gptq",
-              refit_rounds=3)),
+        {**BEST, "rank_ratio": 0.17}),
 )
 
 PEERS = {
@@ -205,6 +203,7 @@ def same_config(stored: dict, row: Row) -> bool:
     stored = {**LEGACY, **stored}
     if stored.get("finetune") != (finetune_settings(row) if row.finetune is not None else None):
         return False
+
     def normal(c: CompressConfig) -> CompressConfig:  # group_size None means the quantizer's default
         return dataclasses.replace(c, group_size=c.effective_group_size)
 

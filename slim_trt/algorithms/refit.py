@@ -5,7 +5,8 @@ base can do better: quantize W - L R instead of W (with the same mask and the sa
 reference code's Q(mask(W - L R))), then re-fit the adapters to the new error W - W_c. Each half-step is a
 minimisation of (a proxy of) the same objective, so alternating them a few rounds is the classic low-rank +
 sparse/quantized decomposition. The proxies differ (SLiM-LoRA weights by diag(s), the base rule by nothing or by
-H; lowrank "hessian" uses H on both sides), so a round is kept only if the activation-weighted output error tr(E H E^T) actually goes down.
+H; lowrank "hessian" uses H on both sides), so a round is kept only if the activation-weighted output error
+tr(E H E^T) actually goes down.
 
 Pure: tensors and a config in, tensors out.
 """

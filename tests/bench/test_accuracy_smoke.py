@@ -203,3 +203,11 @@ def test_best_rows_follow_the_budget_and_the_finetuning_split():
     best = bench.best_rows(rows)
     assert best["best_one_shot"] == "b" and best["best_finetuned"] == "d"
     assert bench.best_rows({"a": rows["a"]})["best_one_shot"] is None
+
+
+def test_the_compress_defaults_are_the_best_one_shot_row():
+    from slim_trt.config import PRESETS, CompressConfig
+
+    assert CompressConfig(**bench.BEST) == CompressConfig()  # row 24, best_one_shot in the committed JSON
+    assert CompressConfig(**next(r for r in bench.ROWS if r.number == 7).compress) == \
+        CompressConfig(**PRESETS["slim-paper"])
