@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, storage_bits
+from .algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, plan_ranks, storage_bits
 from .calibration.runner import BlockResult, LinearStats, run_layerwise
 from .checkpoint import load_layers, save, save_layers
 from .compressed_linear import CompressedLinear
@@ -35,6 +35,7 @@ class CompressReport:
     skipped: list[str] = field(default_factory=list)
     seconds: float = 0.0
     peak_rss_gb: float = 0.0
+    rank_ratio: float = 0.0  # the ratio the ranks came from (below the config's when max_bits binds)
 
     def bits_per_param(self, with_adapters: bool) -> float:
         params = sum(v["params"] for v in self.layers.values())
@@ -49,6 +50,7 @@ class CompressReport:
             "peak_rss_gb": round(self.peak_rss_gb, 3),
             "bits_per_param": round(self.bits_per_param(False), 4),
             "bits_per_param_with_adapters": round(self.bits_per_param(True), 4),
+            "rank_ratio": round(self.rank_ratio, 6),
             "mean_rel_error_base": _mean(v["rel_error_base"] for v in self.layers.values()),
             "mean_rel_error": _mean(v["rel_error"] for v in self.layers.values()),
         }
@@ -64,20 +66,41 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def _skip_filter(cfg: CompressConfig, model: nn.Module, report: CompressReport):
+def skip_reason(full_name: str, lin: nn.Linear, cfg: CompressConfig) -> str | None:
+    """Why a block linear stays dense (None: it is compressed)."""
+    if any(fnmatch.fnmatch(full_name, pat) or full_name.endswith("." + pat) for pat in cfg.skip_layers):
+        return "--skip"
     sp = cfg.sparsity_spec
+    if sp.kind == "nm" and lin.in_features % sp.m:
+        return f"K={lin.in_features} is not a multiple of {sp.m}"
+    return None
 
+
+def _skip_filter(cfg: CompressConfig, model: nn.Module, report: CompressReport):
     def skip(full_name: str) -> bool:
-        if any(fnmatch.fnmatch(full_name, pat) or full_name.endswith("." + pat) for pat in cfg.skip_layers):
-            report.skipped.append(full_name)
-            return True
-        lin = model.get_submodule(full_name)
-        if sp.kind == "nm" and lin.in_features % sp.m:
-            warnings.warn(f"{full_name}: K={lin.in_features} is not a multiple of {sp.m}; kept dense")
-            report.skipped.append(full_name)
-            return True
-        return False
+        reason = skip_reason(full_name, model.get_submodule(full_name), cfg)
+        if reason is None:
+            return False
+        if reason != "--skip":
+            warnings.warn(f"{full_name}: {reason}; kept dense")
+        report.skipped.append(full_name)
+        return True
     return skip
+
+
+def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[int, int]]:
+    """{full name: (N, K)} of every linear `compress` will compress, in block order."""
+    from .calibration.families import block_linears, decoder_blocks
+
+    blocks = decoder_blocks(model)
+    prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
+    shapes = {}
+    for i, block in enumerate(blocks):
+        for rel, lin in block_linears(block).items():
+            full = f"{prefix}{i}.{rel}"
+            if skip_reason(full, lin, cfg) is None:
+                shapes[full] = (lin.out_features, lin.in_features)
+    return shapes
 
 
 def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig, *, rank: int | None = None,
@@ -108,6 +131,8 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
     skip = _skip_filter(config, model, report)
+    # Ranks come from the shapes alone, planned for the whole model up front so the bits budget holds.
+    planned, report.rank_ratio = plan_ranks(compressed_shapes(model, config), config)
     for name, mod in blocks.named_modules(prefix=prefix.rstrip(".")):
         if isinstance(mod, nn.Linear) and not torch.isfinite(mod.weight).all():
             raise SlimError(f"NaN or Inf in the weights of {name}: the source model is broken; fix it or keep "
@@ -123,10 +148,12 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
             ranks = plan_block_ranks({n: lin.weight for n, lin in linears.items()},
                                      {n: b[0] for n, b in bases.items()},
                                      {n: stats[n].saliency for n in linears}, config,
-                                     {n: stats[n].hessian for n in linears})
+                                     {n: stats[n].hessian for n in linears},
+                                     {n: planned[f"{prefix}{i}.{n}"] for n in linears})
         for rel_name, lin in linears.items():
             full = f"{prefix}{i}.{rel_name}"
-            layer, info = compress_linear(full, lin, stats[rel_name], config, rank=ranks.get(rel_name),
+            rank = ranks.get(rel_name, planned[full])
+            layer, info = compress_linear(full, lin, stats[rel_name], config, rank=rank or None,
                                           base=bases.pop(rel_name, None))
             block.set_submodule(rel_name, layer)
             stats[rel_name] = None  # free the Hessian as soon as the layer is done

@@ -21,7 +21,7 @@ CONFIGS = {
     "slim-2:4": CompressConfig(),
     "absmax-g32-unstructured-q-adapters": CompressConfig(sparsity="unstructured:0.5", quantizer="absmax",
                                                          group_size=32, quantize_adapters=True, adapter_group_size=16),
-    "int8-dense-svd": CompressConfig(sparsity="none", bits=8, lowrank="svd"),
+    "int8-dense-svd": CompressConfig(sparsity="none", bits=8, lowrank="svd", max_bits=None),
     "fp-2:4-noadapters": CompressConfig(bits=16, lowrank="none"),
 }
 

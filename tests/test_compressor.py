@@ -41,13 +41,20 @@ def test_every_block_linear_is_compressed_2to4_along_k(family):
 
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_the_default_recipe_gives_group_scales_and_4bit_adapters(family):
+    from slim_trt.algorithms.pipeline import plan_ranks
+    from slim_trt.compressor import compressed_shapes
+
     model = tiny_model(family)
-    compress(model, CompressConfig(), calib_windows(n=6, seqlen=24), progress=False)
+    # On these 64-wide layers rank 0.23 would cost more than the 4.5-bit budget: the plan lowers the ratio.
+    planned, ratio = plan_ranks(compressed_shapes(model, CompressConfig()), CompressConfig())
+    assert 0 < ratio < 0.23
+    report = compress(model, CompressConfig(), calib_windows(n=6, seqlen=24), progress=False)
+    assert report.bits_per_param(True) <= 4.5 and report.rank_ratio == ratio
     for name, layer in compressed_layers(model):
         N, K = layer.base_weight().shape
         assert nm_violations(layer.base_weight(), 2, 4) == 0 and int(layer.mask.sum()) == N * K // 2, name
         assert layer.qweight.scale.shape == (N, -(-K // 128))  # one SLiM-Quant scale per 128 input columns
-        assert layer.rank == -(-min(N, K) * 23 // 100)  # ceil(0.23 x min(N, K))
+        assert layer.rank == planned[name] == -(-round(min(N, K) * ratio, 9) // 1)  # ceil(ratio x min(N, K))
         for q in (layer.lora_L_q, layer.lora_R_q):
             assert q is not None and q.bits == 4 and q.q.min() >= -8 and q.q.max() <= 7
 

@@ -10,8 +10,9 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CompressConfig
+from ..errors import SlimError
 from .lowrank import hessian_root, rank_for
-from .prune import magnitude_scores, prune, wanda_scores
+from .prune import magnitude_scores, prune, pruned_count, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
 from .sparsegpt import sparsegpt
@@ -149,16 +150,19 @@ def allocate_ranks(spectra: dict[str, torch.Tensor], costs: dict[str, int], budg
 
 def plan_block_ranks(weights: dict[str, torch.Tensor], bases: dict[str, QuantizedTensor | torch.Tensor],
                      saliencies: dict[str, torch.Tensor], cfg: CompressConfig,
-                     hessians: dict[str, torch.Tensor] | None = None) -> dict[str, int]:
-    """Ranks for the linears of one block: the block's uniform budget sum_i rank_for(N_i, K_i) (N_i + K_i),
-    shared out by allocate_ranks on the errors the bases leave."""
+                     hessians: dict[str, torch.Tensor] | None = None,
+                     ranks: dict[str, int] | None = None) -> dict[str, int]:
+    """Ranks for the linears of one block: the block's uniform budget sum_i r_i (N_i + K_i), r_i from `ranks`
+    (the model-wide plan, see plan_ranks) or rank_for, shared out by allocate_ranks on the errors the bases
+    leave."""
     spectra, costs, caps, budget = {}, {}, {}, 0
     for n, W in weights.items():
         N, K = W.shape
         E = W.detach().to(torch.float32) - _as_float(bases[n])
         spectra[n] = error_spectrum(W, E, saliencies[n], cfg.lowrank, (hessians or {}).get(n), cfg.percdamp)
         costs[n], caps[n] = N + K, min(N, K)
-        budget += rank_for(N, K, cfg.rank_ratio, cfg.rank_multiple) * (N + K)
+        r = (ranks or {}).get(n)
+        budget += (r if r is not None else rank_for(N, K, cfg.rank_ratio, cfg.rank_multiple)) * (N + K)
     return allocate_ranks(spectra, costs, budget, caps, cfg.rank_multiple)
 
 
@@ -188,3 +192,77 @@ def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 
             continue
         adapters += f.q.numel() * f.bits + f.scale_bits() if isinstance(f, QuantizedTensor) else f.numel() * 16
     return {"params": numel, "base_bits": base, "adapter_bits": adapters}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The bits budget: ranks planned from the layer shapes before anything is computed
+# ---------------------------------------------------------------------------------------------------------------
+
+def _groups(cols: int, group_size: int, rows: int) -> int:
+    """How many scales a [rows, cols] tensor quantized with `group_size` stores (see qtensor)."""
+    if group_size == 0:
+        return 1
+    if group_size == -1:
+        return rows
+    return rows * -(-cols // group_size)
+
+
+def layer_bits(N: int, K: int, rank: int, cfg: CompressConfig) -> tuple[int, int]:
+    """(base bits, adapter bits) an N x K layer will store with `cfg` and `rank`: storage_bits from the shapes
+    alone (for unstructured sparsity the kept count is the mask's nominal one)."""
+    sp = cfg.sparsity_spec
+    numel = N * K
+    if sp.kind == "nm":
+        kept, meta = numel * sp.n // sp.m, numel * sp.n // sp.m * max(1, (sp.m - 1).bit_length())
+    elif sp.kind == "unstructured":
+        kept, meta = N * (K - pruned_count(K, sp.ratio)), numel
+    else:
+        kept, meta = numel, 0
+    base = kept * 16 + meta if cfg.bits == 16 else kept * cfg.bits + meta + 16 * _groups(K, cfg.effective_group_size, N)
+    if cfg.lowrank == "none" or rank == 0:
+        return base, 0
+    if not cfg.quantize_adapters:
+        return base, (N + K) * rank * 16
+    g = cfg.adapter_group_size
+    return base, (N + K) * rank * cfg.adapter_bits + 16 * (_groups(rank, g, N) + _groups(K, g, rank))
+
+
+def bits_per_param(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], cfg: CompressConfig) -> float:
+    """Bits per parameter of the compressed layers (adapters included), as the README's formula counts them."""
+    total = sum(sum(layer_bits(N, K, ranks.get(n, 0), cfg)) for n, (N, K) in shapes.items())
+    params = sum(N * K for N, K in shapes.values())
+    return total / params if params else 0.0
+
+
+def plan_ranks(shapes: dict[str, tuple[int, int]], cfg: CompressConfig) -> tuple[dict[str, int], float]:
+    """Adapter ranks for every compressed layer {name: (N, K)}, and the rank ratio they come from.
+
+    rank_i = rank_for(N_i, K_i, ratio, cfg.rank_multiple) with ratio = cfg.rank_ratio, unless that takes the
+    model past cfg.max_bits bits/param: then ratio is the largest value below it whose ranks fit (bits grow with
+    the ratio, so a bisection over the ratios where some rank changes finds it). The budget is a rule over the
+    whole model, not per layer, so the advertised bits hold on any shape while each layer keeps the same share.
+    """
+    if cfg.lowrank == "none" or not shapes:
+        return {n: 0 for n in shapes}, 0.0
+
+    def ranks_at(ratio: float) -> dict[str, int]:
+        return {n: rank_for(N, K, ratio, cfg.rank_multiple) for n, (N, K) in shapes.items()}
+
+    ranks = ranks_at(cfg.rank_ratio)
+    if cfg.max_bits is None or bits_per_param(shapes, ranks, cfg) <= cfg.max_bits:
+        return ranks, cfg.rank_ratio
+    fulls = {min(N, K) for N, K in shapes.values()}
+    ratios = sorted({r / f for f in fulls for r in range(1, f + 1) if r / f < cfg.rank_ratio})
+    lo, hi = 0, len(ratios) - 1  # invariant: ratios[i] fits for i < lo, does not for i > hi
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        if bits_per_param(shapes, ranks_at(ratios[mid]), cfg) <= cfg.max_bits:
+            lo = mid + 1
+        else:
+            hi = mid - 1
+    if hi < 0:
+        floor = bits_per_param(shapes, ranks_at(ratios[0] if ratios else cfg.rank_ratio), cfg)
+        raise SlimError(f"--max-bits {cfg.max_bits:g} cannot be met: this recipe stores {floor:.3f} bits/param "
+                        f"even with the smallest adapters; raise --max-bits, use fewer weight bits or no adapters "
+                        f"(--lowrank none), or pass --max-bits none")
+    return ranks_at(ratios[hi]), ratios[hi]

@@ -6,7 +6,7 @@ import argparse
 from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
-          "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation")
+          "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits")
 
 
 def register(sub) -> None:
@@ -41,6 +41,11 @@ def register(sub) -> None:
                         "the full input covariance, svd = plain SVD, none [default: hessian]")
     p.add_argument("--rank-ratio", type=float, default=None, help="rank = ratio x min(d_in, d_out) [default: 0.23]")
     p.add_argument("--rank-multiple", type=int, default=None, help="round the rank up to a multiple [default: 1]")
+    p.add_argument("--max-bits", type=_max_bits, default=None, metavar="BITS",
+                   help="budget of the compressed layers in bits/param, adapters included (README 'Bits per "
+                        "parameter'): when the ranks from --rank-ratio would exceed it, the ratio is lowered for "
+                        "the whole model until they fit; 'none' turns the budget off [default: 4.5; none with "
+                        "--preset slim-paper]")
     p.add_argument("--quantize-adapters", action=argparse.BooleanOptionalAction, default=None,
                    help="store the adapters in 4 bits (groups of 128); --no-quantize-adapters keeps fp16 "
                         "[default: on]")
@@ -79,6 +84,15 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _max_bits(text: str):
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits (e.g. 4.5) or 'none'")
+
+
 def config_from_args(args):
     from ..config import PRESETS, CompressConfig
 
@@ -87,6 +101,8 @@ def config_from_args(args):
         v = getattr(args, k, None)
         if v is not None:
             values[k] = tuple(v) if k == "skip_layers" else v
+    if values.get("max_bits") == "none":
+        values["max_bits"] = None
     return CompressConfig(**values)
 
 
@@ -130,6 +146,9 @@ def run(args) -> int:
            f"{s['peak_rss_gb']:.2f} GB, {s['bits_per_param']:.3f} bits/param "
            f"({s['bits_per_param_with_adapters']:.3f} with adapters), mean layer error "
            f"{s['mean_rel_error_base']:.4f} -> {s['mean_rel_error']:.4f} with adapters")
+    if cfg.lowrank != "none" and s["rank_ratio"] < cfg.rank_ratio:
+        eprint(f"adapter ranks lowered from ratio {cfg.rank_ratio:g} to {s['rank_ratio']:.4f} to fit --max-bits "
+               f"{cfg.max_bits:g}")
     if s["skipped_layers"]:
         eprint(f"kept dense: {', '.join(s['skipped_layers'])}")
     ft = None

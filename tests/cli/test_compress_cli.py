@@ -116,3 +116,27 @@ def test_unknown_flag_value_is_exit_2(tiny_model_dir, tmp_path, capsys):
         main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "o"), "--pruner", "random"])
     assert e.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value,needle", [("0", "bad --max-bits 0"), ("lots", "is not a number of bits")])
+def test_bad_max_bits_exits_2(value, needle, tiny_model_dir, tmp_path, capsys):
+    try:
+        rc = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "out"), *FAST, "--max-bits", value])
+    except SystemExit as e:  # argparse's own usage error for what is not a number
+        rc = e.code
+    assert rc == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_max_bits_lowers_the_ranks_and_says_so(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--max-bits", "4.0"], capsys)
+    assert rc == 0, err
+    manifest = json.loads((out / "slim_manifest.json").read_text())
+    assert manifest["method"]["max_bits"] == 4.0
+    assert manifest["summary"]["bits_per_param_with_adapters"] <= 4.0
+    assert manifest["summary"]["rank_ratio"] < 0.23 and "to fit --max-bits 4" in err
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "free", *FAST, "--max-bits", "none"], capsys)
+    assert rc == 0, err
+    free = json.loads((tmp_path / "free" / "slim_manifest.json").read_text())
+    assert free["method"]["max_bits"] is None and free["summary"]["rank_ratio"] == 0.23

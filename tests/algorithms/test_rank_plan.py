@@ -1,0 +1,77 @@
+"""The bits budget: ranks planned from layer shapes (algorithms.pipeline.plan_ranks / layer_bits)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from slim_trt.algorithms.pipeline import bits_per_param, compress_weight, layer_bits, plan_ranks, storage_bits
+from slim_trt.config import PRESETS, CompressConfig
+from slim_trt.errors import SlimError
+
+
+def model_shapes(blocks: int, hidden: int, inter: int, q: int, kv: int) -> dict[str, tuple[int, int]]:
+    """{name: (N, K)} of a LLaMA-style decoder's block linears."""
+    one = {"q_proj": (q, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden), "o_proj": (hidden, q),
+           "gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    return {f"layers.{i}.{n}": s for i in range(blocks) for n, s in one.items()}
+
+
+GEMMA3_270M = model_shapes(18, 640, 2048, 1024, 256)
+SMOLLM_135M = model_shapes(30, 576, 1536, 576, 192)   # the LLaMA-family shape of issue 11 (576-wide layers)
+LLAMA2_7B = model_shapes(32, 4096, 11008, 4096, 4096)
+QWEN25_05B = model_shapes(24, 896, 4864, 896, 128)
+
+
+def test_budget_does_not_bind_on_gemma_so_the_benchmarked_ranks_stay():
+    ranks, ratio = plan_ranks(GEMMA3_270M, CompressConfig())
+    assert ratio == 0.23
+    assert sorted(set(ranks.values())) == [59, 148]  # the ranks of bench rows 24 and 25
+    assert bits_per_param(GEMMA3_270M, ranks, CompressConfig()) == pytest.approx(4.4681, abs=1e-4)
+    assert ranks == plan_ranks(GEMMA3_270M, CompressConfig(max_bits=None))[0]
+
+
+def test_budget_binds_on_a_576_wide_llama():
+    unbounded, _ = plan_ranks(SMOLLM_135M, CompressConfig(max_bits=None))
+    assert bits_per_param(SMOLLM_135M, unbounded, CompressConfig()) == pytest.approx(4.5788, abs=1e-4)
+    ranks, ratio = plan_ranks(SMOLLM_135M, CompressConfig())
+    bits = bits_per_param(SMOLLM_135M, ranks, CompressConfig())
+    assert 4.45 < bits <= 4.5 and ratio < 0.23
+    assert all(ranks[n] <= unbounded[n] for n in ranks)
+
+
+@pytest.mark.parametrize("shapes", [GEMMA3_270M, SMOLLM_135M, LLAMA2_7B, QWEN25_05B],
+                         ids=["gemma3-270m", "smollm-135m", "llama2-7b", "qwen2.5-0.5b"])
+@pytest.mark.parametrize("budget", [4.5, 4.0])
+def test_the_budget_holds_on_every_shape(shapes, budget):
+    cfg = CompressConfig(max_bits=budget)
+    ranks, ratio = plan_ranks(shapes, cfg)
+    assert bits_per_param(shapes, ranks, cfg) <= budget
+    # ... and it is the largest uniform ratio that fits: the next rank step up would break it.
+    bigger, _ = plan_ranks(shapes, CompressConfig(max_bits=None, rank_ratio=min(0.99, ratio + 1 / 4096)))
+    if ratio < 0.23 and bigger != ranks:
+        assert bits_per_param(shapes, bigger, cfg) > budget
+
+
+def test_an_unreachable_budget_is_one_clear_error():
+    with pytest.raises(SlimError, match="--max-bits 4.5 cannot be met"):
+        plan_ranks(GEMMA3_270M, CompressConfig(bits=8))
+    assert plan_ranks(GEMMA3_270M, CompressConfig(bits=8, lowrank="none"))[0]["layers.0.q_proj"] == 0
+    assert PRESETS["slim-paper"]["max_bits"] is None  # the paper's recipe is 5.2 bits: no budget
+
+
+@pytest.mark.parametrize("cfg", [CompressConfig(), CompressConfig(**PRESETS["slim-paper"]),
+                                 CompressConfig(group_size=-1, quantizer="gptq", refit_rounds=0),
+                                 CompressConfig(sparsity="none", bits=8, lowrank="svd", max_bits=None, refit_rounds=0),
+                                 CompressConfig(bits=16, lowrank="none")],
+                         ids=["defaults", "paper", "per-channel", "int8-dense", "fp-noadapters"])
+def test_layer_bits_from_shapes_match_what_is_stored(cfg):
+    torch.manual_seed(0)
+    N, K = 48, 160  # K not a multiple of the group size
+    W = torch.randn(N, K)
+    X = torch.randn(K, 256)
+    H = X @ X.T / 256
+    s = X.norm(dim=1)
+    rank = 7
+    cw = compress_weight(W, H, s, s, cfg, rank=rank)
+    stored = storage_bits(cw, cfg.sparsity_spec.kind, cfg.sparsity_spec.n, cfg.sparsity_spec.m)
+    assert layer_bits(N, K, rank, cfg) == (stored["base_bits"], stored["adapter_bits"])

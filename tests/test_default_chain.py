@@ -1,0 +1,85 @@
+"""The default chain on shapes like real models': compress (defaults) -> export (both low-rank forms) -> lint (every
+target) -> verify, for every architecture the exporter takes.
+
+Real layers give odd adapter ranks (0.23 x 160 = 36.8 -> 37) and input sizes K that are not a multiple of the
+group size 128 (160, 352): the two things the tiny test configs (K = 64, 128) never showed, and that broke lint on
+the default export once (issue 11).
+"""
+from __future__ import annotations
+
+import pytest
+
+import slim_trt
+from slim_trt.config import CalibConfig, CompressConfig
+from slim_trt.linter import TARGETS
+
+from .conftest import tiny_tokenizer
+
+EXPORTABLE = ("llama", "qwen2", "gemma3", "opt")
+
+
+def realistic_config(family: str):
+    """Two blocks with K = 160 (hidden) and 352 (MLP): neither a multiple of 128, odd default ranks."""
+    import transformers as tf
+
+    common = dict(vocab_size=256, hidden_size=160, num_hidden_layers=2, num_attention_heads=5,
+                  max_position_embeddings=256, tie_word_embeddings=family == "gemma3")
+    if family == "llama":
+        return tf.LlamaConfig(intermediate_size=352, num_key_value_heads=1, **common)
+    if family == "qwen2":
+        return tf.Qwen2Config(intermediate_size=352, num_key_value_heads=1, **common)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(intermediate_size=352, num_key_value_heads=1, head_dim=32, sliding_window=16,
+                                   layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32,
+                                   **common)
+    return tf.OPTConfig(vocab_size=256, hidden_size=160, num_hidden_layers=2, num_attention_heads=5, ffn_dim=352,
+                        max_position_embeddings=256, word_embed_proj_dim=160)
+
+
+# Every exportable family with the defaults; and LLaMA without the bits budget, whose ranks (37, 8) are odd:
+# on these small shapes the 4.5-bit budget lowers the ranks to 30 and 6.
+CASES = [(f, "defaults") for f in EXPORTABLE] + [("llama", "no-budget")]
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def default_checkpoint(request, tmp_path_factory):
+    import torch
+    import transformers as tf
+
+    family, recipe = request.param
+    config = CompressConfig() if recipe == "defaults" else CompressConfig(max_bits=None)
+    torch.manual_seed(0)
+    model = tf.AutoModelForCausalLM.from_config(realistic_config(family)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(5.0)
+    src = tmp_path_factory.mktemp(f"src-{family}")
+    model.save_pretrained(src)
+    tiny_tokenizer(256).save_pretrained(src)
+    ckpt, report = slim_trt.compress_model(str(src), tmp_path_factory.mktemp("ckpt") / "ckpt", config,
+                                           CalibConfig(nsamples=4, seqlen=32), progress=False)
+    return family, recipe, ckpt, report
+
+
+def test_ranks_and_budget(default_checkpoint):
+    _, recipe, _, report = default_checkpoint
+    ranks = sorted({v["rank"] for v in report.layers.values()})
+    bits = report.summary()["bits_per_param_with_adapters"]
+    if recipe == "defaults":
+        assert bits <= CompressConfig().max_bits
+    else:  # 0.23 x 160 = 36.8 -> 37 and 0.23 x 32 = 7.4 -> 8 (k/v projections): odd ranks need INT4 padding
+        assert ranks == [8, 37] and bits > CompressConfig().max_bits
+
+
+@pytest.mark.parametrize("lowrank", ["decomposed", "plugin"])
+def test_default_chain_passes_lint_and_verify(default_checkpoint, lowrank, tmp_path):
+    family, _, ckpt, report = default_checkpoint
+    out = tmp_path / f"export-{lowrank}"
+    slim_trt.export(ckpt, out, lowrank=lowrank, progress=False)  # the export defaults: fp16, KV cache
+    for target in TARGETS:
+        rep = slim_trt.lint(out / "model.onnx", target=target)
+        assert rep.ok, f"{family} {lowrank} {target}: {[f.message for f in rep.errors]}"
+        assert rep.summary["gemm_layers_2to4"] == len(report.layers)  # every compressed linear, 2:4 along K
+    ver = slim_trt.verify(out / "model.onnx", reference=ckpt, windows=1, seqlen=24, decode_steps=2)
+    assert ver.ok, ver.to_dict()
