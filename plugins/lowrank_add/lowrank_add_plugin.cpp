@@ -449,7 +449,12 @@ struct StaticRegistration
 StaticRegistration const gStaticRegistration{};
 } // namespace
 #else
-extern "C" TENSORRTAPI void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
+// TENSORRTAPI expands to nothing outside TensorRT's own build (NvInferRuntimeBase.h, 10.x and 11.x), and the
+// CMake targets hide every symbol by default, so the two entry points that IPluginRegistry::loadLibrary and
+// trtexec --dynamicPlugins look up by name need default visibility spelled out here.
+#define LOWRANK_ADD_EXPORT extern "C" __attribute__((visibility("default")))
+
+LOWRANK_ADD_EXPORT void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
 {
     std::lock_guard<std::mutex> lock(slim_trt::lowrank_add::gLoggerMutex);
     if (slim_trt::lowrank_add::gLoggerFinder == nullptr)
@@ -458,7 +463,7 @@ extern "C" TENSORRTAPI void setLoggerFinder(nvinfer1::ILoggerFinder* finder)
     }
 }
 
-extern "C" TENSORRTAPI nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
+LOWRANK_ADD_EXPORT nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators)
 {
     static slim_trt::lowrank_add::LowRankAddPluginCreator creator;
     static nvinfer1::IPluginCreatorInterface* const kCreators[] = {&creator};
