@@ -36,7 +36,8 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", metavar="NAME.plan",
                    help="engine file to write [default: engines/NAME.plan, NAME = the ONNX file's folder name]")
     p.add_argument("--target", metavar="NAME|FILE.json", default=None,
-                   help="target profile from engines/profiles/ (see --list-targets) or a profile file; "
+                   help="target profile by name (shipped, or yours in $SLIM_TRT_PROFILES_DIR or "
+                        "./engines/profiles/; see --list-targets) or a profile file; "
                         "default: the profile matching this GPU")
     p.add_argument("--no-sparsity", dest="sparsity", action="store_false",
                    help="build without SPARSE_WEIGHTS (dense kernels), e.g. to compare with the sparse engine")
@@ -62,15 +63,19 @@ def register(sub) -> None:
 
 
 def _list_targets() -> int:
-    from ..trt.targets import list_targets, load_target
+    from pathlib import Path
 
-    print(f"{'TARGET':<13} {'COMPUTE':<8} {'INT4':>5} {'FP8':>4} {'FP4':>4} {'2:4':>4} {'MEM GB':>7}  LINT")
+    from ..trt.targets import SHIPPED_DIR, list_targets, load_target
+
+    print(f"{'TARGET':<13} {'COMPUTE':<8} {'INT4':>5} {'FP8':>4} {'FP4':>4} {'2:4':>4} {'MEM GB':>7}  "
+          f"{'LINT':<15}  FILE")
     for name in list_targets():
         t = load_target(name)
         s = t.supports
         yes = {True: "yes", False: "-"}
+        where = "shipped" if Path(t.source).parent == SHIPPED_DIR else t.source
         print(f"{t.name:<13} {','.join(t.compute_capabilities):<8} {yes[s['int4_weights']]:>5} {yes[s['fp8']]:>4} "
-              f"{yes[s['fp4']]:>4} {yes[s['sparsity_2_4']]:>4} {t.memory_budget_gb:>7g}  {t.lint_target}")
+              f"{yes[s['fp4']]:>4} {yes[s['sparsity_2_4']]:>4} {t.memory_budget_gb:>7g}  {t.lint_target:<15}  {where}")
     return 0
 
 

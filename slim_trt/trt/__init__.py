@@ -6,7 +6,7 @@ imports `tensorrt`, and only inside the functions that need it, so `import slim_
     plan_build(...)                     the GPU-free half of build: shapes, target, plugins, lint pre-flight
     verify_engine(onnx_path, engine_path, *, plugins=(), ...) -> dict
     bench(engine_path, *, compare=None, ...) -> dict
-    load_target(name) / list_targets()  target profiles in engines/profiles/*.json
+    load_target(name) / list_targets()  target profiles (shipped in trt/profiles/, yours in engines/profiles/)
 """
 from __future__ import annotations
 

@@ -1,9 +1,15 @@
-"""Target profiles: what each deployment GPU supports, kept as data in engines/profiles/<name>.json.
+"""Target profiles: what each deployment GPU supports, kept as data in JSON files.
 
 A profile names the GPUs it covers (by compute capability), the TensorRT versions that run there, the lint
 target to check the ONNX against, which precisions and 2:4 sparsity the hardware supports, a memory budget and
 default optimization-profile shapes. `slim-trt build --target NAME` reads one; without --target the profile
 is picked from the GPU's compute capability. Pure data handling, no TensorRT.
+
+Where a name is looked up, first match wins (`profile_dirs()`):
+  1. $SLIM_TRT_PROFILES_DIR: one or more folders (os.pathsep-separated) of the user's own profiles;
+  2. engines/profiles/ under the working directory (beside the engines `slim-trt build` writes by default);
+  3. the profiles shipped inside the package (slim_trt/trt/profiles/, package data: found by any install).
+A user profile with a shipped name replaces the shipped one. Any profile file can also be given by path.
 """
 from __future__ import annotations
 
@@ -23,12 +29,20 @@ PLATFORMS = ("datacenter", "workstation", "jetson")
 _FALLBACK_LINT_TARGETS = ("trt10", "trt11", "jetson-orin-jp6")
 
 
-def profiles_dir() -> Path:
-    """$SLIM_TRT_PROFILES_DIR, else engines/profiles/ of the source tree this package lives in."""
-    env = os.environ.get(PROFILES_ENV)
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2] / "engines" / "profiles"
+SHIPPED_DIR = Path(__file__).resolve().parent / "profiles"
+USER_DIR = Path("engines") / "profiles"  # relative to the working directory
+
+
+def profile_dirs() -> list[Path]:
+    """The folders searched for a profile name, first match wins (see the module docstring)."""
+    dirs = [Path(p) for p in os.environ.get(PROFILES_ENV, "").split(os.pathsep) if p]
+    return dirs + [USER_DIR.resolve(), SHIPPED_DIR]
+
+
+def _dirs(directory: Path | list[Path] | None) -> list[Path]:
+    if directory is None:
+        return profile_dirs()
+    return list(directory) if isinstance(directory, (list, tuple)) else [Path(directory)]
 
 
 def lint_targets() -> tuple[str, ...]:
@@ -144,21 +158,29 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> TargetProfile:
         source=source)
 
 
-def list_targets(directory: Path | None = None) -> list[str]:
-    directory = directory or profiles_dir()
-    return sorted(p.stem for p in directory.glob("*.json")) if directory.is_dir() else []
+def list_targets(directory: Path | list[Path] | None = None) -> list[str]:
+    """Names of every profile found (`directory` = one folder or a list; default: `profile_dirs()`)."""
+    return sorted({p.stem for d in _dirs(directory) if d.is_dir() for p in d.glob("*.json")})
 
 
-def load_target(name_or_path: str, directory: Path | None = None) -> TargetProfile:
-    """A shipped profile by name (`hopper`) or any profile file by path (`./my_gpu.json`)."""
+def find_profile(name: str, directory: Path | list[Path] | None = None) -> Path | None:
+    """The file that `--target name` means: the first NAME.json in the search folders."""
+    return next((d / f"{name}.json" for d in _dirs(directory) if (d / f"{name}.json").is_file()), None)
+
+
+def load_target(name_or_path: str, directory: Path | list[Path] | None = None) -> TargetProfile:
+    """A profile by name (`hopper`, looked up in `profile_dirs()`) or any profile file by path (`./my_gpu.json`)."""
     text = str(name_or_path)
     path = Path(text)
-    if not (text.endswith(".json") or os.sep in text):
-        directory = directory or profiles_dir()
-        path = directory / f"{text}.json"
-        if not path.is_file():
-            names = ", ".join(list_targets(directory)) or f"none found in {directory}"
-            raise SlimError(f"unknown --target {text!r}: choose one of {names}, or give a profile .json path")
+    by_name = not (text.endswith(".json") or os.sep in text)
+    if by_name:
+        found = find_profile(text, directory)
+        if found is None:
+            names = ", ".join(list_targets(directory)) or "none found"
+            searched = ", ".join(str(d) for d in _dirs(directory))
+            raise SlimError(f"unknown --target {text!r}: choose one of {names} (searched {searched}), or give a "
+                            f"profile .json path")
+        path = found
     if not path.is_file():
         raise SlimError(f"target profile {path} does not exist")
     try:
@@ -166,12 +188,12 @@ def load_target(name_or_path: str, directory: Path | None = None) -> TargetProfi
     except json.JSONDecodeError as e:
         raise SlimError(f"target profile {path} is not valid JSON ({e.msg} at line {e.lineno})") from None
     profile = profile_from_dict(data, str(path))
-    if path.parent == (directory or profiles_dir()) and profile.name != path.stem:
+    if by_name and profile.name != path.stem:
         raise SlimError(f"target profile {path}: its name {profile.name!r} must match the file name")
     return profile
 
 
-def target_for_gpu(gpu: GpuInfo, directory: Path | None = None) -> TargetProfile | None:
+def target_for_gpu(gpu: GpuInfo, directory: Path | list[Path] | None = None) -> TargetProfile | None:
     """The shipped profile covering this GPU's compute capability, if any."""
     for name in list_targets(directory):
         profile = load_target(name, directory)

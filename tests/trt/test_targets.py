@@ -86,3 +86,23 @@ def test_load_target_by_name_or_path(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(SlimError, match="is not valid JSON"):
         load_target(str(tmp_path / "bad.json"))
+
+
+def test_user_profiles_add_to_and_replace_shipped_ones(tmp_path, monkeypatch):
+    """$SLIM_TRT_PROFILES_DIR folders come first, then ./engines/profiles/, then the shipped profiles."""
+    monkeypatch.chdir(tmp_path)
+    env_dir, local_dir = tmp_path / "mine", tmp_path / "engines" / "profiles"
+    env_dir.mkdir()
+    local_dir.mkdir(parents=True)
+    (local_dir / "my-l4.json").write_text(json.dumps(_hopper_dict() | {"name": "my-l4", "memory_budget_gb": 24}))
+    (local_dir / "hopper.json").write_text(json.dumps(_hopper_dict() | {"memory_budget_gb": 141}))
+    assert list_targets() == sorted(SHIPPED + ["my-l4"])
+    assert load_target("my-l4").memory_budget_gb == 24
+    assert load_target("hopper").memory_budget_gb == 141  # ./engines/profiles/ replaces the shipped hopper
+    assert load_target("ampere").source.endswith("ampere.json") and "engines" not in load_target("ampere").source
+    (env_dir / "hopper.json").write_text(json.dumps(_hopper_dict() | {"memory_budget_gb": 94}))
+    monkeypatch.setenv("SLIM_TRT_PROFILES_DIR", str(env_dir))
+    assert load_target("hopper").memory_budget_gb == 94  # the environment comes first
+    (env_dir / "h200.json").write_text(json.dumps(_hopper_dict()))  # file name and profile name differ
+    with pytest.raises(SlimError, match="its name 'hopper' must match the file name"):
+        load_target("h200")
