@@ -1,4 +1,4 @@
-"""slim-trt lint model.onnx [--target trt10|trt11|jetson-orin-jp6]"""
+"""slim-trt lint model.onnx [--target trt10|trt11|jetson-orin-jp6|GPU-PROFILE] [--gpu GPU-PROFILE]"""
 from __future__ import annotations
 
 from .common import add_parser
@@ -9,12 +9,20 @@ TARGETS = ("trt10", "trt11", "jetson-orin-jp6")  # kept in step with slim_trt.li
 def register(sub) -> None:
     p = add_parser(sub, "lint", "check an ONNX file against TensorRT's parser rules (CPU only)",
                    "Check op support for the target TensorRT, the Q/DQ rules (zero points, INT4 on MatMul weights, "
-                   "opset, blocked axis, scale dtype), registered plugins, and report per layer whether the weight "
-                   "is 2:4 along K with the fraction of GEMM FLOPs that are 2:4-eligible. Exit 1 on errors.",
+                   "opset, blocked axis, scale dtype), registered plugins, and report per GEMM whether the weight "
+                   "is 2:4 along K and whether TensorRT can run it on 2:4 sparse tensor cores (INT8 x INT8, FP16, "
+                   "FP8 where the GPU has it) or why not (INT4 weight-only, not 2:4, precision, shape), with the "
+                   "share of GEMM FLOPs of each class. Exit 1 on errors.",
                    "  slim-trt lint export/gemma-slim/model.onnx\n"
-                   "  slim-trt lint export/gemma-slim/model.onnx --target jetson-orin-jp6 --json lint.json")
+                   "  slim-trt lint export/gemma-slim/model.onnx --target jetson-orin --json lint.json\n"
+                   "  slim-trt lint export/gemma-slim/model.onnx --target trt11 --gpu hopper")
     p.add_argument("onnx", metavar="MODEL.onnx")
-    p.add_argument("--target", default="trt10", help=f"one of {', '.join(TARGETS)}")
+    p.add_argument("--target", default="trt10",
+                   help=f"a TensorRT table ({', '.join(TARGETS)}) or a GPU profile (ampere, ada, hopper, jetson-orin, "
+                        f"jetson-thor, yours, or a .json path: its TensorRT table and its GPU)")
+    p.add_argument("--gpu", default=None, metavar="PROFILE",
+                   help="GPU profile for the sparse tensor-core prediction [default: the --target profile; "
+                        "jetson-orin for jetson-orin-jp6; else any GPU since Ampere, without FP8]")
     p.add_argument("--quiet", action="store_true", help="do not list every GEMM layer")
     p.add_argument("--json", default=None, metavar="FILE", help="write the report as JSON ('-' = stdout)")
     p.set_defaults(func=run)
@@ -24,7 +32,7 @@ def run(args) -> int:
     from ..linter import format_report, lint
     from .common import print_json
 
-    report = lint(args.onnx, target=args.target)
+    report = lint(args.onnx, target=args.target, gpu=args.gpu)
     if args.json != "-":
         print(format_report(report, show_layers=not args.quiet))
     if args.json:

@@ -1,10 +1,12 @@
 """CPU-only lint of an ONNX file against what TensorRT's ONNX parser and builder accept.
 
-    report = lint("export/NAME/model.onnx", target="trt10")
+    report = lint("export/NAME/model.onnx", target="trt10")          # a TensorRT version's table
+    report = lint("export/NAME/model.onnx", target="jetson-orin")    # a GPU profile: its table and its GPU
     report.ok, report.findings, report.layers, report.summary, report.to_dict()
 
 The TensorRT builder calls lint() before building and stops on errors. Support lists live as data in
-slim_trt/linter/tables/<target>.json.
+slim_trt/linter/tables/<target>.json; which GEMMs can run on 2:4 sparse tensor cores, per GPU, in
+tables/sparse_math.json (summary["sparse_tensor_cores"], and per layer in report.layers).
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import onnx
 from ..errors import SlimError
 from .model import GraphView
 from .rules import Finding, LayerInfo, check_opset, check_ops, check_plugins, check_qdq, layers_and_sparsity
+from .sparse import annotate, dynamic_gemms, gpu_for, summarize
 from .tables import TARGETS, load_table
 
 __all__ = ["TARGETS", "Finding", "LayerInfo", "LintReport", "lint", "format_report"]
@@ -25,11 +28,12 @@ SEVERITY_ORDER = {"error": 0, "warning": 1, "info": 2}
 
 @dataclass
 class LintReport:
-    target: str
+    target: str  # the TensorRT table checked against
     model: str
     findings: list[Finding] = field(default_factory=list)
     layers: list[LayerInfo] = field(default_factory=list)
     summary: dict = field(default_factory=dict)
+    gpu: str = ""  # the GPU the sparse tensor-core prediction is for
 
     @property
     def ok(self) -> bool:
@@ -40,7 +44,7 @@ class LintReport:
         return [f for f in self.findings if f.severity == "error"]
 
     def to_dict(self) -> dict:
-        return {"target": self.target, "model": self.model, "ok": self.ok, "summary": self.summary,
+        return {"target": self.target, "gpu": self.gpu, "model": self.model, "ok": self.ok, "summary": self.summary,
                 "findings": [f.to_dict() for f in self.findings], "layers": [x.to_dict() for x in self.layers]}
 
 
@@ -70,15 +74,37 @@ def _expected_2to4(path: Path | None, sidecar: dict | None) -> set[str] | None:
     return {r["onnx_weight"] for r in sidecar.get("compressed_layers", []) if r.get("sparsity") == "2:4"}
 
 
-def lint(onnx_path_or_model, target: str = "trt10", *, sidecar: dict | None = None) -> LintReport:
-    """Check a model (path or ModelProto) against `target` ("trt10", "trt11", "jetson-orin-jp6")."""
-    table = load_table(target)
+def resolve_target(target, gpu=None) -> tuple[str, object]:
+    """(TensorRT table name, GPU for the sparse prediction) from a table name (trt10, trt11, jetson-orin-jp6) or
+    a GPU target profile (name such as jetson-orin, path to a .json, or a TargetProfile)."""
+    if isinstance(target, str) and target in TARGETS:
+        return target, gpu_for(target, gpu)
+    from ..trt.targets import TargetProfile, list_targets, load_target
+
+    if isinstance(target, TargetProfile):
+        profile = target
+    else:
+        try:
+            profile = load_target(str(target))
+        except SlimError:
+            raise SlimError(f"unknown target {target!r}: choose a TensorRT table ({', '.join(TARGETS)}) or a GPU "
+                            f"profile ({', '.join(list_targets())}), or give a profile .json path") from None
+    return profile.lint_target, gpu_for(profile.lint_target, gpu if gpu is not None else profile)
+
+
+def lint(onnx_path_or_model, target="trt10", *, sidecar: dict | None = None, gpu=None) -> LintReport:
+    """Check a model (path or ModelProto) against `target`: a TensorRT table ("trt10", "trt11",
+    "jetson-orin-jp6") or a GPU profile ("jetson-orin", "hopper", ...; its lint table and its GPU features).
+    `gpu` (a profile name or TargetProfile) sets the GPU of the sparse tensor-core prediction explicitly."""
+    table_name, sparse_gpu = resolve_target(target, gpu)
+    table = load_table(table_name)
     model, name, path = _load(onnx_path_or_model)
     view = GraphView(model)
-    report = LintReport(target=target, model=name)
+    report = LintReport(target=table_name, model=name, gpu=sparse_gpu.name)
     for rule in (check_opset, check_ops, check_plugins, check_qdq):
         report.findings.extend(rule(view, table))
     layers, sparsity = layers_and_sparsity(view, _expected_2to4(path, sidecar))
+    annotate(layers, sparse_gpu)
     report.layers, report.findings = layers, report.findings + sparsity
     report.findings.sort(key=lambda f: SEVERITY_ORDER[f.severity])
     total = sum(x.flops for x in layers)
@@ -88,6 +114,7 @@ def lint(onnx_path_or_model, target: str = "trt10", *, sidecar: dict | None = No
         "gemm_layers": len(layers), "gemm_layers_2to4": sum(x.is_2to4 for x in layers),
         "gemm_flops_per_token": total, "flops_2to4_per_token": eligible,
         "flop_fraction_2to4": (eligible / total) if total else 0.0,
+        "sparse_tensor_cores": summarize(layers, dynamic_gemms(view), sparse_gpu),
         "errors": sum(f.severity == "error" for f in report.findings),
         "warnings": sum(f.severity == "warning" for f in report.findings),
     }
@@ -107,13 +134,20 @@ def format_report(report: LintReport, *, show_layers: bool = True) -> str:
     if show_layers and report.layers:
         w = max(len(x.name) for x in report.layers)
         lines.append("")
-        lines.append(f"{'LAYER':{w}}  {'K':>6}  {'N':>7}  {'DTYPE':7}  {'2:4':3}  GFLOP/token")
+        lines.append(f"{'LAYER':{w}}  {'K':>6}  {'N':>7}  {'WEIGHT':7}  {'INPUT':7}  {'2:4':3}  GFLOP/token  "
+                     f"SPARSE TENSOR CORES")
         for x in report.layers:
-            lines.append(f"{x.name:{w}}  {x.K:6d}  {x.N:7d}  {x.dtype:7}  {'yes' if x.is_2to4 else 'no':3}  "
-                         f"{x.flops / 1e9:.6f}")
+            sparse = x.sparse_math.upper() if x.sparse_eligible else x.sparse_class
+            lines.append(f"{x.name:{w}}  {x.K:6d}  {x.N:7d}  {_short(x.dtype):7}  {_short(x.activation):7}  "
+                         f"{'yes' if x.is_2to4 else 'no':3}  {x.flops / 1e9:11.6f}  {sparse}")
     s = report.summary
     lines.append("")
     lines.append(f"{s['gemm_layers_2to4']}/{s['gemm_layers']} constant-weight GEMMs are 2:4 along K: "
                  f"{100 * s['flop_fraction_2to4']:.1f}% of GEMM FLOPs are 2:4-eligible")
+    lines.append(s["sparse_tensor_cores"]["line"])
     lines.append(f"{s['errors']} error(s), {s['warnings']} warning(s): {'OK' if report.ok else 'FAILED'}")
     return "\n".join(lines)
+
+
+def _short(dtype: str) -> str:
+    return {"float16": "fp16", "bfloat16": "bf16", "float": "fp32", "float8e4m3fn": "fp8"}.get(dtype, dtype)

@@ -5,6 +5,7 @@ Rule ids:
   op-support       every standard op is in the target parser's support list
   constant-input   inputs the parser needs at build time (axes, CumSum axis) are constants
   plugin           custom-domain nodes name a plugin the project ships, with its version and namespace
+  ort-only         ONNX Runtime contrib ops (com.microsoft, tables/ort_only_ops.json) that TensorRT cannot parse
   qdq-scale        Q/DQ scales are constants in the compute dtype
   qdq-zero-point   zero points are constant zeros of a signed type
   int4             INT4 only on constant weights feeding MatMul/Gemm, signed, even last dimension, target >= TRT 10
@@ -20,6 +21,7 @@ from onnx import TensorProto
 
 from ..exporter.linear import LOWRANK_PLUGIN
 from .model import INT4_TYPES, TYPE_NAME, GraphView, attr, quantize_output_type
+from .tables import ort_only_ops
 
 KNOWN_PLUGINS = (LOWRANK_PLUGIN,)
 STANDARD_DOMAINS = ("", "ai.onnx")
@@ -44,10 +46,16 @@ class LayerInfo:
     weight: str
     K: int
     N: int
-    dtype: str
+    dtype: str  # the weight's precision as the GEMM sees it: the quantized type behind DequantizeLinear
     is_2to4: bool
     groups_violating: int
     flops: int  # multiply-adds x 2 per token
+    activation: str = ""  # the input's precision: the quantized type behind an activation Q/DQ pair, else float
+    # Filled by slim_trt.linter.sparse: can TensorRT run this GEMM on 2:4 sparse tensor cores, and if not, why.
+    sparse_eligible: bool = False
+    sparse_class: str = ""
+    sparse_math: str | None = None
+    sparse_reason: str = ""
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -80,6 +88,11 @@ def check_plugins(v: GraphView, table: dict):
         if n.domain in STANDARD_DOMAINS:
             continue
         known = [p for p in KNOWN_PLUGINS if p["op_type"] == n.op_type]
+        ort = ort_only_ops()
+        if n.domain == "com.microsoft" and n.op_type in ort["ops"]:
+            yield Finding("error", "ort-only", n.name, f"com.microsoft::{n.op_type} is ONNX Runtime only "
+                          f"({ort['ops'][n.op_type]}): {ort['fix']}")
+            continue
         if not known:
             provided = ", ".join(f"{p['op_type']} v{p['plugin_version']} (namespace {p['plugin_namespace']})"
                                  for p in KNOWN_PLUGINS)
@@ -174,22 +187,42 @@ def _check_int4(v: GraphView, table: dict, n):
 def _trace_weight(v: GraphView, name: str):
     """Follow a MatMul weight back through Transpose/Cast/Identity/DequantizeLinear to a constant.
 
-    Returns (array in [K, N] orientation, constant name, dtype name) or None for a runtime tensor.
+    Returns (array in [K, N] orientation, constant name, precision name) or None for a runtime tensor. The
+    precision is the quantized type when a DequantizeLinear is on the path (the GEMM reads the INT4/INT8/FP8
+    weight), else the type of the Cast nearest the GEMM, else the constant's own type.
     """
-    transposed = False
+    transposed, cast_to, dequantized = False, None, False
     while name not in v.constants:
         n = v.producer.get(name)
         if n is None:
             return None
         if n.op_type == "Transpose" and list(attr(n, "perm", [1, 0])) == [1, 0]:
             transposed = not transposed
-        elif n.op_type not in ("Cast", "Identity", "DequantizeLinear"):
+        elif n.op_type == "Cast":
+            cast_to = cast_to if cast_to is not None else attr(n, "to")
+        elif n.op_type == "DequantizeLinear":
+            dequantized = True
+        elif n.op_type != "Identity":
             return None
         name = n.input[0]
     a = v.array(name)
     if a.ndim != 2:
         return None
-    return (a.T if transposed else a), name, TYPE_NAME[v.constants[name].data_type]
+    dtype = v.constants[name].data_type if dequantized or cast_to is None else cast_to
+    return (a.T if transposed else a), name, TYPE_NAME[dtype]
+
+
+def activation_precision(v: GraphView, name: str) -> str:
+    """The precision a GEMM reads its activation in: the Q type behind a DequantizeLinear, a Cast's target type,
+    or the model's compute type."""
+    n = v.producer.get(name)
+    if n is not None and n.op_type == "DequantizeLinear" and n.domain in STANDARD_DOMAINS:
+        t = v.elem_type(n.input[0])
+        if t is not None:
+            return TYPE_NAME[t]
+    if n is not None and n.op_type == "Cast":
+        return TYPE_NAME[attr(n, "to")]
+    return TYPE_NAME[v.compute_type]
 
 
 def layers_and_sparsity(v: GraphView, expected_2to4: set[str] | None):
@@ -211,7 +244,8 @@ def layers_and_sparsity(v: GraphView, expected_2to4: set[str] | None):
             violating = int((per_group > 2).sum())
         else:
             violating = int(np.ceil(K / 4)) * N
-        info = LayerInfo(n.name, const_name, int(K), int(N), dtype, violating == 0, violating, 2 * int(K) * int(N))
+        info = LayerInfo(n.name, const_name, int(K), int(N), dtype, violating == 0, violating, 2 * int(K) * int(N),
+                         activation=activation_precision(v, n.input[0]))
         layers.append(info)
         claims = (const_name in expected_2to4) if expected_2to4 is not None else (1.0 - nz.mean()) >= 0.5
         if claims and not info.is_2to4:

@@ -17,3 +17,9 @@ def load_table(target: str) -> dict:
     table = json.loads(files("slim_trt.linter").joinpath("tables", f"{target}.json").read_text())
     table["ops"] = frozenset(table["ops"])
     return table
+
+
+@lru_cache(maxsize=None)
+def ort_only_ops() -> dict:
+    """ONNX Runtime contrib ops (com.microsoft) an export may hold for ONNX Runtime only (tables/ort_only_ops.json)."""
+    return json.loads(files("slim_trt.linter").joinpath("tables", "ort_only_ops.json").read_text())
