@@ -99,23 +99,29 @@ def _feature_warnings(meta: dict, target: TargetProfile, sparsity: bool) -> list
     return []
 
 
-def run_lint(onnx_path: Path, lint_target: str) -> dict:
-    """The `slim-trt lint` pre-flight: stop on errors, return the report as a dict."""
+LINT_GEMM_FIELDS = ("name", "weight", "K", "N", "dtype", "activation", "sparse_eligible", "sparse_class",
+                    "sparse_math", "sparse_reason")
+
+
+def run_lint(onnx_path: Path, lint_target: str, gpu: TargetProfile | None = None) -> dict:
+    """The `slim-trt lint` pre-flight: stop on errors, return the report as a dict, with lint's per-GEMM sparse
+    tensor-core prediction for the target GPU (the build report compares it with what TensorRT picked)."""
     try:
         from ..linter import lint
     except ImportError as e:
         raise SlimError("slim_trt.linter is missing from this installation: reinstall slim-trt, or pass --skip-lint "
                         "to build without the pre-flight check") from e
-    report = lint(str(onnx_path), target=lint_target)
+    report = lint(str(onnx_path), target=lint_target, gpu=gpu)
     if not report.ok:
         errors = [f for f in report.findings if f.severity == "error"]
         first = errors[0]
         raise SlimError(f"lint found {len(errors)} error(s) for target {lint_target}, first [{first.rule}] "
                         f"{first.node}: {first.message}; see `slim-trt lint {onnx_path} --target {lint_target}`, "
                         f"fix the export, or pass --skip-lint")
-    return {"target": lint_target, "ok": True, "summary": report.summary,
+    return {"target": lint_target, "gpu": report.gpu, "ok": True, "summary": report.summary,
             "warnings": [f"[{f.rule}] {f.node + ': ' if f.node else ''}{f.message}" for f in report.findings
-                         if f.severity == "warning"]}
+                         if f.severity == "warning"],
+            "gemms": [{k: getattr(x, k) for k in LINT_GEMM_FIELDS} for x in report.layers]}
 
 
 def plan_build(onnx_path: str | Path, engine_path: str | Path, *, target: str | TargetProfile | None = None,
@@ -174,7 +180,7 @@ def plan_build(onnx_path: str | Path, engine_path: str | Path, *, target: str | 
         lint_target = "trt11" if parse_version(tensorrt_version)[0] >= 11 else "trt10"
     else:
         lint_target = "trt10"
-    lint_info = None if skip_lint else run_lint(onnx, lint_target)
+    lint_info = None if skip_lint else run_lint(onnx, lint_target, profile)
     if skip_lint:
         warnings.append("lint pre-flight skipped (--skip-lint)")
     else:

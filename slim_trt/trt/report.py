@@ -16,7 +16,9 @@ does say it, in two places this module reads:
    IEngineInspector migration page; with a lower profiling verbosity "Layers" holds bare name strings.
 
 The log is the authority for eligible/picked; the inspector adds each layer's type and tactic, and a tactic
-name containing "sparse" is shown as corroborating evidence. Pure functions, no TensorRT.
+name containing "sparse" is shown as corroborating evidence. When the lint pre-flight ran, its per-GEMM sparse
+tensor-core prediction (slim_trt.linter.sparse) is set beside what TensorRT listed and picked
+(`sparsity.lint_comparison`). Pure functions, no TensorRT.
 """
 from __future__ import annotations
 
@@ -139,6 +141,65 @@ def sparsity_summary(layers: list[EngineLayer], eligible: list[str] | None, pick
     return info, summary, warnings
 
 
+def _parts(name: str) -> set[str]:
+    """The ONNX layer names inside an engine layer name ("a + b + c" for fused layers)."""
+    return {p.strip() for p in name.split(" + ")}
+
+
+def compare_with_lint(gemms: list[dict], layers: list[EngineLayer], eligible: list[str] | None,
+                      picked: list[str] | None) -> tuple[dict, list[str]]:
+    """Per lint GEMM: predicted eligible (lint) vs listed eligible and picked sparse (TensorRT), and the counts.
+
+    A GEMM is matched by its ONNX node name among the " + "-joined parts of the log's and the inspector's layer
+    names. One that appears in neither (fused into a Myelin ForeignNode, or renamed) is "not visible": TensorRT
+    did not say, so it counts neither way.
+    """
+    eligible_parts = set().union(*map(_parts, eligible)) if eligible else set()
+    picked_parts = set().union(*map(_parts, picked)) if picked else set()
+    engine_parts = set().union(*(_parts(layer.name) for layer in layers)) if layers else set()
+    log_found = eligible is not None or picked is not None
+    rows, counts = [], Counter()
+    for g in gemms:
+        name, predicted = g["name"], bool(g["sparse_eligible"])
+        visible = log_found and name in (eligible_parts | picked_parts | engine_parts)
+        listed = (name in eligible_parts or name in picked_parts) if visible else None
+        chosen = (name in picked_parts) if visible else None
+        if listed is None:
+            verdict = "not-visible"
+        elif listed == predicted:
+            verdict = "agree"
+        else:
+            verdict = "lint-only" if predicted else "tensorrt-only"
+        counts[verdict] += 1
+        counts["predicted"] += predicted
+        counts["listed"] += bool(listed)
+        counts["picked"] += bool(chosen)
+        counts["picked_of_predicted"] += bool(chosen) and predicted
+        rows.append({"name": name, "predicted_eligible": predicted, "predicted_class": g.get("sparse_class"),
+                     "predicted_math": g.get("sparse_math"), "tensorrt_eligible": listed, "tensorrt_picked": chosen,
+                     "verdict": verdict})
+    n = len(gemms)
+    summary = (f"lint predicted {counts['predicted']} of {n} GEMMs eligible for sparse math, TensorRT listed "
+               f"{counts['listed']}: {counts['agree']} agree, {counts['lint-only']} predicted but not listed, "
+               f"{counts['tensorrt-only']} listed but not predicted, {counts['not-visible']} not visible; sparse "
+               f"kernels picked for {counts['picked_of_predicted']} of the {counts['predicted']} predicted")
+    warnings = []
+    if counts["lint-only"]:
+        first = next(r["name"] for r in rows if r["verdict"] == "lint-only")
+        warnings.append(f"{counts['lint-only']} GEMMs lint predicted eligible were not listed eligible by TensorRT "
+                        f"(first: {first}): report it with this build.json, the rules are in "
+                        f"slim_trt/linter/tables/sparse_math.json")
+    if counts["tensorrt-only"]:
+        first = next(r["name"] for r in rows if r["verdict"] == "tensorrt-only")
+        warnings.append(f"{counts['tensorrt-only']} GEMMs TensorRT listed eligible were predicted not eligible by "
+                        f"lint (first: {first}): lint's rules are stricter than this TensorRT")
+    info = {"summary": summary, "gemms": n, "predicted": counts["predicted"], "listed": counts["listed"],
+            "agree": counts["agree"], "lint_only": counts["lint-only"], "tensorrt_only": counts["tensorrt-only"],
+            "not_visible": counts["not-visible"], "picked": counts["picked"],
+            "picked_of_predicted": counts["picked_of_predicted"], "layers": rows}
+    return info, warnings
+
+
 @dataclass
 class BuildReport:
     engine: str
@@ -176,6 +237,8 @@ class BuildReport:
         if self.target:
             lines.append(f"target      {self.target.get('name')}")
         lines.append(f"sparsity    {self.summary}")
+        if "lint_comparison" in self.sparsity:
+            lines.append(f"vs lint     {self.sparsity['lint_comparison']['summary']}")
         lines += [f"warning     {w}" for w in self.warnings]
         return "\n".join(lines)
 
@@ -188,6 +251,9 @@ def make_report(*, engine: str, onnx: str, tensorrt_version: str, gpu: dict, tar
     layers, io = parse_layer_information(layer_information)
     eligible, picked = parse_sparsity_log(build_log)
     sparsity, summary, warnings = sparsity_summary(layers, eligible, picked, sparsity_enabled)
+    if lint and lint.get("gemms") is not None and sparsity_enabled:
+        sparsity["lint_comparison"], more = compare_with_lint(lint["gemms"], layers, eligible, picked)
+        warnings += more
     return BuildReport(engine=engine, onnx=onnx, tensorrt_version=tensorrt_version, gpu=gpu, target=target,
                        options=options, build_seconds=round(build_seconds, 3), engine_bytes=engine_bytes,
                        summary=summary, sparsity=sparsity, lint=lint, io_tensors=io,

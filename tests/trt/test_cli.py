@@ -104,3 +104,13 @@ def test_preflight_finds_the_plugin_library(tiny_exports, tmp_path, monkeypatch)
     assert plan.required_plugins == [("LowRankAdd", "1", "slim_trt")]
     with pytest.raises(SlimError, match="plugin library /nope.so does not exist"):
         plan_build(tiny_exports["plugin"], tmp_path / "p.plan", target="hopper", plugins=["/nope.so"])
+
+
+def test_preflight_keeps_the_sparse_prediction_for_the_target(tiny_exports, tmp_path):
+    plan = plan_build(tiny_exports["decomposed"], tmp_path / "tiny.plan", target="jetson-orin")
+    assert plan.lint["gpu"] == "jetson-orin"
+    base = [g for g in plan.lint["gemms"] if g["dtype"] == "int4"]
+    assert len(base) == 14 and {g["sparse_class"] for g in base} == {"int4-weight-only"}
+    assert not any(g["sparse_eligible"] for g in plan.lint["gemms"])
+    assert plan.lint["summary"]["sparse_tensor_cores"]["line"].startswith(
+        "sparse tensor cores (jetson-orin): 0 of 14 2:4 GEMMs eligible (14 are INT4 weight-only)")

@@ -88,3 +88,61 @@ def test_summary_warns_when_everything_runs_dense():
     assert summary.startswith("sparsity unknown") and "no '(Sparsity)' lines" in warnings[0]
     _, summary, warnings = sparsity_summary(layers, None, None, False)
     assert summary == "sparsity disabled (--no-sparsity): dense build" and warnings == []
+
+
+def lint_gemm(name: str, eligible: bool, cls: str = "eligible") -> dict:
+    return {"name": name, "sparse_eligible": eligible, "sparse_class": cls if eligible else "shape",
+            "sparse_math": "int8" if eligible else None}
+
+
+UP0, DOWN0 = "/model/layers.0/mlp/up_proj/MatMul", "/model/layers.0/mlp/down_proj/MatMul"
+GATE_MATMUL = "/model/layers.0/mlp/gate_proj/MatMul"
+LM_HEAD, Q1 = "/model/lm_head/MatMul", "/model/layers.1/self_attn/q_proj/MatMul"
+
+
+def test_build_report_sets_lint_prediction_beside_tensorrt():
+    gemms = [lint_gemm(Q_PROJ, True), lint_gemm(O_PROJ, True), lint_gemm(GATE_MATMUL, False), lint_gemm(UP0, True),
+             lint_gemm(DOWN0, True), lint_gemm(DOWN1, True), lint_gemm("/lm_head/MatMul", False), lint_gemm(Q1, True)]
+    report = make_report(engine="e.plan", onnx="m.onnx", tensorrt_version="10.3.0", gpu={}, target=None,
+                         options={}, build_seconds=1.0, engine_bytes=1, layer_information=read("layer_info_trt10.json"),
+                         build_log=read("trtexec_sparse_build.log"), sparsity_enabled=True,
+                         lint={"target": "jetson-orin-jp6", "gemms": gemms})
+    c = report.sparsity["lint_comparison"]
+    rows = {r["name"]: r for r in c["layers"]}
+    assert rows[Q_PROJ]["verdict"] == "agree" and rows[Q_PROJ]["tensorrt_picked"]
+    assert rows[O_PROJ]["verdict"] == "agree" and rows[O_PROJ]["tensorrt_picked"] is False
+    assert rows[GATE_MATMUL]["verdict"] == "tensorrt-only"  # found inside the fused "gate + Sigmoid + Mul" layer
+    assert rows[DOWN1]["verdict"] == "agree" and rows[DOWN1]["tensorrt_picked"] is False  # named by the log only
+    # lm_head sits inside the Myelin ForeignNode and Q1 is named nowhere: TensorRT said nothing about either.
+    assert rows["/lm_head/MatMul"]["verdict"] == rows[Q1]["verdict"] == "not-visible"
+    assert rows[Q1]["tensorrt_eligible"] is None
+    assert (c["predicted"], c["listed"], c["agree"], c["lint_only"], c["tensorrt_only"], c["not_visible"]) == \
+        (6, 6, 5, 0, 1, 2)
+    assert (c["picked"], c["picked_of_predicted"]) == (4, 3)
+    assert c["summary"] == ("lint predicted 6 of 8 GEMMs eligible for sparse math, TensorRT listed 6: 5 agree, "
+                            "0 predicted but not listed, 1 listed but not predicted, 2 not visible; sparse kernels "
+                            "picked for 3 of the 6 predicted")
+    assert any("1 GEMMs TensorRT listed eligible were predicted not eligible by lint (first: "
+               f"{GATE_MATMUL})" in w for w in report.warnings)
+    assert f"vs lint     {c['summary']}" in report.format()
+
+
+def test_lint_predicted_but_tensorrt_did_not_list():
+    gemms = [lint_gemm(Q_PROJ, True), lint_gemm(UP0, True), lint_gemm(DOWN0, False)]
+    report = make_report(engine="e.plan", onnx="m.onnx", tensorrt_version="10.3.0", gpu={}, target=None,
+                         options={}, build_seconds=1.0, engine_bytes=1, layer_information=read("layer_info_trt10.json"),
+                         build_log=read("captured_dense_build.log"), sparsity_enabled=True, lint={"gemms": gemms})
+    c = report.sparsity["lint_comparison"]
+    assert [r["verdict"] for r in c["layers"]] == ["lint-only", "agree", "tensorrt-only"]
+    assert c["picked"] == 0
+    assert any(w.startswith(f"1 GEMMs lint predicted eligible were not listed eligible by TensorRT (first: {Q_PROJ})")
+               for w in report.warnings)
+    # Without the (Sparsity) lines nothing can be compared; a dense build has nothing to compare.
+    blind = make_report(engine="e.plan", onnx="m.onnx", tensorrt_version="10.3.0", gpu={}, target=None, options={},
+                        build_seconds=1.0, engine_bytes=1, layer_information=read("layer_info_trt10.json"),
+                        build_log="", sparsity_enabled=True, lint={"gemms": gemms})
+    assert blind.sparsity["lint_comparison"]["not_visible"] == 3
+    dense = make_report(engine="e.plan", onnx="m.onnx", tensorrt_version="10.3.0", gpu={}, target=None, options={},
+                        build_seconds=1.0, engine_bytes=1, layer_information=read("layer_info_trt10.json"),
+                        build_log="", sparsity_enabled=False, lint={"gemms": gemms})
+    assert "lint_comparison" not in dense.sparsity
