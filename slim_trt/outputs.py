@@ -27,8 +27,9 @@ def _apply_umask(folder: Path) -> None:
     os.umask(umask)
     folder.chmod(0o777 & ~umask)
     for p in folder.rglob("*"):
-        if not p.is_symlink():
-            p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
+        if not p.is_symlink():  # directories and executables (scripts) keep their x bits
+            executable = p.is_dir() or p.stat().st_mode & 0o100
+            p.chmod((0o777 if executable else 0o666) & ~umask)
 
 
 def commit_output(tmp: Path, path: Path) -> None:

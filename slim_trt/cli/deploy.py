@@ -1,11 +1,12 @@
-"""`slim-trt deploy triton EXPORT_DIR -o REPO`: write a Triton model repository for an export."""
+"""`slim-trt deploy triton EXPORT_DIR -o REPO` (Triton model repository) and `slim-trt deploy jetson` (deploy_jetson)."""
 from __future__ import annotations
 
 import argparse
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("deploy", help="write a serving bundle for an export (Triton model repository)",
+    parser = subparsers.add_parser("deploy", help="write a serving bundle for an export (Triton model repository, "
+                                                         "Jetson bundle)",
                                    description="Write a serving bundle for an export.")
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     triton = targets.add_parser(
@@ -38,6 +39,9 @@ def register(subparsers) -> None:
                         help="NAME_generate's default when a request does not say")
     triton.add_argument("--force", action="store_true", help="replace REPO if it exists")
     triton.set_defaults(func=run)
+    from . import deploy_jetson
+
+    deploy_jetson.register(targets)
 
 
 def run(args) -> int:

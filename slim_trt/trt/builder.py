@@ -23,7 +23,8 @@ from ..errors import SlimError
 from .backend import GpuInfo, TensorRTNotInstalled, import_tensorrt, parse_version, require_gpu
 from .plugins import required_plugins, resolve_plugins
 from .report import BuildReport, make_report
-from .shapes import ShapeRanges, input_profiles, io_from_onnx, kv_cache_bytes, read_sidecar, shape_ranges
+from .memory import estimate_memory
+from .shapes import ShapeRanges, input_profiles, io_from_onnx, read_sidecar, shape_ranges
 from .targets import TargetProfile, check_target, load_target, target_for_gpu
 
 GB = 2**30
@@ -79,12 +80,7 @@ def _ranges_list(profiles, meta: dict, target: TargetProfile | None, batch, seq,
     return out
 
 
-def _model_bytes(onnx_path: Path) -> int:
-    data = onnx_path.with_name(onnx_path.name + ".data")
-    return onnx_path.stat().st_size + (data.stat().st_size if data.is_file() else 0)
-
-
-def _feature_warnings(meta: dict, target: TargetProfile, sparsity: bool) -> list[str]:
+def feature_warnings(meta: dict, target: TargetProfile, sparsity: bool) -> list[str]:
     s = target.supports
     bits = {layer.get("bits") for layer in meta.get("compressed_layers", [])}
     if 4 in bits and not s["int4_weights"]:
@@ -161,15 +157,15 @@ def plan_build(onnx_path: str | Path, engine_path: str | Path, *, target: str | 
     ranges = _ranges_list(profiles, meta, profile, batch, seq, past)
     shapes = [input_profiles(meta, r) for r in ranges]
     if profile is not None:
-        warnings += _feature_warnings(meta, profile, sparsity)
+        warnings += feature_warnings(meta, profile, sparsity)
     workspace = workspace_gb if workspace_gb is not None else (profile.workspace_gb if profile else None)
 
     if profile is not None:
-        need = _model_bytes(onnx) + max(kv_cache_bytes(meta, r) for r in ranges) + (workspace or 0) * GB
-        if need > profile.memory_budget_gb * GB:
-            warnings.append(f"weights + KV cache at the max shapes + workspace need about {need / GB:.1f} GiB, above "
-                            f"target {profile.name}'s {profile.memory_budget_gb:g} GiB budget: lower --batch/--seq/"
-                            f"--past max")
+        need = estimate_memory(onnx, meta, ranges, workspace, profile.memory_budget_gb)
+        if not need.fits:
+            warnings.append(f"weights + KV cache at the max shapes + workspace need about {need.total_bytes / GB:.1f} "
+                            f"GiB, above target {profile.name}'s {profile.memory_budget_gb:g} GiB budget: lower "
+                            f"--batch/--seq/--past max")
 
     needed = required_plugins(meta, onnx)
     libs = resolve_plugins(list(plugins), needed)

@@ -69,6 +69,7 @@ class TargetProfile:
     default_shapes: dict
     notes: str
     source: str
+    jetpack: tuple = ()  # Jetson: the JetPack releases that carry a supported TensorRT, as {version, tensorrt, cuda}
 
     def lint_target_for(self, tensorrt_version: str | None) -> str:
         """The lint table matching the installed TensorRT (the profile's default when unknown)."""
@@ -83,7 +84,7 @@ class TargetProfile:
                 "lint_target": self.lint_target, "supports": dict(self.supports),
                 "memory_budget_gb": self.memory_budget_gb, "workspace_gb": self.workspace_gb,
                 "tensorrt": {"min_version": self.tensorrt_min_version, "max_major": self.tensorrt_max_major},
-                "source": self.source}
+                "jetpack": [dict(j) for j in self.jetpack], "source": self.source}
 
 
 def _fail(source: str, what: str) -> SlimError:
@@ -149,13 +150,18 @@ def profile_from_dict(d: dict, source: str = "<dict>") -> TargetProfile:
     if not isinstance(shapes, dict) or set(shapes) != set(SHAPE_AXES):
         raise _fail(source, f"default_shapes must give [min, opt, max] for exactly: {', '.join(SHAPE_AXES)}")
     triples = {axis: _shape_triple(source, axis, shapes[axis]) for axis in SHAPE_AXES}
+    jetpack = d.get("jetpack", [])
+    if not isinstance(jetpack, list) or not all(
+            isinstance(j, dict) and all(isinstance(j.get(k), str) and j[k] for k in ("version", "tensorrt"))
+            for j in jetpack):
+        raise _fail(source, "jetpack must be a list of {\"version\": \"6.1\", \"tensorrt\": \"10.3\", ...}")
     return TargetProfile(
         name=d["name"], description=d["description"], compute_capabilities=tuple(str(c) for c in ccs),
         platform=d["platform"], lint_target=d["lint_target"], lint_target_by_tensorrt_major=dict(by_major),
         tensorrt_min_version=str(trt["min_version"]), tensorrt_max_major=int(trt["max_major"]),
         supports=dict(supports), memory_budget_gb=float(d["memory_budget_gb"]),
         workspace_gb=float(d["workspace_gb"]), default_shapes=triples, notes=str(d.get("notes", "")),
-        source=source)
+        source=source, jetpack=tuple(dict(j) for j in jetpack))
 
 
 def list_targets(directory: Path | list[Path] | None = None) -> list[str]:

@@ -62,7 +62,9 @@ def test_wheel_contains_the_target_profiles(installed_wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert sorted(n for n in names if n.startswith("slim_trt/trt/profiles/")) == \
         [f"slim_trt/trt/profiles/{t}.json" for t in SHIPPED]
-    assert "slim_trt/linter/tables/trt10.json" in names
+    assert {"slim_trt/linter/tables/trt10.json", "slim_trt/linter/tables/sparse_math.json"} <= set(names)
+    plugin = sorted(p.name for p in (REPO / "plugins" / "lowrank_add").iterdir() if p.is_file())
+    assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("slim_trt/jetson/lowrank_add/")) == plugin
 
 
 def test_installed_wheel_finds_its_profiles(installed_wheel, tmp_path):
@@ -79,3 +81,11 @@ def test_installed_wheel_finds_its_profiles(installed_wheel, tmp_path):
     assert Path(found["source"]).is_relative_to(target)
     listing = run_installed(target, tmp_path, "from slim_trt.cli import main; main(['build', '--list-targets'])")
     assert [line.split()[0] for line in listing.splitlines()[1:]] == SHIPPED
+
+
+def test_installed_wheel_has_the_plugin_sources_for_jetson_bundles(installed_wheel, tmp_path):
+    _, target = installed_wheel
+    out = run_installed(target, tmp_path, "from slim_trt.jetson.bundle import PLUGIN_SOURCES as p\n"
+                                          "print(p); print((p / 'CMakeLists.txt').is_file())")
+    path, has_cmake = out.split()
+    assert Path(path).is_relative_to(target) and has_cmake == "True"
