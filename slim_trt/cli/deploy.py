@@ -1,4 +1,4 @@
-"""`slim-trt deploy triton EXPORT_DIR -o REPO` (Triton model repository) and `slim-trt deploy jetson` (deploy_jetson)."""
+"""`slim-trt deploy triton EXPORT_DIR -o REPO`: a Triton model repository (`deploy jetson`: deploy_jetson.py)."""
 from __future__ import annotations
 
 import argparse

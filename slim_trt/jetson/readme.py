@@ -23,6 +23,8 @@ def bundle_readme(*, profile, meta: dict, plan: scripts.ScriptPlan, memory: Memo
     r = plan.ranges
     build_cmd = shlex.join(["$TRTEXEC", "--stronglyTyped"] + scripts.trtexec_build_args(plan))
     verdict = "fits" if memory.fits else "DOES NOT FIT"
+    budget_source = ("the profile default: its smallest module" if budget_gb == profile.memory_budget_gb
+                     else "--memory-gb")
     plugin_text = (
         "This export has `LowRankAdd` nodes (`slim-trt export --lowrank plugin`), so the bundle carries the plugin "
         f"sources (`{scripts.PLUGIN_SOURCE}/`) and `build.sh` compiles them first with CMake (>= 3.24) and the "
@@ -76,7 +78,7 @@ def bundle_readme(*, profile, meta: dict, plan: scripts.ScriptPlan, memory: Memo
         f"tokens) | {_gib(memory.kv_cache_bytes)} |",
         f"| builder workspace | {_gib(memory.workspace_bytes)} |",
         f"| **total** | **{_gib(memory.total_bytes)}** |",
-        f"| budget ({budget_gb:g} GiB{', the profile default: its smallest module' if budget_gb == profile.memory_budget_gb else ', --memory-gb'}) | {_gib(memory.budget_bytes)} |",
+        f"| budget ({budget_gb:g} GiB, {budget_source}) | {_gib(memory.budget_bytes)} |",
         "",
         f"Verdict: **{verdict}**. Jetson memory is shared by the CPU, the GPU and the OS, so keep a margin; "
         "activations and TensorRT's own buffers come on top and show in `trtexec`'s memory report.",

@@ -149,14 +149,16 @@ version_at_least() { [ "$(printf '%s\n%s\n' "$2" "$1" | sort -V | head -n 1)" = 
 TRT_VERSION=$(tensorrt_version)
 if [ -z "$TRT_VERSION" ]; then
   if [ "$DRY_RUN" = 0 ]; then
-    die "cannot find TensorRT (no libnvinfer-bin package, no python3 tensorrt): install JetPack's TensorRT (sudo apt install nvidia-jetpack) or set TENSORRT_VERSION"
+    die "cannot find TensorRT (no libnvinfer-bin package, no python3 tensorrt): install JetPack's" \
+      "TensorRT (sudo apt install nvidia-jetpack) or set TENSORRT_VERSION"
   fi
   TRT_VERSION=@TRT_ASSUMED@
   echo "# dry run: TensorRT not found here, assuming $TRT_VERSION" >&2
 fi
 TRT_MAJOR=${TRT_VERSION%%.*}
 if ! version_at_least "$TRT_VERSION" @TRT_MIN@ || [ "$TRT_MAJOR" -gt @TRT_MAX_MAJOR@ ]; then
-  die "TensorRT $TRT_VERSION cannot build this bundle: @TARGET@ needs TensorRT @TRT_MIN@ to @TRT_MAX_MAJOR@.x (see README.md for the JetPack releases)"
+  die "TensorRT $TRT_VERSION cannot build this bundle: @TARGET@ needs TensorRT @TRT_MIN@ to" \
+    "@TRT_MAX_MAJOR@.x (see README.md for the JetPack releases)"
 fi
 STRONGLY_TYPED=()
 if [ "$TRT_MAJOR" = 10 ]; then STRONGLY_TYPED=(--stronglyTyped); fi  # TensorRT 11 is always strongly typed
