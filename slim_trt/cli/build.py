@@ -1,22 +1,7 @@
 """slim-trt build MODEL.onnx -o engines/NAME.plan"""
 from __future__ import annotations
 
-import argparse
-
-from .common import add_parser, print_json
-
-
-def _range(flag: str, floor: int):
-    def parse(text: str):
-        from ..errors import SlimError
-        from ..trt.shapes import Range
-
-        try:
-            return Range.parse(text, flag=flag, floor=floor)
-        except SlimError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse
+from .common import add_parser, add_shape_args, print_json
 
 
 def register(sub) -> None:
@@ -41,14 +26,7 @@ def register(sub) -> None:
                         "default: the profile matching this GPU")
     p.add_argument("--no-sparsity", dest="sparsity", action="store_false",
                    help="build without SPARSE_WEIGHTS (dense kernels), e.g. to compare with the sparse engine")
-    p.add_argument("--batch", type=_range("--batch", 1), metavar="MIN,OPT,MAX",
-                   help="batch range (one number = fixed); default from the target profile")
-    p.add_argument("--seq", type=_range("--seq", 1), metavar="MIN,OPT,MAX",
-                   help="new tokens per call (prompt length for prefill, 1 for decode)")
-    p.add_argument("--past", type=_range("--past", 0), metavar="MIN,OPT,MAX",
-                   help="KV-cache length before the call; seq max + past max must fit the model's context")
-    p.add_argument("--workspace-gb", type=float, default=None, metavar="GB",
-                   help="builder workspace limit in GiB; default from the target profile")
+    add_shape_args(p)
     p.add_argument("--timing-cache", default=None, metavar="FILE",
                    help="tactic timing cache to read (if present) and update; speeds up rebuilds")
     p.add_argument("--plugins", nargs="+", default=[], metavar="LIB",

@@ -34,3 +34,31 @@ def print_json(obj, path: str | None = None) -> None:
 
 def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
+
+
+def range_type(flag: str, floor: int):
+    """argparse type for MIN,OPT,MAX shape ranges (--batch/--seq/--past of build and deploy jetson)."""
+
+    def parse(text: str):
+        from ..errors import SlimError
+        from ..trt.shapes import Range
+
+        try:
+            return Range.parse(text, flag=flag, floor=floor)
+        except SlimError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    return parse
+
+
+def add_shape_args(p) -> None:
+    """--batch/--seq/--past (the engine's optimization profile) and --workspace-gb, as build and deploy jetson
+    take them; defaults come from the target profile, fitted into the model's context."""
+    p.add_argument("--batch", type=range_type("--batch", 1), metavar="MIN,OPT,MAX",
+                   help="batch range (one number = fixed); default from the target profile")
+    p.add_argument("--seq", type=range_type("--seq", 1), metavar="MIN,OPT,MAX",
+                   help="new tokens per call (prompt length for prefill, 1 for decode)")
+    p.add_argument("--past", type=range_type("--past", 0), metavar="MIN,OPT,MAX",
+                   help="KV-cache length before the call; seq max + past max must fit the model's context")
+    p.add_argument("--workspace-gb", type=float, default=None, metavar="GB",
+                   help="builder workspace limit in GiB; default from the target profile")

@@ -3,18 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-
-def _range(flag: str, floor: int):
-    def parse(text: str):
-        from ..errors import SlimError
-        from ..trt.shapes import Range
-
-        try:
-            return Range.parse(text, flag=flag, floor=floor)
-        except SlimError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
-    return parse
+from .common import add_shape_args
 
 
 def register(targets) -> None:
@@ -35,14 +24,7 @@ def register(targets) -> None:
     p.add_argument("-o", "--output", metavar="BUNDLE", required=True, help="bundle folder to create")
     p.add_argument("--target", default="jetson-orin", metavar="jetson-orin|jetson-thor|FILE.json",
                    help="Jetson target profile (default: jetson-orin)")
-    p.add_argument("--batch", type=_range("--batch", 1), metavar="MIN,OPT,MAX",
-                   help="batch range of the engine (default: the target's)")
-    p.add_argument("--seq", type=_range("--seq", 1), metavar="MIN,OPT,MAX",
-                   help="new tokens per call (default: the target's, fitted into the model's context)")
-    p.add_argument("--past", type=_range("--past", 0), metavar="MIN,OPT,MAX",
-                   help="cached tokens before the call (default: the target's, fitted into the context)")
-    p.add_argument("--workspace-gb", type=float, default=None, metavar="GB",
-                   help="TensorRT builder workspace (default: the target's)")
+    add_shape_args(p)
     p.add_argument("--memory-gb", type=float, default=None, metavar="GB",
                    help="the board's memory for the budget check (default: the target's smallest module, "
                         "e.g. 8 for Orin Nano 8 GB)")

@@ -18,7 +18,6 @@ beside BUNDLE and renamed at the end. No TensorRT is needed here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -136,20 +135,13 @@ def _write_inputs(root: Path, meta: dict, phases: dict) -> None:
                              .tobytes())
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _cuda_architectures(profile: TargetProfile) -> str:
     return ";".join(cc.replace(".", "") for cc in profile.compute_capabilities)
 
 
 def bundle_jetson(export_dir: str | Path, out: str | Path, config: JetsonConfig | None = None) -> JetsonBundle:
     """Check `export_dir` for the Jetson target and write the bundle folder `out` (see the module docstring)."""
+    from ..checkpoint import file_sha256 as _sha256
     from ..trt.builder import feature_warnings
     from ..triton.export_info import read_export
 

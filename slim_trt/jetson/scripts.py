@@ -165,6 +165,25 @@ if [ "$TRT_MAJOR" = 10 ]; then STRONGLY_TYPED=(--stronglyTyped); fi  # TensorRT 
 '''
 
 
+def _options(defaults: str, cases: str, help_lines: int) -> str:
+    """The option loop both scripts share (--tool, --dry-run, --help), with each script's own `cases`."""
+    return f'''
+{defaults}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --tool) [ $# -ge 2 ] || die "--tool needs trtexec or slim-trt"; TOOL=$2; shift ;;
+    --tool=*) TOOL=${{1#--tool=}} ;;
+{cases}
+    --dry-run) DRY_RUN=1 ;;
+    -h|--help) sed -n '2,{help_lines}s/^# \\{{0,1\\}}//p' "$0"; exit 0 ;;
+    *) die "unknown option $1 (see --help)" ;;
+  esac
+  shift
+done
+case "$TOOL" in trtexec|slim-trt) ;; *) die "--tool must be trtexec or slim-trt, not $TOOL" ;; esac
+'''
+
+
 def _fill(template: str, values: dict) -> str:
     for key, value in values.items():
         template = template.replace(f"@{key}@", value)
@@ -191,21 +210,7 @@ run cmake {_q(compile_)}
 # --dry-run  print the exact commands without running them
 # Environment: TRTEXEC, NVCC (paths), TENSORRT_VERSION (default: read from the installed packages).
 '''
-    parse = r'''
-FORCE=0
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --tool) [ $# -ge 2 ] || die "--tool needs trtexec or slim-trt"; TOOL=$2; shift ;;
-    --tool=*) TOOL=${1#--tool=} ;;
-    --force) FORCE=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,10s/^# \{0,1\}//p' "$0"; exit 0 ;;
-    *) die "unknown option $1 (see --help)" ;;
-  esac
-  shift
-done
-case "$TOOL" in trtexec|slim-trt) ;; *) die "--tool must be trtexec or slim-trt, not $TOOL" ;; esac
-'''
+    parse = _options("FORCE=0", "    --force) FORCE=1 ;;", 10)
     body = f'''
 if [ -e {ENGINE} ] && [ "$FORCE" = 0 ] && [ "$DRY_RUN" = 0 ]; then
   die "{ENGINE} exists: pass --force to rebuild it"
@@ -245,23 +250,10 @@ def run_script(plan: ScriptPlan) -> str:
 # trtexec reads the token ids, attention mask and positions from inputs/ (the KV cache is random: timing only);
 # `slim-trt bench` makes its own. --dry-run prints the exact commands without running them.
 '''
-    parse = r'''
-ITERATIONS=20
-while [ $# -gt 0 ]; do
-  case "$1" in
-    --tool) [ $# -ge 2 ] || die "--tool needs trtexec or slim-trt"; TOOL=$2; shift ;;
-    --tool=*) TOOL=${1#--tool=} ;;
-    --iterations) [ $# -ge 2 ] || die "--iterations needs a number"; ITERATIONS=$2; shift ;;
-    --iterations=*) ITERATIONS=${1#--iterations=} ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h|--help) sed -n '2,9s/^# \{0,1\}//p' "$0"; exit 0 ;;
-    *) die "unknown option $1 (see --help)" ;;
-  esac
-  shift
-done
-case "$TOOL" in trtexec|slim-trt) ;; *) die "--tool must be trtexec or slim-trt, not $TOOL" ;; esac
-case "$ITERATIONS" in ''|*[!0-9]*|0) die "--iterations must be a positive integer, not $ITERATIONS" ;; esac
-'''
+    parse = _options("ITERATIONS=20", "    --iterations) [ $# -ge 2 ] || die \"--iterations needs a number\"; "
+                     "ITERATIONS=$2; shift ;;\n    --iterations=*) ITERATIONS=${1#--iterations=} ;;", 9) + (
+        "case \"$ITERATIONS\" in ''|*[!0-9]*|0) die \"--iterations must be a positive integer, not "
+        "$ITERATIONS\" ;; esac\n")
     trtexec_lines = "\n".join(f'  run "$TRTEXEC" {_q(trtexec_run_args(plan, p))} "--iterations=$ITERATIONS"'
                               for p in phases)
     body = f'''
