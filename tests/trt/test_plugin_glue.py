@@ -1,5 +1,6 @@
 """The IPluginV3 glue compiles against the public TensorRT headers of 10.3 (JetPack 6) and 11.1, with the CUDA
-headers of the local toolkit, and the library it builds exports exactly the entry points TensorRT looks up.
+headers of the local toolkit; the library it builds exports exactly the entry points TensorRT looks up; and,
+loaded the way TensorRT's loader does, its build-time interface behaves (plugin_glue_check.cpp, no GPU).
 
 The headers come from `shared/third_party/tensorrt/<version>/include` in the nearest folder above the repository
 that has one (CI clones the repository beside `shared/`; see shared/third_party/README.md), and additionally from
@@ -121,3 +122,48 @@ def test_dynamic_library_exports_the_loader_entry_points(nvcc, cxx, include, ver
         exported[registration] = {line.split()[-1] for line in out.stdout.splitlines() if line.strip()}
     assert ENTRY_POINTS <= exported[0], sorted(exported[0])
     assert not ENTRY_POINTS & exported[1]
+
+
+@pytest.fixture(scope="module")
+def kernel_object(nvcc, tmp_path_factory) -> Path:
+    obj = tmp_path_factory.mktemp("glue_kernel") / "lowrank_add_kernel.o"
+    subprocess.run([nvcc, "-std=c++17", "-O2", "-arch=sm_87", "-Xcompiler", "-fPIC", "-c",
+                    str(PLUGIN_DIR / "lowrank_add_kernel.cu"), "-o", str(obj)], check=True, capture_output=True,
+                   timeout=600)
+    return obj
+
+
+# What plugin_glue_check.cpp must print: the plugin's build-time behaviour, as TensorRT would call it.
+EXPECTED_GLUE = {
+    "has_getCreators": "1", "has_setLoggerFinder": "1", "creators": "1", "creator_kind": "PLUGIN CREATOR_V3ONE",
+    "identity": "LowRankAdd/1/slim_trt", "field_names": "1 group_size", "create_group0_null": "1",
+    "core_identity": "LowRankAdd/1/slim_trt", "outputs": "1", "output_type_status": "0", "output_type_half": "1",
+    "output_type_3_inputs": "-1", "dense_formats_ok": "5", "dense_mixed_type": "0", "dense_non_linear": "0",
+    "configure_dense": "0", "configure_wrong_k": "-1",
+    "workspace_dense": str(256 * 8 * 4),  # fp32 X R^T for 256 tokens at rank 8, already 256-byte aligned
+    "int4_formats_ok": "7", "configure_int4": "0", "configure_int4_short_bytes": "-1",
+    "serialized_group_size": "64", "clone_group_size": "64",
+}
+
+
+@pytest.mark.parametrize("include,version", header_sets())
+def test_glue_runs_its_build_time_interface_on_the_cpu(nvcc, cxx, kernel_object, include, version, tmp_path):
+    """The dynamic library, loaded by dlopen + getCreators as TensorRT's loader does, creates a plugin whose
+    types, formats, shape checks, workspace and serialized fields are right (no TensorRT library, no GPU)."""
+    include = _include_or_skip(include, version)
+    cuda = cuda_include(nvcc)
+    glue, lib, driver = tmp_path / "glue.o", tmp_path / "liblowrank_add_plugin_dynamic.so", tmp_path / "check"
+    proc = _compile(cxx, include, cuda, 0, "-fPIC", "-fvisibility=hidden", "-c", "-o", str(glue))
+    assert proc.returncode == 0, proc.stderr
+    # nvcc links the CUDA runtime statically; nothing here calls into CUDA, so no GPU is needed.
+    subprocess.run([nvcc, "-shared", str(glue), str(kernel_object), "-o", str(lib)], check=True, capture_output=True,
+                   timeout=300)
+    proc = subprocess.run([cxx, "-std=c++17", "-Wall", "-Wextra", "-Werror", "-isystem", str(include), "-isystem",
+                           str(cuda), str(Path(__file__).with_name("plugin_glue_check.cpp")), "-ldl", "-o",
+                           str(driver)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    run = subprocess.run([str(driver), str(lib)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
+    printed = dict(line.split(" ", 1) for line in run.stdout.splitlines())
+    assert printed == EXPECTED_GLUE
+    assert "group_size must be positive" in run.stderr  # errors reach the log (stderr without a logger finder)
