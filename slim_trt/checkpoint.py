@@ -5,9 +5,13 @@
   slim_layers.safetensors  the compressed linears: packed INT4 (two per byte, low nibble first) or INT8 values,
                            N:M metadata (position of each kept value inside its group), scales, adapters
   slim_manifest.json       schema version, method config, per-layer shapes/bits/sparsity/rank, sha256 of every
-                           tensor and of both files, the source model
+                           tensor and of every other file of the folder, the source model, and `content_sha256`:
+                           the sha256 of the manifest's own content (canonical JSON without that field)
 
-Only safetensors are read back (no pickle), and every file is checked against the manifest before use.
+Only safetensors are read back (no pickle). Every byte that decides the loaded model (config, generation config,
+tokenizer, tensors, the manifest itself) is covered by a checksum that every reader verifies, and a file in the
+folder that the manifest does not list is refused, since transformers might read it. The checksums catch
+corruption and edits, not a forger, who can recompute them: they are not a signature.
 """
 from __future__ import annotations
 
@@ -26,10 +30,16 @@ from .errors import SlimError
 from .outputs import commit_output, prepare_output
 
 FORMAT = "slim-trt-checkpoint"
-SCHEMA_VERSION = 1
+# 2: the manifest lists every file of the folder (config, tokenizer, ...) and carries content_sha256.
+SCHEMA_VERSION = 2
 MANIFEST = "slim_manifest.json"
 DENSE_FILE = "model.safetensors"
 LAYERS_FILE = "slim_layers.safetensors"
+CONFIG_FILE = "config.json"
+DIGEST_KEY = "content_sha256"
+# Files a checkpoint folder may hold beyond the manifest's list: nothing transformers reads (the fine-tuning loss
+# curve, notes), and hidden files (editor and OS droppings).
+_UNCHECKED_SUFFIXES = (".png", ".md")
 
 
 # ---------------------------------------------------------------- packing of small unsigned fields
@@ -147,6 +157,28 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def content_sha256(record: dict) -> str:
+    """sha256 of a JSON record's content without its own DIGEST_KEY: canonical JSON (sorted keys, no spaces), so
+    the digest does not depend on how the file was indented, only on what it says."""
+    body = {k: v for k, v in record.items() if k != DIGEST_KEY}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def with_digest(record: dict) -> dict:
+    return {**record, DIGEST_KEY: content_sha256(record)}
+
+
+def digest_ok(record) -> bool:
+    return isinstance(record, dict) and record.get(DIGEST_KEY) == content_sha256(record)
+
+
+def folder_checksums(folder: Path) -> dict[str, str]:
+    """sha256 of every file under `folder` except the manifest, by path relative to the folder."""
+    return {p.relative_to(folder).as_posix(): file_sha256(p) for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != MANIFEST}
+
+
 def save_layers(path: Path, layers: dict[str, CompressedLinear]) -> dict:
     """Write compressed layers to one safetensors file; return their manifest entries with checksums."""
     tensors, metas = {}, {}
@@ -209,31 +241,77 @@ def save(model: torch.nn.Module, path: str | Path, *, tokenizer=None, manifest_e
             "architecture": model.config.model_type,
             "tied": tied,
             "layers": layer_meta,
-            "files": {f: file_sha256(tmp / f) for f in (DENSE_FILE, LAYERS_FILE)},
-            **(manifest_extra or {}),
+            "files": folder_checksums(tmp),  # config, generation config, tokenizer, both tensor files
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=False))
+        # Extra records (method, calibration, fine-tuning, ...) never override the fields above.
+        manifest.update({k: v for k, v in (manifest_extra or {}).items() if k not in manifest and k != DIGEST_KEY})
+        (tmp / MANIFEST).write_text(json.dumps(with_digest(manifest), indent=1, sort_keys=False))
         commit_output(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
 
 
+def looks_like_checkpoint(folder: Path) -> bool:
+    """True for a folder holding slim-trt files (a checkpoint, maybe without its manifest)."""
+    return folder.is_dir() and any((folder / f).exists() for f in (MANIFEST, LAYERS_FILE))
+
+
 def read_manifest(path: str | Path) -> dict:
+    """The checkpoint's manifest, after checking its format, schema and its own content checksum."""
     path = Path(path)
     if not path.exists():
         raise SlimError(f"no such checkpoint: {path}")
     mf = path / MANIFEST
     if not path.is_dir() or not mf.exists():
+        if looks_like_checkpoint(path):
+            raise SlimError(f"{path} holds slim-trt files ({LAYERS_FILE}) but no {MANIFEST}: the checkpoint is "
+                            f"incomplete or damaged and cannot be verified; re-run compress")
         raise SlimError(f"{path} is not a slim-trt checkpoint (no {MANIFEST}): run `slim-trt compress` first")
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as e:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlimError(f"{mf} is not valid JSON ({e}): the checkpoint is corrupt; re-run compress")
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SlimError(f"{mf} is not a slim-trt manifest")
-    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
-        raise SlimError(f"{path} was written by a newer slim-trt (schema {manifest['schema_version']}): upgrade slim-trt")
+    schema = manifest.get("schema_version")
+    if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+        raise SlimError(f"{path} was written by a newer slim-trt (schema {schema}): upgrade slim-trt")
+    if schema < SCHEMA_VERSION:
+        raise SlimError(f"{path} was written by an older slim-trt (checkpoint schema {schema}) whose checksums do "
+                        f"not cover config.json, the tokenizer and the manifest itself: re-run compress to write a "
+                        f"checkpoint this version can verify")
+    if not digest_ok(manifest):
+        raise SlimError(f"{mf} was edited or is corrupt (its {DIGEST_KEY} does not match its content): the manifest "
+                        f"decides how the model loads, so it is refused; re-run compress")
+    return manifest
+
+
+def _unchecked(rel: Path) -> bool:
+    return any(part.startswith(".") for part in rel.parts) or rel.suffix.lower() in _UNCHECKED_SUFFIXES
+
+
+def verify_checkpoint(path: str | Path) -> dict:
+    """read_manifest, then every file against its sha256 (missing, flipped or truncated files are refused) and no
+    file transformers might read that the manifest does not list. Returns the manifest."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not {CONFIG_FILE, DENSE_FILE, LAYERS_FILE} <= set(files):
+        raise SlimError(f"{path / MANIFEST} does not list the checkpoint's files: the checkpoint is corrupt; "
+                        f"re-run compress")
+    for f, sha in files.items():
+        p = path / f
+        if not p.is_file():
+            raise SlimError(f"checkpoint file {p} is missing: the checkpoint is incomplete; re-run compress")
+        if file_sha256(p) != sha:
+            raise SlimError(f"checksum mismatch for {p}: the file was modified, truncated or corrupted; re-run "
+                            f"compress (or restore the checkpoint from a good copy)")
+    for p in sorted(path.rglob("*")):
+        rel = p.relative_to(path)
+        if p.is_file() and p.name != MANIFEST and rel.as_posix() not in files and not _unchecked(rel):
+            raise SlimError(f"{p} is not part of the checkpoint (its manifest does not list it) and could change "
+                            f"what loads: remove it")
     return manifest
 
 
@@ -250,14 +328,7 @@ def load(path: str | Path, *, verify: bool = True, dtype: torch.dtype = torch.fl
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
-    manifest = read_manifest(path)
-    if verify:
-        for f, sha in manifest["files"].items():
-            if not (path / f).exists():
-                raise SlimError(f"checkpoint file {path / f} is missing: the checkpoint is incomplete; re-run compress")
-            if file_sha256(path / f) != sha:
-                raise SlimError(f"checksum mismatch for {path / f}: the checkpoint is corrupt or was modified; "
-                                f"re-run compress")
+    manifest = verify_checkpoint(path) if verify else read_manifest(path)
     config = AutoConfig.from_pretrained(path)
     with _no_init_weights():  # every parameter is overwritten below; random init would cost seconds
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -166,8 +166,11 @@ def _state_files(state_dir: Path) -> list[tuple[int, Path, Path]]:
 
 def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], opt: torch.optim.Optimizer,
                 meta: dict) -> None:
-    """One generation step-N.{safetensors,json}: tensors first, the JSON (written last) marks it complete."""
+    """One generation step-N.{safetensors,json}: tensors first, the JSON (written last) marks it complete and
+    carries the tensors' sha256 and its own content checksum."""
     from safetensors.torch import save_file
+
+    from .checkpoint import file_sha256, with_digest
 
     tensors = {f"param/{n}": p.detach().contiguous() for n, p in params.items()}
     for n, p in params.items():
@@ -179,7 +182,7 @@ def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], opt
     save_file(tensors, str(t_path.with_suffix(".safetensors.tmp")))
     os.replace(t_path.with_suffix(".safetensors.tmp"), t_path)
     tmp = j_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({**meta, "step": step}))
+    tmp.write_text(json.dumps(with_digest({**meta, "step": step, "file_sha256": file_sha256(t_path)})))
     os.replace(tmp, j_path)
     for s, j, t in _state_files(state_dir):
         if s != step:
@@ -189,13 +192,30 @@ def _save_state(state_dir: Path, step: int, params: dict[str, nn.Parameter], opt
 
 def _load_state(state_dir: Path, fingerprint: str, params: dict[str, nn.Parameter],
                 opt: torch.optim.Optimizer) -> dict | None:
+    import warnings
+
     from safetensors.torch import load_file
+
+    from .checkpoint import DIGEST_KEY, digest_ok, file_sha256
 
     files = _state_files(state_dir) if state_dir.exists() else []
     if not files:
         return None
     _, j_path, t_path = files[-1]
-    meta = json.loads(j_path.read_text())
+    try:
+        meta = json.loads(j_path.read_text(encoding="utf-8"))
+        # A state saved by an earlier slim-trt has no checksums; it is resumed from as before.
+        intact = isinstance(meta, dict) and (DIGEST_KEY not in meta or (
+            digest_ok(meta) and file_sha256(t_path) == meta.get("file_sha256")))
+    except (ValueError, UnicodeDecodeError, OSError):
+        intact = False
+    if not intact:
+        # A damaged state would resume from wrong adapters (or fail on every re-run): start again instead.
+        warnings.warn(f"{state_dir}: the saved fine-tuning state {j_path.stem} is corrupt; deleted it, fine-tuning "
+                      f"from the start", stacklevel=2)
+        j_path.unlink(missing_ok=True)
+        t_path.unlink(missing_ok=True)
+        return None
     if meta.get("fingerprint") != fingerprint:
         raise SlimError(f"{state_dir} holds an interrupted fine-tuning run with a different checkpoint, data or "
                         f"config: re-run that exact command to resume it, or delete {state_dir} to start over")
@@ -393,12 +413,6 @@ def save_finetuned(model: nn.Module, out: str | Path, *, tokenizer=None, manifes
     return out, plotted
 
 
-def _refuse_existing(out: Path, force: bool) -> None:
-    """prepare_output's rule, checked before hours of training rather than after."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise SlimError(f"output {out} already exists: pass --force to replace it, or choose another -o")
-
-
 _CHECKPOINT_KEYS = ("format", "schema_version", "architecture", "tied", "layers", "files")
 
 
@@ -417,6 +431,8 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
     from .calibration.data import SHIPPED_EVAL, calibration_windows, eval_windows as make_eval_windows, load_text
     from .checkpoint import load, read_manifest
     from .config import CalibConfig
+    from .models import check_seqlen
+    from .outputs import check_output
 
     cfg = cfg or FinetuneConfig()
     CalibConfig(source=calib_source, nsamples=nsamples, seqlen=seqlen, seed=calib_seed)  # validates
@@ -428,7 +444,7 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
     manifest = read_manifest(ckpt)
     if not any(meta.get("rank") for meta in manifest["layers"].values()):
         raise SlimError(f"{ckpt} has no low-rank adapters to fine-tune: compress with --lowrank hessian (or slim, svd)")
-    _refuse_existing(out, force)
+    check_output(out, force)  # before hours of training rather than after
     try:
         tok = AutoTokenizer.from_pretrained(ckpt)
     except (OSError, ValueError) as e:
@@ -443,6 +459,7 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
                             f"--teacher MODEL")
         teacher_model, _ = load_model(teacher, trust_remote_code=trust_remote_code)
     model = load(ckpt)
+    check_seqlen(model.config, seqlen)
     windows = calibration_windows(tok, load_text(calib_source), nsamples, seqlen, calib_seed)
     held_out = None
     if eval_windows:

@@ -6,6 +6,7 @@ converted model is cached as a plain Hugging Face folder keyed by the file's sha
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -84,6 +85,7 @@ def resolve(ref: str) -> ModelSource:
             raise SlimError(f"no such .gguf file: {ref}")
         return ModelSource("gguf", ref, None)
     if p.is_dir():
+        _refuse_checkpoint_folder(p, ref)
         if not (p / "config.json").exists():
             raise SlimError(f"{ref} is a folder but not a Hugging Face model (no config.json)")
         return ModelSource("folder", ref, p)
@@ -94,6 +96,78 @@ def resolve(ref: str) -> ModelSource:
     if looks_like_path:
         raise SlimError(f"no such model folder: {ref}")
     return ModelSource("hub", ref, None)
+
+
+def _refuse_checkpoint_folder(folder: Path, ref: str) -> None:
+    """A slim-trt checkpoint (complete or not) also looks like a Hugging Face folder, but loading it as one would
+    leave every compressed layer randomly initialised."""
+    from .checkpoint import LAYERS_FILE, MANIFEST
+
+    if (folder / MANIFEST).exists():
+        raise SlimError(f"{ref} is a slim-trt checkpoint, not a Hugging Face model: give the source model here "
+                        f"(`slim-trt info {shlex.quote(ref)}` names it), or use the checkpoint with eval/export/finetune")
+    if (folder / LAYERS_FILE).exists() or any(folder.glob("block_*.safetensors")):
+        raise SlimError(f"{ref} holds slim-trt files but no slim_manifest.json: it is an incomplete or damaged "
+                        f"checkpoint, not a model; re-run compress")
+
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def check_weight_files(folder: Path) -> None:
+    """Refuse a local folder whose weights slim-trt will not read: pickle only (never unpickled: a pickle can run
+    code), or a safetensors file that is empty, truncated or has a corrupt header (named, instead of a traceback)."""
+    from safetensors import SafetensorError, safe_open
+
+    tensors = sorted(folder.glob("*.safetensors"))
+    if not tensors:
+        pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise SlimError(f"{folder} has only pickle weights ({', '.join(pickles[:3])}), which slim-trt never "
+                            f"loads (unpickling can run code): convert them to safetensors where you trust the file, "
+                            f"e.g. python -c \"from transformers import AutoModelForCausalLM as M; "
+                            f"M.from_pretrained('{folder}').save_pretrained('{folder}-safetensors')\"")
+        raise SlimError(f"{folder} has no *.safetensors weights: give a Hugging Face folder with its weights")
+    for f in tensors:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as e:
+            reason = (str(e) or type(e).__name__).splitlines()[0]
+            raise SlimError(f"{f} is not a readable safetensors file ({reason}): it is empty, truncated or corrupt; "
+                            f"download or save it again")
+
+
+def check_loaded_weights(info: dict, folder) -> None:
+    """Every parameter must come from the weights, with the shape config.json gives it: a missing tensor would
+    be randomly initialised, which loads a different model without error."""
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        name, stored, expected = mismatched[0]
+        raise SlimError(f"{folder}: config.json does not match the weights ({len(mismatched)} tensor(s), e.g. "
+                        f"{name} is {list(stored)} in the file, {list(expected)} by the config): fix config.json "
+                        f"or use the config the weights were saved with")
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:
+        raise SlimError(f"{folder}: the weights lack {len(missing)} tensor(s) the config needs (e.g. "
+                        f"{', '.join(missing[:3])}): the folder is incomplete or its config.json does not belong "
+                        f"to these weights")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position encoding covers (max_position_embeddings), if it says."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(config, "max_position_embeddings", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def check_seqlen(config, tokens: int, what: str = "--seqlen") -> None:
+    """Refuse sequences beyond the model's positions: learned positions (OPT) fail with an IndexError, rotary
+    ones (LLaMA, Qwen, Gemma, Mistral) silently leave the range the model was trained on."""
+    limit = max_positions(config)
+    if limit is not None and tokens > limit:
+        raise SlimError(f"{what} = {tokens} tokens is beyond the model's {limit} positions (max_position_embeddings "
+                        f"in its config.json): use {what} <= {limit}")
 
 
 def model_folder(ref: str) -> Path | str:
@@ -112,15 +186,23 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_cod
     """Return (model in eval mode, tokenizer) for MODEL. Hub ids fail with a clear message when offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from safetensors import SafetensorError
+
     folder = model_folder(ref)
     hub = isinstance(folder, str)
+    if not hub:
+        check_weight_files(Path(folder))
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+        # use_safetensors: never fall back to pickle weights; mismatched sizes are reported below, one line.
+        model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                           use_safetensors=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True)
         tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:
         if hub:
             raise SlimError(f"could not download {ref!r} from the Hugging Face hub (it is unreachable from this "
-                            f"machine, or the id is wrong): download it where the hub is reachable and pass the "
-                            f"local folder")
+                            f"machine, or the id is wrong, or it has no safetensors weights): download it where the "
+                            f"hub is reachable and pass the local folder")
         raise SlimError(f"could not load the model in {folder}: {str(e).splitlines()[0]}")
+    check_loaded_weights(info, folder)
     return model.eval(), tok

@@ -10,15 +10,40 @@ from pathlib import Path
 from .errors import SlimError
 
 
+def check_output(path: Path, force: bool) -> None:
+    """The rules of prepare_output, checked without writing anything, so that a long job can check its output
+    before it starts: not a file (even with --force), not an existing non-empty folder unless forced, and a
+    parent folder that can be written to (tried, not guessed from the mode bits: root, ACLs, read-only mounts)."""
+    path = Path(path)
+    try:
+        if path.exists() and not path.is_dir():
+            raise SlimError(f"output {path} exists and is not a folder: choose another -o (--force replaces only "
+                            f"a folder)")
+        if path.exists() and any(path.iterdir()) and not force:
+            raise SlimError(f"output {path} already exists: pass --force to replace it, or choose another -o")
+    except OSError as e:
+        raise SlimError(f"cannot read the output {path} ({e.strerror}): choose another -o") from None
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise SlimError(f"cannot create {path}: {ancestor} is a file; choose another -o")
+    try:
+        tempfile.TemporaryDirectory(prefix=f".{path.name}.probe-", dir=ancestor).cleanup()
+    except OSError as e:
+        raise SlimError(f"cannot write the output {path}: {ancestor} is not writable ({e.strerror}); choose "
+                        f"another -o") from None
+
+
 def prepare_output(path: Path, force: bool) -> Path:
     """Refuse an existing output (an empty folder is fine) unless forced; return a new temporary folder beside it."""
     path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise SlimError(f"output {path} exists and is not a folder: choose another -o")
-    if path.exists() and any(path.iterdir()) and not force:
-        raise SlimError(f"output {path} already exists: pass --force to replace it, or choose another -o")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    check_output(path, force)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    except OSError as e:
+        raise SlimError(f"cannot write the output {path} ({e.strerror}): choose another -o") from None
 
 
 def _apply_umask(folder: Path) -> None:
@@ -36,9 +61,14 @@ def commit_output(tmp: Path, path: Path) -> None:
     """Move a finished temporary folder into place, replacing an old output (already allowed by prepare_output)."""
     _apply_umask(tmp)
     old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except OSError as e:
+        if old is not None and not path.exists():
+            os.replace(old, path)  # put the previous output back
+        raise SlimError(f"cannot move the finished output into {path} ({e.strerror}): choose another -o") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)

@@ -245,9 +245,9 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
     ckpt = Path(reference)
     if not ckpt.exists():
         raise SlimError(f"reference checkpoint {ckpt} does not exist: give the folder written by `slim-trt compress`")
-    if not (ckpt / "slim_manifest.json").is_file():
-        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): give the `slim-trt compress` "
-                        f"output the export was made from")
+    from .checkpoint import read_manifest
+
+    read_manifest(ckpt)  # not a checkpoint, no manifest, an edited manifest: one line before anything else
     if decode_steps < 0 or windows < 1 or seqlen < 2:
         raise SlimError("--windows must be >= 1, --seqlen >= 2 and --decode-steps >= 0")
     meta = read_sidecar(path) or {}
@@ -269,6 +269,9 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     ids = eval_windows(tok, load_text(text, default=SHIPPED_EVAL), seqlen, limit=windows)
     model = load(ckpt)
+    from .models import check_seqlen
+
+    check_seqlen(model.config, seqlen + decode_steps, "--seqlen + --decode-steps")
     dtype = meta.get("dtype", "fp32")
     th = Thresholds.for_dtype(dtype).replace(**(thresholds or {}))
     report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,

@@ -84,7 +84,12 @@ def test_tampered_and_truncated_checkpoints_refused(saved, tmp_path):
 def test_manifest_records_layers(saved):
     _, path = saved
     m = json.loads((path / MANIFEST).read_text())
-    assert m["schema_version"] == 1 and m["architecture"] == "llama"
+    assert m["schema_version"] == 2 and m["architecture"] == "llama"
     layer = m["layers"]["model.layers.0.mlp.down_proj"]
     assert layer["shape"] == [64, 128]
     assert all(len(sha) == 64 for sha in layer["tensors"].values())
+    # every file of the folder has a checksum, and the manifest one over its own content
+    assert sorted(m["files"]) == sorted(p.name for p in path.iterdir() if p.name != MANIFEST)
+    assert {"config.json", "generation_config.json", "model.safetensors",
+            "slim_layers.safetensors"} <= set(m["files"])
+    assert len(m["content_sha256"]) == 64

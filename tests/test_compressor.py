@@ -103,7 +103,7 @@ def test_non_finite_weights_name_the_layer():
 
 
 def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
-    import slim_trt.compressor as C
+    import slim_trt.calibration.resume as C
 
     cfg = CompressConfig()
     calib = CalibConfig(nsamples=4, seqlen=16)
@@ -137,3 +137,76 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_pat
     ma = json.loads((out_a / "slim_manifest.json").read_text())
     mb = json.loads((out_b / "slim_manifest.json").read_text())
     assert ma["layers"] == mb["layers"]  # same tensors, same checksums
+
+
+def _interrupt_after_first_block(monkeypatch, run):
+    import slim_trt.calibration.resume as R
+
+    real, calls = R.save_layers, {"n": 0}
+
+    def crash_after_first_block(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(R, "save_layers", crash_after_first_block)
+    with pytest.raises(KeyboardInterrupt):
+        run()
+    monkeypatch.setattr(R, "save_layers", real)
+
+
+def _flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+CORRUPT_BLOCK = {
+    "flipped tensor byte": lambda d: _flip_last_byte(d / "block_0000.safetensors"),
+    "truncated tensors": lambda d: (d / "block_0000.safetensors").write_bytes(b"\0" * 7),
+    "edited record": lambda d: (d / "block_0000.json").write_text(
+        (d / "block_0000.json").read_text().replace('"rank": ', '"rank": 1', 1)),
+    "record not JSON": lambda d: (d / "block_0000.json").write_text("{"),
+    "record missing": lambda d: (d / "block_0000.json").unlink(),
+}
+
+
+def test_a_corrupt_block_in_the_partial_folder_is_dropped_and_recomputed(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 11: a damaged block in OUT.partial failed every re-run with advice that could not work. Now the
+    block is dropped with a warning naming OUT.partial and compressed again, to the same checkpoint."""
+    import shutil
+
+    cfg, calib = CompressConfig(refit_rounds=0), CalibConfig(nsamples=2, seqlen=16)
+    ref = slim_trt.load(compress_model(str(tiny_model_dir), tmp_path / "ref", cfg, calib, progress=False)[0])
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "cut", cfg,
+                                                                     calib, progress=False))
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    for i, (kind, corrupt) in enumerate(CORRUPT_BLOCK.items()):
+        out = tmp_path / f"run{i}"
+        partial = tmp_path / f"run{i}.partial"
+        shutil.copytree(tmp_path / "cut.partial", partial)
+        corrupt(partial)
+        with pytest.warns(UserWarning, match=rf"{partial}: block 0 is corrupt .*compressing it again"):
+            compress_model(str(tiny_model_dir), out, cfg, calib, progress=False)
+        assert not partial.exists(), kind
+        assert torch.equal(slim_trt.load(out)(x).logits, ref(x).logits), kind
+
+    # a block saved by the previous slim-trt (no checksums of its own, its tensors' only) is still resumed from
+    import warnings
+
+    import slim_trt.compressor as C
+
+    partial = tmp_path / "legacy.partial"
+    shutil.copytree(tmp_path / "cut.partial", partial)
+    record = json.loads((partial / "block_0000.json").read_text())
+    del record["content_sha256"], record["file_sha256"]
+    (partial / "block_0000.json").write_text(json.dumps(record))
+    real, compressed = C.compress_linear, []
+    monkeypatch.setattr(C, "compress_linear", lambda name, *a, **k: compressed.append(name) or real(name, *a, **k))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        compress_model(str(tiny_model_dir), tmp_path / "legacy", cfg, calib, progress=False)
+    assert not [w for w in seen if "corrupt" in str(w.message)]
+    assert compressed and all(name.startswith("model.layers.1.") for name in compressed)  # block 0 was restored
+    assert torch.equal(slim_trt.load(tmp_path / "legacy")(x).logits, ref(x).logits)

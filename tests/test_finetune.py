@@ -135,6 +135,15 @@ def test_interrupted_run_resumes_to_the_same_adapters(tmp_path):
     with pytest.raises(SlimError, match="different"):
         finetune(copy.deepcopy(model), windows, FinetuneConfig(steps=9, batch_size=2, save_every=3, lr=1e-3),
                  state_dir=tmp_path / "b", progress=False)
+    # a damaged saved state is not resumed from (nor does it fail every re-run): dropped, and the run starts over
+    import shutil
+
+    shutil.copytree(tmp_path / "b", tmp_path / "c")
+    damaged = tmp_path / "c" / "step-0000003.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:-1] + bytes([damaged.read_bytes()[-1] ^ 1]))
+    with pytest.warns(UserWarning, match=f"{tmp_path / 'c'}: the saved fine-tuning state step-0000003 is corrupt"):
+        rep_c = finetune(copy.deepcopy(model), windows, cfg, state_dir=tmp_path / "c", progress=False)
+    assert rep_c.resumed_from == 0 and rep_c.losses == rep_a.losses
     b = copy.deepcopy(model)
     rep_b = finetune(b, windows, cfg, state_dir=tmp_path / "b", progress=False)
     assert rep_b.resumed_from == 3 and rep_b.steps == 9

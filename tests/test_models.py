@@ -40,3 +40,27 @@ def test_bad_gguf_file(tmp_path, monkeypatch):
     g.write_bytes(b"not a gguf file at all")
     with pytest.raises(SlimError, match="GGUF"):
         load_model(str(g))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3", "opt", "mistral"])
+def test_seqlen_beyond_the_positions_is_refused_for_every_family(family):
+    """Issue 11: OPT's learned positions failed with an IndexError, rotary families ran silently past the range."""
+    import transformers as tf
+
+    from slim_trt.models import check_seqlen
+    from tests.conftest import tiny_config
+
+    config = tf.MistralConfig(max_position_embeddings=256) if family == "mistral" else tiny_config(family)
+    check_seqlen(config, 256)
+    with pytest.raises(SlimError, match=r"--seqlen = 257 tokens is beyond the model's 256 positions .*"
+                                        r"use --seqlen <= 256"):
+        check_seqlen(config, 257)
+
+
+def test_a_multimodal_config_uses_its_text_positions():
+    import transformers as tf
+
+    from slim_trt.models import max_positions
+
+    text = tf.Gemma3TextConfig(max_position_embeddings=512)
+    assert max_positions(tf.Gemma3Config(text_config=text.to_dict())) == 512

@@ -22,7 +22,7 @@ def load_text(source: str | None, *, default: str = SHIPPED_CALIB) -> str:
         return shipped_text(default)
     p = Path(source).expanduser()
     if p.is_file():
-        text = p.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(p, source)
         if not text.strip():
             raise SlimError(f"text file {source} is empty: give a file with real text")
         return text
@@ -32,6 +32,25 @@ def load_text(source: str | None, *, default: str = SHIPPED_CALIB) -> str:
     if looks_like_path:
         raise SlimError(f"no such text file: {source}")
     return _hub_dataset_text(source)
+
+
+def read_text_file(path: Path, shown: str | None = None) -> str:
+    """A UTF-8 text file (a leading BOM is dropped). Binary data (NUL bytes, bytes that are not UTF-8) is refused:
+    decoded with replacement characters it would calibrate or evaluate on noise without a word of warning."""
+    shown = shown or str(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SlimError(f"cannot read {shown} ({e.strerror})") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise SlimError(f"{shown} is not a text file (a NUL byte at offset {nul}: binary data, or UTF-16 text): "
+                        f"give UTF-8 text (iconv -f UTF-16 -t UTF-8 converts UTF-16)")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise SlimError(f"{shown} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}): give UTF-8 "
+                        f"text (e.g. iconv -f latin1 -t utf-8 FILE converts Latin-1)") from None
 
 
 def _hub_dataset_text(name: str) -> str:

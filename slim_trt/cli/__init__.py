@@ -63,6 +63,18 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _run(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away shows up here at the latest (also after --help)
+    except BrokenPipeError:
+        # The reader of our output stopped early (`slim-trt lint ... | head`): end quietly, as cat does.
+        _discard_stdout()
+        return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+
+
+def _run(argv: list[str] | None) -> int:
     _quiet_libraries()
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -78,6 +90,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slim-trt {args.command}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush of what is still buffered does not raise
+    BrokenPipeError again on the way out."""
+    import os
+
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):
+        return  # not a real file (captured in a test)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":  # pragma: no cover

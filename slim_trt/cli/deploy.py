@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import shlex
 
 
 def register(subparsers) -> None:
@@ -59,5 +60,7 @@ def run(args) -> int:
         print(f"  {model:<{width}}  {backend}")
     for model, reason in result.skipped.items():
         print(f"  {model:<{width}}  not generated: {reason}")
-    print(f"serve it: slim-trt serve {result.repo}   (commands for clients: {result.repo / 'README.md'})")
+    # Quoted for the shell, so that the line can be pasted as it is even when the path has a space.
+    print(f"serve it: slim-trt serve {shlex.quote(str(result.repo))}   (commands for clients: "
+          f"{shlex.quote(str(result.repo / 'README.md'))})")
     return 0

@@ -25,21 +25,23 @@ def load_any(ref: str):
 
     from transformers import AutoTokenizer
 
-    from ..checkpoint import MANIFEST, load
+    from ..checkpoint import load, looks_like_checkpoint
     from ..models import load_model
 
-    if (Path(ref) / MANIFEST).exists():
-        return load(ref), AutoTokenizer.from_pretrained(ref)
+    if looks_like_checkpoint(Path(ref)):
+        return load(ref), AutoTokenizer.from_pretrained(ref)  # load verified every file, the tokenizer's too
     return load_model(ref)
 
 
 def run(args) -> int:
     from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text, parse_window_count
     from ..evaluate import perplexity
+    from ..models import check_seqlen
 
     limit = parse_window_count(args.windows)
     text = load_text(args.data, default=SHIPPED_EVAL)
     model, tok = load_any(args.model)
+    check_seqlen(model.config, args.seqlen)
     windows = eval_windows(tok, text, args.seqlen, limit)
     ppl = perplexity(model, windows, args.batch_size, progress=True)
     eprint(f"perplexity {ppl:.3f} on {len(windows)} windows x {args.seqlen} tokens")

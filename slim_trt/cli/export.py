@@ -35,11 +35,13 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..exporter import MODEL_FILE, SIDECAR, export
+    from ..outputs import check_output
     from .common import print_json
 
     t0 = time.perf_counter()
     if args.out is None:
         args.out = str(Path("export") / Path(args.checkpoint).resolve().name)
+    check_output(Path(args.out), args.force)  # before loading and exporting, not after
     meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
                   act_quant=args.act_quant, external_data=True if args.external_data else None, force=args.force)
     out = Path(args.out)

@@ -14,16 +14,19 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import read_manifest
+    from ..checkpoint import verify_checkpoint
 
-    m = read_manifest(args.checkpoint)
+    # What info prints is what load() would load: the manifest's own checksum and every file's are verified.
+    m = verify_checkpoint(args.checkpoint)
     stats = m.get("layer_stats", {})
+    verified = f"{len(m['files'])} files and the manifest match their sha256"
     if args.json:
         print_json({k: m.get(k) for k in ("source_model", "architecture", "method", "calibration", "summary",
                                           "finetune")}
-                   | {"layers": {n: {**meta, **stats.get(n, {})} for n, meta in m["layers"].items()}}, args.json)
+                   | {"verified": verified,
+                      "layers": {n: {**meta, **stats.get(n, {})} for n, meta in m["layers"].items()}}, args.json)
         return 0
-    print(f"checkpoint   {args.checkpoint}")
+    print(f"checkpoint   {args.checkpoint}  ({verified})")
     print(f"source       {m.get('source_model')}  ({m.get('architecture')})")
     meth = m.get("method", {})
     print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",

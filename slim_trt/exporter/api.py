@@ -185,9 +185,9 @@ def export(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str = "fp16", w
     ckpt = Path(ckpt_path)
     if not ckpt.exists():
         raise SlimError(f"checkpoint {ckpt} does not exist: give the folder written by `slim-trt compress`")
-    if not (ckpt / "slim_manifest.json").is_file():
-        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): run `slim-trt compress` first")
-    from ..checkpoint import load
+    from ..checkpoint import load, read_manifest
+
+    read_manifest(ckpt)  # a folder without its manifest, an edited manifest: one line before anything else
 
     model = load(ckpt)
     tok = ckpt if has_tokenizer(ckpt) else None

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MissingDependencyError
-from .runtime import DecoderSpec, TensorSpec
+from .runtime import GENERATE_INPUTS as _REQUEST_FIELDS, DecoderSpec, TensorSpec
 
 # numpy dtype names (slim_export.json) -> Triton data types.
 TRITON_DTYPES = {
@@ -130,14 +130,8 @@ def python_onnx_config(name: str, spec: DecoderSpec, options: ModelOptions):
     return config
 
 
-GENERATE_INPUTS = (  # name, Triton type, optional
-    ("prompt", "TYPE_STRING", False),
-    ("max_new_tokens", "TYPE_INT32", True),
-    ("temperature", "TYPE_FP32", True),
-    ("top_k", "TYPE_INT32", True),
-    ("top_p", "TYPE_FP32", True),
-    ("seed", "TYPE_INT64", True),
-)
+GENERATE_INPUTS = tuple((name, triton_type, not required)  # name, Triton type, optional
+                        for name, (_, triton_type, required) in _REQUEST_FIELDS.items())
 GENERATE_OUTPUTS = (("text", "TYPE_STRING", [1]), ("token_ids", "TYPE_INT64", [-1]),
                     ("prompt_tokens", "TYPE_INT32", [1]))
 

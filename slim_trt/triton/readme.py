@@ -2,6 +2,7 @@
 how to call it."""
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 
 from .runtime import DecoderSpec
@@ -32,19 +33,21 @@ def render_readme(repo: Path, config, manifest: dict, spec: DecoderSpec) -> str:
     if manifest["skipped"]:
         lines += ["", "Not generated:"] + [f"- `{m}`: {why}" for m, why in manifest["skipped"].items()]
     plugins = [str(repo / p) for p in manifest["tensorrt_plugins"]]
+    q_repo = shlex.quote(str(repo))  # commands are pasted into a shell: a path with a space must stay one word
     lines += ["", "## Start a server", "",
               "On this machine (the `tritonserver` shipped in the `nvidia-pytriton` wheel has only the python "
               "backend, so `serve` loads the models it can run and lists the others):", "", "```bash",
-              f"slim-trt serve {repo} --http-port 8000 --grpc-port 8001", "```", "",
+              f"slim-trt serve {q_repo} --http-port 8000 --grpc-port 8001", "```", "",
               "On a GPU host with Triton installed (the python-backend models need numpy, onnxruntime and "
               "transformers in the server's Python):", "", "```bash"]
     if plugins:
         joined = ";".join(plugins)
-        lines += [f"tritonserver --model-repository={repo} --backend-config=tensorrt,plugins=\"{joined}\"",
+        lines += [f"tritonserver --model-repository={q_repo} "
+                  f"--backend-config={shlex.quote('tensorrt,plugins=' + joined)}",
                   "# or, equivalently, preload the plugin library:",
-                  f"LD_PRELOAD={':'.join(plugins)} tritonserver --model-repository={repo}"]
+                  f"LD_PRELOAD={shlex.quote(':'.join(plugins))} tritonserver --model-repository={q_repo}"]
     else:
-        lines.append(f"tritonserver --model-repository={repo}")
+        lines.append(f"tritonserver --model-repository={q_repo}")
     lines += ["```", "", "## Call it", ""]
     generate = config.model_name("generate")
     if generate in manifest["models"]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -244,6 +244,68 @@ class Sampling:
             raise RequestError(f"top_k must be >= 0 (0 = no limit), got {self.top_k}")
         if not 0.0 < self.top_p <= 1.0:
             raise RequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestError(f"seed must be in [0, 2^63), got {self.seed}")
+
+
+# The inputs of the generate model: name -> (Python kind, Triton type, whether a request must send it). deploy's
+# Triton config (slim_trt.triton.configs) declares these.
+GENERATE_INPUTS = {"prompt": (str, "TYPE_STRING", True), "max_new_tokens": (int, "TYPE_INT32", False),
+                   "temperature": (float, "TYPE_FP32", False), "top_k": (int, "TYPE_INT32", False),
+                   "top_p": (float, "TYPE_FP32", False), "seed": (int, "TYPE_INT64", False)}
+
+
+def _request_value(values: Mapping[str, np.ndarray | None], name: str):
+    """The one value of input `name` converted to its kind, or None when the request did not send it."""
+    kind, triton_type, required = GENERATE_INPUTS[name]
+    array = values.get(name)
+    if array is None:
+        if required:
+            raise RequestError(f"{name} is missing: send an input named {name!r} of type "
+                               f"{triton_type.removeprefix('TYPE_').replace('STRING', 'BYTES')} with one value")
+        return None
+    flat = np.asarray(array).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(f"{name} must hold one value, got {flat.size}")
+    value = flat[0]
+    if kind is str:
+        if isinstance(value, bytes):
+            try:
+                return value.decode("utf-8")
+            except UnicodeDecodeError:
+                raise RequestError(f"{name} is not valid UTF-8 text") from None
+        return str(value)
+    if kind is int and not np.issubdtype(np.asarray(value).dtype, np.integer):
+        raise RequestError(f"{name} must be an integer, got {value!r}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise RequestError(f"{name} must be a number, got {value!r}") from None
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request of the generate model, every field checked here (and by Sampling): a bad field is a
+    RequestError naming it, never an exception from deep inside the decode loop."""
+
+    prompt: str
+    max_new_tokens: int
+    sampling: Sampling
+
+    @staticmethod
+    def parse(values: Mapping[str, np.ndarray | None], default_max_new_tokens: int) -> GenerateRequest:
+        """`values`: input name -> the array the request sent (absent or None when it sent none)."""
+        get = {name: _request_value(values, name) for name in GENERATE_INPUTS}
+        if get["prompt"] == "":
+            raise RequestError("empty prompt: send a non-empty string")
+        max_new = get["max_new_tokens"]
+        max_new = default_max_new_tokens if max_new is None else max_new
+        if max_new < 0:
+            raise RequestError(f"max_new_tokens must be >= 0, got {max_new}")
+        sampling = Sampling(temperature=0.0 if get["temperature"] is None else get["temperature"],
+                            top_k=0 if get["top_k"] is None else get["top_k"],
+                            top_p=1.0 if get["top_p"] is None else get["top_p"], seed=get["seed"])
+        return GenerateRequest(get["prompt"], max_new, sampling)
 
 
 def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:

@@ -36,3 +36,22 @@ def test_bad_text_sources(tmp_path):
     short.write_text("the cat")
     with pytest.raises(SlimError, match="fewer than --seqlen"):
         calibration_windows(tiny_tokenizer(), load_text(str(short)), 2, 64)
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"text\x00more text", "a NUL byte at offset 4"),
+    ("caf\u00e9 au lait".encode("latin-1"), "byte 0xe9 at offset 3"),
+    ("some text".encode("utf-16"), "UTF-16"),
+])
+def test_binary_or_non_utf8_files_are_refused(tmp_path, content, message):
+    """Issue 11: a binary file was decoded with replacement characters and calibrated on without a word."""
+    f = tmp_path / "calib.txt"
+    f.write_bytes(content)
+    with pytest.raises(SlimError, match=message):
+        load_text(str(f))
+
+
+def test_utf8_with_a_byte_order_mark_is_text(tmp_path):
+    f = tmp_path / "calib.txt"
+    f.write_bytes("\ufeffcaf\u00e9 au lait".encode("utf-8"))
+    assert load_text(str(f)) == "caf\u00e9 au lait"

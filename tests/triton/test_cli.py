@@ -37,3 +37,12 @@ def test_serve_user_errors_exit_2(tmp_path, capsys):
     assert "model repository" in capsys.readouterr().err
     assert main(["serve", str(tmp_path), "--http-port", "70000"]) == 2
     assert "bad --http-port 70000" in capsys.readouterr().err
+
+
+def test_deploy_prints_a_serve_command_that_pastes_into_a_shell(toy_export, tmp_path, capsys):
+    import shlex
+
+    repo = tmp_path / "my repo"
+    assert main(["deploy", "triton", str(toy_export), "-o", str(repo)]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("serve it: "))
+    assert shlex.split(line.removeprefix("serve it: "))[:3] == ["slim-trt", "serve", str(repo)]

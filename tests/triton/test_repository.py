@@ -67,7 +67,7 @@ def test_engine_and_plugin_libraries(tmp_path):
     generate = configs.parse((repo / "slim_generate" / "config.pbtxt").read_text())
     assert generate.parameters["decoder_model"].string_value == "slim_trt"
     text = (repo / "README.md").read_text()
-    assert f'--backend-config=tensorrt,plugins="{repo}/plugins/tensorrt/libslim_lowrank_trt.so"' in text
+    assert f'--backend-config=tensorrt,plugins={repo}/plugins/tensorrt/libslim_lowrank_trt.so' in text
     assert f"LD_PRELOAD={repo}/plugins/tensorrt/libslim_lowrank_trt.so tritonserver" in text
 
 
@@ -155,3 +155,24 @@ def test_public_api_name_works_after_the_package_is_imported(toy_export, tmp_pat
 
     result = slim_trt.deploy(toy_export, tmp_path / "repo", name="api")
     assert set(result.models) == {"api_onnx", "api_generate", "api_ort"}
+
+
+def test_readme_commands_paste_into_a_shell_with_a_space_in_the_path(tmp_path):
+    """Issue 11: every path in the README's commands is shell-quoted, so each line pastes as it is."""
+    import shlex
+
+    export = build_toy_export(tmp_path / "plugin export", lowrank="plugin")
+    engine = tmp_path / "my engines" / "toy.plan"
+    engine.parent.mkdir()
+    engine.write_bytes(b"serialized engine bytes")
+    trt_plugin = tmp_path / "libslim_lowrank_trt.so"
+    trt_plugin.write_bytes(b"\x7fELF trt plugin")
+    repo = deploy(export, tmp_path / "my repo", engine=str(engine), trt_plugin_library=str(trt_plugin)).repo
+    lines = (repo / "README.md").read_text().splitlines()
+    plugin = f"{repo}/plugins/tensorrt/libslim_lowrank_trt.so"
+    assert shlex.split(next(x for x in lines if x.startswith("slim-trt serve"))) == [
+        "slim-trt", "serve", str(repo), "--http-port", "8000", "--grpc-port", "8001"]
+    assert shlex.split(next(x for x in lines if x.startswith("tritonserver"))) == [
+        "tritonserver", f"--model-repository={repo}", f"--backend-config=tensorrt,plugins={plugin}"]
+    assert shlex.split(next(x for x in lines if x.startswith("LD_PRELOAD"))) == [
+        f"LD_PRELOAD={plugin}", "tritonserver", f"--model-repository={repo}"]

@@ -165,3 +165,43 @@ def test_manifest_errors_name_the_field(toy_export):
     broken = dict(raw, inputs=[t for t in raw["inputs"] if t["name"] != "past_key_values.1.value"])
     with pytest.raises(ValueError, match="past_key_values.1.value is missing"):
         rt.DecoderSpec.from_manifest(broken)
+
+
+def _request(**fields):
+    arrays = {"prompt": np.array([b"the"], dtype=np.object_), "max_new_tokens": np.array([4], np.int32)}
+    arrays.update({k: v if v is None else np.asarray(v) for k, v in fields.items()})
+    return arrays
+
+
+def test_generate_request_fields_and_defaults():
+    req = rt.GenerateRequest.parse(_request(max_new_tokens=None, seed=np.array([7], np.int64)), 9)
+    assert (req.prompt, req.max_new_tokens, req.sampling) == ("the", 9, rt.Sampling(seed=7))
+    req = rt.GenerateRequest.parse(_request(temperature=np.array([0.5], np.float32), top_k=np.array([3], np.int32),
+                                            top_p=np.array([0.75], np.float32)), 9)
+    assert req.sampling == rt.Sampling(temperature=0.5, top_k=3, top_p=0.75)
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(prompt=None), "prompt is missing: send an input named 'prompt' of type BYTES"),
+    (dict(prompt=np.array([b""], dtype=np.object_)), "empty prompt"),
+    (dict(prompt=np.array([b"a", b"b"], dtype=np.object_)), "prompt must hold one value, got 2"),
+    (dict(prompt=np.array([b"\xff\xfe"], dtype=np.object_)), "prompt is not valid UTF-8"),
+    (dict(seed=np.array([-1], np.int64)), r"seed must be in \[0, 2\^63\), got -1"),
+    (dict(max_new_tokens=np.array([-2], np.int32)), "max_new_tokens must be >= 0, got -2"),
+    (dict(max_new_tokens=np.array([1.5], np.float32)), "max_new_tokens must be an integer"),
+    (dict(top_k=np.array([-1], np.int32)), "top_k must be >= 0"),
+    (dict(top_p=np.array([np.nan], np.float32)), r"top_p must be in \(0, 1\]"),
+    (dict(temperature=np.array([np.inf], np.float32)), "temperature must be >= 0"),
+    (dict(temperature=np.array([1.0, 2.0], np.float32)), "temperature must hold one value, got 2"),
+])
+def test_generate_request_errors_name_the_field(fields, message):
+    with pytest.raises(rt.RequestError, match=message):
+        rt.GenerateRequest.parse(_request(**fields), 9)
+
+
+def test_the_triton_config_declares_the_request_fields():
+    from slim_trt.triton import configs
+
+    assert [(n, optional) for n, _, optional in configs.GENERATE_INPUTS] == [
+        ("prompt", False), ("max_new_tokens", True), ("temperature", True), ("top_k", True), ("top_p", True),
+        ("seed", True)]

@@ -278,7 +278,12 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(server, clie
     assert "over the model's limit" in _rejected(lambda: tc.generate(client, prompts[0], limit))
     assert "top_p must be in (0, 1]" in _rejected(lambda: tc.generate(client, prompts[0], 4, temperature=1.0,
                                                                       top_p=0.0))
+    assert "seed must be in [0, 2^63), got -1" in _rejected(lambda: tc.generate(client, prompts[0], 4,
+                                                                                temperature=1.0, seed=-1))
     module = sys.modules[type(client).__module__.rsplit(".", 1)[0]]
+    steps = module.InferInput("max_new_tokens", [1], "INT32")
+    steps.set_data_from_numpy(np.array([4], dtype=np.int32))
+    assert "prompt is missing" in _rejected(lambda: client.infer("slim_generate", [steps]))
     two_prompts = module.InferInput("prompt", [2], "BYTES")
     two_prompts.set_data_from_numpy(np.array([b"the", b"of"], dtype=np.object_))
     assert "unexpected shape for input 'prompt' for model 'slim_generate'" in _rejected(

@@ -39,27 +39,10 @@ class TritonDecoder:
         return {n: pb_utils.get_output_tensor_by_name(response, n).as_numpy() for n in self.spec.output_names}
 
 
-def _scalar(request, name: str, kind, default):
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
-        return default
-    values = tensor.as_numpy().reshape(-1)
-    if values.size != 1:
-        raise rt.RequestError(f"{name} must hold one value, got {values.size}")
-    return kind(values[0])
-
-
-def _prompt(request) -> str:
-    values = pb_utils.get_input_tensor_by_name(request, "prompt").as_numpy().reshape(-1)
-    if values.size != 1:
-        raise rt.RequestError(f"prompt must hold one string, got {values.size}")
-    value = values[0]
-    if isinstance(value, bytes):
-        try:
-            return value.decode("utf-8")
-        except UnicodeDecodeError:
-            raise rt.RequestError("prompt is not valid UTF-8 text") from None
-    return str(value)
+def _inputs(request) -> dict:
+    """Every generate input the request sent, as numpy (absent ones are None; GenerateRequest checks them)."""
+    tensors = {name: pb_utils.get_input_tensor_by_name(request, name) for name in rt.GENERATE_INPUTS}
+    return {name: None if t is None else t.as_numpy() for name, t in tensors.items()}
 
 
 class TritonPythonModel:
@@ -77,12 +60,8 @@ class TritonPythonModel:
         self.default_max_new_tokens = int(_param(config, "default_max_new_tokens", "32"))
 
     def _generate(self, request):
-        sampling = rt.Sampling(temperature=_scalar(request, "temperature", float, 0.0),
-                               top_k=_scalar(request, "top_k", int, 0),
-                               top_p=_scalar(request, "top_p", float, 1.0),
-                               seed=_scalar(request, "seed", int, None))
-        max_new = _scalar(request, "max_new_tokens", int, self.default_max_new_tokens)
-        text, gen = rt.generate_text(self.decoder, self.tokenizer, _prompt(request), max_new, sampling)
+        req = rt.GenerateRequest.parse(_inputs(request), self.default_max_new_tokens)
+        text, gen = rt.generate_text(self.decoder, self.tokenizer, req.prompt, req.max_new_tokens, req.sampling)
         return pb_utils.InferenceResponse(output_tensors=[
             pb_utils.Tensor("text", np.array([text.encode("utf-8")], dtype=np.object_)),
             pb_utils.Tensor("token_ids", np.array(gen.token_ids, dtype=np.int64)),
