@@ -102,44 +102,8 @@ def test_non_finite_weights_name_the_layer():
         compress(model, CompressConfig(), calib_windows(n=2, seqlen=16), progress=False)
 
 
-def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
-    import slim_trt.calibration.resume as C
-
-    cfg = CompressConfig()
-    calib = CalibConfig(nsamples=4, seqlen=16)
-    out_a = tmp_path / "a"
-    compress_model(str(tiny_model_dir), out_a, cfg, calib, progress=False)
-
-    out_b = tmp_path / "b"
-    real = C.save_layers
-    calls = {"n": 0}
-
-    def crash_after_first_block(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "save_layers", crash_after_first_block)
-    with pytest.raises(KeyboardInterrupt):
-        compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
-    assert not out_b.exists() and (tmp_path / "b.partial" / "block_0000.json").exists()
-    monkeypatch.setattr(C, "save_layers", real)
-
-    # a different config must not silently mix with the saved blocks
-    with pytest.raises(SlimError, match="different"):
-        compress_model(str(tiny_model_dir), out_b, CompressConfig(rank_ratio=0.3), calib, progress=False)
-    compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
-    assert not (tmp_path / "b.partial").exists()
-    a, b = slim_trt.load(out_a), slim_trt.load(out_b)
-    x = calib_windows(n=2, seqlen=12, seed=1)
-    assert torch.equal(a(x).logits, b(x).logits)
-    ma = json.loads((out_a / "slim_manifest.json").read_text())
-    mb = json.loads((out_b / "slim_manifest.json").read_text())
-    assert ma["layers"] == mb["layers"]  # same tensors, same checksums
-
-
 def _interrupt_after_first_block(monkeypatch, run):
+    """Run `run` with a Ctrl-C while the second block is being saved to OUT.partial."""
     import slim_trt.calibration.resume as R
 
     real, calls = R.save_layers, {"n": 0}
@@ -154,6 +118,30 @@ def _interrupt_after_first_block(monkeypatch, run):
     with pytest.raises(KeyboardInterrupt):
         run()
     monkeypatch.setattr(R, "save_layers", real)
+
+
+def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = CompressConfig()
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    out_a = tmp_path / "a"
+    compress_model(str(tiny_model_dir), out_a, cfg, calib, progress=False)
+
+    out_b = tmp_path / "b"
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), out_b, cfg, calib,
+                                                                     progress=False))
+    assert not out_b.exists() and (tmp_path / "b.partial" / "block_0000.json").exists()
+
+    # a different config must not silently mix with the saved blocks
+    with pytest.raises(SlimError, match="different"):
+        compress_model(str(tiny_model_dir), out_b, CompressConfig(rank_ratio=0.3), calib, progress=False)
+    compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
+    assert not (tmp_path / "b.partial").exists()
+    a, b = slim_trt.load(out_a), slim_trt.load(out_b)
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    assert torch.equal(a(x).logits, b(x).logits)
+    ma = json.loads((out_a / "slim_manifest.json").read_text())
+    mb = json.loads((out_b / "slim_manifest.json").read_text())
+    assert ma["layers"] == mb["layers"]  # same tensors, same checksums
 
 
 def _flip_last_byte(path):
