@@ -133,6 +133,7 @@ def test_compress_refuses_nan_or_inf_in_any_weight(tmp_path, capsys, tensor, mon
     m.save_pretrained(tmp_path / "m")
     tiny_tokenizer().save_pretrained(tmp_path / "m")
     monkeypatch.setattr(C, "compress", lambda *a, **k: pytest.fail("compression started"))
+    capsys.readouterr()  # transformers' own progress bars while saving the test model
     rc, _, err = run(["compress", tmp_path / "m", "-o", tmp_path / "out", *FAST], capsys)
     assert rc == 2 and f"NaN or Inf in {tensor} of the source model (1 of" in one_error_line(err, "compress")
     assert not (tmp_path / "out.partial").exists()
@@ -184,6 +185,7 @@ def test_compress_and_export_into_a_read_only_folder(source, good, tmp_path):
 @pytest.mark.parametrize("family", ["llama", "opt"])
 def test_seqlen_beyond_the_model_positions_is_refused(tmp_path, capsys, family):
     model = save_tiny_model(tmp_path / family, family)
+    capsys.readouterr()  # transformers' own progress bars while saving the test model
     rc, _, err = run(["compress", model, "-o", tmp_path / "out", "--nsamples", "2", "--seqlen", "300", "-q"], capsys)
     assert rc == 2 and "--seqlen = 300 tokens is beyond the model's 256 positions" in one_error_line(err, "compress")
     assert not (tmp_path / "out.partial").exists()
