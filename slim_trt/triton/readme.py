@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime import DecoderSpec
+from ..runtime import DecoderSpec
 
 _ROLE = {
     "onnx": "the exported ONNX in ONNX Runtime (python backend); same inputs and outputs as model.onnx",
