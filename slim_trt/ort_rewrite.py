@@ -48,6 +48,16 @@ def int_initializer(name: str, q: np.ndarray, bits: int) -> TensorProto:
     raise ValueError(f"no integer initializer for {bits} bits")
 
 
+def unique_name(taken: set[str], base: str) -> str:
+    """`base`, or `base_2`, `base_3`, ... whichever is not taken yet; marks it taken."""
+    name, i = base, 1
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    taken.add(name)
+    return name
+
+
 class _Graph:
     """Producers, consumers and initializers of a graph, for local pattern rewrites."""
 
@@ -67,12 +77,7 @@ class _Graph:
         self._names = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
 
     def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return unique_name(self._names, base)
 
     def dq_of(self, name: str):
         """The DequantizeLinear node producing `name` from constant INT4/INT8 weights, or None."""
@@ -155,7 +160,14 @@ def _compute_type(g: _Graph) -> int:
     return logits[0].type.tensor_type.elem_type
 
 
-def _fuse_quantized_table(g: _Graph, dq, compute_type: int) -> dict[str, int]:
+def _head_accuracy_level(bits: int, level: int) -> int:
+    # ONNX Runtime's CPU MatMulNBits has no fp32-activation kernel for 8-bit weights: below level 4 it dequantizes
+    # the whole weight at every call (measured: 2.5 s per token for a 262144 x 640 head). 8-bit tables run int8
+    # activations; 4-bit ones the level the export declares.
+    return max(level, 4) if bits == 8 else level
+
+
+def _fuse_quantized_table(g: _Graph, dq, compute_type: int, accuracy_level: int) -> dict[str, int]:
     """Gather(DQ(E)) -> GatherBlockQuantized and MatMul(h, Transpose(DQ(E))) -> MatMulNBits over one packed E.
     Returns the counts of new nodes; nothing changes when the DQ also feeds anything else."""
     uses = g.consumers.get(dq.output[0], [])
@@ -212,7 +224,8 @@ def _fuse_quantized_table(g: _Graph, dq, compute_type: int) -> dict[str, int]:
                                                 to=TensorProto.FLOAT))
                 new.append(helper.make_node("MatMulNBits", [a, packed, s_flat], [y], domain=MS_DOMAIN,
                                             name=g.unique(f"{m.name}/MatMulNBits"), K=cols, N=rows, bits=bits,
-                                            block_size=block))
+                                            block_size=block,
+                                            accuracy_level=_head_accuracy_level(bits, accuracy_level)))
                 if to_compute:
                     new.append(helper.make_node("Cast", [y], [m.output[0]], name=g.unique(f"{m.name}/cast_out"),
                                                 to=compute_type))
@@ -286,8 +299,10 @@ def needs_rewrite(model: onnx.ModelProto) -> bool:
     return False
 
 
-def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True) -> tuple[onnx.ModelProto, dict]:
-    """A rewritten copy of `model` (see the module doc) and counts of what changed."""
+def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True,
+                    accuracy_level: int = 4) -> tuple[onnx.ModelProto, dict]:
+    """A rewritten copy of `model` (see the module doc) and counts of what changed. accuracy_level: the session's
+    `session.qdq_matmulnbits_accuracy_level`, which the MatMulNBits nodes built here follow too."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0}
@@ -300,7 +315,7 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True) -> tuple[onnx.
         compute = _compute_type(g)
         for n in list(m.graph.node):
             if n.op_type == "DequantizeLinear" and g.dq_of(n.output[0]) is not None:
-                for k, v in _fuse_quantized_table(g, n, compute).items():
+                for k, v in _fuse_quantized_table(g, n, compute, accuracy_level).items():
                     counts[k] += v
     g.finish()
     opsets = [o for o in m.opset_import if o.domain != LOWRANK_OP[0]]

@@ -166,10 +166,14 @@ def _save_polygraphy(feeds: list[dict], outputs: list[dict], save_inputs, save_o
 # ---------------------------------------------------------------------------------------------------------
 
 def read_sidecar(onnx_path: Path) -> dict | None:
+    """slim_export.json beside the model, or None when no export sidecar describes this file."""
     p = onnx_path.parent / SIDECAR
     if not p.is_file():
         return None
-    meta = json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}): re-run `slim-trt export`") from None
     return meta if meta.get("model_file") == onnx_path.name else None
 
 

@@ -44,13 +44,16 @@ def _run(model, feeds, *, fuse):
 def test_quantized_table_is_read_packed_and_exact(bits, group_size, dtype):
     model, qt = _table_graph(bits, group_size, dtype)
     assert needs_rewrite(model)
-    fused, counts = for_onnxruntime(model)
+    fused, counts = for_onnxruntime(model, accuracy_level=1)
     assert counts == {"lowrank_expanded": 0, "gather_block_quantized": 1, "matmul_nbits_head": 1}
     ops = [n.op_type for n in fused.graph.node]
     assert "DequantizeLinear" not in ops and "Transpose" not in ops
     gbq = next(n for n in fused.graph.node if n.op_type == "GatherBlockQuantized")
     nbits = next(n for n in fused.graph.node if n.op_type == "MatMulNBits")
     assert gbq.input[0] == nbits.input[1]  # one packed table, read by both
+    # fp32 activations as asked, except for 8-bit weights, which ONNX Runtime's CPU kernel only runs well as int8
+    assert helper.get_attribute_value(next(a for a in nbits.attribute if a.name == "accuracy_level")) == \
+        (4 if bits == 8 else 1)
     packed = [t for t in fused.graph.initializer if t.name == gbq.input[0]]
     assert packed and packed[0].data_type == TensorProto.UINT8
     assert not any(t.data_type in (TensorProto.INT4, TensorProto.INT8) for t in fused.graph.initializer)
@@ -62,7 +65,7 @@ def test_quantized_table_is_read_packed_and_exact(bits, group_size, dtype):
     table = qt.dequantize().numpy()
     np.testing.assert_allclose(emb[0], table[[0, 5, V - 1]].astype(fdt), rtol=1e-3 if dtype == "fp16" else 0)
     np.testing.assert_array_equal(emb, emb_plain)
-    tol = 1e-5 if dtype == "fp32" else 2e-2
+    tol = (1e-5 if bits == 4 else 2e-2) if dtype == "fp32" else 2e-2
     np.testing.assert_allclose(logits.astype(np.float32), logits_plain.astype(np.float32), atol=tol * 10, rtol=tol)
 
 

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from ..ort_rewrite import int_initializer as int_tensor  # noqa: F401 - the exporter's integer initializers
 from ..ort_rewrite import pack_int4  # noqa: F401
+from ..ort_rewrite import unique_name
 
 ONNX_FLOAT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 TORCH_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -46,12 +47,7 @@ class GraphBuilder:
 
     # -- names -------------------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return unique_name(self._names, base)
 
     # -- nodes -------------------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: list[str], *, name: str, outputs: int | list[str] = 1, domain: str = "",

@@ -7,7 +7,6 @@ on disk keeps the TensorRT contract: domain slim_trt, plugin_version "1", plugin
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -30,21 +29,16 @@ def default_providers() -> list[str]:
 
 def export_spec(onnx_path: Path):
     """The DecoderSpec of the export `onnx_path` belongs to, or None when no slim_export.json describes it."""
-    from ..runtime import MANIFEST, DecoderSpec
+    from ..runtime import DecoderSpec
+    from ..verification import read_sidecar
 
-    sidecar = onnx_path.parent / MANIFEST
-    if not sidecar.is_file():
-        return None
-    try:
-        meta = json.loads(sidecar.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimError(f"{sidecar} is not valid JSON ({e.msg} at line {e.lineno}): re-run `slim-trt export`") from None
-    if meta.get("model_file") != onnx_path.name:
+    meta = read_sidecar(Path(onnx_path))
+    if meta is None:
         return None
     try:
         return DecoderSpec.from_manifest(meta)
     except ValueError as e:
-        raise SlimError(f"{sidecar}: {e}: re-run `slim-trt export`") from None
+        raise SlimError(f"{Path(onnx_path).parent / 'slim_export.json'}: {e}: re-run `slim-trt export`") from None
 
 
 def session(onnx_path: str | Path, providers: list[str] | None = None, *, fuse: bool = True, threads: int = 0,

@@ -55,9 +55,10 @@ def test_quantized_head_runs_packed_and_matches_its_reference(family, tied, head
     with torch.no_grad():
         want = reference(input_ids=_ids(), use_cache=False).logits
         original = model(input_ids=_ids(), use_cache=False).logits
-    assert float((logits - want).abs().max()) < FP32_TOL
-    # The quantization itself moves the logits, int4 more than int8.
-    assert float((want - original).abs().max()) > 10 * FP32_TOL
+    # An 8-bit table's head runs int8 activations in ONNX Runtime (ort_rewrite: its only fast CPU kernel).
+    tol = FP32_TOL if head == "int4" else 1e-2
+    assert float((logits - want).abs().max()) < tol
+    assert float((want - original).abs().max()) > 10 * FP32_TOL  # the quantization itself moves the logits
 
 
 def test_quantization_error_int8_below_int4():
