@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,20 +82,33 @@ class VerifyReport:
 # metrics (pure)
 # ---------------------------------------------------------------------------------------------------------
 
+def _nll_sum(logits: torch.Tensor, ids: torch.Tensor) -> float:
+    """Summed next-token negative log-likelihood of one window (logits [L, V], ids [L]), in float64."""
+    logp = torch.log_softmax(logits[:-1].double(), dim=-1)
+    return float(-logp.gather(-1, ids[1:, None]).sum())
+
+
 def _perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-    nll = -logp.gather(-1, ids[:, 1:, None]).squeeze(-1)
-    return float(torch.exp(nll.mean()))
+    total = sum(_nll_sum(logits[i], ids[i]) for i in range(ids.shape[0]))
+    return math.exp(total / (ids.shape[0] * (ids.shape[1] - 1)))
 
 
 def compare_logits(test: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> dict:
-    """Error metrics between two [n, L, V] logit tensors for token windows `ids` [n, L]."""
-    test, ref = test.float(), ref.float()
-    diff = (test - ref).abs()
-    cos = torch.nn.functional.cosine_similarity(test.double(), ref.double(), dim=-1)
-    ppl_test, ppl_ref = _perplexity(test, ids), _perplexity(ref, ids)
-    return {"max_abs": float(diff.max()), "mean_abs": float(diff.mean()), "cosine_mean": float(cos.mean()),
-            "cosine_min": float(cos.min()), "top1": float((test.argmax(-1) == ref.argmax(-1)).double().mean()),
+    """Error metrics between two [n, L, V] logit tensors for token windows `ids` [n, L] (one window at a time, so a
+    262k-word vocabulary needs no float64 copy of every logit at once)."""
+    max_abs, sum_abs, cos, top1, nll_test, nll_ref = 0.0, 0.0, [], 0, 0.0, 0.0
+    for i in range(ids.shape[0]):
+        t, r = test[i].float(), ref[i].float()
+        diff = (t - r).abs()
+        max_abs, sum_abs = max(max_abs, float(diff.max())), sum_abs + float(diff.double().sum())
+        cos.append(torch.nn.functional.cosine_similarity(t.double(), r.double(), dim=-1))
+        top1 += int((t.argmax(-1) == r.argmax(-1)).sum())
+        nll_test, nll_ref = nll_test + _nll_sum(t, ids[i]), nll_ref + _nll_sum(r, ids[i])
+    cos = torch.cat(cos)
+    predicted = ids.shape[0] * (ids.shape[1] - 1)
+    ppl_test, ppl_ref = math.exp(nll_test / predicted), math.exp(nll_ref / predicted)
+    return {"max_abs": max_abs, "mean_abs": sum_abs / test.numel(), "cosine_mean": float(cos.mean()),
+            "cosine_min": float(cos.min()), "top1": top1 / ids.numel(),
             "ppl_onnx": ppl_test, "ppl_torch": ppl_ref, "ppl_rel": abs(ppl_test - ppl_ref) / ppl_ref,
             "positions": int(ids.numel())}
 
@@ -193,13 +207,15 @@ def _check_onnx_path(onnx_path: str | Path) -> Path:
     return path
 
 
-def _run_windows(sess, windows: torch.Tensor, decode_steps: int, batch_size: int):
+def _run_windows(sess, windows: torch.Tensor, decode_steps: int, batch_size: int, keep: bool = True):
+    """Logits of every window; and every feed and output dict when `keep` (only to save them: they are large)."""
     logits, feeds, outputs = [], [], []
     for i in range(0, windows.shape[0], batch_size):
         lg, f, o = run_onnx(sess, windows[i:i + batch_size], decode_steps)
         logits.append(lg)
-        feeds += f
-        outputs += o
+        if keep:
+            feeds += f
+            outputs += o
     return torch.cat(logits), feeds, outputs
 
 
@@ -237,7 +253,8 @@ def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor,
         sess = _open(path, providers, optimized_model_path=Path(tmp) / "optimized.onnx")
         kernels = kernel_counts(Path(tmp) / "optimized.onnx")
     t0 = time.perf_counter()
-    onnx_logits, feeds, outputs = _run_windows(sess, windows, decode_steps, batch_size)
+    onnx_logits, feeds, outputs = _run_windows(sess, windows, decode_steps, batch_size,
+                                               keep=bool(save_inputs or save_outputs))
     t_onnx = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = torch.cat([model(input_ids=windows[i:i + batch_size], use_cache=False).logits.float()
@@ -252,7 +269,8 @@ def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor,
                 "session_config": dict(spec.session_config) if spec is not None else {}, "kernels": kernels}
     report = VerifyReport(metrics=metrics, thresholds=thresholds or Thresholds.for_dtype(dtype), settings=settings)
     if plain:
-        plain_logits, _, _ = _run_windows(_open(path, providers, fuse=False), windows, decode_steps, batch_size)
+        plain_logits, _, _ = _run_windows(_open(path, providers, fuse=False), windows, decode_steps, batch_size,
+                                          keep=False)
         report.plain = compare_logits(plain_logits, ref, windows)
         report.plain["max_abs_vs_fused"] = float((plain_logits - onnx_logits).abs().max())
     return report
