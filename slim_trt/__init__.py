@@ -7,6 +7,7 @@ Public API (imported lazily so that `import slim_trt` stays cheap and optional b
     compressed_layers(model)          (name, CompressedLinear) pairs
     export(ckpt, out_dir, ...)        ONNX with Q/DQ and the low-rank path
     verify(onnx_path, reference, ...) ONNX Runtime vs PyTorch
+    generate(export_dir, prompt, ...) text from an export in ONNX Runtime (Generator: load once, with timings)
     lint(onnx_path, target=...)       TensorRT parser rules, on the CPU
     build(onnx_path, engine, ...)     TensorRT engine (needs TensorRT and a GPU)
     deploy(export_dir, repo, ...)     Triton model repository
@@ -28,6 +29,8 @@ _LAZY = {
     "load": "slim_trt.checkpoint",
     "export": "slim_trt.exporter",
     "verify": "slim_trt.verification",
+    "generate": "slim_trt.generation",
+    "Generator": "slim_trt.generation",
     "lint": "slim_trt.linter",
     "build": "slim_trt.trt",
     "deploy": "slim_trt.triton",

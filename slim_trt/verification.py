@@ -58,6 +58,7 @@ class VerifyReport:
     thresholds: Thresholds
     settings: dict = field(default_factory=dict)
     engine: dict | None = None
+    plain: dict | None = None  # the same metrics with ONNX Runtime's Q/DQ fusion off (informational)
 
     @property
     def checks(self) -> dict[str, bool]:
@@ -73,7 +74,7 @@ class VerifyReport:
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "metrics": self.metrics, "thresholds": dataclasses.asdict(self.thresholds),
-                "checks": self.checks, "settings": self.settings, "engine": self.engine}
+                "checks": self.checks, "settings": self.settings, "engine": self.engine, "plain": self.plain}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -165,10 +166,14 @@ def _save_polygraphy(feeds: list[dict], outputs: list[dict], save_inputs, save_o
 # ---------------------------------------------------------------------------------------------------------
 
 def read_sidecar(onnx_path: Path) -> dict | None:
+    """slim_export.json beside the model, or None when no export sidecar describes this file."""
     p = onnx_path.parent / SIDECAR
     if not p.is_file():
         return None
-    meta = json.loads(p.read_text())
+    try:
+        meta = json.loads(p.read_text())
+    except json.JSONDecodeError as e:
+        raise SlimError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}): re-run `slim-trt export`") from None
     return meta if meta.get("model_file") == onnx_path.name else None
 
 
@@ -188,13 +193,38 @@ def _check_onnx_path(onnx_path: str | Path) -> Path:
     return path
 
 
+def _run_windows(sess, windows: torch.Tensor, decode_steps: int, batch_size: int):
+    logits, feeds, outputs = [], [], []
+    for i in range(0, windows.shape[0], batch_size):
+        lg, f, o = run_onnx(sess, windows[i:i + batch_size], decode_steps)
+        logits.append(lg)
+        feeds += f
+        outputs += o
+    return torch.cat(logits), feeds, outputs
+
+
+def _open(path: Path, providers, **kw):
+    from .exporter.ort_runtime import session
+
+    try:
+        return session(path, providers, **kw)
+    except SlimError:
+        raise
+    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types on broken files
+        raise SlimError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
+
+
 @torch.no_grad()
 def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor, *, decode_steps: int = 4,
                  thresholds: Thresholds | None = None, providers: list[str] | None = None,
                  save_inputs: str | Path | None = None, save_outputs: str | Path | None = None,
-                 batch_size: int = 4) -> VerifyReport:
-    """Compare the ONNX model (ONNX Runtime) with `model` (PyTorch) on token windows [n, L]."""
-    from .exporter.ort_runtime import session
+                 batch_size: int = 4, plain: bool = False) -> VerifyReport:
+    """Compare the ONNX model (ONNX Runtime, with the session config its export declares) with `model` (PyTorch)
+    on token windows [n, L]. plain: also run the graph's plain arithmetic (Q/DQ fusion off) and report it."""
+    import tempfile
+
+    from .exporter.ort_runtime import export_spec
+    from .runtime import kernel_counts
 
     path = _check_onnx_path(onnx_path)
     meta = read_sidecar(path) or {}
@@ -202,78 +232,69 @@ def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor,
     if dtype == "bf16":
         raise SlimError("a bf16 export cannot run in ONNX Runtime on the CPU: verify an fp32 or fp16 export of the "
                         "same checkpoint, or the TensorRT engine with --engine on a GPU")
-    try:
-        sess = session(path, providers)
-    except SlimError:
-        raise
-    except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types on broken files
-        raise SlimError(f"ONNX Runtime cannot load {path}: {str(e).splitlines()[0][:300]}") from e
+    spec = export_spec(path)
+    with tempfile.TemporaryDirectory(prefix="slim_trt_verify_") as tmp:
+        sess = _open(path, providers, optimized_model_path=Path(tmp) / "optimized.onnx")
+        kernels = kernel_counts(Path(tmp) / "optimized.onnx")
     t0 = time.perf_counter()
-    onnx_logits, feeds, outputs = [], [], []
-    for i in range(0, windows.shape[0], batch_size):
-        lg, f, o = run_onnx(sess, windows[i:i + batch_size], decode_steps)
-        onnx_logits.append(lg)
-        feeds += f
-        outputs += o
+    onnx_logits, feeds, outputs = _run_windows(sess, windows, decode_steps, batch_size)
     t_onnx = time.perf_counter() - t0
     t0 = time.perf_counter()
     ref = torch.cat([model(input_ids=windows[i:i + batch_size], use_cache=False).logits.float()
                      for i in range(0, windows.shape[0], batch_size)])
     t_torch = time.perf_counter() - t0
     with_cache = any(x.name.startswith("past_key_values.") for x in sess.get_inputs())
-    metrics = compare_logits(torch.cat(onnx_logits), ref, windows)
+    metrics = compare_logits(onnx_logits, ref, windows)
     _save_polygraphy(feeds, outputs, save_inputs, save_outputs, runner_name="onnxrt-runner-slim-trt")
     settings = {"onnx": str(path), "dtype": dtype, "providers": sess.get_providers(), "windows": int(windows.shape[0]),
                 "seqlen": int(windows.shape[1]), "decode_steps": decode_steps if with_cache else 0,
-                "with_cache": with_cache, "onnx_seconds": round(t_onnx, 3), "torch_seconds": round(t_torch, 3)}
-    return VerifyReport(metrics=metrics, thresholds=thresholds or Thresholds.for_dtype(dtype), settings=settings)
+                "with_cache": with_cache, "onnx_seconds": round(t_onnx, 3), "torch_seconds": round(t_torch, 3),
+                "session_config": dict(spec.session_config) if spec is not None else {}, "kernels": kernels}
+    report = VerifyReport(metrics=metrics, thresholds=thresholds or Thresholds.for_dtype(dtype), settings=settings)
+    if plain:
+        plain_logits, _, _ = _run_windows(_open(path, providers, fuse=False), windows, decode_steps, batch_size)
+        report.plain = compare_logits(plain_logits, ref, windows)
+        report.plain["max_abs_vs_fused"] = float((plain_logits - onnx_logits).abs().max())
+    return report
 
 
 def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = None, windows: int = 2,
            seqlen: int = 64, decode_steps: int = 4, thresholds: dict | None = None,
            providers: list[str] | None = None, save_inputs: str | Path | None = None,
            save_outputs: str | Path | None = None, engine: str | Path | None = None,
-           plugins: list[str] | None = None, ignore_manifest: bool = False) -> VerifyReport:
-    """Verify an export against the checkpoint it came from (`reference`, a `slim-trt compress` folder).
+           plugins: list[str] | None = None, ignore_manifest: bool = False, plain: bool = False) -> VerifyReport:
+    """Verify an export against the model it came from (`reference`: the `slim-trt compress` folder, or for a dense
+    export the MODEL it was exported from), with the export's `--head` quantization applied to the reference.
 
     text: a text file (default: the shipped WikiText-2 test excerpt); thresholds: overrides by field name.
     engine: also compare a TensorRT engine (needs TensorRT + GPU) through slim_trt.trt.verify_engine.
+    plain: also report the graph's plain arithmetic (ONNX Runtime's Q/DQ fusion off).
     """
     from .calibration.data import SHIPPED_EVAL, eval_windows, load_text
 
     path = _check_onnx_path(onnx_path)
-    ckpt = Path(reference)
-    if not ckpt.exists():
-        raise SlimError(f"reference checkpoint {ckpt} does not exist: give the folder written by `slim-trt compress`")
-    if not (ckpt / "slim_manifest.json").is_file():
-        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): give the `slim-trt compress` "
-                        f"output the export was made from")
     if decode_steps < 0 or windows < 1 or seqlen < 2:
         raise SlimError("--windows must be >= 1, --seqlen >= 2 and --decode-steps >= 0")
     meta = read_sidecar(path) or {}
-    expected = (meta.get("checkpoint") or {}).get("manifest_sha256")
-    actual = hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
-    if expected and expected != actual and not ignore_manifest:
-        raise SlimError(f"{path} was exported from another checkpoint (manifest sha256 {expected[:12]}..., "
-                        f"{ckpt} has {actual[:12]}...): pass the checkpoint it was exported from, or "
-                        f"--ignore-manifest")
-    from transformers import AutoTokenizer
-
-    from .checkpoint import load
-
-    tok_dir = ckpt if (ckpt / "tokenizer_config.json").is_file() or (ckpt / "tokenizer.json").is_file() else None
-    if tok_dir is None and meta.get("tokenizer"):
-        tok_dir = path.parent / meta["tokenizer"]
-    if tok_dir is None:
-        raise SlimError(f"no tokenizer in {ckpt} or beside {path}: verify needs it to tokenize the text")
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    model, tok, actual = _reference_model(path, reference, meta, ignore_manifest)
     ids = eval_windows(tok, load_text(text, default=SHIPPED_EVAL), seqlen, limit=windows)
-    model = load(ckpt)
+    head = (meta.get("head") or {}).get("quantization", "none")
+    ppl_unquantized_head = None
+    if head != "none":
+        from .exporter.head import apply_head_quantization
+
+        with torch.no_grad():
+            ppl_unquantized_head = _perplexity(model(input_ids=ids, use_cache=False).logits.float(), ids)
+        apply_head_quantization(model, head)
     dtype = meta.get("dtype", "fp32")
     th = Thresholds.for_dtype(dtype).replace(**(thresholds or {}))
     report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,
-                          save_inputs=save_inputs, save_outputs=save_outputs)
-    report.settings.update(reference=str(ckpt), manifest_sha256=actual, text=text or SHIPPED_EVAL)
+                          save_inputs=save_inputs, save_outputs=save_outputs, plain=plain)
+    if ppl_unquantized_head is not None:
+        # The reference runs the export's quantized head; this is what the quantization costs the reference.
+        report.metrics["ppl_reference_unquantized_head"] = ppl_unquantized_head
+    report.settings.update(reference=str(reference), manifest_sha256=actual, text=text or SHIPPED_EVAL,
+                           head=head)
     if engine is not None:
         try:
             from .trt import verify_engine
@@ -283,6 +304,39 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         report.engine = verify_engine(path, engine, plugins=tuple(plugins or ()), input_ids=ids,
                                       decode_steps=decode_steps, providers=providers)
     return report
+
+
+def _reference_model(path: Path, reference: str | Path, meta: dict, ignore_manifest: bool):
+    """(model, tokenizer, manifest sha256 or None) of the reference: the checkpoint the export came from, or the
+    MODEL a dense export was made from."""
+    from transformers import AutoTokenizer
+
+    ckpt = Path(reference)
+    if not (ckpt / "slim_manifest.json").is_file():
+        if meta.get("source_model"):  # a dense export: the reference is any MODEL
+            from .models import load_model
+
+            model, tok = load_model(str(reference))
+            return model, tok, None
+        if not ckpt.exists():
+            raise SlimError(f"reference checkpoint {ckpt} does not exist: give the folder written by "
+                            "`slim-trt compress`")
+        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): give the `slim-trt compress` "
+                        f"output the export was made from")
+    expected = (meta.get("checkpoint") or {}).get("manifest_sha256")
+    actual = hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
+    if expected and expected != actual and not ignore_manifest:
+        raise SlimError(f"{path} was exported from another checkpoint (manifest sha256 {expected[:12]}..., "
+                        f"{ckpt} has {actual[:12]}...): pass the checkpoint it was exported from, or "
+                        f"--ignore-manifest")
+    from .checkpoint import load
+
+    tok_dir = ckpt if (ckpt / "tokenizer_config.json").is_file() or (ckpt / "tokenizer.json").is_file() else None
+    if tok_dir is None and meta.get("tokenizer"):
+        tok_dir = path.parent / meta["tokenizer"]
+    if tok_dir is None:
+        raise SlimError(f"no tokenizer in {ckpt} or beside {path}: verify needs it to tokenize the text")
+    return load(ckpt), AutoTokenizer.from_pretrained(str(tok_dir)), actual
 
 
 def format_report(report: VerifyReport) -> str:
@@ -298,10 +352,29 @@ def format_report(report: VerifyReport) -> str:
     lines = [f"slim-trt verify: {s.get('onnx')} ({s.get('dtype')}) vs PyTorch, {s.get('windows')} window(s) x "
              f"{s.get('seqlen')} tokens, {s.get('decode_steps')} decode step(s) through the KV cache, "
              f"providers {', '.join(s.get('providers', []))}"]
+    config = s.get("session_config") or {}
+    lines.append("ONNX Runtime session config (from slim_export.json): "
+                 + (", ".join(f"{k}={v}" for k, v in config.items()) or "ONNX Runtime defaults"))
+    k = s.get("kernels")
+    if k:
+        unfused = k["unfused_dequantize"]
+        lines.append(f"kernels: {k['matmul_nbits']} MatMulNBits, {k['gather_block_quantized']} GatherBlockQuantized "
+                     f"(packed integer weights); {len(unfused)} DequantizeLinear left unfused"
+                     + (f" (e.g. {next(iter(unfused))} -> {', '.join(next(iter(unfused.values())))})"
+                        if unfused else ""))
+    if "ppl_reference_unquantized_head" in m:
+        lines.append(f"--head {s.get('head')}: the reference runs the same quantized embedding/head; its perplexity "
+                     f"with the checkpoint's own head is {m['ppl_reference_unquantized_head']:.4f} "
+                     f"(the quantized head costs {100 * (m['ppl_torch'] / m['ppl_reference_unquantized_head'] - 1):+.2f}%)")
     w = max(len(r[0]) for r in rows)
     lines.append(f"{'METRIC':{w}}  {'VALUE':>25}  {'THRESHOLD':>14}  RESULT")
     for name, val, thr, ok in rows:
         lines.append(f"{name:{w}}  {val:>25}  {thr:>14}  {'ok' if ok else 'FAIL'}")
+    if report.plain is not None:
+        p = report.plain
+        lines.append(f"plain arithmetic (Q/DQ fusion off): max |logit error| {p['max_abs']:.4g}, mean "
+                     f"{p['mean_abs']:.4g}, top-1 {100 * p['top1']:.2f}%, perplexity {p['ppl_onnx']:.4f}; "
+                     f"max |fused - plain| {p['max_abs_vs_fused']:.4g} (not a check)")
     if report.engine is not None:
         lines.append(f"TensorRT engine vs ONNX Runtime: {'ok' if report.engine.get('ok') else 'FAIL'} "
                      f"(see the JSON report's 'engine')")

@@ -96,3 +96,39 @@ def test_verify_bad_inputs(tmp_path):
         verify_model(junk, model, _ids())
     with pytest.raises(SlimError, match="not a slim-trt checkpoint"):
         verify(tmp_path / "bf" / "model.onnx", tmp_path)
+
+
+def _set_session_config(folder, **entries):
+    path = folder / "slim_export.json"
+    meta = json.loads(path.read_text())
+    meta["onnxruntime"]["session_config"].update(entries)
+    path.write_text(json.dumps(meta))
+
+
+def test_verify_runs_the_session_config_the_export_declares(tmp_path):
+    model = compressed_model("llama", group_size=16)
+    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    path = tmp_path / "e" / "model.onnx"
+    fused = verify_model(path, model, _ids(), decode_steps=2, plain=True)
+    assert fused.ok, format_report(fused)
+    assert fused.settings["session_config"] == {"session.disable_quant_qdq": "0",
+                                                "session.qdq_matmulnbits_accuracy_level": "1"}
+    assert fused.settings["kernels"]["matmul_nbits"] == 14 and fused.plain["max_abs"] < 1e-4
+    assert "14 MatMulNBits" in format_report(fused) and "plain arithmetic" in format_report(fused)
+    _set_session_config(tmp_path / "e", **{"session.qdq_matmulnbits_accuracy_level": "4"})
+    int8_activations = verify_model(path, model, _ids(), decode_steps=2)
+    assert int8_activations.settings["kernels"]["matmul_nbits"] == 14
+    assert int8_activations.metrics["max_abs"] > 20 * fused.metrics["max_abs"]  # int8 activations move the logits
+    _set_session_config(tmp_path / "e", **{"session.disable_quant_qdq": "1"})
+    unfused = verify_model(path, model, _ids(), decode_steps=2)
+    assert unfused.settings["kernels"]["matmul_nbits"] == 0 and unfused.metrics["max_abs"] < 1e-4
+
+
+def test_verify_a_quantized_head_against_the_same_head(tmp_path):
+    ckpt = save_compressed_checkpoint(tmp_path / "ckpt", "gemma3")
+    export(ckpt, tmp_path / "e", dtype="fp32", head="int4", progress=False)
+    report = verify(tmp_path / "e" / "model.onnx", ckpt, windows=2, seqlen=24, decode_steps=3)
+    assert report.ok, format_report(report)
+    m = report.metrics
+    assert report.settings["head"] == "int4" and m["ppl_reference_unquantized_head"] != m["ppl_torch"]
+    assert "--head int4" in format_report(report)

@@ -13,7 +13,8 @@ import sys
 from ..errors import SlimError
 
 # Order is the order shown by `slim-trt --help`.
-COMMANDS = ("compress", "info", "eval", "finetune", "demo", "export", "verify", "lint", "build", "bench", "deploy", "serve")
+COMMANDS = ("compress", "info", "eval", "finetune", "demo", "export", "verify", "generate", "lint", "build", "bench",
+            "deploy", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

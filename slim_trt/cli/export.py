@@ -1,18 +1,24 @@
-"""slim-trt export CKPT -o export/NAME/"""
+"""slim-trt export CKPT_OR_MODEL -o export/NAME/"""
 from __future__ import annotations
 
+from ..exporter.options import DEFAULT_HEAD, DEFAULT_ORT_ACCURACY_LEVEL, HEAD_MODES
 from .common import add_parser, eprint
 
 
 def register(sub) -> None:
-    p = add_parser(sub, "export", "export a checkpoint to ONNX (Q/DQ weights, KV cache) for TensorRT",
+    p = add_parser(sub, "export", "export a checkpoint (or a dense model) to ONNX (Q/DQ weights, KV cache)",
                    "Write OUT/model.onnx (opset 21; INT4/INT8 weights as DequantizeLinear -> MatMul, the 2:4 pattern "
-                   "along K) and OUT/slim_export.json (I/O names, shapes, dynamic axes, checkpoint hash, options), "
-                   "and copy the tokenizer to OUT/tokenizer/.",
+                   "along K) and OUT/slim_export.json (I/O names, shapes, dynamic axes, checkpoint hash, options, "
+                   "the ONNX Runtime session config every consumer uses), and copy the tokenizer to OUT/tokenizer/. "
+                   "A plain model (not compressed) exports the same way: the dense baseline.",
                    "  slim-trt export out/gemma-slim -o export/gemma-slim/\n"
                    "  slim-trt export out/gemma-slim -o export/gemma-slim-fp32/ --dtype fp32 --lowrank plugin\n"
+                   "  slim-trt export out/gemma-slim -o export/gemma-int4head/ --dtype fp32 --head int4\n"
+                   "  slim-trt export gemma3-270m -o export/gemma-dense-fp32/ --dtype fp32      # dense baseline\n"
                    "  slim-trt export out/gemma-slim -o export/gemma-prefill/ --no-cache")
-    p.add_argument("checkpoint", metavar="CKPT", help="a folder written by `slim-trt compress`")
+    p.add_argument("checkpoint", metavar="CKPT_OR_MODEL",
+                   help="a folder written by `slim-trt compress`, or a plain MODEL (Hugging Face folder, .gguf, "
+                        "gemma3-270m, hub id) to export dense")
     p.add_argument("-o", "--out", default=None, metavar="DIR",
                    help="output folder [default: export/NAME/, NAME = the checkpoint folder's name]")
     p.add_argument("--dtype", default="fp16", help="compute dtype: fp16 (TensorRT), bf16, or fp32 (CPU checks)")
@@ -22,6 +28,13 @@ def register(sub) -> None:
     p.add_argument("--act-quant", default=None, metavar="int8",
                    help="int8: static symmetric per-tensor INT8 Q/DQ on the inputs of compressed MatMuls (W8A8), "
                         "scales calibrated on the shipped text sample")
+    p.add_argument("--head", default=DEFAULT_HEAD, metavar="|".join(HEAD_MODES),
+                   help="weight-only quantization of the embedding and LM head (read from one tensor when tied): "
+                        "int8 = one scale per vocabulary row (TensorRT-parsable), int4 = blocks of 128 (ONNX "
+                        "Runtime; TensorRT reads INT4 only as a GEMM weight)")
+    p.add_argument("--ort-accuracy-level", type=int, default=None, metavar="1|4",
+                   help="ONNX Runtime MatMulNBits activations: 1 = fp32, 4 = int8 (recorded in slim_export.json) "
+                        f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}]")
     p.add_argument("--no-cache", action="store_true", help="prefill-only graph without KV-cache inputs/outputs")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights in model.onnx.data (default: only above ~1.5 GB)")
@@ -41,7 +54,8 @@ def run(args) -> int:
     if args.out is None:
         args.out = str(Path("export") / Path(args.checkpoint).resolve().name)
     meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
-                  act_quant=args.act_quant, external_data=True if args.external_data else None, force=args.force)
+                  act_quant=args.act_quant, external_data=True if args.external_data else None, head=args.head,
+                  ort_accuracy_level=args.ort_accuracy_level, force=args.force)
     out = Path(args.out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(MODEL_FILE))
     eprint(f"wrote {out / MODEL_FILE} ({size / 2**20:.1f} MiB{', external data' if meta['external_data'] else ''}) "
@@ -52,6 +66,9 @@ def run(args) -> int:
           f"lowrank {meta['lowrank']}, act-quant {meta['act_quant'] or 'none'}, "
           f"{'KV cache' if meta['with_cache'] else 'prefill only'}")
     print(f"compressed       {len(meta['compressed_layers'])} linear layers as Q/DQ MatMul")
+    head = meta["head"]
+    print(f"embedding/head   {head['quantization']}{' (tied: one tensor)' if head.get('tied') else ''}")
+    print(f"onnxruntime      {', '.join(f'{k}={v}' for k, v in meta['onnxruntime']['session_config'].items())}")
     print(f"inputs           {', '.join(i['name'] for i in meta['inputs'][:3])}"
           f"{' + past_key_values.*' if meta['with_cache'] else ''}")
     print(f"outputs          logits{' + present.*' if meta['with_cache'] else ''}")

@@ -6,7 +6,8 @@ from .common import add_parser
 
 def register(sub) -> None:
     p = add_parser(sub, "verify", "compare an ONNX export (ONNX Runtime) with its PyTorch checkpoint",
-                   "Run the ONNX model in ONNX Runtime (prefill, then decode steps through the KV cache) and the "
+                   "Run the ONNX model in ONNX Runtime with the session config its slim_export.json declares (prefill, "
+                   "then decode steps through the KV cache) and the "
                    "checkpoint in PyTorch on the same real text; report logit error, cosine similarity, top-1 "
                    "agreement and perplexity; exit 1 when a threshold is broken.",
                    "  slim-trt verify export/gemma-slim/model.onnx --reference out/gemma-slim\n"
@@ -16,7 +17,8 @@ def register(sub) -> None:
                    "  polygraphy run export/gemma-slim/model.onnx --trt --load-inputs inputs.json "
                    "--load-outputs ort_outputs.json")
     p.add_argument("onnx", metavar="MODEL.onnx")
-    p.add_argument("--reference", required=True, metavar="CKPT", help="the checkpoint the export was made from")
+    p.add_argument("--reference", required=True, metavar="CKPT",
+                   help="the checkpoint the export was made from (for a dense export: the MODEL)")
     p.add_argument("--text", default=None, metavar="FILE", help="text file (default: shipped WikiText-2 test excerpt)")
     p.add_argument("--windows", type=int, default=2, help="number of text windows")
     p.add_argument("--seqlen", type=int, default=64, help="tokens per window")
@@ -33,6 +35,9 @@ def register(sub) -> None:
                    help="Polygraphy RunResults of the ORT outputs (--load-outputs)")
     p.add_argument("--engine", default=None, metavar="NAME.plan", help="also verify a TensorRT engine (GPU only)")
     p.add_argument("--plugin", action="append", default=None, metavar="LIB.so", help="TensorRT plugin library (--engine)")
+    p.add_argument("--plain", action="store_true",
+                   help="also report the graph's plain arithmetic (ONNX Runtime's Q/DQ fusion off); the checks use "
+                        "the session config the export declares")
     p.add_argument("--ignore-manifest", action="store_true", help="verify even if CKPT is not the export's source")
     p.set_defaults(func=run)
 
@@ -47,7 +52,7 @@ def run(args) -> int:
                     decode_steps=args.decode_steps, thresholds=thresholds,
                     providers=args.providers.split(",") if args.providers else None,
                     save_inputs=args.save_inputs, save_outputs=args.save_outputs, engine=args.engine,
-                    plugins=args.plugin, ignore_manifest=args.ignore_manifest)
+                    plugins=args.plugin, ignore_manifest=args.ignore_manifest, plain=args.plain)
     if args.json != "-":
         print(format_report(report))
     if args.json:

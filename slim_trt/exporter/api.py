@@ -15,7 +15,7 @@ from ..outputs import commit_output, prepare_output
 from .decoder import BuildContext, architecture, build, kv_layout
 from .graph import NUMPY_NAME, GraphBuilder
 from .linear import LOWRANK_PLUGIN
-from .options import EXTERNAL_DATA_THRESHOLD, IR_VERSION, OPSET, ExportOptions
+from .options import DEFAULT_HEAD, EXTERNAL_DATA_THRESHOLD, IR_VERSION, OPSET, ExportOptions
 
 SIDECAR = "slim_export.json"
 MODEL_FILE = "model.onnx"
@@ -29,11 +29,13 @@ def build_onnx(model: nn.Module, options: ExportOptions, *, act_scales: dict[str
     """The ONNX graph of `model` (in memory) and the records of its compressed layers."""
     b = GraphBuilder(options.dtype)
     ctx = BuildContext(b=b, lowrank=options.lowrank, with_cache=options.with_cache, act_scales=act_scales,
-                       records=[], progress=progress)
+                       records=[], progress=progress, head=options.head)
     with torch.no_grad():
         build(ctx, model)
-    doc = f"slim-trt export: {architecture(model)}, dtype={options.dtype}, lowrank={options.lowrank}"
-    return b.make_model("slim_trt_" + architecture(model), OPSET, IR_VERSION, doc), ctx.records
+    doc = (f"slim-trt export: {architecture(model)}, dtype={options.dtype}, lowrank={options.lowrank}, "
+           f"head={options.head}")
+    proto = b.make_model("slim_trt_" + architecture(model), OPSET, IR_VERSION, doc)
+    return proto, ctx.records, ctx.head_record
 
 
 def _io_entries(values) -> list[dict]:
@@ -46,7 +48,8 @@ def _io_entries(values) -> list[dict]:
 
 
 def sidecar(model: nn.Module, proto: onnx.ModelProto, records: list, options: ExportOptions, *,
-            checkpoint_path: str | None, manifest_sha256: str | None, tokenizer: str | None) -> dict:
+            checkpoint_path: str | None, manifest_sha256: str | None, tokenizer: str | None,
+            head: dict | None = None, source_model: str | None = None) -> dict:
     """The slim_export.json content (the contract read by the TensorRT builder and the Triton deployer)."""
     cfg = model.config
     L, Hkv, D = kv_layout(model)
@@ -81,9 +84,13 @@ def sidecar(model: nn.Module, proto: onnx.ModelProto, records: list, options: Ex
         "outputs": outputs,
         "dynamic_axes": dynamic,
         "checkpoint": {"path": checkpoint_path, "manifest_sha256": manifest_sha256},
+        "source_model": source_model,
         "tokenizer": tokenizer,
         "custom_ops": custom,
         "options": options.to_dict(),
+        "head": head or {"quantization": "none"},
+        # What every ONNX Runtime session on this export uses (verify, deploy, generate, the Python API).
+        "onnxruntime": {"session_config": options.session_config()},
         "compressed_layers": [r.to_dict() for r in records],
     }
 
@@ -120,7 +127,8 @@ def save_onnx(proto: onnx.ModelProto, folder: Path, external_data: bool | None) 
 def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOptions | None = None,
                  tokenizer_dir: str | Path | None = None, checkpoint_path: str | None = None,
                  manifest_sha256: str | None = None, act_scales: dict[str, float] | None = None,
-                 calib_windows: torch.Tensor | None = None, force: bool = False, progress: bool = False) -> dict:
+                 calib_windows: torch.Tensor | None = None, force: bool = False, progress: bool = False,
+                 source_model: str | None = None) -> dict:
     """Export an in-memory (compressed) causal LM to out_dir/model.onnx + out_dir/slim_export.json.
 
     With options.act_quant == "int8", activation scales come from `act_scales` or are measured on `calib_windows`
@@ -138,14 +146,14 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
         act_scales = activation_scales(model, calib_windows)
     tmp = prepare_output(out_dir, force)
     try:
-        proto, records = build_onnx(model, options, act_scales=act_scales, progress=progress)
+        proto, records, head = build_onnx(model, options, act_scales=act_scales, progress=progress)
         external = save_onnx(proto, tmp, options.external_data)
         tokenizer = None
         if tokenizer_dir is not None:
             _copy_tokenizer(Path(tokenizer_dir), tmp / TOKENIZER_DIR)
             tokenizer = TOKENIZER_DIR
         meta = sidecar(model, proto, records, options, checkpoint_path=checkpoint_path,
-                       manifest_sha256=manifest_sha256, tokenizer=tokenizer)
+                       manifest_sha256=manifest_sha256, tokenizer=tokenizer, head=head, source_model=source_model)
         meta["external_data"] = DATA_FILE if external else None
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
         commit_output(tmp, out_dir)
@@ -176,23 +184,42 @@ def _calibration_windows(tokenizer_dir: Path | None, n: int = 8, seqlen: int = 1
     return calibration_windows(tok, load_text(None), nsamples=n, seqlen=seqlen)
 
 
-def export(ckpt_path: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with_cache: bool = True,
+def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with_cache: bool = True,
            lowrank: str = "decomposed", act_quant: str | None = None, external_data: bool | None = None,
-           force: bool = False, progress: bool = True) -> dict:
-    """Load a slim-trt checkpoint folder and export it (see export_model). Returns the sidecar dict."""
+           head: str = DEFAULT_HEAD, ort_accuracy_level: int | None = None, force: bool = False,
+           progress: bool = True) -> dict:
+    """Export a slim-trt checkpoint folder, or a plain model (any MODEL `slim-trt compress` accepts: a Hugging Face
+    folder, a .gguf file, `gemma3-270m`, a hub id) as the dense baseline, with the same exporter. See export_model.
+    Returns the sidecar dict."""
     options = ExportOptions(dtype=dtype, with_cache=with_cache, lowrank=lowrank, act_quant=act_quant,
-                            external_data=external_data)
-    ckpt = Path(ckpt_path)
-    if not ckpt.exists():
-        raise SlimError(f"checkpoint {ckpt} does not exist: give the folder written by `slim-trt compress`")
-    if not (ckpt / "slim_manifest.json").is_file():
-        raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json): run `slim-trt compress` first")
-    from ..checkpoint import load
+                            external_data=external_data, head=head,
+                            **({} if ort_accuracy_level is None else {"ort_accuracy_level": ort_accuracy_level}))
+    ckpt = Path(source)
+    if (ckpt / "slim_manifest.json").is_file():
+        from ..checkpoint import load
 
-    model = load(ckpt)
-    tok = ckpt if has_tokenizer(ckpt) else None
+        model = load(ckpt)
+        tok = ckpt if has_tokenizer(ckpt) else None
+        provenance = dict(checkpoint_path=str(ckpt.resolve()), manifest_sha256=manifest_sha256(ckpt))
+    else:
+        from ..models import load_model, model_folder, resolve
+
+        if ckpt.is_dir() and not (ckpt / "config.json").is_file():
+            raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json) nor a Hugging Face model "
+                            "(no config.json): give the folder written by `slim-trt compress`, or a MODEL")
+        if not ckpt.exists():
+            try:
+                resolve(str(source))
+            except SlimError:
+                raise SlimError(f"{source} does not exist: give a folder written by `slim-trt compress`, or a MODEL "
+                                "(a Hugging Face folder, a .gguf file, gemma3-270m, a hub id)") from None
+
+        model, _ = load_model(str(source))
+        folder = model_folder(str(source))
+        tok = Path(folder) if not isinstance(folder, str) and has_tokenizer(Path(folder)) else None
+        provenance = dict(source_model=str(source))
     calib = None
     if act_quant == "int8":
         calib = _calibration_windows(tok)
-    return export_model(model, out_dir, options=options, tokenizer_dir=tok, checkpoint_path=str(ckpt.resolve()),
-                        manifest_sha256=manifest_sha256(ckpt), calib_windows=calib, force=force, progress=progress)
+    return export_model(model, out_dir, options=options, tokenizer_dir=tok, calib_windows=calib, force=force,
+                        progress=progress, **provenance)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import SlimError
 from .graph import GraphBuilder
+from .head import TokenTable
 from .linear import LayerRecord, emit_linear
 
 SUPPORTED = ("llama", "qwen2", "gemma3_text", "opt")
@@ -36,6 +37,8 @@ class BuildContext:
     act_scales: dict[str, float] | None
     records: list[LayerRecord]
     progress: bool = False
+    head: str = "none"  # quantization of the embedding / LM head (exporter.head)
+    head_record: dict | None = None
 
     def linear(self, x: str, module: nn.Module, name: str) -> str:
         scale = None if self.act_scales is None else self.act_scales.get(name)
@@ -187,16 +190,6 @@ def _rms_norm(b: GraphBuilder, x: str, norm: nn.Module, name: str, *, gemma: boo
     return b.op("Mul", [y, b.weight(f"{name}.weight", norm.weight)], name=name)
 
 
-def _lm_head(ctx: BuildContext, model: nn.Module, h: str, embed_name: str, embed: nn.Module) -> str:
-    b = ctx.b
-    head = model.lm_head
-    if isinstance(head, nn.Linear) and head.weight.data_ptr() == embed.weight.data_ptr() and head.bias is None:
-        # Tied embedding: store the table once, read it transposed (TensorRT folds the constant Transpose).
-        wt = b.op("Transpose", [embed_name], name="lm_head", perm=[1, 0])
-        return b.op("MatMul", [h, wt], name="lm_head")
-    return ctx.linear(h, head, "lm_head")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # rope decoders: llama, qwen2, gemma3_text
 # ---------------------------------------------------------------------------------------------------------
@@ -251,8 +244,8 @@ def build_rope_decoder(ctx: BuildContext, model: nn.Module) -> None:
     inner = model.model
 
     embed = inner.embed_tokens
-    e_name = b.weight("model.embed_tokens.weight", embed.weight)
-    h = b.op("Gather", [e_name, io["input_ids"]], name="model.embed_tokens")
+    table = TokenTable(b, model, embed, "model.embed_tokens", ctx.head)
+    h = table.lookup(io["input_ids"])
     if hasattr(embed, "embed_scale"):
         h = b.op("Mul", [h, b.const(float(embed.embed_scale.to(embed.weight.dtype)), "float")], name="model.embed_tokens")
 
@@ -301,7 +294,8 @@ def build_rope_decoder(ctx: BuildContext, model: nn.Module) -> None:
         h = b.op("Add", [h, m], name=f"{p}.residual_mlp")
 
     h = _rms_norm(b, h, inner.norm, "model.norm", gemma=gemma)
-    logits = _lm_head(ctx, model, h, e_name, embed)
+    logits = table.head(h, ctx.linear)
+    ctx.head_record = table.record
     cap = getattr(cfg, "final_logit_softcapping", None)
     if cap:
         logits = b.op("Mul", [b.op("Tanh", [b.op("Div", [logits, b.const(cap, "float")], name="softcap")],
@@ -327,8 +321,8 @@ def build_opt(ctx: BuildContext, model: nn.Module) -> None:
     L, H, D = kv_layout(model)
     io = _declare_io(ctx, model, needs_position_ids=False)
 
-    e_name = b.weight("model.decoder.embed_tokens.weight", dec.embed_tokens.weight)
-    h = b.op("Gather", [e_name, io["input_ids"]], name="model.decoder.embed_tokens")
+    table = TokenTable(b, model, dec.embed_tokens, "model.decoder.embed_tokens", ctx.head)
+    h = table.lookup(io["input_ids"])
     if dec.project_in is not None:
         h = ctx.linear(h, dec.project_in, "model.decoder.project_in")
     # Positions as in OPTLearnedPositionalEmbedding: cumsum of the mask, minus one, the last S of them, + 2.
@@ -375,7 +369,8 @@ def build_opt(ctx: BuildContext, model: nn.Module) -> None:
         h = _layer_norm(b, h, dec.final_layer_norm, "model.decoder.final_layer_norm")
     if dec.project_out is not None:
         h = ctx.linear(h, dec.project_out, "model.decoder.project_out")
-    logits = _lm_head(ctx, model, h, e_name, dec.embed_tokens)
+    logits = table.head(h, ctx.linear)
+    ctx.head_record = table.record
     _declare_outputs(ctx, model, logits, presents, cfg.vocab_size)
 
 

@@ -9,6 +9,10 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
+from ..ort_rewrite import int_initializer as int_tensor  # noqa: F401 - the exporter's integer initializers
+from ..ort_rewrite import pack_int4  # noqa: F401
+from ..ort_rewrite import unique_name
+
 ONNX_FLOAT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 TORCH_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 NUMPY_NAME = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.BFLOAT16: "bfloat16",
@@ -29,23 +33,6 @@ def tensor_from_torch(name: str, t: torch.Tensor, dtype: str | None = None) -> T
     return helper.make_tensor(name, elem, list(arr.shape), arr.tobytes(), raw=True)
 
 
-def pack_int4(q: np.ndarray) -> bytes:
-    """Pack signed 4-bit values (int8 array in [-8, 7]) two per byte, first element in the low nibble (ONNX order)."""
-    flat = (q.astype(np.int8).reshape(-1).astype(np.uint8)) & 0x0F
-    if flat.size % 2:
-        flat = np.append(flat, np.uint8(0))
-    return (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
-
-
-def int_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
-    """An INT4 (packed) or INT8 initializer from an int8 array."""
-    if bits == 4:
-        return helper.make_tensor(name, TensorProto.INT4, list(q.shape), pack_int4(q), raw=True)
-    if bits == 8:
-        return helper.make_tensor(name, TensorProto.INT8, list(q.shape), q.astype(np.int8).tobytes(), raw=True)
-    raise ValueError(f"no integer initializer for {bits} bits")
-
-
 class GraphBuilder:
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype
@@ -60,12 +47,7 @@ class GraphBuilder:
 
     # -- names -------------------------------------------------------------------------------------------
     def unique(self, base: str) -> str:
-        name, i = base, 1
-        while name in self._names:
-            i += 1
-            name = f"{base}_{i}"
-        self._names.add(name)
-        return name
+        return unique_name(self._names, base)
 
     # -- nodes -------------------------------------------------------------------------------------------
     def op(self, op_type: str, inputs: list[str], *, name: str, outputs: int | list[str] = 1, domain: str = "",

@@ -16,6 +16,7 @@ import onnx
 
 from ..errors import SlimError
 from .model import GraphView
+from .quantized_tables import check_quantized_tables
 from .rules import Finding, LayerInfo, check_opset, check_ops, check_plugins, check_qdq, layers_and_sparsity
 from .tables import TARGETS, load_table
 
@@ -76,7 +77,7 @@ def lint(onnx_path_or_model, target: str = "trt10", *, sidecar: dict | None = No
     model, name, path = _load(onnx_path_or_model)
     view = GraphView(model)
     report = LintReport(target=target, model=name)
-    for rule in (check_opset, check_ops, check_plugins, check_qdq):
+    for rule in (check_opset, check_ops, check_plugins, check_qdq, check_quantized_tables):
         report.findings.extend(rule(view, table))
     layers, sparsity = layers_and_sparsity(view, _expected_2to4(path, sidecar))
     report.layers, report.findings = layers, report.findings + sparsity

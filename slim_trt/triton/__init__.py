@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .export_info import ExportInfo, read_export
 from .repository import DeployConfig, DeployResult, deploy, read_repository
-from .runtime import RequestError, Sampling
+from ..runtime import RequestError, Sampling
 from .server import ServerError, TritonInstall, TritonServer, find_tritonserver
 
 __all__ = ["DeployConfig", "DeployResult", "ExportInfo", "RequestError", "Sampling", "ServerError",
@@ -24,7 +24,7 @@ __all__ = ["DeployConfig", "DeployResult", "ExportInfo", "RequestError", "Sampli
 def local_generate(export_dir: str | Path, prompt: str, max_new_tokens: int = 32,
                    sampling: Sampling | None = None, threads: int = 0) -> tuple[str, list[int]]:
     """Generate with ONNX Runtime in this process, exactly as the NAME_generate model does in the server."""
-    from . import runtime
+    from .. import runtime
 
     info = read_export(export_dir)
     if info.tokenizer_dir is None:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SlimError
-from .runtime import MANIFEST, DecoderSpec
+from ..runtime import MANIFEST, DecoderSpec
 
 DTYPES = ("fp16", "bf16", "fp32")
 LOWRANKS = ("decomposed", "plugin")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .runtime import DecoderSpec
+from ..runtime import DecoderSpec
 
 _ROLE = {
     "onnx": "the exported ONNX in ONNX Runtime (python backend); same inputs and outputs as model.onnx",
@@ -37,7 +37,8 @@ def render_readme(repo: Path, config, manifest: dict, spec: DecoderSpec) -> str:
               "backend, so `serve` loads the models it can run and lists the others):", "", "```bash",
               f"slim-trt serve {repo} --http-port 8000 --grpc-port 8001", "```", "",
               "On a GPU host with Triton installed (the python-backend models need numpy, onnxruntime and "
-              "transformers in the server's Python):", "", "```bash"]
+              "transformers in the server's Python, and onnx for a plugin or `--head int8|int4` export, which "
+              "ONNX Runtime runs after an in-memory rewrite):", "", "```bash"]
     if plugins:
         joined = ";".join(plugins)
         lines += [f"tritonserver --model-repository={repo} --backend-config=tensorrt,plugins=\"{joined}\"",

@@ -29,7 +29,9 @@ from .export_info import ExportInfo, read_export
 REPOSITORY_MANIFEST = "slim_repository.json"
 GENERATE_VIA = ("local", "onnx", "ort", "trt")
 _MODELS_DIR = Path(__file__).parent / "triton_models"
-_RUNTIME = Path(__file__).parent / "runtime.py"
+# The runtime the python-backend models import (slim_runtime), and the graph rewrite it applies for ONNX Runtime.
+_RUNTIME = Path(__file__).parent.parent / "runtime.py"
+_ORT_REWRITE = Path(__file__).parent.parent / "ort_rewrite.py"
 
 
 @dataclass(frozen=True)
@@ -155,8 +157,8 @@ def _write(info: ExportInfo, config: DeployConfig, tmp: Path, final: Path) -> De
         manifest["skipped"][name] = reason
 
     # Python backend: the ONNX as is, and text generation. The runtime goes beside each model.py.
-    python_files = {"slim_runtime.py": _RUNTIME, "slim_export.json": info.folder / "slim_export.json",
-                    **onnx_files}
+    python_files = {"slim_runtime.py": _RUNTIME, "slim_ort_rewrite.py": _ORT_REWRITE,
+                    "slim_export.json": info.folder / "slim_export.json", **onnx_files}
     name = config.model_name("onnx")
     if info.python_servable:
         _write_model(tmp / name, configs.python_onnx_config(name, spec, options),

@@ -39,6 +39,8 @@ def test_export_bad_inputs(ckpt, tmp_path, capsys):
         (["export", ckpt, "-o", tmp_path / "o", "--dtype", "int3"], "bad --dtype"),
         (["export", ckpt, "-o", tmp_path / "o", "--lowrank", "fused"], "bad --lowrank"),
         (["export", ckpt, "-o", tmp_path / "o", "--act-quant", "int4"], "bad --act-quant"),
+        (["export", ckpt, "-o", tmp_path / "o", "--head", "int2"], "bad --head"),
+        (["export", ckpt, "-o", tmp_path / "o", "--ort-accuracy-level", "2"], "bad --ort-accuracy-level"),
     ]
     for args, message in cases:
         rc, _, err = run(args, capsys)
@@ -52,3 +54,16 @@ def test_export_defaults_to_the_export_folder(ckpt, tmp_path, capsys, monkeypatc
     rc, _, err = run(["export", ckpt, "--dtype", "fp32", "--no-cache"], capsys)
     assert rc == 0, err
     assert (tmp_path / "export" / ckpt.name / "model.onnx").exists()
+
+
+def test_export_a_dense_model_and_verify_it_against_the_model(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "dense"
+    rc, text, err = run(["export", tiny_model_dir, "-o", out, "--dtype", "fp32", "--head", "int8"], capsys)
+    assert rc == 0, err
+    assert "0 linear layers" in text and "embedding/head   int8" in text
+    meta = json.loads((out / "slim_export.json").read_text())
+    assert meta["source_model"] == str(tiny_model_dir) and meta["checkpoint"]["manifest_sha256"] is None
+    assert (out / "tokenizer" / "tokenizer_config.json").is_file()
+    rc, text, err = run(["verify", out / "model.onnx", "--reference", tiny_model_dir, "--seqlen", "24"], capsys)
+    assert rc == 0, text + err
+    assert "PASSED" in text and "--head int8" in text

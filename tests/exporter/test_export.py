@@ -13,6 +13,7 @@ from slim_trt.compressed_linear import compressed_layers
 from slim_trt.errors import SlimError
 from slim_trt.exporter import LOWRANK_PLUGIN, ExportOptions, export_model
 from slim_trt.exporter.ort_runtime import session
+from slim_trt.runtime import kernel_counts
 from slim_trt.verification import run_onnx
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.exporter.conftest import compressed_model
@@ -216,3 +217,41 @@ def test_bad_options_and_models(tmp_path):
     with pytest.raises(SlimError, match="architecture 'gpt2'"):
         export_model(gpt2, tmp_path / "g")
     assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.parametrize("lowrank", ["decomposed", "plugin"])
+@pytest.mark.parametrize("group_size", [0, -1, 16])
+def test_quantized_weights_run_as_packed_integers(lowrank, group_size, tmp_path):
+    """The session config the sidecar declares is what ONNX Runtime runs: every INT4 weight (base and 4-bit
+    adapters, any scale granularity, either low-rank form) as a MatMulNBits kernel, none as a float copy."""
+    model = compressed_model("llama", group_size=group_size, quantize_adapters=True)
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", lowrank=lowrank))
+    assert meta["onnxruntime"] == {"session_config": {"session.disable_quant_qdq": "0",
+                                                      "session.qdq_matmulnbits_accuracy_level": "1"}}
+    path = tmp_path / "e" / "model.onnx"
+    logits, _, _ = run_onnx(session(path, optimized_model_path=tmp_path / "fused.onnx"), _ids(), decode_steps=2)
+    fused = kernel_counts(tmp_path / "fused.onnx")
+    assert fused["matmul_nbits"] == 14 * 3 and fused["unfused_dequantize"] == {}
+    with torch.no_grad():
+        assert float((logits - model(input_ids=_ids(), use_cache=False).logits).abs().max()) < FP32_TOL
+    session(path, fuse=False, optimized_model_path=tmp_path / "plain.onnx")
+    plain = kernel_counts(tmp_path / "plain.onnx")
+    assert plain["matmul_nbits"] == 0 and "DequantizeLinear" not in plain["ops"]  # folded to float at load
+
+
+def test_dense_model_exports_as_the_baseline(tmp_path):
+    model = tiny_model("gemma3")
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", head="int8"),
+                        source_model="tiny")
+    assert meta["compressed_layers"] == [] and meta["source_model"] == "tiny" and meta["head"]["quantization"] == "int8"
+    assert _max_err(tmp_path / "e" / "model.onnx", _head_quantized(model, "int8"), _ids(), decode_steps=3) < FP32_TOL
+
+
+def _head_quantized(model, head):
+    import copy
+
+    from slim_trt.exporter.head import apply_head_quantization
+
+    model = copy.deepcopy(model)
+    apply_head_quantization(model, head)
+    return model

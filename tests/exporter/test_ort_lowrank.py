@@ -1,12 +1,15 @@
-"""The ONNX Runtime LowRankAdd kernel and the in-memory domain mapping; the file keeps the TensorRT contract."""
+"""LowRankAdd in ONNX Runtime: the plugin node's arithmetic, expanded in memory; the file keeps the TensorRT contract."""
 from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 import torch
 
 from slim_trt.exporter import ExportOptions, export_model
-from slim_trt.exporter.ort_runtime import ORT_CONTRIB_DOMAIN, for_onnxruntime, low_rank_add, session
+from slim_trt.exporter.ort_runtime import low_rank_add, session
+from slim_trt.ort_rewrite import for_onnxruntime
+from slim_trt.verification import run_onnx
 from tests.exporter.conftest import compressed_model
 
 
@@ -20,16 +23,20 @@ def test_kernel_matches_torch():
     np.testing.assert_allclose(low_rank_add(y, x, r, l_), want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_domain_mapping_leaves_the_file_alone(tmp_path):
-    for dtype in ("fp32", "fp16"):
-        export_model(compressed_model("llama"), tmp_path / dtype, options=ExportOptions(dtype=dtype, lowrank="plugin"))
-        path = tmp_path / dtype / "model.onnx"
-        model = onnx.load(str(path))
-        mapped, count = for_onnxruntime(model)
-        assert count == 14
-        assert not any(n.domain == "slim_trt" for n in mapped.graph.node)
-        assert sum(n.domain == ORT_CONTRIB_DOMAIN for n in mapped.graph.node) == 14
-        casts = sum(n.op_type == "Cast" and "/ort_f" in n.name for n in mapped.graph.node)
-        assert casts == (14 * 5 if dtype == "fp16" else 0)  # fp16: 4 inputs + 1 output cast per node
-        assert sum(n.domain == "slim_trt" for n in onnx.load(str(path)).graph.node) == 14
-        assert session(path).get_outputs()[0].name == "logits"
+@pytest.mark.parametrize("quantize_adapters", [False, True])
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_plugin_runs_as_the_decomposed_arithmetic(dtype, quantize_adapters, tmp_path):
+    model = compressed_model("llama", quantize_adapters=quantize_adapters)
+    for lowrank in ("plugin", "decomposed"):
+        export_model(model, tmp_path / lowrank, options=ExportOptions(dtype=dtype, lowrank=lowrank))
+    path = tmp_path / "plugin" / "model.onnx"
+    proto = onnx.load(str(path))
+    expanded, counts = for_onnxruntime(proto)
+    assert counts["lowrank_expanded"] == 14
+    assert not any(n.domain == "slim_trt" for n in expanded.graph.node)
+    assert sum(n.domain == "slim_trt" for n in onnx.load(str(path)).graph.node) == 14  # the file is untouched
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    plugin, _, _ = run_onnx(session(path), ids, decode_steps=2)
+    decomposed, _, _ = run_onnx(session(tmp_path / "decomposed" / "model.onnx"), ids, decode_steps=2)
+    tol = 1e-4 if dtype == "fp32" else 2e-2
+    assert float((plugin - decomposed).abs().max()) < tol

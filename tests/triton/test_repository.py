@@ -22,7 +22,7 @@ def test_layout_and_manifest(toy_export, tmp_path):
     assert sorted(p.name for p in repo.iterdir()) == ["README.md", "slim_generate", "slim_onnx", "slim_ort",
                                                       "slim_repository.json"]
     assert sorted(p.name for p in (repo / "slim_onnx" / "1").iterdir()) == \
-        ["model.onnx", "model.py", "slim_export.json", "slim_runtime.py"]
+        ["model.onnx", "model.py", "slim_export.json", "slim_ort_rewrite.py", "slim_runtime.py"]
     assert (repo / "slim_generate" / "1" / "tokenizer" / "tokenizer.json").is_file()
     assert (repo / "slim_ort" / "1" / "model.onnx").is_file()
     # One copy of the weights on disk: the three models hard-link the export's model.onnx.

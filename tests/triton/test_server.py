@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from slim_trt.triton import Sampling, TritonServer, deploy, local_generate  # noqa: E402
 from slim_trt.triton import client as tc  # noqa: E402
-from slim_trt.triton import runtime as rt  # noqa: E402
+from slim_trt import runtime as rt  # noqa: E402
 from slim_trt.triton.server import processes_in_group  # noqa: E402
 
 
@@ -37,7 +37,9 @@ def tiny_export(folder: Path, lowrank: str) -> Path:
 
     model = compressed_model("llama")
     tiny_tokenizer(model.config.vocab_size).save_pretrained(str(folder / "tokenizer_src"))
-    export_model(model, folder / lowrank, options=ExportOptions(dtype="fp32", lowrank=lowrank),
+    # The plugin export also quantizes its embedding/head, so the server's runtime rewrites both for ONNX Runtime.
+    head = "int8" if lowrank == "plugin" else "none"
+    export_model(model, folder / lowrank, options=ExportOptions(dtype="fp32", lowrank=lowrank, head=head),
                  tokenizer_dir=folder / "tokenizer_src")
     return folder / lowrank
 

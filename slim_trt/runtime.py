@@ -1,9 +1,16 @@
 """Run an exported decoder with ONNX Runtime and generate text with its KV cache.
 
-This module is deliberately standalone (numpy + onnxruntime; transformers only to load a tokenizer): `deploy`
-copies it beside each python-backend model as `slim_runtime.py`, so a Triton repository keeps working without
-slim_trt installed in the server's Python (except for `plugin` exports, whose LowRankAdd kernel for ONNX Runtime
-comes from slim_trt.exporter). The same code is the local reference the tests compare the server to.
+Every ONNX Runtime session slim-trt opens on an export comes from `make_session` here (verify, `slim-trt generate`,
+the Python API, the Triton models, the benchmarks), with the session config the export declares in
+slim_export.json (`"onnxruntime": {"session_config": {...}}`): what is served is what was verified. The INT4/INT8
+weights stay packed integers at run time (ONNX Runtime's MatMulNBits), never dequantized float copies; exports
+whose graph ONNX Runtime cannot run or fuse as it is (the LowRankAdd plugin node, a quantized embedding / tied head)
+are rewritten in memory first (ort_rewrite.py).
+
+This module is deliberately standalone (numpy + onnxruntime; onnx for the in-memory rewrite; transformers only to
+load a tokenizer): `deploy` copies it beside each python-backend model as `slim_runtime.py`, with ort_rewrite.py as
+`slim_ort_rewrite.py`, so a Triton repository keeps working without slim_trt installed in the server's Python. The
+same code is the local reference the tests compare the server to.
 
 Request problems (an empty prompt, a prompt too long, a bad shape) raise `RequestError`; the Triton models turn
 it into an INVALID_ARG response and keep serving.
@@ -12,7 +19,9 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+import tempfile
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -20,6 +29,9 @@ from typing import Protocol
 import numpy as np
 
 MANIFEST = "slim_export.json"
+# Allowed values of the session config entries slim-trt writes; other "session." entries pass through to ORT.
+SESSION_CONFIG_VALUES = {"session.disable_quant_qdq": ("0", "1"),
+                         "session.qdq_matmulnbits_accuracy_level": ("0", "1", "2", "3", "4")}
 
 
 class RequestError(ValueError):
@@ -60,6 +72,8 @@ class DecoderSpec:
     outputs: tuple[TensorSpec, ...]
     custom_ops: tuple[dict, ...] = ()
     eos_token_ids: tuple[int, ...] = ()
+    session_config: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session config entries, as declared
+    head_quantization: str = "none"  # "int8"/"int4": a quantized embedding / head that ort_rewrite maps
 
     @staticmethod
     def from_manifest(d: dict) -> DecoderSpec:
@@ -88,6 +102,8 @@ class DecoderSpec:
             inputs=tensors("inputs"), outputs=tensors("outputs"),
             custom_ops=tuple(d.get("custom_ops") or ()),
             eos_token_ids=tuple(int(e) for e in ([eos] if isinstance(eos, int) else (eos or ()))),
+            session_config=tuple(parse_session_config(d).items()),
+            head_quantization=_head_quantization(d),
         )
         names = spec.input_names
         for required in ("input_ids", "attention_mask"):
@@ -103,6 +119,11 @@ class DecoderSpec:
                     if f"present.{i}.{kv}" not in spec.output_names:
                         raise ValueError(f"with_cache is true but output present.{i}.{kv} is missing")
         return spec
+
+    @property
+    def needs_rewrite(self) -> bool:
+        """Whether ONNX Runtime needs the in-memory rewrite (ort_rewrite.py) to run this export's kernels."""
+        return bool(self.custom_ops) or self.head_quantization != "none"
 
     @property
     def input_names(self) -> list[str]:
@@ -133,33 +154,114 @@ class DecoderSpec:
             if self.with_cache else []
 
 
+def parse_session_config(d: dict) -> dict[str, str]:
+    """The ONNX Runtime session config an export declares (`"onnxruntime": {"session_config": {...}}`); an export
+    written before slim-trt declared one gets ONNX Runtime's defaults. ValueError names a malformed entry."""
+    section = d.get("onnxruntime", {})
+    if not isinstance(section, dict) or not isinstance(section.get("session_config", {}), dict):
+        raise ValueError("slim_export.json field 'onnxruntime' must be {\"session_config\": {KEY: VALUE, ...}}, got "
+                         f"{section!r}")
+    config = section.get("session_config", {})
+    for key, value in config.items():
+        if not isinstance(value, str) or not key.startswith("session."):
+            raise ValueError(f"slim_export.json onnxruntime.session_config entry {key!r}: {value!r} must map a "
+                             "'session.*' key to a string value")
+        allowed = SESSION_CONFIG_VALUES.get(key)
+        if allowed and value not in allowed:
+            raise ValueError(f"slim_export.json onnxruntime.session_config {key!r} is {value!r}, expected one of "
+                             f"{', '.join(allowed)}")
+    return dict(config)
+
+
+def _head_quantization(d: dict) -> str:
+    head = d.get("head") or {}
+    if not isinstance(head, dict) or head.get("quantization", "none") not in ("none", "int8", "int4"):
+        raise ValueError(f"slim_export.json field 'head' must be {{\"quantization\": none|int8|int4, ...}}, "
+                         f"got {head!r}")
+    return head.get("quantization", "none")
+
+
 def read_manifest(folder: str | os.PathLike) -> tuple[DecoderSpec, dict]:
     raw = json.loads((Path(folder) / MANIFEST).read_text())
     return DecoderSpec.from_manifest(raw), raw
 
 
-def make_session(model_path: str | os.PathLike, spec: DecoderSpec, threads: int = 0):
-    """An onnxruntime.InferenceSession on the CPU, with the options `slim-trt verify` uses, so that what is served
-    is what was verified. Exports with custom ops (the `plugin` low-rank form) need the exporter's session helper,
-    which registers the LowRankAdd kernel; it is looked up in slim_trt."""
+def _ort_rewrite():
+    if __name__ == "slim_runtime":  # the copy inside a Triton repository: its rewrite module is copied beside it
+        import slim_ort_rewrite
+
+        return slim_ort_rewrite
+    from . import ort_rewrite
+
+    return ort_rewrite
+
+
+def make_session(model_path: str | os.PathLike, spec: DecoderSpec | None = None, threads: int = 0,
+                 providers: Sequence[str] | None = None, fuse: bool = True, rewrite: bool | None = None,
+                 optimized_model_path: str | os.PathLike | None = None):
+    """An onnxruntime.InferenceSession for an exported model with the session config `spec` declares.
+
+    fuse=False runs the graph's plain arithmetic instead (ONNX Runtime's Q/DQ fusion off: weights dequantized to
+    float at load, float GEMMs), for comparison. rewrite: apply ort_rewrite (default: when the export needs it).
+    optimized_model_path: also write the graph ONNX Runtime runs there (to count its fused kernels).
+    """
     import onnxruntime as ort
 
-    if spec.custom_ops:
-        try:
-            from slim_trt.exporter.ort_runtime import session
-        except ImportError:
-            ops = ", ".join(f"{o.get('domain', '')}::{o.get('op_type', '?')}" for o in spec.custom_ops)
-            raise RuntimeError(f"{model_path} uses custom ops ({ops}) and slim_trt is not importable here: install "
-                               "slim-trt in the server's Python or deploy a `--lowrank decomposed` export") from None
-        return session(model_path, providers=["CPUExecutionProvider"])
+    config = dict(spec.session_config) if spec is not None else {}
+    if not fuse:
+        config["session.disable_quant_qdq"] = "1"
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads > 0:
         options.intra_op_num_threads = threads
-    # ORT would fuse DequantizeLinear(INT4) -> MatMul into MatMulNBits, which quantizes activations to int8: keep
-    # the graph's own arithmetic (dequantize, then a float GEMM), as the exporter's verification does.
-    options.add_session_config_entry("session.disable_quant_qdq", "1")
-    return ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+    for key, value in config.items():
+        options.add_session_config_entry(key, value)
+    if optimized_model_path is not None:
+        options.optimized_model_filepath = str(optimized_model_path)
+    providers = list(providers or ["CPUExecutionProvider"])
+    if rewrite is None:
+        rewrite = spec is not None and spec.needs_rewrite
+    if not rewrite:
+        return ort.InferenceSession(str(model_path), options, providers=providers)
+    import onnx
+
+    # ONNX Runtime's own default accuracy level is 4 when the config does not name one.
+    level = int(config.get("session.qdq_matmulnbits_accuracy_level", "4"))
+    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=fuse, accuracy_level=level)
+    if model.ByteSize() < 2**31 - 2**26:
+        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+    with tempfile.TemporaryDirectory(prefix="slim_trt_ort_") as d:  # > 2 GB: protobuf needs external data
+        onnx.save_model(model, f"{d}/model.onnx", save_as_external_data=True, location="model.onnx.data")
+        return ort.InferenceSession(f"{d}/model.onnx", options, providers=providers)
+
+
+def kernel_counts(optimized_model_path: str | os.PathLike) -> dict:
+    """What ONNX Runtime runs, from the optimized graph a session wrote: node counts by op type, and the
+    DequantizeLinear nodes left unfused (each with the ops it feeds)."""
+    import onnx
+
+    model = onnx.load(str(optimized_model_path), load_external_data=False)
+    counts: dict[str, int] = {}
+    for n in model.graph.node:
+        counts[n.op_type] = counts.get(n.op_type, 0) + 1
+    readers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            readers.setdefault(x, []).append(n.op_type)
+    unfused = {n.name: sorted(set(readers.get(n.output[0], []))) for n in model.graph.node
+               if n.op_type == "DequantizeLinear"}
+    return {"ops": dict(sorted(counts.items())), "matmul_nbits": counts.get("MatMulNBits", 0),
+            "gather_block_quantized": counts.get("GatherBlockQuantized", 0), "unfused_dequantize": unfused}
+
+
+def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0,
+                 fuse: bool = True):
+    """The session for an export folder (or the model.onnx inside one), with the export's declared config."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    spec, _ = read_manifest(folder)
+    model = folder / spec.model_file if path.is_dir() else path
+    return make_session(model, spec, threads, providers, fuse)
 
 
 class Decoder(Protocol):
@@ -171,15 +273,16 @@ class Decoder(Protocol):
 class OnnxDecoder:
     """An exported decoder running in this process with ONNX Runtime."""
 
-    def __init__(self, model_path: str | os.PathLike, spec: DecoderSpec, threads: int = 0, session=None):
+    def __init__(self, model_path: str | os.PathLike, spec: DecoderSpec, threads: int = 0, session=None,
+                 fuse: bool = True):
         self.spec = spec
-        self.session = session if session is not None else make_session(model_path, spec, threads)
+        self.session = session if session is not None else make_session(model_path, spec, threads, fuse=fuse)
         self._outputs = spec.output_names
 
     @staticmethod
-    def from_folder(folder: str | os.PathLike, threads: int = 0) -> OnnxDecoder:
+    def from_folder(folder: str | os.PathLike, threads: int = 0, fuse: bool = True) -> OnnxDecoder:
         spec, _ = read_manifest(folder)
-        return OnnxDecoder(Path(folder) / spec.model_file, spec, threads)
+        return OnnxDecoder(Path(folder) / spec.model_file, spec, threads, fuse=fuse)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
@@ -248,10 +351,9 @@ class Sampling:
 
 def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """The next token from one row of logits [vocab]."""
-    logits = logits.astype(np.float64)
     if sampling.temperature == 0.0:
         return int(np.argmax(logits))
-    z = logits / sampling.temperature
+    z = logits.astype(np.float64) / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < z.size:
         kth = np.partition(z, -sampling.top_k)[-sampling.top_k]
         z = np.where(z >= kth, z, -np.inf)
@@ -268,23 +370,45 @@ def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator)
 
 
 @dataclass
+class Timing:
+    """Where the time of one generate call went (wall clock, perf_counter)."""
+
+    batch: int
+    prompt_tokens: int  # tokens in the prefill (the longest prompt; shorter ones are left-padded)
+    prefill_seconds: float = 0.0  # the first run over the whole prompt, up to the first token picked
+    decode_seconds: float = 0.0  # every later run (one new token per sequence each)
+    decode_steps: int = 0
+
+    @property
+    def first_token_seconds(self) -> float:
+        return self.prefill_seconds
+
+    @property
+    def prefill_tokens_per_second(self) -> float:
+        return self.batch * self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tokens_per_second(self) -> float:
+        """Generated tokens per second after the first, over the whole batch."""
+        return self.batch * self.decode_steps / self.decode_seconds if self.decode_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {"batch": self.batch, "prompt_tokens": self.prompt_tokens, "prefill_seconds": self.prefill_seconds,
+                "decode_seconds": self.decode_seconds, "decode_steps": self.decode_steps,
+                "first_token_seconds": self.first_token_seconds,
+                "prefill_tokens_per_second": self.prefill_tokens_per_second,
+                "decode_tokens_per_second": self.decode_tokens_per_second}
+
+
+@dataclass
 class Generation:
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)
     stopped_on_eos: bool = False
+    timing: Timing | None = None  # shared by the sequences of one batch
 
 
-def _position_feed(spec: DecoderSpec, start: int, length: int, feeds: dict) -> None:
-    if spec.uses_position_ids:
-        feeds["position_ids"] = np.arange(start, start + length, dtype=np.int64)[None, :]
-
-
-def generate_ids(decoder: Decoder, prompt_ids: Sequence[int], max_new_tokens: int,
-                 eos_token_ids: Sequence[int] = (), sampling: Sampling | None = None) -> Generation:
-    """Decode up to `max_new_tokens` tokens after `prompt_ids` (batch 1), reusing the KV cache when the export has
-    one (a with_cache=False export recomputes the whole sequence at every step)."""
-    spec = decoder.spec
-    prompt = [int(t) for t in prompt_ids]
+def _check_prompt(spec: DecoderSpec, prompt: list[int], max_new_tokens: int) -> None:
     if not prompt:
         raise RequestError("empty prompt: send at least one token of text")
     if max_new_tokens < 0:
@@ -296,36 +420,85 @@ def generate_ids(decoder: Decoder, prompt_ids: Sequence[int], max_new_tokens: in
     bad = [t for t in prompt if not 0 <= t < spec.vocab_size]
     if bad:
         raise RequestError(f"prompt token ids must be in [0, {spec.vocab_size}), got {bad[:5]}")
-    out = Generation(prompt_ids=prompt)
+
+
+def generate_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   eos_token_ids: Sequence[int] = (), sampling: Sampling | None = None,
+                   on_step: Callable[[list[Generation]], None] | None = None) -> list[Generation]:
+    """Decode up to `max_new_tokens` tokens after each prompt, all prompts in one batch (shorter ones left-padded
+    and masked), reusing the KV cache when the export has one (a with_cache=False export recomputes the whole
+    sequence at every step). A sequence stops at an end-of-sequence token; the batch runs until all have.
+    `on_step` sees the generations after every step (for live progress). Each Generation carries the batch's
+    Timing."""
+    spec = decoder.spec
+    rows = [[int(t) for t in p] for p in prompts]
+    if not rows:
+        raise RequestError("no prompts: send at least one")
+    for prompt in rows:
+        _check_prompt(spec, prompt, max_new_tokens)
+    width = max(len(p) for p in rows)
+    timing = Timing(batch=len(rows), prompt_tokens=width)
+    gens = [Generation(prompt_ids=p, timing=timing) for p in rows]
     if max_new_tokens == 0:
-        return out
+        return gens
     sampling = sampling or Sampling()
     rng = np.random.default_rng(sampling.seed)
     eos = {int(e) for e in eos_token_ids}
+    batch = len(rows)
+    # Left padding: every sequence ends at the same cache position, so one new token per row per step.
+    mask = np.zeros((batch, width), dtype=np.int64)
+    ids = np.zeros((batch, width), dtype=np.int64)
+    for i, p in enumerate(rows):
+        mask[i, width - len(p):] = 1
+        ids[i, width - len(p):] = p
     kv_dtypes = {n: numpy_dtype(spec.input(n).dtype) for n in spec.past_names}
-    past = {n: np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), dtype=kv_dtypes[n]) for n in spec.past_names}
-    seq = list(prompt)
-    new = list(prompt)  # tokens the next step feeds
+    past = {n: np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=kv_dtypes[n]) for n in spec.past_names}
+    new = ids  # what the next run feeds
+    done = [False] * batch
+    t0 = time.perf_counter()
     while True:
-        start = len(seq) - len(new)
-        feeds = {"input_ids": np.asarray([new], dtype=np.int64),
-                 "attention_mask": np.ones((1, len(seq)), dtype=np.int64)}
-        _position_feed(spec, start, len(new), feeds)
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+        feeds = {"input_ids": new, "attention_mask": mask}
+        if spec.uses_position_ids:
+            feeds["position_ids"] = positions[:, -new.shape[1]:]
         feeds.update(past)
         result = decoder.run(feeds)
-        token = pick_token(result["logits"][0, -1], sampling, rng)
-        out.token_ids.append(token)
-        if token in eos:
-            out.stopped_on_eos = True
-            return out
-        if len(out.token_ids) >= max_new_tokens:
-            return out
-        seq.append(token)
+        logits = result["logits"][:, -1]
+        tokens = []
+        for i, gen in enumerate(gens):
+            token = pick_token(logits[i], sampling, rng) if not done[i] else gen.token_ids[-1]
+            if not done[i]:
+                gen.token_ids.append(token)
+                if token in eos:
+                    gen.stopped_on_eos = done[i] = True
+                elif len(gen.token_ids) >= max_new_tokens:
+                    done[i] = True
+            tokens.append(token)
+        now = time.perf_counter()
+        if timing.prefill_seconds == 0.0:
+            timing.prefill_seconds = now - t0
+        else:
+            timing.decode_seconds += now - t0
+            timing.decode_steps += 1
+        t0 = now
+        if on_step is not None:
+            on_step(gens)
+        if all(done):
+            return gens
+        step = np.asarray(tokens, dtype=np.int64)[:, None]
+        mask = np.concatenate([mask, np.ones((batch, 1), dtype=np.int64)], axis=1)
         if spec.with_cache:
             past = {p: result[q] for p, q in zip(spec.past_names, spec.present_names, strict=True)}
-            new = [token]
+            new = step
         else:
-            new = list(seq)
+            ids = np.concatenate([ids, step], axis=1)
+            new = ids
+
+
+def generate_ids(decoder: Decoder, prompt_ids: Sequence[int], max_new_tokens: int,
+                 eos_token_ids: Sequence[int] = (), sampling: Sampling | None = None) -> Generation:
+    """Decode up to `max_new_tokens` tokens after `prompt_ids` (batch 1); see generate_batch."""
+    return generate_batch(decoder, [prompt_ids], max_new_tokens, eos_token_ids, sampling)[0]
 
 
 def load_tokenizer(path: str | os.PathLike):

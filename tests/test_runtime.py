@@ -1,11 +1,11 @@
-"""The decode loop and request checks that the Triton models run (slim_trt/triton/runtime.py), in this process."""
+"""The decode loop and request checks that the Triton models run (slim_trt/runtime.py), in this process."""
 from __future__ import annotations
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 
-from slim_trt.triton import runtime as rt
+from slim_trt import runtime as rt
 from tests.triton.toy_export import (
     EOS_ID,
     MAX_POS,
@@ -13,6 +13,11 @@ from tests.triton.toy_export import (
     prompt_of,
     toy_model,
 )
+
+
+@pytest.fixture(scope="module")
+def toy_export(tmp_path_factory):
+    return build_toy_export(tmp_path_factory.mktemp("export") / "toy")
 
 
 @pytest.fixture(scope="module")
