@@ -50,18 +50,24 @@ SLIM = {"source": "checkpoint", "dtype": "fp32", "lowrank": "decomposed"}
 ROWS: tuple[Row, ...] = (
     Row(1, "dense-fp32", "dense, slim-trt export, fp32", export={"source": "dense", "dtype": "fp32"}),
     Row(2, "dense-fp16", "dense, slim-trt export, fp16", export={"source": "dense", "dtype": "fp16"}),
-    Row(3, "slim-decomposed", "compressed, fp32, low-rank decomposed", export=SLIM),
-    Row(4, "slim-plugin", "compressed, fp32, low-rank plugin (LowRankAdd)", export={**SLIM, "lowrank": "plugin"}),
-    Row(5, "slim-head-int8", "compressed, decomposed, --head int8", export={**SLIM, "head": "int8"}),
-    Row(6, "slim-head-int4", "compressed, decomposed, --head int4", export={**SLIM, "head": "int4"}),
-    Row(7, "ortgenai-int4", "peer: onnxruntime-genai model builder INT4", peer="ortgenai"),
-    Row(8, "llamacpp-q4km", "peer: llama.cpp, gemma-3-270m-q4_k_m.gguf", peer="llamacpp"),
+    Row(3, "slim-dequant", "compressed, fp32, weights dequantized at load (the session before issue 12)",
+        export={**SLIM, "fuse": False}),
+    Row(4, "slim-decomposed", "compressed, fp32, low-rank decomposed", export=SLIM),
+    Row(5, "slim-plugin", "compressed, fp32, low-rank plugin (LowRankAdd)", export={**SLIM, "lowrank": "plugin"}),
+    Row(6, "slim-head-int8", "compressed, decomposed, --head int8", export={**SLIM, "head": "int8"}),
+    Row(7, "slim-head-int4", "compressed, decomposed, --head int4", export={**SLIM, "head": "int4"}),
+    Row(8, "slim-head-int4-acc4", "row 7 with int8 activations (--ort-accuracy-level 4)",
+        export={**SLIM, "head": "int4", "ort_accuracy_level": 4}),
+    Row(9, "ortgenai-int4", "peer: onnxruntime-genai model builder INT4", peer="ortgenai"),
+    Row(10, "llamacpp-q4km", "peer: llama.cpp, gemma-3-270m-q4_k_m.gguf", peer="llamacpp"),
 )
+DENSE_KEY, ORTGENAI_KEY, LLAMACPP_KEY = "1-dense-fp32", "9-ortgenai-int4", "10-llamacpp-q4km"
 PEERS = {
     "ortgenai": {"package": "onnxruntime-genai",
                  "recipe": "python -m onnxruntime_genai.models.builder -i HF_FOLDER -o OUT -p int4 -e cpu "
-                           "(its defaults: RTN INT4, block 32, symmetric, int8 activations (accuracy level 4) "
-                           "on the CPU; lm_head INT4, embedding fp32)"},
+                           "(its defaults: RTN INT4 block 32 symmetric MatMulNBits with int8 activations "
+                           "(accuracy level 4) for every linear and the LM head, the tied embedding read from the "
+                           "head's INT4 tensor (GatherBlockQuantized), fused QKV and GroupQueryAttention)"},
     "llamacpp": {"package": "llama-cpp-python",
                  "recipe": "llama-cpp-python (built from the sdist here, CPU backend) on the Q4_K_M GGUF the "
                            "demo's model is converted from, through its low-level batch API"},
@@ -69,10 +75,10 @@ PEERS = {
 # The figures of a speed run (median over repeats), read from each worker's result.
 FIGURES = {
     "prefill_tokens_per_s": ("prefill", "prefill_tokens_per_s"),
-    "ttft_512_ms": ("prefill", "ttft_s"),
-    "ttft_16_ms": ("decode_b1", "ttft_s"),
+    "ttft_long_ms": ("prefill", "ttft_s"),
+    "ttft_short_ms": ("decode_b1", "ttft_s"),
     "decode_b1_tokens_per_s": ("decode_b1", "tokens_per_s"),
-    "decode_b4_tokens_per_s": ("decode_b4", "tokens_per_s"),
+    "decode_batch_tokens_per_s": ("decode_batch", "tokens_per_s"),
     "load_s": (None, "load_s"),
 }
 
@@ -172,34 +178,33 @@ def _stamp(folder: Path, stamp: dict) -> None:
 
 
 def build_export(row: Row, ctx: Context) -> dict:
-    """The slim-trt export of a row under --work/exports/<name>/ (reused when its recipe is unchanged)."""
-    out = ctx.work / "exports" / row.name
-    stamp = row_config(row, ctx) | ({"model_folder": str(ctx.model_folder)} if row.export["source"] == "dense" else
-                                    {"checkpoint": str(ctx.checkpoint)})
+    """The slim-trt export of a row under --work/exports/ (shared by rows with the same export options; reused
+    while its recipe is unchanged)."""
+    opts = {k: v for k, v in row.export.items() if k not in ("source", "fuse")}
+    out = ctx.work / "exports" / "-".join([row.export["source"], *(f"{v}" for _, v in sorted(opts.items()))])
+    dense = row.export["source"] == "dense"
+    stamp = {k: v for k, v in row_config(row, ctx).items() if k != "fuse"}
+    stamp |= {"model_folder": str(ctx.model_folder)} if dense else {"checkpoint": str(ctx.checkpoint)}
     if _stamped(out, stamp):
-        return {"folder": str(out), "built_s": None}
-    opts = {k: v for k, v in row.export.items() if k != "source"}
+        return {"folder": str(out), "built_s": None, **export_facts(out)}
+    if not dense and ctx.checkpoint is None:
+        raise RowFailed("this row exports the compressed checkpoint: pass --checkpoint CKPT (a folder written by "
+                        "`slim-trt compress`)")
+    import slim_trt
+
     t0 = time.time()
     print(f"  exporting {row.name} -> {out} ...", flush=True)
-    if row.export["source"] == "dense":
-        from slim_trt.exporter import ExportOptions, export_model
-        from slim_trt.models import load_model
-
-        model, _ = load_model(ctx.args.model)
-        export_model(model, out, options=ExportOptions(**opts), tokenizer_dir=ctx.model_folder, force=True)
-        del model
-    else:
-        if ctx.checkpoint is None:
-            raise RowFailed("this row exports the compressed checkpoint: pass --checkpoint CKPT (a folder written "
-                            "by `slim-trt compress`)")
-        import slim_trt
-
-        try:
-            slim_trt.export(ctx.checkpoint, out, force=True, progress=False, **opts)
-        except TypeError as e:  # an export option this slim-trt does not have yet
-            raise RowFailed(f"slim_trt.export does not take {opts}: {e}")
+    # The product's export: a MODEL gives the dense baseline, a checkpoint the compressed model.
+    slim_trt.export(ctx.args.model if dense else ctx.checkpoint, out, force=True, progress=False, **opts)
     _stamp(out, stamp)
-    return {"folder": str(out), "built_s": round(time.time() - t0, 1)}
+    return {"folder": str(out), "built_s": round(time.time() - t0, 1), **export_facts(out)}
+
+
+def export_facts(folder: Path) -> dict:
+    """What slim_export.json says about how the export runs (recorded next to its figures)."""
+    raw = json.loads((folder / "slim_export.json").read_text())
+    return {"dtype": raw.get("dtype"), "lowrank": raw.get("lowrank"), "head": raw.get("head"),
+            "onnxruntime": raw.get("onnxruntime"), "compressed_layers": len(raw.get("compressed_layers") or [])}
 
 
 def peer_python(row: Row, ctx: Context) -> Path:
@@ -305,6 +310,7 @@ def run_worker(row: Row, ctx: Context, model: dict, mode: str, tag: str) -> dict
     after. Raises RowFailed with the worker's own error."""
     args = ctx.args
     request = {"mode": mode, "model": model.get("folder") or model.get("file"), "threads": args.threads,
+               "options": {"fuse": row.export.get("fuse", True)} if row.export is not None else {},
                "prompt": ctx.prompt, "decode_prompts": ctx.decode_prompts, "new_tokens": args.new_tokens,
                "windows": str(ctx.windows_npy)}
     cmd, env = worker_command(row, ctx)
@@ -337,11 +343,11 @@ def compact_run(result: dict) -> dict:
     run = {name: _figure(result, *where) for name, where in FIGURES.items()}
     run.update({k: result[k] for k in ("peak_rss_mb", "wall_s", "loadavg_before", "loadavg_after", "started")})
     run["b1_tokens"] = result["decode_b1"]["tokens"][0]
-    b4 = result.get("decode_b4") or {}
-    if "tokens" in b4:  # batch rows decode the same first prompt: does sequence 0 match the batch-1 run?
-        run["b4_seq0_matches_b1"] = b4["tokens"][0] == result["decode_b1"]["tokens"][0]
-    elif "unsupported" in b4:
-        run["decode_b4_note"] = b4["unsupported"]
+    batch = result.get("decode_batch") or {}
+    if "tokens" in batch:  # sequence 0 of the batch decodes the batch-1 prompt: does it give the same tokens?
+        run["batch_seq0_matches_b1"] = batch["tokens"][0] == result["decode_b1"]["tokens"][0]
+    elif "unsupported" in batch:
+        run["decode_batch_note"] = batch["unsupported"]
     return run
 
 
@@ -411,12 +417,10 @@ class Results(harness.ResultsFile):
 
     def derive(self) -> None:
         rows, ref = self.rows, self.data.get("reference") or {}
-        base = rows.get("1-dense-fp32") or {}
-        og = rows.get("7-ortgenai-int4") or {}
-        lc = rows.get("8-llamacpp-q4km") or {}
+        base, og, lc = (rows.get(k) or {} for k in (DENSE_KEY, ORTGENAI_KEY, LLAMACPP_KEY))
         for r in rows.values():
             r["x_dense_fp32_b1"] = _ratio(r.get("decode_b1_tokens_per_s"), base.get("decode_b1_tokens_per_s"))
-            r["x_dense_fp32_b4"] = _ratio(r.get("decode_b4_tokens_per_s"), base.get("decode_b4_tokens_per_s"))
+            r["x_dense_fp32_batch"] = _ratio(r.get("decode_batch_tokens_per_s"), base.get("decode_batch_tokens_per_s"))
             r["x_ortgenai_b1"] = _ratio(r.get("decode_b1_tokens_per_s"), og.get("decode_b1_tokens_per_s"))
             r["x_llamacpp_b1"] = _ratio(r.get("decode_b1_tokens_per_s"), lc.get("decode_b1_tokens_per_s"))
             r["ppl_vs_checkpoint"] = _ratio(r.get("perplexity"), ref.get("checkpoint_pytorch"))
@@ -442,7 +446,7 @@ def _ratio(a, b):
 def goals(rows: dict, ref: dict) -> dict:
     """The issue's goals, per compressed row: decode >= 3x dense fp32 at batch 1 with perplexity within 2% of the
     checkpoint's; decode >= 1.0x onnxruntime-genai's INT4 at equal or better perplexity; the ratio to llama.cpp."""
-    og = rows.get("7-ortgenai-int4") or {}
+    og = rows.get(ORTGENAI_KEY) or {}
     out = {"rule_1": "decode_b1 >= 3.0 x dense fp32 export and perplexity <= 1.02 x the checkpoint's (PyTorch)",
            "rule_2": "decode_b1 >= 1.0 x onnxruntime-genai INT4 and perplexity <= onnxruntime-genai's",
            "rows": {}}
@@ -470,14 +474,16 @@ def markdown(data: dict) -> str:
              f"load average (1 min) {m.get('loadavg', '?')} before the run, {m.get('loadavg_after', '?')} after. "
              f"onnxruntime {(data.get('versions') or {}).get('onnxruntime', '?')} for slim-trt's rows.", "",
              f"Each figure is the median of the repeats (runs), each run a fresh worker process; rows interleaved "
-             f"across repeats. Prefill: one {s['prompt_tokens']}-token prompt at batch 1 (TTFT 512 = its time to the "
-             f"first token). Decode: {s['new_tokens']} greedy tokens after the first, from a "
-             f"{s['decode_prompt_tokens']}-token prompt (TTFT 16), at batch 1 and {s['batch']} (tokens/s over all "
+             f"across repeats. Prefill: one {s['prompt_tokens']}-token prompt at batch 1 (TTFT {s['prompt_tokens']} = its "
+             f"time to the first token). Decode: {s['new_tokens']} greedy tokens after the first, from a "
+             f"{s['decode_prompt_tokens']}-token prompt (TTFT {s['decode_prompt_tokens']}), at batch 1 and {s['batch']} "
+             f"(tokens/s over all "
              f"sequences); end-of-sequence never stops a row. Peak RSS: the worker process's high-water mark (VmHWM). "
-             f"Perplexity: WikiText-2 test, {s['windows']} windows x {s['seqlen']} tokens (the accuracy "
+             f"Perplexity: {s['data']}, {s['windows']} windows x {s['seqlen']} tokens (the accuracy "
              f"benchmark's), every token predicted from an empty cache.", "",
-             "| # | row | prefill tok/s | TTFT 512 ms | TTFT 16 ms | decode tok/s b1 | decode tok/s b4 | x dense fp32 "
-             "(b1) | MB on disk | peak RSS MB | PPL | PPL / ckpt | runs | load (1 min) | status |",
+             f"| # | row | prefill tok/s | TTFT {s['prompt_tokens']} ms | TTFT {s['decode_prompt_tokens']} ms | decode "
+             f"tok/s b1 | decode tok/s b{s['batch']} | x dense fp32 (b1) | MB on disk | peak RSS MB | PPL | PPL / ckpt "
+             f"| runs | load (1 min) | status |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         r = data["rows"].get(row.key)
@@ -486,9 +492,9 @@ def markdown(data: dict) -> str:
         load = r.get("loadavg_1min") or {}
         status = r["status"] if r["status"] == "ok" else f"{r['status']}: {(r.get('error') or '')[:140]}"
         lines.append(
-            f"| {row.number} | {row.label} | {fmt(r.get('prefill_tokens_per_s'), 1)} | {fmt(r.get('ttft_512_ms'), 0)} "
-            f"| {fmt(r.get('ttft_16_ms'), 0)} | {fmt(r.get('decode_b1_tokens_per_s'), 1)} "
-            f"| {fmt(r.get('decode_b4_tokens_per_s'), 1)} | {fmt(r.get('x_dense_fp32_b1'), 2)} "
+            f"| {row.number} | {row.label} | {fmt(r.get('prefill_tokens_per_s'), 1)} | {fmt(r.get('ttft_long_ms'), 0)} "
+            f"| {fmt(r.get('ttft_short_ms'), 0)} | {fmt(r.get('decode_b1_tokens_per_s'), 1)} "
+            f"| {fmt(r.get('decode_batch_tokens_per_s'), 1)} | {fmt(r.get('x_dense_fp32_b1'), 2)} "
             f"| {fmt(r['model_bytes'] / 2**20 if r.get('model_bytes') else None, 0)} "
             f"| {fmt(r.get('peak_rss_mb'), 0)} | {fmt(r.get('perplexity'), 2)} | {fmt(r.get('ppl_vs_checkpoint'), 3)} "
             f"| {r.get('repeats', 0)} | {fmt(load.get('min'), 2)}-{fmt(load.get('max'), 2)} "
@@ -521,14 +527,14 @@ def plot_png(data: dict) -> bytes | None:
     colors = ["tab:red" if row.peer else ("tab:gray" if row.export["source"] == "dense" else "tab:blue")
               for row, _ in pts]
     b1 = [r["decode_b1_tokens_per_s"] for _, r in pts]
-    b4 = [r.get("decode_b4_tokens_per_s") or 0 for _, r in pts]
+    b4 = [r.get("decode_batch_tokens_per_s") or 0 for _, r in pts]
     ax.barh([y + 0.2 for y in ys], b1, height=0.4, color=colors, label="batch 1")
     ax.barh([y - 0.2 for y in ys], b4, height=0.4, color=colors, alpha=0.45, label=f"batch {data['settings']['batch']}")
     for y, v in zip(ys, b1):
         ax.annotate(f"{v:.1f}", (v, y + 0.2), xytext=(3, -3), textcoords="offset points", fontsize=7)
     ax.set_yticks(list(ys), [f"{row.number} {row.label}" for row, _ in pts], fontsize=7)
     ax.invert_yaxis()
-    ax.set_xlabel("decode tokens/s (median; light: batch 4, all sequences)")
+    ax.set_xlabel(f"decode tokens/s (median; light: batch {data['settings']['batch']}, all sequences)")
     ax.grid(True, axis="x", alpha=0.3)
     for (row, r), c in zip(pts, colors):
         if r.get("perplexity") is not None:
@@ -536,7 +542,7 @@ def plot_png(data: dict) -> bytes | None:
             bx.annotate(str(row.number), (r["decode_b1_tokens_per_s"], r["perplexity"]), xytext=(4, 3),
                         textcoords="offset points", fontsize=8)
     bx.set_xlabel("decode tokens/s, batch 1")
-    bx.set_ylabel("WikiText-2 perplexity")
+    bx.set_ylabel(f"perplexity ({data['settings']['data']})")
     bx.grid(True, alpha=0.3)
     m = data.get("machine") or {}
     fig.suptitle(f"{data['model']} on {m.get('cpu', '?')}, {data['settings']['threads']} threads "
@@ -641,7 +647,7 @@ def _main(args) -> int:
             print(f"[{row.number}] {row.name} run {rep + 1}/{args.repeats}: prefill "
                   f"{fmt(rec['runs'][-1]['prefill_tokens_per_s'], 1)} tok/s, decode b1 "
                   f"{fmt(rec['runs'][-1]['decode_b1_tokens_per_s'], 1)} / b{args.batch} "
-                  f"{fmt(rec['runs'][-1]['decode_b4_tokens_per_s'], 1)} tok/s, peak RSS "
+                  f"{fmt(rec['runs'][-1]['decode_batch_tokens_per_s'], 1)} tok/s, peak RSS "
                   f"{rec['runs'][-1]['peak_rss_mb']:.0f} MB (load {harness.loadavg()[0]})", flush=True)
 
     for row in todo:

@@ -7,7 +7,7 @@ Protocol (bench/speed.py is the caller): `python WORKER.py REQUEST.json RESULT.j
   REQUEST.json  {"mode": "speed" | "perplexity", "model": PATH, "threads": N, "options": {...},
                  "prompt": [512 token ids], "decode_prompts": [[16 ids] x batch], "new_tokens": 128,
                  "windows": PATH.npy (perplexity mode: int64 [n, seqlen])}
-  RESULT.json   speed: load_s, prefill (the long prompt at batch 1), decode_b1, decode_bN (each: ttft_s,
+  RESULT.json   speed: load_s, prefill (the long prompt at batch 1), decode_b1, decode_batch (each: ttft_s,
                 decode_s, tokens_per_s, tokens); perplexity: nll, tokens, perplexity, seconds. Plus versions.
                 On failure: {"status": "failed", "error", "traceback"} and exit code 1.
 peak_rss_mb is this process's high-water mark (VmHWM), read at the end: the kernel starts it afresh at exec, while
@@ -27,19 +27,18 @@ import numpy as np
 
 
 class Engine:
-    """Greedy decoding with one runtime. `start` begins fresh sequences (prefill) and returns the first new token
-    of each; `step` feeds the previous tokens and returns the next ones; `window_logits` scores one window from
-    an empty cache and returns float32 logits [seqlen, vocab]."""
+    """Greedy decoding with one runtime's own generation code. `generate` prefills ids [batch, T], then runs
+    `new_tokens` decode steps (never stopping at an end-of-sequence token, so every row does the same work) and
+    returns {"tokens": [[first, ...] per sequence], "ttft_s": until the first new token of every sequence is known,
+    "decode_s": the decode steps after it}. `window_logits` scores one window from an empty cache: float32 logits
+    [T, vocab]."""
 
     max_batch = 1
 
-    def start(self, ids: np.ndarray) -> np.ndarray:  # [batch, T] -> [batch]
+    def generate(self, ids: np.ndarray, new_tokens: int) -> dict:
         raise NotImplementedError
 
-    def step(self, tokens: np.ndarray) -> np.ndarray:  # [batch] -> [batch]
-        raise NotImplementedError
-
-    def window_logits(self, ids: np.ndarray) -> np.ndarray:  # [T] -> [T, vocab]
+    def window_logits(self, ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def versions(self) -> dict:
@@ -47,24 +46,31 @@ class Engine:
 
 
 def timed_generation(engine: Engine, ids: np.ndarray, new_tokens: int) -> dict:
-    """Prefill `ids` [batch, T], then `new_tokens` decode steps, never stopping at an end-of-sequence token.
-    ttft_s: until the first new token of every sequence is known; tokens_per_s: batch * new_tokens / the time of
-    the decode steps after it."""
     ids = np.asarray(ids, dtype=np.int64)
-    t0 = time.perf_counter()
-    tok = np.asarray(engine.start(ids))
-    t1 = time.perf_counter()
-    out = [tok.tolist()]
-    for _ in range(new_tokens):
-        tok = np.asarray(engine.step(tok))
-        out.append(tok.tolist())
-    t2 = time.perf_counter()
+    out = engine.generate(ids, new_tokens)
     batch, prompt = ids.shape
-    res = {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "ttft_s": t1 - t0,
-           "prefill_tokens_per_s": batch * prompt / (t1 - t0), "decode_s": t2 - t1,
-           "tokens_per_s": batch * new_tokens / (t2 - t1) if new_tokens else None,
-           "tokens": [list(seq) for seq in zip(*out)]}
-    return res
+    return {"batch": batch, "prompt_tokens": prompt, "new_tokens": new_tokens, "ttft_s": out["ttft_s"],
+            "prefill_tokens_per_s": batch * prompt / out["ttft_s"], "decode_s": out["decode_s"],
+            "tokens_per_s": batch * new_tokens / out["decode_s"] if new_tokens else None,
+            "tokens": [[int(t) for t in seq] for seq in out["tokens"]]}
+
+
+class StepTimer:
+    """For runtimes whose loop is written here: call `first()` when the first tokens are known, `done()` at the
+    end; `result(tokens)` gives generate's dict."""
+
+    def __init__(self):
+        self.t0 = time.perf_counter()
+        self.t1 = self.t2 = None
+
+    def first(self) -> None:
+        self.t1 = time.perf_counter()
+
+    def done(self) -> None:
+        self.t2 = time.perf_counter()
+
+    def result(self, tokens) -> dict:
+        return {"tokens": tokens, "ttft_s": self.t1 - self.t0, "decode_s": self.t2 - self.t1}
 
 
 def speed(engine: Engine, req: dict) -> dict:
@@ -73,11 +79,10 @@ def speed(engine: Engine, req: dict) -> dict:
     out = {"prefill": timed_generation(engine, np.asarray([req["prompt"]]), 0),
            "decode_b1": timed_generation(engine, prompts[:1], req["new_tokens"])}
     if len(prompts) > 1:
-        key = f"decode_b{len(prompts)}"
         if engine.max_batch >= len(prompts):
-            out[key] = timed_generation(engine, prompts, req["new_tokens"])
+            out["decode_batch"] = timed_generation(engine, prompts, req["new_tokens"])
         else:
-            out[key] = {"unsupported": f"this runtime decodes batch <= {engine.max_batch} here"}
+            out["decode_batch"] = {"unsupported": f"this runtime decodes batch <= {engine.max_batch} here"}
     return out
 
 

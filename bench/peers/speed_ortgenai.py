@@ -29,30 +29,31 @@ class OrtGenai(_speed.Engine):
         # The thread count of every row is the same; the generator reads it from the config's session options.
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
         self.model = og.Model(config)
-        self.new_tokens = int(req["new_tokens"])
-        self.generator = None
         self.session = None
 
-    def start(self, ids: np.ndarray) -> np.ndarray:
+    def generate(self, ids: np.ndarray, new_tokens: int) -> dict:
+        timer = _speed.StepTimer()
         batch, n = ids.shape
         params = self.og.GeneratorParams(self.model)
         # Greedy; min_length = max_length keeps the end-of-sequence token from stopping a sequence early (the
         # other rows never stop either), so every row decodes the same number of tokens.
-        total = n + self.new_tokens + 1
+        total = n + new_tokens + 1
         params.set_search_options(do_sample=False, batch_size=batch, max_length=total, min_length=total)
-        self.generator = self.og.Generator(self.model, params)
-        self.generator.append_tokens(ids.astype(np.int32))
-        return self.step(None)
-
-    def step(self, tokens) -> np.ndarray:
-        self.generator.generate_next_token()
-        return np.asarray(self.generator.get_next_tokens()).reshape(-1)
+        generator = self.og.Generator(self.model, params)
+        generator.append_tokens(ids.astype(np.int32))  # the prefill
+        generator.generate_next_token()  # picks the first token from the prefill's logits
+        out = [np.asarray(generator.get_next_tokens()).reshape(-1)]
+        timer.first()
+        for _ in range(new_tokens):  # each: one forward of the previous tokens, then the pick
+            generator.generate_next_token()
+            out.append(np.asarray(generator.get_next_tokens()).reshape(-1))
+        timer.done()
+        return timer.result(np.stack(out, 1).tolist())
 
     def window_logits(self, ids: np.ndarray) -> np.ndarray:
         import onnxruntime as ort
 
         if self.session is None:
-            self.generator = None
             cfg = json.loads((self.folder / "genai_config.json").read_text())["model"]["decoder"]
             self.kv_shape = (1, int(cfg["num_key_value_heads"]), 0, int(cfg["head_size"]))
             opts = ort.SessionOptions()
