@@ -667,20 +667,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except SlimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return harness.cli_main(build_parser(), _main, argv)
 
 
 def _main(args) -> int:
     rows = select_rows(args.rows)
-    for flag, v in (("--nsamples", args.nsamples), ("--batch-size", args.batch_size),
-                    ("--eval-batch-size", args.eval_batch_size)):
-        if v < 1:
-            raise SlimError(f"bad {flag} {v}: it must be >= 1")
+    harness.check_positive(nsamples=args.nsamples, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
     harness.check_text_files(calib=args.calib, data=args.data)
     settings = Settings(model=args.model, calib=portable_path(args.calib), data=portable_path(args.data),
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,

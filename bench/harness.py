@@ -67,6 +67,23 @@ def select_rows(spec: str, rows: tuple) -> list:
     return chosen
 
 
+def cli_main(parser, body, argv: list[str] | None = None) -> int:
+    """Parse argv and run body(args); bad input (SlimError) is one line on stderr and exit code 2."""
+    args = parser.parse_args(argv)
+    try:
+        return body(args)
+    except SlimError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def check_positive(**values: int) -> None:
+    """check_positive(batch_size=0) -> SlimError naming --batch-size."""
+    for name, v in values.items():
+        if v < 1:
+            raise SlimError(f"bad --{name.replace('_', '-')} {v}: it must be >= 1")
+
+
 def check_text_files(**files: str) -> None:
     for flag, f in files.items():
         if not Path(f).is_file():

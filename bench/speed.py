@@ -583,21 +583,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except SlimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return harness.cli_main(build_parser(), _main, argv)
 
 
 def _main(args) -> int:
     rows = select_rows(args.rows)
-    for flag, v in (("--repeats", args.repeats), ("--threads", args.threads), ("--batch", args.batch),
-                    ("--new-tokens", args.new_tokens), ("--prompt-tokens", args.prompt_tokens),
-                    ("--decode-prompt-tokens", args.decode_prompt_tokens)):
-        if v < 1:
-            raise SlimError(f"bad {flag} {v}: it must be >= 1")
+    harness.check_positive(repeats=args.repeats, threads=args.threads, batch=args.batch, new_tokens=args.new_tokens,
+                           prompt_tokens=args.prompt_tokens, decode_prompt_tokens=args.decode_prompt_tokens)
     harness.check_text_files(data=args.data)
     settings = settings_of(args)
     results = Results(Path(args.out), harness.model_tag(args.model), settings, args.force)
