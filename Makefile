@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test bench-accuracy bench-peers clean
+.PHONY: venv demo test bench-accuracy bench-peers bench-speed bench-peers-speed clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,27 @@ bench-accuracy: $(STAMP)
 bench-peers:
 	$(PY) -m venv bench/.venv-modelopt && bench/.venv-modelopt/bin/pip install -q -r bench/peers/requirements-modelopt.txt
 	$(PY) -m venv bench/.venv-llmcompressor && bench/.venv-llmcompressor/bin/pip install -q -r bench/peers/requirements-llmcompressor.txt
+
+# The speed benchmark's peers, each in its own venv (never .venv): onnxruntime-genai (its model builder and
+# generator), and llama.cpp through llama-cpp-python built here from its sdist (cmake, CPU backend, this CPU's
+# instructions except AMX: ggml's AMX kernels die with SIGILL on `tilezero` where the kernel does not hand out AMX
+# state, as in this VM; the multimodal library is left out). About 30-60 minutes on 2 busy cores.
+LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+bench-peers-speed:
+	$(PY) -m venv bench/.venv-ortgenai && bench/.venv-ortgenai/bin/pip install -q -r bench/peers/requirements-ortgenai.txt
+	$(PY) -m venv bench/.venv-llamacpp && CFLAGS="$(LLAMA_NO_AMX)" CXXFLAGS="$(LLAMA_NO_AMX)" \
+		CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		bench/.venv-llamacpp/bin/pip install -q --no-binary llama-cpp-python -r bench/peers/requirements-llamacpp.txt
+
+# Speed of the dense and compressed exports beside the peers. The checkpoint is the demo's (32 calibration
+# windows x 512 tokens); rows already in the JSON are skipped. Run it on a quiet machine: the figures are medians
+# of interleaved repeats, but other jobs on the same cores still slow every row.
+SPEED_CKPT ?= out/gemma-ckpt
+$(SPEED_CKPT)/slim_manifest.json: | $(STAMP)
+	$(VENV)/bin/slim-trt compress gemma3-270m -o $(SPEED_CKPT) --nsamples 32 --seqlen 512
+
+bench-speed: $(STAMP) $(SPEED_CKPT)/slim_manifest.json
+	$(VPY) bench/speed.py --checkpoint $(SPEED_CKPT) --out bench/results/
 
 clean:
 	rm -rf $(VENV) out

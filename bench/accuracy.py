@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import hashlib
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -29,16 +27,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script from a checkout
-    sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py, when run as a script
+import harness
+from harness import (BENCH, DEFAULT_CALIB, DEFAULT_DATA, fmt as _fmt, model_tag, peak_rss_gb, portable_path,
+                     reset_peak_rss, versions)
 
 from slim_trt.calibration.data import parse_window_count
 from slim_trt.errors import SlimError
 
-BENCH = Path(__file__).resolve().parent
-DEFAULT_CALIB = REPO.parent / "shared" / "data" / "wikitext-2" / "valid.txt"
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 DENSE_BITS = 16.0  # the dense reference is deployed in fp16/bf16
 
 
@@ -158,28 +154,9 @@ class Settings:
         return {"model": self.model, "calib": self.calib, "data": self.data, "nsamples": self.nsamples,
                 "seqlen": self.seqlen, "seed": self.seed, "windows": "all" if self.windows is None else self.windows}
 
-    def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
 
 def select_rows(spec: str) -> list[Row]:
-    """'all', or a comma list of row numbers, names or JSON keys ('1,slim-lora,9-slim-lora-8bit'), run in the
-    order given (so the rows that matter most can go first)."""
-    if spec.strip().lower() == "all":
-        return list(ROWS)
-    by_number = {str(r.number): r for r in ROWS}
-    by_name = {r.name: r for r in ROWS} | {r.key: r for r in ROWS}
-    chosen: list[Row] = []
-    for item in (s.strip() for s in spec.split(",") if s.strip()):
-        row = by_number.get(item) or by_name.get(item.lower())
-        if row is None:
-            raise SlimError(f"unknown row {item!r} in --rows: use numbers 1-{len(ROWS)} or names "
-                            f"({', '.join(r.name for r in ROWS)})")
-        if row not in chosen:
-            chosen.append(row)
-    if not chosen:
-        raise SlimError("--rows is empty: give 'all' or a comma list such as 1,7,8")
-    return chosen
+    return harness.select_rows(spec, ROWS)
 
 
 def row_config(row: Row) -> dict:
@@ -226,21 +203,6 @@ def finetune_settings(row: Row) -> dict:
 
     kw = {k: v for k, v in row.finetune.items() if k != "windows"}
     return {**FinetuneConfig(**kw).to_dict(), "windows": row.finetune.get("windows", 32)}
-
-
-def portable_path(path: str) -> str:
-    """A text file's path relative to the checkout when it lives beside it (../shared/...), so the settings
-    fingerprint is the same in every clone; absolute otherwise."""
-    p = Path(path).resolve()
-    try:
-        p.relative_to(REPO.parent)
-    except ValueError:
-        return str(p)
-    return os.path.relpath(p, REPO)
-
-
-def model_tag(model: str) -> str:
-    return Path(model).name if os.sep in model or Path(model).is_dir() else model.replace("/", "_")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -330,70 +292,7 @@ def peer_storage_bits(N: int, K: int, is_nm: bool, prescale: bool) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Memory
-
-
-def reset_peak_rss() -> bool:
-    """Reset this process's peak RSS (VmHWM) so the next reading covers one row only (Linux >= 4.0)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def peak_rss_gb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    from slim_trt.compressor import peak_rss_gb as ru_maxrss_gb
-
-    return ru_maxrss_gb()
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Results file
-
-
-def versions() -> dict:
-    import importlib.metadata as md
-
-    import torch
-    import transformers
-
-    def ver(pkg):
-        try:
-            return md.version(pkg)
-        except md.PackageNotFoundError:
-            return None
-
-    commit = None
-    try:
-        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, timeout=10, check=False).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
-            "slim_trt": ver("slim-trt") or ver("slim_trt"), "slim_trt_commit": commit}
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; results are ordinary files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def gap_closed(rows: dict) -> dict:
@@ -432,10 +331,6 @@ def best_rows(rows: dict) -> dict:
         cands = [(r["perplexity"], k) for k, r in rows.items() if qualifies(r, tuned)]
         out[name] = min(cands)[1] if cands else None
     return out
-
-
-def _fmt(x, nd=2):
-    return "-" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
 
 
 def markdown(results: dict) -> str:
@@ -478,13 +373,7 @@ def markdown(results: dict) -> str:
 
 
 def plot_png(results: dict) -> bytes | None:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = harness.pyplot()
     pts = [(row, results["rows"][row.key]) for row in ROWS if row.key in results["rows"]
            and results["rows"][row.key]["status"] == "ok"]
     if not pts:
@@ -505,54 +394,36 @@ def plot_png(results: dict) -> bytes | None:
     ax.set_title(f"{results['model']}: WikiText-2 perplexity ratio vs storage (blue: slim-trt, red: peers)",
                  fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    return harness.figure_png(fig)
 
 
-class Results:
-    """The JSON file plus its Markdown and PNG siblings, rewritten atomically after every row."""
+class Results(harness.ResultsFile):
+    """accuracy_<tag>.json/.md/.png; a row is done when it is stored as ok with the same recipe."""
 
     def __init__(self, out_dir: Path, tag: str, settings: Settings, redo: bool):
-        self.json_path = out_dir / f"accuracy_{tag}.json"
-        self.md_path = self.json_path.with_suffix(".md")
-        self.png_path = self.json_path.with_suffix(".png")
-        self.settings = settings
-        data = json.loads(self.json_path.read_text()) if self.json_path.exists() else None
-        if data and data.get("settings_fingerprint") != settings.fingerprint() and not redo and data.get("rows"):
-            raise SlimError(f"{self.json_path} holds results made with other settings ({data.get('settings')}): "
-                            f"pass --redo to replace them, or choose another --out")
-        if not data or data.get("settings_fingerprint") != settings.fingerprint():
-            data = {"rows": {}}
-        data.update({"benchmark": "accuracy", "model": tag, "settings": settings.to_dict(),
-                     "settings_fingerprint": settings.fingerprint()})
-        self.data = data
+        super().__init__(out_dir, "accuracy", tag, settings.to_dict(), redo)
 
     def done(self, row: Row) -> bool:
-        r = self.data["rows"].get(row.key)
+        r = self.rows.get(row.key)
         return bool(r) and r.get("status") == "ok" and same_config(r.get("config") or {}, row)
 
-    def put(self, row: Row, record: dict) -> None:
-        self.data["rows"][row.key] = record
-        self.write()
+    def order(self) -> list[str]:
+        return [row.key for row in ROWS]
 
-    def write(self) -> None:
-        rows = self.data["rows"]
+    def derive(self) -> None:
+        rows = self.rows
         dense = rows.get("1-dense", {}).get("perplexity")
         for r in rows.values():  # the dense row may finish after others on a partial re-run
             if r.get("status") == "ok" and dense:
                 r["ratio_to_dense"] = round(r["perplexity"] / dense, 4)
         self.data["gap_closed"] = gap_closed(rows)
         self.data.update(best_rows(rows))
-        ordered = {row.key: rows[row.key] for row in ROWS if row.key in rows}
-        # metadata first, the (long) rows last, so the file reads top-down
-        self.data = {**{k: v for k, v in self.data.items() if k != "rows"}, "rows": ordered}
-        atomic_write(self.json_path, (json.dumps(self.data, indent=1) + "\n").encode())
-        atomic_write(self.md_path, markdown(self.data).encode())
-        png = plot_png(self.data)
-        if png:
-            atomic_write(self.png_path, png)
+
+    def markdown(self) -> str:
+        return markdown(self.data)
+
+    def plot(self) -> bytes | None:
+        return plot_png(self.data)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -707,13 +578,13 @@ def _peer_report(out: Path) -> dict | None:
 def prepare(args, settings: Settings) -> Context:
     import torch
 
-    from slim_trt.calibration.data import calibration_windows, eval_windows, load_text
+    from slim_trt.calibration.data import calibration_windows, load_text
     from slim_trt.models import load_model, model_folder
 
     t0 = time.time()
     dense, tok = load_model(settings.model)
     calib = calibration_windows(tok, load_text(settings.calib), settings.nsamples, settings.seqlen, settings.seed)
-    ev = eval_windows(tok, load_text(settings.data), settings.seqlen, settings.windows)
+    ev = harness.evaluation_windows(tok, settings.data, settings.seqlen, settings.windows)
     print(f"loaded {settings.model}, {len(calib)} calibration and {len(ev)} evaluation windows of {settings.seqlen} "
           f"tokens ({time.time() - t0:.0f} s); dense reference pass ...", flush=True)
     with torch.no_grad():
@@ -798,23 +669,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _main(args)
-    except SlimError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return harness.cli_main(build_parser(), _main, argv)
 
 
 def _main(args) -> int:
     rows = select_rows(args.rows)
-    for flag, v in (("--nsamples", args.nsamples), ("--batch-size", args.batch_size),
-                    ("--eval-batch-size", args.eval_batch_size)):
-        if v < 1:
-            raise SlimError(f"bad {flag} {v}: it must be >= 1")
-    for flag, f in (("--calib", args.calib), ("--data", args.data)):
-        if not Path(f).is_file():
-            raise SlimError(f"{flag} {f}: no such file (the WikiText-2 files live in ../shared/data/wikitext-2/)")
+    harness.check_positive(nsamples=args.nsamples, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size)
+    harness.check_text_files(calib=args.calib, data=args.data)
     settings = Settings(model=args.model, calib=portable_path(args.calib), data=portable_path(args.data),
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         windows=parse_window_count(args.windows))
@@ -827,6 +688,7 @@ def _main(args) -> int:
         results.write()
         return 0
     t_run = time.time()
+    results.data["machine"] = harness.machine()
     ctx = prepare(args, settings)
     base_versions = versions()
     results.data.update(versions=base_versions, eval_windows=len(ctx.eval), eval_tokens=int(ctx.eval[:, 1:].numel()),
@@ -835,7 +697,7 @@ def _main(args) -> int:
     for row in todo:
         print(f"[{row.number}] {row.name}: {row.label} ...", flush=True)
         record = run_row(row, ctx, args, base_versions)
-        results.put(row, record)
+        results.put(row.key, record)
         if record["status"] == "ok":
             print(f"[{row.number}] {row.name}: ppl {record['perplexity']:.3f} (x{record['ratio_to_dense']:.3f}), top-1 "
                   f"{record['top1_agreement']:.3f}, {record['bits_per_param']:.3f} bits/param "
@@ -844,6 +706,7 @@ def _main(args) -> int:
         else:
             print(f"[{row.number}] {row.name}: FAILED: {record['error']}", flush=True)
     results.data["last_run_seconds"] = round(time.time() - t_run, 1)
+    results.data["machine"]["loadavg_after"] = harness.loadavg()
     results.write()
     print(f"wrote {results.json_path}, {results.md_path.name}, {results.png_path.name} "
           f"({time.time() - t_run:.0f} s)")

@@ -2,11 +2,13 @@
 
     python bench/serve.py --export out/gemma-export --out bench/results/
 
-1. Greedy-decodes every prompt in this process first (the reference texts and the no-server speed).
+1. Greedy-decodes every prompt in this process first with slim_trt.Generator (the same runtime and session config
+   as the served model): the reference texts and the no-server speed.
 2. Deploys the export to a temporary repository, starts tritonserver with slim_generate only, warms it up.
 3. For each concurrency level C: C client threads (HTTP) send --requests requests each; records every latency
    and the generated token counts, and checks each answer against the in-process text.
-4. Writes serve_<tag>.json (every number) and serve_<tag>.md (a table) into --out.
+4. Writes serve_<tag>.json (every number, the machine and its load) and serve_<tag>.md (a table, with each
+   level's tokens/s as a ratio to in-process) into --out.
 
 Nothing here is estimated: every number in the outputs is measured in this run.
 """
@@ -14,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py (it puts the checkout on the path)
+import harness
 
 PROMPTS = [
     "The capital of France is",
@@ -40,22 +41,23 @@ PROMPTS = [
 
 
 def local_reference(export: Path, prompts: list[str], max_new_tokens: int, threads: int) -> dict:
-    from slim_trt.triton import read_export, runtime
+    from slim_trt.generation import Generator
 
-    info = read_export(export)
     t0 = time.perf_counter()
-    decoder = runtime.OnnxDecoder(info.model_path, info.spec, threads)
-    tokenizer = runtime.load_tokenizer(info.tokenizer_dir)
+    gen = Generator(export, threads=threads)
     load_s = time.perf_counter() - t0
-    texts, times, tokens = {}, [], 0
+    gen.generate(prompts[0], 4)  # warm-up, as the server gets one
+    texts, times, tokens, decode = {}, [], 0, []
     for prompt in prompts:
         t0 = time.perf_counter()
-        text, gen = runtime.generate_text(decoder, tokenizer, prompt, max_new_tokens)
+        result = gen.generate(prompt, max_new_tokens)
         times.append(time.perf_counter() - t0)
-        texts[prompt] = text
-        tokens += len(gen.token_ids)
+        texts[prompt] = result.texts[0]
+        tokens += len(result.token_ids[0])
+        decode.append(result.timing.decode_tokens_per_second)
     return {"load_s": load_s, "texts": texts, "latency_s": times, "generated_tokens": tokens,
-            "tokens_per_s": tokens / sum(times)}
+            "tokens_per_s": tokens / sum(times), "decode_tokens_per_s_median": float(np.median(decode)),
+            "session_config": dict(gen.spec.session_config)}
 
 
 def run_level(url: str, prompts: list[str], concurrency: int, requests: int, max_new_tokens: int,
@@ -109,29 +111,33 @@ def markdown(result: dict) -> str:
     lines = [f"# slim_generate under tritonserver: {result['tag']}", "",
              f"Export `{e['folder']}`: {e['architecture']}, {e['dtype']}, low-rank {e['lowrank']}, "
              f"{e['num_layers']} layers, vocabulary {e['vocab_size']}, model files {e['model_mb']:.0f} MB.",
-             f"Machine: {result['machine']['cpus']} CPUs ({result['machine']['processor']}), "
-             f"load average {result['machine']['loadavg_before']} before the run; tritonserver "
+             f"Machine: {result['machine']['logical_cpus']} CPUs ({result['machine']['cpu']}), "
+             f"load average {result['machine']['loadavg']} before the run, {result['machine'].get('loadavg_after')} "
+             f"after; tritonserver "
              f"{result['server']['version']} ({result['server']['source']}), onnxruntime "
              f"{result['versions']['onnxruntime']} on the CPU, {s['instances']} instance(s), ORT threads "
-             f"{s['intra_op_threads'] or 'default'}.",
+             f"{s['intra_op_threads'] or 'default'}; session config "
+             f"{json.dumps(result['local'].get('session_config', {}))}.",
              f"Greedy decoding, {s['max_new_tokens']} new tokens per request, {len(result['prompts'])} prompts; "
              f"server start {result['server']['startup_s']:.1f} s.", "",
-             "| where | concurrency | requests | errors | text = local | req/s | gen tok/s | p50 ms | p90 ms | "
-             "p99 ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "| where | concurrency | requests | errors | text = local | req/s | gen tok/s | x in-process | p50 ms | "
+             "p90 ms | p99 ms |", "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     loc = result["local"]
     lat = np.asarray(loc["latency_s"]) * 1e3
     lines.append(f"| in process (no server) | 1 | {len(lat)} | 0 | - | {len(lat) / (lat.sum() / 1e3):.2f} | "
-                 f"{loc['tokens_per_s']:.1f} | {np.percentile(lat, 50):.0f} | {np.percentile(lat, 90):.0f} | "
+                 f"{loc['tokens_per_s']:.1f} | 1.00 | {np.percentile(lat, 50):.0f} | {np.percentile(lat, 90):.0f} | "
                  f"{np.percentile(lat, 99):.0f} |")
     for r in result["levels"]:
         m = r["latency_ms"] or {}
         lines.append(f"| tritonserver HTTP | {r['concurrency']} | {r['requests']} | {r['errors']} | "
                      f"{r['ok'] - r['text_mismatches']}/{r['ok']} | {r['requests_per_s']:.2f} | "
-                     f"{r['tokens_per_s']:.1f} | {m.get('p50', 0):.0f} | {m.get('p90', 0):.0f} | "
+                     f"{r['tokens_per_s']:.1f} | {r['tokens_per_s'] / loc['tokens_per_s']:.2f} | {m.get('p50', 0):.0f} | {m.get('p90', 0):.0f} | "
                      f"{m.get('p99', 0):.0f} |")
     lines += ["", "gen tok/s counts generated tokens over the wall time of the level (all clients). The server has "
               "one slim_generate instance per --instances; requests beyond that wait in Triton's queue, which is "
-              "what the higher-concurrency latencies show.", ""]
+              "what the higher-concurrency latencies show. x in-process: the level's gen tok/s over the in-process "
+              "tokens/s (the same greedy requests, one at a time, no server); the goal at concurrency 1 is >= 0.85.",
+              ""]
     return "\n".join(lines)
 
 
@@ -160,15 +166,11 @@ def main() -> int:
         print(f"bench/serve.py: {export} has no tokenizer folder; slim_generate needs one", file=sys.stderr)
         return 2
     levels = [int(c) for c in args.concurrency.split(",")]
-    import onnxruntime
-
-    result = {"tag": args.tag, "prompts": PROMPTS,
+    result = {"benchmark": "serve", "tag": args.tag, "prompts": PROMPTS,
               "settings": {"max_new_tokens": args.max_new_tokens, "requests_per_client": args.requests,
                            "instances": args.instances, "intra_op_threads": args.threads},
-              "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
-                          "loadavg_before": [round(x, 2) for x in os.getloadavg()],
-                          "python": platform.python_version()},
-              "versions": {"onnxruntime": onnxruntime.__version__},
+              "machine": harness.machine(),
+              "versions": harness.versions("onnxruntime", "tritonclient"),
               "export": {"folder": str(export), "architecture": info.raw.get("architecture"),
                          "dtype": info.dtype, "lowrank": info.lowrank, "num_layers": info.spec.num_layers,
                          "vocab_size": info.spec.vocab_size,
@@ -205,13 +207,14 @@ def main() -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
+    result["machine"]["loadavg_after"] = harness.loadavg()
+    one = next((r for r in result["levels"] if r["concurrency"] == 1), None)
+    result["served_over_in_process_c1"] = (round(one["tokens_per_s"] / result["local"]["tokens_per_s"], 4)
+                                           if one else None)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     for suffix, text in ((".json", json.dumps(result, indent=1) + "\n"), (".md", markdown(result))):
         path = out / f"serve_{args.tag}{suffix}"
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(text)
-        tmp.rename(path)
+        harness.atomic_write(path, text.encode())
         print(f"wrote {path}")
     return 0 if all(r["errors"] == 0 for r in result["levels"]) else 1
 
