@@ -19,9 +19,10 @@ def register(sub) -> None:
     p.add_argument("--lowrank", default="decomposed",
                    help="decomposed: Add(Y, MatMul(MatMul(X, R^T), L^T)), runs anywhere; "
                         "plugin: one LowRankAdd node for the fused TensorRT plugin")
-    p.add_argument("--act-quant", default=None, metavar="int8",
+    p.add_argument("--act-quant", default=None, metavar="int8|none",
                    help="int8: static symmetric per-tensor INT8 Q/DQ on the inputs of compressed MatMuls (W8A8), "
-                        "scales calibrated on the shipped text sample")
+                        "scales calibrated on the shipped text sample. A checkpoint compressed with --act-bits 8 "
+                        "exports its own calibrated scales without this flag (and refuses none)")
     p.add_argument("--no-cache", action="store_true", help="prefill-only graph without KV-cache inputs/outputs")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights in model.onnx.data (default: only above ~1.5 GB)")
