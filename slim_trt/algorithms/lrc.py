@@ -114,31 +114,51 @@ def damped_root(H: torch.Tensor, percdamp: float = LRC_DAMP) -> torch.Tensor | N
     raise ValueError("H is not positive semi-definite even after damping")
 
 
-def _solve_right(B: torch.Tensor, C: torch.Tensor) -> torch.Tensor:
-    """B (C C^T)^-1 for a lower-triangular float64 C, by two triangular solves (no explicit inverse)."""
-    Y = torch.linalg.solve_triangular(C, B.to(torch.float64).T, upper=False)
-    return torch.linalg.solve_triangular(C.T, Y, upper=True).T.to(torch.float32)
+class LRCSystem:
+    """One layer's LRC problem, factored once: every refit round then costs a few [N, K] x [K, K] products.
+
+    C: the root of the damped H (the adapters' metric); P = H_xe^T H^-1, so E_eff = (W - W_q) - W_q P;
+    G = H_xq H_qq^-1, so the base's target is T = (W - M) G. The solves run in float64."""
+
+    def __init__(self, H: torch.Tensor, act: ActErrorMoments, percdamp: float = LRC_DAMP) -> None:
+        self.H, self.act = H.detach().to(torch.float32), act
+        C = damped_root(H, percdamp)
+        Cq = damped_root(act.H_qq, percdamp)
+        self.C = None if C is None else C.to(torch.float32)
+        # P^T = H^-1 H_xe and G^T = H_qq^-1 H_xq^T (both Hessians symmetric)
+        self.P = None if C is None else torch.cholesky_solve(act.H_xe.to(torch.float64), C).T.to(torch.float32)
+        self.G = None if Cq is None else torch.cholesky_solve(act.H_xq(H).T.to(torch.float64), Cq).T.to(torch.float32)
+
+    def effective_error(self, W: torch.Tensor, W_q: torch.Tensor) -> torch.Tensor:
+        W, W_q = W.detach().to(torch.float32), W_q.detach().to(torch.float32)
+        return W - W_q if self.P is None else (W - W_q) - W_q @ self.P
+
+    def lowrank(self, E_eff: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The best rank-r M = L R for ||(E_eff - M) C||_F: H-LoRA's solution U_r U_r^T E_eff, U_r the top left
+        singular vectors of E_eff C."""
+        E = E_eff.detach().to(torch.float32)
+        return _factors_in_metric(E, E if self.C is None else E @ self.C, rank)
+
+    def base_target(self, W: torch.Tensor, M: torch.Tensor | None) -> torch.Tensor:
+        A = W.detach().to(torch.float32) if M is None else W.detach().to(torch.float32) - M.to(torch.float32)
+        return A if self.G is None else A @ self.G
+
+    def objective(self, W: torch.Tensor, W_q: torch.Tensor, M: torch.Tensor | None) -> float:
+        return lrc_objective(W, W_q, M, self.H, self.act)
 
 
 def effective_error(W: torch.Tensor, W_q: torch.Tensor, H: torch.Tensor, act: ActErrorMoments,
                     percdamp: float = LRC_DAMP) -> torch.Tensor:
     """E_eff = (W - W_q) - W_q H_xe^T H^-1, with H damped by damped_root."""
-    W, W_q = W.detach().to(torch.float32), W_q.detach().to(torch.float32)
-    C = damped_root(H, percdamp)
-    if C is None:  # no tokens reached the layer
-        return W - W_q
-    return (W - W_q) - _solve_right(W_q @ act.H_xe.T, C)
+    return LRCSystem(H, act, percdamp).effective_error(W, W_q)
 
 
 def lrc_lowrank(E_eff: torch.Tensor, H: torch.Tensor, rank: int,
                 percdamp: float = LRC_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
-    """The best rank-r M = L R for ||(E_eff - M) C||_F, C C^T the damped H (as effective_error damps it):
-    H-LoRA's solution, U_r U_r^T E_eff with U_r the top left singular vectors of E_eff C."""
-    C = damped_root(H, percdamp)
-    E = E_eff.detach().to(torch.float32)
-    if C is None:
-        return _factors_in_metric(E, E, rank)
-    return _factors_in_metric(E, (E.to(torch.float64) @ C).to(torch.float32), rank)
+    """The best rank-r L R for ||(E_eff - L R) C||_F, C C^T the damped H (as effective_error damps it)."""
+    K = H.shape[0]
+    zero = torch.zeros(K, K)
+    return LRCSystem(H, ActErrorMoments(zero, zero, H), percdamp).lowrank(E_eff, rank)
 
 
 def base_target(W: torch.Tensor, M: torch.Tensor | None, H: torch.Tensor, act: ActErrorMoments,
@@ -146,11 +166,7 @@ def base_target(W: torch.Tensor, M: torch.Tensor | None, H: torch.Tensor, act: A
     """T = (W - M) H_xq H_qq^-1: the weight that, applied to Q(x), best reproduces (W - M) x (H_qq damped by
     damped_root; columns of channels that are zero on every token are left to the base's quantizer, which zeroes
     them as GPTQ zeroes dead channels)."""
-    A = W.detach().to(torch.float32) if M is None else W.detach().to(torch.float32) - M.to(torch.float32)
-    C = damped_root(act.H_qq, percdamp)
-    if C is None:
-        return A
-    return _solve_right(A @ act.H_xq(H), C)
+    return LRCSystem(H, act, percdamp).base_target(W, M)
 
 
 @dataclass
@@ -162,25 +178,26 @@ class LRCResult:
     rounds_kept: int = 0
 
 
-def lrc_fit(W: torch.Tensor, H: torch.Tensor, act: ActErrorMoments, saliency: torch.Tensor, cfg: CompressConfig,
-            weight: Factor, mask: torch.Tensor, rank: int, rounds: int) -> LRCResult:
-    """Adapters for a base `weight` (fitted by the caller for the target base_target(W, None, ...) with H_qq), then
-    up to `rounds` rounds of: base <- base_on_mask(T(L R), H_qq, mask), adapters <- LRC fit to the new base.
+def lrc_fit(W: torch.Tensor, system: LRCSystem, cfg: CompressConfig, weight: Factor, mask: torch.Tensor, rank: int,
+            rounds: int) -> LRCResult:
+    """Adapters for a base `weight` (fitted by the caller for the target system.base_target(W, None) with H_qq),
+    then up to `rounds` rounds of: base <- base_on_mask(T(L R), H_qq, mask), adapters <- LRC fit to the new base.
     A round is kept only if J drops, so the returned J never rises."""
     W = W.detach().to(torch.float32)
-    result = LRCResult(weight, None, None, [lrc_objective(W, as_float(weight), None, H, act)])
+    H, act = system.H, system.act
+    result = LRCResult(weight, None, None, [system.objective(W, as_float(weight), None)])
 
     def adapters(base: Factor) -> tuple[Factor, Factor, float]:
         Wq = as_float(base)
-        E = effective_error(W, Wq, H, act)
-        L, R = quantized_adapters(E, *lrc_lowrank(E, H, rank), H, cfg)
-        return L, R, lrc_objective(W, Wq, as_float(L) @ as_float(R), H, act)
+        E = system.effective_error(W, Wq)
+        L, R = quantized_adapters(E, *system.lowrank(E, rank), H, cfg)
+        return L, R, system.objective(W, Wq, as_float(L) @ as_float(R))
 
     result.lora_L, result.lora_R, j = adapters(weight)
     result.objectives.append(j)
     for _ in range(rounds):
         M = as_float(result.lora_L) @ as_float(result.lora_R)
-        base = base_on_mask(base_target(W, M, H, act), act.H_qq, mask, cfg)
+        base = base_on_mask(system.base_target(W, M), act.H_qq, mask, cfg)
         L, R, j_new = adapters(base)
         if not j_new < j:
             break

@@ -12,7 +12,7 @@ import torch
 from ..config import CompressConfig
 from ..errors import SlimError
 from .lowrank import hessian_root, rank_for
-from .lrc import ActErrorMoments, base_target, lrc_fit, lrc_rel_error
+from .lrc import ActErrorMoments, LRCSystem, lrc_fit, lrc_rel_error
 from .prune import magnitude_scores, prune, pruned_count, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
@@ -78,7 +78,7 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
     if cfg.lowrank == "lrc":
         if act is None:
             raise ValueError("lowrank 'lrc' needs the activation-quantization moments (act)")
-        return _compress_lrc(W, H, act_norm, saliency, cfg, act, rank)
+        return _compress_lrc(W, H, act_norm, cfg, act, rank)
     weight, mask = base if base is not None else compress_base(W, H, act_norm, cfg)
     E = W - _as_float(weight)
     base_q = _as_float(weight)
@@ -103,12 +103,12 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
                             rel_error=rel_error, refit_rounds=rounds)
 
 
-def _compress_lrc(W, H, act_norm, saliency, cfg: CompressConfig, act: ActErrorMoments,
-                  rank: int | None) -> CompressedWeight:
+def _compress_lrc(W, H, act_norm, cfg: CompressConfig, act: ActErrorMoments, rank: int | None) -> CompressedWeight:
     """LRC: the base fitted for Q(x) (target base_target, Hessian H_qq), adapters on E_eff, refit rounds."""
-    weight, mask = compress_base(base_target(W, None, H, act), act.H_qq, act_norm, cfg)
+    system = LRCSystem(H, act)
+    weight, mask = compress_base(system.base_target(W, None), act.H_qq, act_norm, cfg)
     r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
-    res = lrc_fit(W, H, act, saliency, cfg, weight, mask, r, cfg.refit_rounds)
+    res = lrc_fit(W, system, cfg, weight, mask, r, cfg.refit_rounds)
     den = float(((W @ H) * W).sum())
     rel = [(j / den) ** 0.5 if den > 0 else 0.0 for j in res.objectives]
     return CompressedWeight(weight=res.weight, mask=None if cfg.sparsity_spec.kind == "none" else mask,

@@ -9,7 +9,7 @@ import torch
 
 from slim_trt.algorithms.actquant import accumulate_abs_histogram, act_scale, fake_quant
 from slim_trt.algorithms.lowrank import hessian_lowrank
-from slim_trt.algorithms.lrc import (accumulate_error_moments, base_target, effective_error, lrc_fit,
+from slim_trt.algorithms.lrc import (LRCSystem, accumulate_error_moments, base_target, effective_error, lrc_fit,
                                      lrc_lowrank, lrc_objective)
 from slim_trt.algorithms.pipeline import compress_base, compress_weight
 from slim_trt.algorithms.refit import as_float
@@ -96,7 +96,7 @@ def test_lrc_fit_rounds_never_raise_the_objective(quantized_layer):
     W, X, Xq, H, act, _ = quantized_layer
     cfg = dataclasses.replace(W8A8, rank_ratio=0.1)
     weight, mask = compress_base(base_target(W, None, H, act), act.H_qq, X.norm(dim=0), cfg)
-    res = lrc_fit(W, H, act, X.norm(dim=0), cfg, weight, mask, rank=13, rounds=3)
+    res = lrc_fit(W, LRCSystem(H, act), cfg, weight, mask, rank=13, rounds=3)
     j = res.objectives
     assert len(j) == res.rounds_kept + 2 and all(b < a for a, b in zip(j, j[1:])), j
     M = as_float(res.lora_L) @ as_float(res.lora_R)
