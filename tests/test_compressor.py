@@ -102,17 +102,11 @@ def test_non_finite_weights_name_the_layer():
         compress(model, CompressConfig(), calib_windows(n=2, seqlen=16), progress=False)
 
 
-def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+def _interrupted_after_first_block(monkeypatch, run) -> None:
+    """run() with compressor.save_layers raising KeyboardInterrupt on its second call (block 0 is saved)."""
     import slim_trt.compressor as C
 
-    cfg = CompressConfig()
-    calib = CalibConfig(nsamples=4, seqlen=16)
-    out_a = tmp_path / "a"
-    compress_model(str(tiny_model_dir), out_a, cfg, calib, progress=False)
-
-    out_b = tmp_path / "b"
-    real = C.save_layers
-    calls = {"n": 0}
+    real, calls = C.save_layers, {"n": 0}
 
     def crash_after_first_block(*a, **k):
         calls["n"] += 1
@@ -122,9 +116,20 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_pat
 
     monkeypatch.setattr(C, "save_layers", crash_after_first_block)
     with pytest.raises(KeyboardInterrupt):
-        compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
-    assert not out_b.exists() and (tmp_path / "b.partial" / "block_0000.json").exists()
+        run()
     monkeypatch.setattr(C, "save_layers", real)
+
+
+def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    cfg = CompressConfig()
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    out_a = tmp_path / "a"
+    compress_model(str(tiny_model_dir), out_a, cfg, calib, progress=False)
+
+    out_b = tmp_path / "b"
+    _interrupted_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), out_b, cfg, calib,
+                                                                       progress=False))
+    assert not out_b.exists() and (tmp_path / "b.partial" / "block_0000.json").exists()
 
     # a different config must not silently mix with the saved blocks
     with pytest.raises(SlimError, match="different"):
@@ -189,24 +194,12 @@ def test_load_reproduces_the_fake_quantized_activations(tmp_path):
 
 def test_w8a8_resume_with_smoothing_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
     """Smoothing changes the norms of each block; a resumed run must restore them with the compressed layers."""
-    import slim_trt.compressor as C
-
     cfg = CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": 0.5, "refit_rounds": 1})
     calib = CalibConfig(nsamples=4, seqlen=16)
     compress_model(str(tiny_model_dir), tmp_path / "a", cfg, calib, progress=False)
-    real, calls = C.save_layers, {"n": 0}
-
-    def crash_after_first_block(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(C, "save_layers", crash_after_first_block)
-    with pytest.raises(KeyboardInterrupt):
-        compress_model(str(tiny_model_dir), tmp_path / "b", cfg, calib, progress=False)
+    _interrupted_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "b", cfg,
+                                                                       calib, progress=False))
     assert (tmp_path / "b.partial" / "block_0000.dense.safetensors").exists()
-    monkeypatch.setattr(C, "save_layers", real)
     compress_model(str(tiny_model_dir), tmp_path / "b", cfg, calib, progress=False)
     a, b = slim_trt.load(tmp_path / "a"), slim_trt.load(tmp_path / "b")
     x = calib_windows(n=2, seqlen=12, seed=1)
