@@ -143,6 +143,9 @@ ROWS: tuple[Row, ...] = (
     Row(37, "w8a8-dense-lrc-r01", "W8A8 dense + LRC r0.1 (the LRC paper's rank)",
         {**W8_DENSE, "act_bits": 8, "lowrank": "lrc"}),
     Row(38, "w8a8-dense-none-smooth", "row 33 + SmoothQuant alpha 0.5", {**W8_DENSE, "act_bits": 8, "smooth_alpha": 0.5}),
+    # FP16 2:4 (no quantization) for the recipe table: what the sparsity alone costs.
+    Row(39, "fp16-sgpt", "FP16 2:4: SparseGPT, no quantization, no adapters", {**W8A16, "bits": 16, "lowrank": "none"}),
+    Row(40, "fp16-sgpt-hlora", "FP16 2:4 + H-LoRA r0.23 (4-bit), 3 refits", {**W8A16, "bits": 16}),
 )
 
 PEERS = {
