@@ -18,6 +18,10 @@ from tests.exporter.conftest import save_compressed_checkpoint, w8a8_model
 from tests.exporter.test_export import _ids
 
 
+def _short_dtype(layer):
+    return tuple(str(t).lower().replace("tensor(", "").rstrip(")") for t in (layer.dtype, layer.activation))
+
+
 def _graph(path):
     proto = onnx.load(str(path))
     inits = {t.name: t for t in proto.graph.initializer}
@@ -64,15 +68,26 @@ def test_activation_qdq_int8_weights_and_float_adapters(family, lowrank, tmp_pat
     assert report.ok and report.metrics["mean_abs"] < 2e-4, report.metrics
 
 
-def test_fp16_export_verifies_and_lints(tmp_path):
+def test_fp16_export_lints_with_sparse_int8_gemms(tmp_path):
+    export_model(w8a8_model("gemma3"), tmp_path / "e", options=ExportOptions(dtype="fp16"))
+    for target in ("trt10", "trt11", "jetson-orin-jp6", "jetson-orin"):
+        r = lint(tmp_path / "e" / "model.onnx", target=target)
+        assert r.ok, format_report(r)
+        # every compressed GEMM is INT8 x INT8 with a 2:4 weight: eligible for sparse INT8 tensor cores, except
+        # k/v_proj whose N = 16 is not a multiple of the INT8 sparse tile (32)
+        base = [x for x in r.layers if x.is_2to4]
+        assert len(base) == 14, format_report(r)
+        for x in base:
+            want = ("shape", False) if x.N % 32 else ("eligible", True)
+            assert (x.sparse_class, x.sparse_eligible) == want and _short_dtype(x) == ("int8", "int8"), x
+
+
+def test_fp16_export_verifies(tmp_path):
     model = w8a8_model("gemma3")
     export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp16"))
-    path = tmp_path / "e" / "model.onnx"
-    report = verify_model(path, model, _ids(), decode_steps=3, thresholds=Thresholds.for_dtype("fp16"))
+    report = verify_model(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=3,
+                          thresholds=Thresholds.for_dtype("fp16"))
     assert report.ok, report.metrics
-    for target in ("trt10", "trt11", "jetson-orin-jp6"):
-        r = lint(path, target=target)
-        assert r.ok, format_report(r)
 
 
 def test_checkpoint_export_verify_and_refusals(tmp_path, capsys):
