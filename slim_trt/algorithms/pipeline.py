@@ -98,7 +98,7 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
     rel_error = output_rel_error(E, W, H)
     if act is not None:  # the same layers, measured with their quantized inputs
         base_err = lrc_rel_error(W, base_q, None, H, act)
-        rel_error = lrc_rel_error(W, _as_float(weight), None if L is None else _as_float(L) @ _as_float(R), H, act)
+        rel_error = base_err if L is None else lrc_rel_error(W, _as_float(weight), _as_float(L) @ _as_float(R), H, act)
     return CompressedWeight(weight=weight, mask=mask, lora_L=L, lora_R=R, rel_error_base=base_err,
                             rel_error=rel_error, refit_rounds=rounds)
 
