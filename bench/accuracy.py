@@ -70,6 +70,14 @@ HLORA = paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq
 # tests/algorithms/test_rank_plan.py), so their stored configs carry it.
 BEST = {**HLORA, "quantizer": "slim", "rank_ratio": 0.23, "refit_rounds": 3, "max_bits": 4.5}
 FINETUNE = {"loss": "kd", "steps": 50, "minutes": 25.0, "batch_size": 4, "lr": 1e-4, "windows": 128}
+# Issue 13, W8A8 for TensorRT's sparse INT8 tensor cores: SparseGPT 2:4 with per-channel INT8 weights (SLiM-Quant
+# clip per output channel in the OBS sweep), H-LoRA adapters rank 0.23 rounded to 4 bits by GPTQ, 3 refit rounds:
+# the W8A16 reference. The W8A8 rows add static per-tensor INT8 activation scales (MSE estimator) and change how
+# the adapters are fitted (weight-only H-LoRA or LRC) or smooth; the dense rows drop the 2:4 mask (GPTQ INT8).
+W8A16 = paper(**{**SGPT, "bits": 8, "quantizer": "slim", "group_size": -1}, lowrank="hessian", rank_ratio=0.23,
+              adapter_quantizer="gptq", refit_rounds=3)
+W8A8 = {**W8A16, "act_bits": 8, "act_scale_method": "mse", "act_percentile": 99.99}
+W8_DENSE = {**W8A16, "sparsity": "none", "quantizer": "gptq", "lowrank": "none", "rank_ratio": 0.1}
 
 # 2:4 sparsity and 4-bit weights unless named.
 ROWS: tuple[Row, ...] = (
@@ -114,6 +122,26 @@ ROWS: tuple[Row, ...] = (
         finetune=FINETUNE),
     Row(26, "sgpt-slimq-hlora-gq4-r017-refit3", "row 24 at rank 0.17 (4.107 bits, below llm-compressor's 4.125)",
         {**BEST, "rank_ratio": 0.17}),
+    # Issue 13: W8A8 (INT8 weights per output channel, static per-tensor INT8 activations).
+    Row(27, "w8a16-sgpt-hlora", "W8A16 2:4: SparseGPT INT8 per-channel + H-LoRA r0.23, 3 refits (reference)", W8A16),
+    Row(28, "w8a8-sgpt-none", "W8A8 2:4, no adapters", {**W8A8, "lowrank": "none"}),
+    Row(29, "w8a8-sgpt-hlora", "W8A8 2:4 + weight-only H-LoRA (row 27's recipe with INT8 activations)", W8A8),
+    Row(30, "w8a8-sgpt-lrc", "W8A8 2:4 + LRC adapters (--preset trt-int8-sparse)", {**W8A8, "lowrank": "lrc"}),
+    Row(31, "w8a8-sgpt-lrc-smooth", "row 30 + SmoothQuant alpha 0.5", {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5}),
+    Row(32, "w8a16-dense", "W8A16 dense: GPTQ INT8 per-channel, no adapters", W8_DENSE),
+    Row(33, "w8a8-dense-none", "W8A8 dense, no adapters (MSE activation scales)", {**W8_DENSE, "act_bits": 8}),
+    Row(34, "w8a8-dense-none-max", "row 33 with max activation scales", {**W8_DENSE, "act_bits": 8,
+                                                                           "act_scale_method": "max"}),
+    Row(35, "w8a8-dense-none-pct", "row 33 with 99.99th-percentile activation scales",
+        {**W8_DENSE, "act_bits": 8, "act_scale_method": "percentile"}),
+    Row(36, "w8a8-dense-hlora-r01", "W8A8 dense + weight-only H-LoRA r0.1",
+        {**W8_DENSE, "act_bits": 8, "lowrank": "hessian"}),
+    Row(37, "w8a8-dense-lrc-r01", "W8A8 dense + LRC r0.1 (the LRC paper's rank)",
+        {**W8_DENSE, "act_bits": 8, "lowrank": "lrc"}),
+    Row(38, "w8a8-dense-none-smooth", "row 33 + SmoothQuant alpha 0.5", {**W8_DENSE, "act_bits": 8, "smooth_alpha": 0.5}),
+    # FP16 2:4 (no quantization) for the recipe table: what the sparsity alone costs.
+    Row(39, "fp16-sgpt", "FP16 2:4: SparseGPT, no quantization, no adapters", {**W8A16, "bits": 16, "lowrank": "none"}),
+    Row(40, "fp16-sgpt-hlora", "FP16 2:4 + H-LoRA r0.23 (4-bit), 3 refits", {**W8A16, "bits": 16}),
 )
 
 PEERS = {
@@ -313,6 +341,48 @@ def gap_closed(rows: dict) -> dict:
     return out
 
 
+def w8a8_analysis(rows: dict) -> dict:
+    """Issue 13's goals and the LRC paper's claim, from the W8A8 rows (None where a row is missing).
+
+    act_gap_*: what INT8 activations cost on top of the same INT8 weights; lrc_gap_closed_*: the fraction of the
+    W8A8-without-correction-to-reference gap that LRC adapters close (the paper: > 50% at rank 0.1)."""
+    def ppl(key):
+        r = rows.get(key)
+        return r["perplexity"] if r and r.get("status") == "ok" else None
+
+    def ratio(a, b):
+        return None if a is None or b is None else round(a / b, 4)
+
+    def closed(none, corrected, ref):
+        if None in (none, corrected, ref) or none == ref:
+            return None
+        return round((none - corrected) / (none - ref), 4)
+
+    dense, w8a16, lrc = ppl("1-dense"), ppl("27-w8a16-sgpt-hlora"), ppl("30-w8a8-sgpt-lrc")
+    d_w8, d_none, d_lrc = ppl("32-w8a16-dense"), ppl("33-w8a8-dense-none"), ppl("37-w8a8-dense-lrc-r01")
+    out = {
+        "sparse_lrc_over_w8a16": ratio(lrc, w8a16), "sparse_lrc_over_dense": ratio(lrc, dense),
+        "sparse_hlora_over_w8a16": ratio(ppl("29-w8a8-sgpt-hlora"), w8a16),
+        "sparse_lrc_smooth_over_w8a16": ratio(ppl("31-w8a8-sgpt-lrc-smooth"), w8a16),
+        "dense_lrc_over_dense": ratio(d_lrc, dense), "dense_none_over_dense": ratio(d_none, dense),
+        "dense_w8a16_over_dense": ratio(d_w8, dense),
+        # the paper's claim at rank 0.1: gap to the float model, and to the W8A16 model (the activation part alone)
+        "lrc_gap_closed_vs_dense": closed(d_none, d_lrc, dense),
+        "lrc_gap_closed_vs_w8a16": closed(d_none, d_lrc, d_w8),
+        "hlora_gap_closed_vs_dense": closed(d_none, ppl("36-w8a8-dense-hlora-r01"), dense),
+        "sparse_lrc_gap_closed_vs_w8a16": closed(ppl("28-w8a8-sgpt-none"), lrc, w8a16),
+    }
+    goals = {"sparse_lrc_within_5pct_of_w8a16": (None if out["sparse_lrc_over_w8a16"] is None
+                                                 else out["sparse_lrc_over_w8a16"] <= 1.05),
+             "sparse_lrc_at_most_1.35x_dense": (None if out["sparse_lrc_over_dense"] is None
+                                                else out["sparse_lrc_over_dense"] <= 1.35),
+             "dense_lrc_within_3pct_of_dense": (None if out["dense_lrc_over_dense"] is None
+                                                else out["dense_lrc_over_dense"] <= 1.03),
+             "lrc_closes_over_half_at_rank_0.1": (None if out["lrc_gap_closed_vs_dense"] is None
+                                                  else out["lrc_gap_closed_vs_dense"] > 0.5)}
+    return {**out, "goals": goals}
+
+
 BUDGET_BITS = 4.5  # issue 7: bits per parameter with adapters, averaged over the compressed linears
 
 
@@ -362,6 +432,12 @@ def markdown(results: dict) -> str:
         lines += ["", f"Gap closed by SLiM-LoRA between SparseGPT+GPTQ and dense: {g['7-slim-lora']:.1%}"
                       + (f" (4-bit adapters: {g['8-slim-lora-q4-adapters']:.1%})"
                          if g.get("8-slim-lora-q4-adapters") is not None else "") + "."]
+    w = results.get("w8a8", {})
+    if any(v is not None for k, v in w.items() if k != "goals"):
+        shown = {k: v for k, v in w.items() if k != "goals" and v is not None}
+        lines += ["", "W8A8 (issue 13): " + ", ".join(f"{k} {v}" for k, v in shown.items()) + "; goals: "
+                  + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in w["goals"].items() if v is not None)
+                  + "."]
     for name in ("best_one_shot", "best_finetuned"):
         key = results.get(name)
         if key and key in results["rows"]:
@@ -417,6 +493,7 @@ class Results(harness.ResultsFile):
             if r.get("status") == "ok" and dense:
                 r["ratio_to_dense"] = round(r["perplexity"] / dense, 4)
         self.data["gap_closed"] = gap_closed(rows)
+        self.data["w8a8"] = w8a8_analysis(rows)
         self.data.update(best_rows(rows))
 
     def markdown(self) -> str:
@@ -466,7 +543,7 @@ def run_ours(row: Row, ctx: Context) -> dict:
             "compress_seconds": summary["seconds"], "peak_rss_gb": round(peak, 3),
             "mean_rel_error_base": summary["mean_rel_error_base"], "mean_rel_error": summary["mean_rel_error"],
             "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"],
-                           **({"refit_rounds": v["refit_rounds"]} if "refit_rounds" in v else {})}
+                           **{k: v[k] for k in ("refit_rounds", "act_scale") if k in v}}
                        for n, v in report.layers.items()},
             "block_output_rel_error": [b["output_rel_error"] for b in sorted(report.blocks, key=lambda b: b["index"])]}
 

@@ -115,6 +115,11 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
         meta["lora_R"] = _factor_to_tensors(f"{name}.lora_R", R, t)
     if layer.bias is not None:
         t[f"{name}.bias"] = layer.bias.to(torch.float32).contiguous()
+    if layer.act_scale is not None:
+        # Static INT8 activation scale: the tensor is what load() reads (exact, checksummed); the manifest copy
+        # is for people and tools reading the JSON.
+        t[f"{name}.act_scale"] = torch.tensor(layer.act_scale, dtype=torch.float32)
+        meta.update(act_bits=layer.act_bits, act_scale=layer.act_scale)
     return t, meta
 
 
@@ -140,8 +145,9 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> Com
     if meta.get("rank"):
         L = _factor_from_tensors(f"{name}.lora_L", t, meta["lora_L"])
         R = _factor_from_tensors(f"{name}.lora_R", t, meta["lora_R"])
+    act_scale = float(t[f"{name}.act_scale"]) if meta.get("act_bits") else None
     return CompressedLinear(weight, mask=mask, sparsity=meta["sparsity"], lora_L=L, lora_R=R,
-                            bias=t.get(f"{name}.bias"))
+                            bias=t.get(f"{name}.bias"), act_scale=act_scale, act_bits=meta.get("act_bits") or 8)
 
 
 # ---------------------------------------------------------------- checksums

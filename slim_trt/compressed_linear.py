@@ -1,4 +1,4 @@
-"""The compressed Linear: y = W_c x + L (R x) + b.
+"""The compressed Linear: y = W_c x + L (R x) + b, or y = W_c Q(x) + L (R x) + b with static INT8 activations.
 
 W_c is the quantized (and pruned) base weight, L [out, r] and R [r, in] the low-rank adapters. The module
 keeps both the integer form (for saving and for the ONNX exporter) and the dequantized float form (for a
@@ -7,12 +7,16 @@ fast forward pass); the float form is derived, never saved.
 For adapter fine-tuning, train_adapters() turns L and R into fp32 Parameters (master copies; quantized adapters
 are fake-quantized in the forward with a straight-through estimator) and freeze_adapters() turns them back into
 buffers plus their integer form, re-quantized on the same grid.
+
+With `act_scale` (W8A8 checkpoints) the base GEMM reads Q(x) = clamp(round(x / act_scale), -128, 127) *
+act_scale, exactly what the exported QuantizeLinear -> DequantizeLinear pair computes; the adapters read x.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from .algorithms.actquant import fake_quant
 from .algorithms.lowrank import quantize_adapter
 from .algorithms.qtensor import QuantizedTensor
 
@@ -36,8 +40,15 @@ class CompressedLinear(nn.Module):
         lora_R: Factor | None = None,
         bias: torch.Tensor | None = None,
         compute_dtype: torch.dtype = torch.float32,
+        act_scale: float | None = None,
+        act_bits: int = 8,
     ) -> None:
         super().__init__()
+        if act_scale is not None and not (act_scale > 0 and act_bits == 8):
+            raise ValueError(f"act_scale must be > 0 with act_bits 8, got {act_scale} / {act_bits}")
+        # Kept as the float32 value the checkpoint stores, so a reloaded layer quantizes on the very same grid.
+        self.act_scale = None if act_scale is None else float(torch.tensor(act_scale, dtype=torch.float32))
+        self.act_bits = act_bits
         self.out_features, self.in_features = weight.shape
         self.qweight = weight if isinstance(weight, QuantizedTensor) else None
         self.sparsity = sparsity
@@ -83,8 +94,16 @@ class CompressedLinear(nn.Module):
             A = A + (quantize_adapter(A, *spec).dequantize() - A).detach()
         return A
 
+    def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What the base GEMM reads: x itself, or its INT8 fake quantization (straight-through when training)."""
+        if self.act_scale is None:
+            return x
+        xq = fake_quant(x, self.act_scale, self.act_bits)
+        return x + (xq - x).detach() if x.requires_grad else xq
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = nn.functional.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        y = nn.functional.linear(self.quantized_input(x), self.weight.to(x.dtype),
+                                 None if self.bias is None else self.bias.to(x.dtype))
         if self.lora_L is not None:
             L, R = self._adapter("lora_L"), self._adapter("lora_R")
             y = y + nn.functional.linear(nn.functional.linear(x, R.to(x.dtype)), L.to(x.dtype))
@@ -125,8 +144,9 @@ class CompressedLinear(nn.Module):
             self.register_buffer(name, master.to(dtype), persistent=False)
 
     def extra_repr(self) -> str:
+        act = "" if self.act_scale is None else f", act_bits={self.act_bits}, act_scale={self.act_scale:g}"
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"sparsity={self.sparsity}, rank={self.rank}")
+                f"sparsity={self.sparsity}, rank={self.rank}{act}")
 
 
 def compressed_layers(model: nn.Module):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, plan_ranks, storage_bits
-from .calibration.runner import BlockResult, LinearStats, run_layerwise
+from .calibration.runner import ActCalibration, BlockResult, LinearStats, run_layerwise
 from .calibration.resume import BlockStore
 from .checkpoint import save
 from .compressed_linear import CompressedLinear
@@ -120,15 +120,35 @@ def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[
 def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig, *, rank: int | None = None,
                     base=None) -> tuple[CompressedLinear, dict]:
     W = lin.weight.detach()
-    cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base)
+    cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base,
+                         act=stats.act_moments)
     sp = cfg.sparsity_spec
     layer = CompressedLinear(cw.weight, mask=cw.mask, sparsity=str(sp), lora_L=cw.lora_L, lora_R=cw.lora_R,
-                             bias=lin.bias, compute_dtype=W.dtype)
+                             bias=lin.bias, compute_dtype=W.dtype, act_scale=stats.act_scale)
     info = {"rel_error_base": round(cw.rel_error_base, 6), "rel_error": round(cw.rel_error, 6),
             "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
+    if layer.act_scale is not None:
+        info["act_scale"] = layer.act_scale
     if cfg.refit_rounds:
         info["refit_rounds"] = cw.refit_rounds
     return layer, info
+
+
+def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration | None:
+    """The runner's activation-quantization step for a W8A8 config (None when activations stay float)."""
+    if config.act_bits is None:
+        return None
+    from .algorithms.actquant import act_scale
+    from .calibration.smoothing import smooth_block
+
+    def scale(st: LinearStats) -> float:
+        return act_scale(st.abs_hist, config.act_scale_method, config.act_bits, config.act_percentile)
+
+    def smooth(i, block, linears, stats) -> bool:
+        absmax = {n: st.channel_absmax for n, st in stats.items()}
+        return bool(smooth_block(block, model.config, linears, absmax, config.smooth_alpha))
+
+    return ActCalibration(bits=config.act_bits, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
 
 
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
@@ -178,6 +198,8 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
         if found is None:
             return False
         layers, meta = found
+        if "dense" in meta:  # the norms / dense linears that absorbed SmoothQuant scales
+            block.load_state_dict(meta["dense"], strict=False)
         for full, layer in layers.items():
             block.set_submodule(full[len(f"{prefix}{i}."):], layer.to(next(model.parameters()).dtype))
         report.layers.update(meta["infos"])
@@ -194,15 +216,18 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
             bar.write(f"block {res.index:>3}: out err {res.output_rel_error:.4f} | {errs}")
         if store is not None:
             skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
+            smoothed = config.smooth_alpha is not None  # the block's norms absorbed scales: keep its whole state
             store.save(res.index, {n: model.get_submodule(n) for n in res.layers},
-                       {"infos": res.layers, "skipped": skipped, "block": entry})
+                       {"infos": res.layers, "skipped": skipped, "block": entry},
+                       dense=blocks[res.index].state_dict() if smoothed else None)
 
     from tqdm.auto import tqdm
 
     bar = tqdm(range(len(blocks)), desc="compress", unit="block", disable=not progress, file=sys.stderr)
     with torch.no_grad():
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
-                      restore_block=restore_block, on_block_done=on_block_done, progress=bar)
+                      restore_block=restore_block, on_block_done=on_block_done, progress=bar,
+                      act=act_calibration(config, model))
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0

@@ -14,10 +14,12 @@ from .errors import SlimError
 
 QUANTIZERS = ("slim", "absmax", "gptq")
 PRUNERS = ("wanda", "sparsegpt", "magnitude")
-LOWRANKS = ("slim", "hessian", "svd", "none")
+LOWRANKS = ("slim", "hessian", "svd", "lrc", "none")
 RANK_ALLOCATIONS = ("uniform", "sensitivity")
 ADAPTER_QUANTIZERS = ("gptq", "rtn")
 BITS = (4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
+ACT_BITS = (None, 8)  # None: weight-only (activations stay float); 8: static per-tensor INT8 activations
+ACT_SCALE_METHODS = ("max", "percentile", "mse")  # see algorithms/actquant.py
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,13 @@ class CompressConfig:
     # The model-wide budget of the compressed layers, adapters included (README "Bits per parameter"): when the
     # ranks from rank_ratio would exceed it, the ratio is lowered until they fit (algorithms.pipeline.plan_ranks).
     max_bits: float | None = 4.5
+    # W8A8 (issue 13): static symmetric per-tensor INT8 scales for every compressed linear's input, calibrated on
+    # the calibration windows by act_scale_method; optional SmoothQuant migration (alpha) into the previous norm
+    # or linear; lowrank "lrc" fits the adapters to the error of both quantizations (algorithms/lrc.py).
+    act_bits: int | None = None
+    act_scale_method: str = "mse"
+    act_percentile: float = 99.99
+    smooth_alpha: float | None = None
 
     def __post_init__(self) -> None:
         Sparsity.parse(self.sparsity)  # raises on bad text
@@ -134,10 +143,39 @@ class CompressConfig:
         if self.lowrank == "none" and self.rank_allocation != "uniform":
             raise SlimError("--rank-allocation sensitivity shares out adapter ranks, but --lowrank none makes no "
                             "adapters: drop it or choose --lowrank hessian (or slim, svd)")
+        self._check_act()
         if self.lowrank == "none":
             # Refit rounds alternate base and adapters; without adapters the one-shot base is already final.
             object.__setattr__(self, "refit_rounds", 0)
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
+
+    def _check_act(self) -> None:
+        if isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS:
+            raise SlimError(f"bad --act-bits {self.act_bits!r}: only 8 is supported (static per-tensor INT8 "
+                            f"activations for TensorRT's INT8 tensor cores); leave it out for weight-only")
+        if self.act_scale_method not in ACT_SCALE_METHODS:
+            raise SlimError(f"bad --act-scale {self.act_scale_method!r}: choose one of {', '.join(ACT_SCALE_METHODS)}")
+        if not (0.0 < self.act_percentile <= 100.0):
+            raise SlimError(f"bad activation percentile {self.act_percentile}: it must be in (0, 100], e.g. 99.99")
+        if self.smooth_alpha is not None and not (0.0 <= self.smooth_alpha <= 1.0):
+            raise SlimError(f"bad --smooth-alpha {self.smooth_alpha}: it must be in [0, 1] (SmoothQuant uses 0.5)")
+        if self.act_bits is None:
+            if self.lowrank == "lrc":
+                raise SlimError("--lowrank lrc corrects the error of quantized activations: add --act-bits 8, or "
+                                "choose --lowrank hessian for weight-only quantization")
+            if self.smooth_alpha is not None:
+                raise SlimError("--smooth-alpha moves activation outliers into the weights for INT8 activations: "
+                                "add --act-bits 8 or drop it")
+            return
+        if self.bits != 8:
+            raise SlimError(f"--act-bits 8 needs --bits 8: TensorRT runs INT8 x INT8 GEMMs; INT4 weights are "
+                            f"weight-only there and float weights take no INT8 input (got --bits {self.bits})")
+        if self.effective_group_size not in (0, -1):
+            raise SlimError(f"--act-bits 8 needs one weight scale per output channel (--group-size -1) or per "
+                            f"tensor (0): TensorRT's INT8 GEMMs take no group-wise weight scales (got "
+                            f"--group-size {self.effective_group_size})")
+        if self.lowrank == "lrc" and self.rank_allocation != "uniform":
+            raise SlimError("--rank-allocation sensitivity does not support --lowrank lrc: use uniform ranks")
 
     @property
     def sparsity_spec(self) -> Sparsity:
@@ -190,4 +228,12 @@ PRESETS: dict[str, dict] = {
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
                        rank_allocation="uniform", max_bits=None),
+    # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
+    # static per-tensor INT8 activations, LRC adapters (they read the float activation) rounded to 4 bits.
+    # INT8 2:4 alone stores 5 bits/param, so this recipe has no bits budget of its own.
+    "trt-int8-sparse": dict(sparsity="2:4", bits=8, quantizer="slim", group_size=-1, pruner="sparsegpt",
+                            lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
+                            adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
+                            refit_rounds=3, rank_allocation="uniform", act_bits=8, act_scale_method="mse",
+                            act_percentile=99.99, smooth_alpha=None, max_bits=None),
 }

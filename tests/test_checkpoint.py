@@ -6,7 +6,7 @@ import torch
 from slim_trt.checkpoint import MANIFEST, load, pack_uint, save, unpack_uint
 from slim_trt.compressor import compress
 from slim_trt.compressed_linear import compressed_layers
-from slim_trt.config import CompressConfig
+from slim_trt.config import PRESETS, CompressConfig
 from slim_trt.errors import SlimError
 from tests.conftest import calib_windows, tiny_model, tiny_tokenizer
 
@@ -23,6 +23,7 @@ CONFIGS = {
                                                          group_size=32, quantize_adapters=True, adapter_group_size=16),
     "int8-dense-svd": CompressConfig(sparsity="none", bits=8, lowrank="svd", max_bits=None),
     "fp-2:4-noadapters": CompressConfig(bits=16, lowrank="none"),
+    "w8a8-2:4-lrc-smooth": CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": 0.5}),
 }
 
 
@@ -93,3 +94,21 @@ def test_manifest_records_layers(saved):
     assert {"config.json", "generation_config.json", "model.safetensors",
             "slim_layers.safetensors"} <= set(m["files"])
     assert len(m["content_sha256"]) == 64
+
+
+def test_activation_scales_are_stored_and_reloaded_exactly(tmp_path):
+    model = tiny_model("gemma3")
+    compress(model, CompressConfig(**PRESETS["trt-int8-sparse"]), calib_windows(n=4, seqlen=16), progress=False)
+    save(model, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST).read_text())
+    loaded = dict(compressed_layers(load(tmp_path / "ckpt")))
+    assert len(loaded) == 14
+    for name, layer in compressed_layers(model):
+        entry = manifest["layers"][name]
+        assert entry["act_bits"] == 8 and entry["act_scale"] == layer.act_scale == loaded[name].act_scale
+        assert "act_scale" in entry["tensors"]  # the stored tensor is checksummed like the weights
+    # a layer without activation quantization stores none
+    plain = tiny_model("llama")
+    compress(plain, CompressConfig(), calib_windows(n=4, seqlen=16), progress=False)
+    save(plain, tmp_path / "plain")
+    assert not any("act_scale" in e for e in json.loads((tmp_path / "plain" / MANIFEST).read_text())["layers"].values())

@@ -198,3 +198,77 @@ def test_a_corrupt_block_in_the_partial_folder_is_dropped_and_recomputed(tiny_mo
     assert not [w for w in seen if "corrupt" in str(w.message)]
     assert compressed and all(name.startswith("model.layers.1.") for name in compressed)  # block 0 was restored
     assert torch.equal(slim_trt.load(tmp_path / "legacy")(x).logits, ref(x).logits)
+
+
+W8A8 = CompressConfig(**PRESETS["trt-int8-sparse"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_w8a8_preset_int8_weights_per_channel_and_static_activation_scales(family):
+    model = tiny_model(family)
+    windows = calib_windows(n=6, seqlen=24)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: inputs.setdefault(n, []).append(a[0].detach()))
+             for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers.0." in n]
+    with torch.no_grad():
+        model(windows)
+    for h in hooks:
+        h.remove()
+    report = compress(model, W8A8, windows, progress=False)
+    assert report.summary()["mean_rel_error"] < report.summary()["mean_rel_error_base"]
+    for name, layer in compressed_layers(model):
+        N, K = layer.base_weight().shape
+        assert layer.qweight.bits == 8 and layer.qweight.group_size == -1 and layer.qweight.scale.shape == (N, 1)
+        assert nm_violations(layer.base_weight(), 2, 4) == 0 and int(layer.mask.sum()) == N * K // 2, name
+        assert layer.act_bits == 8 and layer.act_scale > 0 and report.layers[name]["act_scale"] == layer.act_scale
+        assert float(torch.tensor(layer.act_scale).half()) == layer.act_scale  # an fp16 value: same grid in fp16
+        if name in inputs:  # block 0 saw the dense inputs: the MSE scale clips at most the largest values
+            amax = float(torch.cat(inputs[name]).abs().max())
+            assert 0.25 * amax / 127 < layer.act_scale <= amax / 127 * 1.001, name
+
+
+def test_load_reproduces_the_fake_quantized_activations(tmp_path):
+    """The checkpoint's forward is W_c Q(x) + L R x: base on the INT8 grid of the stored scale, adapters on x."""
+    model = tiny_model("llama")
+    compress(model, W8A8, calib_windows(n=4, seqlen=16), progress=False)
+    from slim_trt.checkpoint import save
+
+    save(model, tmp_path / "ckpt")
+    layer = dict(compressed_layers(slim_trt.load(tmp_path / "ckpt")))["model.layers.1.mlp.down_proj"]
+    x = torch.randn(3, 5, layer.in_features) * 4 * layer.act_scale * 127 / 3
+    s = layer.act_scale
+    xq = torch.clamp(torch.round(x / s), -128, 127) * s
+    assert float((xq / s - torch.round(xq / s)).abs().max()) < 1e-4 and (x.abs() > 127 * s).any()  # on the grid, clipped
+    L, R = layer.lowrank_factors()
+    want = xq @ layer.base_weight().T + (x @ R.T) @ L.T
+    with torch.no_grad():
+        got = layer(x)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    unquantized = x @ layer.base_weight().T + (x @ R.T) @ L.T
+    assert float((got - unquantized).abs().max()) > 1e-3  # the quantization is really applied
+
+
+def test_w8a8_resume_with_smoothing_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    """Smoothing changes the norms of each block; a resumed run must restore them with the compressed layers."""
+    cfg = CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": 0.5, "refit_rounds": 1})
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    compress_model(str(tiny_model_dir), tmp_path / "a", cfg, calib, progress=False)
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "b", cfg,
+                                                                     calib, progress=False))
+    assert (tmp_path / "b.partial" / "block_0000.dense.safetensors").exists()
+    import shutil
+
+    shutil.copytree(tmp_path / "b.partial", tmp_path / "c.partial")
+    compress_model(str(tiny_model_dir), tmp_path / "b", cfg, calib, progress=False)
+    # the block's smoothed state is checksummed like its layers: a damaged one is dropped and recomputed
+    _flip_last_byte(tmp_path / "c.partial" / "block_0000.dense.safetensors")
+    with pytest.warns(UserWarning, match=r"block 0 is corrupt .*dense\.safetensors"):
+        compress_model(str(tiny_model_dir), tmp_path / "c", cfg, calib, progress=False)
+    a, b, c = (slim_trt.load(tmp_path / n) for n in "abc")
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    assert torch.equal(a(x).logits, b(x).logits) and torch.equal(a(x).logits, c(x).logits)
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.equal(a.state_dict()[norm], b.state_dict()[norm])
+    from tests.conftest import tiny_model as fresh
+
+    assert not torch.equal(a.state_dict()[norm], fresh("llama").state_dict()[norm])  # smoothing did change it

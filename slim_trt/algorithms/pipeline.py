@@ -12,6 +12,7 @@ import torch
 from ..config import CompressConfig
 from ..errors import SlimError
 from .lowrank import hessian_root, rank_for
+from .lrc import ActErrorMoments, LRCSystem, lrc_fit, lrc_rel_error
 from .prune import magnitude_scores, prune, pruned_count, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
@@ -65,12 +66,22 @@ def compress_base(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor,
 
 def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, saliency: torch.Tensor,
                     cfg: CompressConfig, *, rank: int | None = None,
-                    base: tuple[QuantizedTensor | torch.Tensor, torch.Tensor] | None = None) -> CompressedWeight:
+                    base: tuple[QuantizedTensor | torch.Tensor, torch.Tensor] | None = None,
+                    act: ActErrorMoments | None = None) -> CompressedWeight:
     """quantize -> prune -> adapters (-> refit rounds). `rank` overrides the config's rank (sensitivity
-    allocation); `base` is a (weight, mask) pair from compress_base already computed by the caller."""
+    allocation); `base` is a (weight, mask) pair from compress_base already computed by the caller.
+
+    act: the moments of the layer's activation-quantization error (W8A8). The errors reported then include it
+    (lrc.lrc_rel_error), and lowrank "lrc" fits base and adapters to that objective (lrc.py); the other
+    lowrank methods fit to the weight error only, as without act."""
     W = W.detach().to(torch.float32)
+    if cfg.lowrank == "lrc":
+        if act is None:
+            raise ValueError("lowrank 'lrc' needs the activation-quantization moments (act)")
+        return _compress_lrc(W, H, act_norm, cfg, act, rank)
     weight, mask = base if base is not None else compress_base(W, H, act_norm, cfg)
     E = W - _as_float(weight)
+    base_q = _as_float(weight)
     base_err = output_rel_error(E, W, H)
     L = R = None
     rounds = 0
@@ -84,8 +95,25 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
         E = E - _as_float(L) @ _as_float(R)
     if cfg.sparsity_spec.kind == "none":
         mask = None
+    rel_error = output_rel_error(E, W, H)
+    if act is not None:  # the same layers, measured with their quantized inputs
+        base_err = lrc_rel_error(W, base_q, None, H, act)
+        rel_error = base_err if L is None else lrc_rel_error(W, _as_float(weight), _as_float(L) @ _as_float(R), H, act)
     return CompressedWeight(weight=weight, mask=mask, lora_L=L, lora_R=R, rel_error_base=base_err,
-                            rel_error=output_rel_error(E, W, H), refit_rounds=rounds)
+                            rel_error=rel_error, refit_rounds=rounds)
+
+
+def _compress_lrc(W, H, act_norm, cfg: CompressConfig, act: ActErrorMoments, rank: int | None) -> CompressedWeight:
+    """LRC: the base fitted for Q(x) (target base_target, Hessian H_qq), adapters on E_eff, refit rounds."""
+    system = LRCSystem(H, act)
+    weight, mask = compress_base(system.base_target(W, None), act.H_qq, act_norm, cfg)
+    r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
+    res = lrc_fit(W, system, cfg, weight, mask, r, cfg.refit_rounds)
+    den = float(((W @ H) * W).sum())
+    rel = [(j / den) ** 0.5 if den > 0 else 0.0 for j in res.objectives]
+    return CompressedWeight(weight=res.weight, mask=None if cfg.sparsity_spec.kind == "none" else mask,
+                            lora_L=res.lora_L, lora_R=res.lora_R, rel_error_base=rel[0], rel_error=rel[-1],
+                            refit_rounds=res.rounds_kept)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -67,11 +67,17 @@ def fit_adapters(E: torch.Tensor, saliency: torch.Tensor, rank: int, cfg: Compre
         L, R = slim_lowrank(E, saliency, rank)
     else:
         L, R = svd_lowrank(E, rank)
+    return quantized_adapters(E, L, R, H, cfg)
+
+
+def quantized_adapters(E: torch.Tensor, L: torch.Tensor, R: torch.Tensor, H: torch.Tensor | None,
+                       cfg: CompressConfig) -> tuple[Factor, Factor]:
+    """L, R fitted to E, stored as the config asks: float, rounded to nearest, or GPTQ-rounded with H."""
     if cfg.quantize_adapters and cfg.adapter_quantizer == "gptq" and H is not None:
-        L, R = gptq_adapters(E, L, R, H, cfg.adapter_bits, cfg.adapter_group_size, cfg.percdamp)
-    elif cfg.quantize_adapters:
-        L = quantize_adapter(L, cfg.adapter_bits, cfg.adapter_group_size)
-        R = quantize_adapter(R, cfg.adapter_bits, cfg.adapter_group_size)
+        return gptq_adapters(E, L, R, H, cfg.adapter_bits, cfg.adapter_group_size, cfg.percdamp)
+    if cfg.quantize_adapters:
+        return (quantize_adapter(L, cfg.adapter_bits, cfg.adapter_group_size),
+                quantize_adapter(R, cfg.adapter_bits, cfg.adapter_group_size))
     return L, R
 
 

@@ -1,7 +1,9 @@
 """The finished blocks of an interrupted `compress`, kept in OUT.partial so that a re-run continues from them.
 
 Each block is two files: block_NNNN.safetensors (its compressed layers) and block_NNNN.json (their manifest
-entries, the report's per-layer record, the safetensors file's sha256 and the JSON's own content checksum).
+entries, the report's per-layer record, the safetensors file's sha256 and the JSON's own content checksum). A block
+whose other tensors changed too (norms that absorbed SmoothQuant scales) keeps its whole state in a third file,
+block_NNNN.dense.safetensors, whose sha256 the JSON also holds.
 A block that fails any check (a flipped byte, a truncated file, a half-written pair) is dropped with a warning
 and compressed again: blocks are computed deterministically from the blocks before them, so the recomputed block
 is the one that was lost and the blocks after it stay valid.
@@ -12,7 +14,9 @@ import json
 import warnings
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
 from ..checkpoint import DIGEST_KEY, digest_ok, file_sha256, load_layers, save_layers, with_digest
 from ..compressed_linear import CompressedLinear
@@ -26,19 +30,31 @@ class BlockStore:
     def _files(self, index: int) -> tuple[Path, Path]:
         return self.folder / f"block_{index:04d}.safetensors", self.folder / f"block_{index:04d}.json"
 
-    def save(self, index: int, layers: dict[str, CompressedLinear], record: dict) -> None:
-        """Write block `index` (tensors first, then the JSON that vouches for them; each renamed into place)."""
+    def _dense_file(self, index: int) -> Path:
+        return self.folder / f"block_{index:04d}.dense.safetensors"
+
+    def save(self, index: int, layers: dict[str, CompressedLinear], record: dict,
+             dense: dict[str, torch.Tensor] | None = None) -> None:
+        """Write block `index` (tensors first, then the JSON that vouches for them; each renamed into place).
+        `dense`: the block's whole state dict, when tensors outside its compressed layers changed."""
         tensors, meta = self._files(index)
         tmp = tensors.with_name(tensors.name + ".tmp")
         metas = save_layers(tmp, layers)
         tmp.replace(tensors)
-        body = with_digest({**record, "layers": metas, "file_sha256": file_sha256(tensors)})
+        extra = {}
+        if dense is not None:
+            dense_file = self._dense_file(index)
+            tmp = dense_file.with_name(dense_file.name + ".tmp")
+            save_file({k: v.detach().contiguous() for k, v in dense.items()}, str(tmp))
+            tmp.replace(dense_file)
+            extra["dense_sha256"] = file_sha256(dense_file)
+        body = with_digest({**record, **extra, "layers": metas, "file_sha256": file_sha256(tensors)})
         tmp = meta.with_name(meta.name + ".tmp")
         tmp.write_text(json.dumps(body))
         tmp.replace(meta)
 
     def load(self, index: int) -> tuple[dict[str, CompressedLinear], dict] | None:
-        """Block `index`'s layers and record, or None when it was never saved or failed its checks (then its files
+        """Block `index`'s layers and record (with the block's whole state under "dense" when it was saved), or None when it was never saved or failed its checks (then its files
         are deleted, with a warning, so that it is compressed again)."""
         tensors, meta = self._files(index)
         if not tensors.exists() and not meta.exists():
@@ -57,12 +73,17 @@ class BlockStore:
                 raise SlimError(f"{meta.name} does not match its checksum")
             if DIGEST_KEY in record and file_sha256(tensors) != record.get("file_sha256"):
                 raise SlimError(f"{tensors.name} does not match its checksum")
+            if "dense_sha256" in record:
+                dense_file = self._dense_file(index)
+                if not dense_file.exists() or file_sha256(dense_file) != record["dense_sha256"]:
+                    raise SlimError(f"{dense_file.name} is missing or does not match its checksum")
+                record = {**record, "dense": load_file(str(dense_file))}
             return load_layers(tensors, record["layers"]), record
         except (SlimError, SafetensorError, OSError, KeyError) as e:
             warnings.warn(f"{self.folder}: block {index} is corrupt ({e}); deleted it, compressing it again",
                           stacklevel=2)
-            tensors.unlink(missing_ok=True)
-            meta.unlink(missing_ok=True)
+            for f in (tensors, meta, self._dense_file(index)):
+                f.unlink(missing_ok=True)
             return None
 
     def count(self) -> int:

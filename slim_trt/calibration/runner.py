@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,6 +30,16 @@ class LinearStats:
     nsamples: int = 0
     sq_sum: torch.Tensor | None = None  # sum over tokens of x^2, per input channel
     ntokens: int = 0
+    # Activation quantization (W8A8), when the runner is given an ActCalibration: the first pass also collects
+    # the |x| histogram and each channel's max |x|; once act_scale is set, a second pass collects the moments of
+    # the quantization error e = Q(x) - x with x (algorithms/lrc.py), from which H_qq and H_xq follow.
+    collect_act: bool = False
+    abs_hist: Any = None  # algorithms.actquant.AbsHistogram
+    channel_absmax: torch.Tensor | None = None  # [K]
+    act_scale: float | None = None
+    act_bits: int = 8
+    act_moments: Any = None  # algorithms.lrc.ActErrorMoments
+    act_nsamples: int = 0
 
     def add(self, x: torch.Tensor) -> None:
         from ..algorithms.gptq import accumulate_hessian
@@ -40,6 +51,21 @@ class LinearStats:
         sq = (x * x).sum(0)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         self.ntokens += x.shape[0]
+        if self.collect_act:
+            from ..algorithms.actquant import accumulate_abs_histogram
+
+            self.abs_hist = accumulate_abs_histogram(self.abs_hist, x)
+            cmax = x.abs().amax(0)
+            self.channel_absmax = cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+
+    def add_quantized(self, x: torch.Tensor) -> None:
+        """Second pass: fold x and its fake-quantized copy (with act_scale) into the error moments."""
+        from ..algorithms.actquant import fake_quant
+        from ..algorithms.lrc import accumulate_error_moments
+
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.act_moments, self.act_nsamples = accumulate_error_moments(
+            self.act_moments, self.act_nsamples, x, fake_quant(x, self.act_scale, self.act_bits))
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -58,6 +84,17 @@ class _NonFinite(Exception):
 
 class _Stop(Exception):
     pass
+
+
+@dataclass
+class ActCalibration:
+    """What the runner does for quantized activations (W8A8): `scale(stats)` gives a linear's activation scale
+    from its first-pass statistics; `smooth(i, block, linears, stats)` may migrate activation outliers into the
+    weights (SmoothQuant) and returns True when it changed the block, which is then measured again."""
+
+    bits: int
+    scale: Callable[[LinearStats], float]
+    smooth: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None
 
 
 @dataclass
@@ -143,12 +180,15 @@ def run_layerwise(
     restore_block: Callable[[int, nn.Module], bool] = lambda i, block: False,
     on_block_done: Callable[[BlockResult], None] = lambda r: None,
     progress: Iterable | None = None,
+    act: ActCalibration | None = None,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
     compress_block(i, block, linears, stats) replaces the given linears inside `block` and returns per-layer info.
     restore_block(i, block) may put an earlier run's compressed layers into `block` and return True (resume);
     the block then only runs forward to produce the next block's inputs.
+    act: calibrate static activation scales (and optionally smooth) before compress_block sees the statistics:
+    one more forward pass of the dense block (two with smoothing).
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -170,16 +210,32 @@ def run_layerwise(
             results.append(res)
             continue
         linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
-        stats = {n: LinearStats() for n in linears}
-        handles = [m.register_forward_hook(_stats_hook(stats[n])) for n, m in linears.items()]
-        try:
-            dense_out = _run_block(block, hidden, kwargs_for(i))
-        except _NonFinite:
-            raise SlimError(f"NaN or Inf in the activations entering block {prefix}{i}: the model or the "
-                            f"calibration text is broken (check the source weights; try another dtype)")
-        finally:
-            for h in handles:
-                h.remove()
+
+        def run_hooked(adders: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
+            """The block's forward with each linear's input passed to adders[name]."""
+            handles = [linears[n].register_forward_hook(_stats_hook(f)) for n, f in adders.items()]
+            try:
+                return _run_block(block, hidden, kwargs_for(i))
+            except _NonFinite:
+                raise SlimError(f"NaN or Inf in the activations entering block {prefix}{i}: the model or the "
+                                f"calibration text is broken (check the source weights; try another dtype)")
+            finally:
+                for h in handles:
+                    h.remove()
+
+        def new_stats() -> dict[str, LinearStats]:
+            return {n: LinearStats(collect_act=act is not None) for n in linears}
+
+        stats = new_stats()
+        dense_out = run_hooked({n: st.add for n, st in stats.items()})
+        if act is not None and linears:
+            if act.smooth is not None and act.smooth(i, block, linears, stats):
+                # The smoothed block computes the same function (dense_out holds), on rescaled inputs.
+                stats = new_stats()
+                run_hooked({n: st.add for n, st in stats.items()})
+            for st in stats.values():
+                st.act_scale, st.act_bits = act.scale(st), act.bits
+            run_hooked({n: st.add_quantized for n, st in stats.items()})
         res.layers = compress_block(i, block, linears, stats)
         hidden = _run_block(block, hidden, kwargs_for(i))
         if not all(torch.isfinite(h).all() for h in hidden):
@@ -191,9 +247,9 @@ def run_layerwise(
     return results
 
 
-def _stats_hook(stats: LinearStats):
+def _stats_hook(add: Callable[[torch.Tensor], None]):
     def hook(_mod, args, _out):
-        stats.add(args[0])
+        add(args[0])
     return hook
 
 

@@ -6,7 +6,8 @@ import argparse
 from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
-          "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits")
+          "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits",
+          "act_bits", "act_scale_method", "smooth_alpha")
 
 
 def register(sub) -> None:
@@ -19,15 +20,18 @@ def register(sub) -> None:
         "groups of 128), adapters of rank 0.23 fitted with the full input covariance (H-LoRA) and rounded to\n"
         "4 bits by GPTQ, then 3 rounds of re-fitting the base to W - L R and the adapters to the new error.\n"
         "--preset slim-paper gives the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA\n"
-        "r 0.1, fp16 adapters). An interrupted run resumes when re-run unchanged.",
+        "r 0.1, fp16 adapters). --preset trt-int8-sparse is W8A8 2:4 for TensorRT's sparse INT8 tensor cores\n"
+        "(INT8 weights per output channel, static INT8 activation scales, LRC adapters on the float input).\n"
+        "An interrupted run resumes when re-run unchanged.",
         "  slim-trt compress gemma3-270m -o out/gemma-slim --nsamples 32 --seqlen 512\n"
         "  slim-trt compress ./my-llama -o out/llama --preset slim-paper --calib data.txt\n"
-        "  slim-trt compress model.gguf -o out/m --sparsity unstructured:0.5 --quantize-adapters",
+        "  slim-trt compress model.gguf -o out/m --sparsity unstructured:0.5 --quantize-adapters\n"
+        "  slim-trt compress gemma3-270m -o out/gemma-w8a8 --preset trt-int8-sparse --nsamples 32 --seqlen 512",
     )
     p.add_argument("model", metavar="MODEL",
                    help="a local Hugging Face folder, a hub id, a .gguf file, or 'gemma3-270m' (the embedded default)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint folder to write")
-    p.add_argument("--preset", choices=["slim-paper"], default=None,
+    p.add_argument("--preset", choices=["slim-paper", "trt-int8-sparse"], default=None,
                    help="start from a named recipe; explicit flags still override it")
     p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4]")
     p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16], help="weight bits; 16 = no quantization [default: 4]")
@@ -36,9 +40,10 @@ def register(sub) -> None:
     p.add_argument("--group-size", type=int, default=None,
                    help="0 per tensor, -1 per channel, G groups along K [default: 128]")
     p.add_argument("--pruner", default=None, choices=["wanda", "sparsegpt", "magnitude"], help="[default: sparsegpt]")
-    p.add_argument("--lowrank", default=None, choices=["slim", "hessian", "svd", "none"],
+    p.add_argument("--lowrank", default=None, choices=["slim", "hessian", "svd", "lrc", "none"],
                    help="adapters: slim = SLiM-LoRA (diagonal saliency), hessian = the exact output-error optimum with "
-                        "the full input covariance, svd = plain SVD, none [default: hessian]")
+                        "the full input covariance, svd = plain SVD, lrc = low-rank correction of weight and "
+                        "activation quantization (needs --act-bits 8), none [default: hessian]")
     p.add_argument("--rank-ratio", type=float, default=None, help="rank = ratio x min(d_in, d_out) [default: 0.23]")
     p.add_argument("--rank-multiple", type=int, default=None, help="round the rank up to a multiple [default: 1]")
     p.add_argument("--max-bits", type=_max_bits, default=None, metavar="BITS",
@@ -59,6 +64,15 @@ def register(sub) -> None:
     p.add_argument("--rank-allocation", default=None, choices=["uniform", "sensitivity"],
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
                         "their singular values leave [default: uniform]")
+    p.add_argument("--act-bits", type=int, default=None, metavar="8",
+                   help="quantize every compressed linear's input to INT8 with a static per-tensor scale calibrated "
+                        "on the calibration windows (W8A8; needs --bits 8 and --group-size -1 or 0) [default: off]")
+    p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=["max", "percentile", "mse"],
+                   help="activation scale estimator: max |x|, the 99.99th percentile of |x|, or the clip with the "
+                        "least squared error [default: mse]")
+    p.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
+                   help="SmoothQuant: move activation outliers into the weights with strength A in [0, 1], folded "
+                        "into the previous norm or linear [default: off]")
     p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                    help="fine-tune the adapters for N steps on the calibration windows before saving "
                         "(see slim-trt finetune)")
@@ -93,6 +107,10 @@ def _max_bits(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits (e.g. 4.5) or 'none'")
 
 
+# INT8 2:4 alone stores 5 bits/param: the default 4.5-bit budget cannot hold, so W8A8 has none unless asked.
+W8A8_DEFAULTS = {"bits": 8, "group_size": -1, "lowrank": "lrc", "max_bits": None}
+
+
 def config_from_args(args):
     from ..config import PRESETS, CompressConfig
 
@@ -103,6 +121,11 @@ def config_from_args(args):
             values[k] = tuple(v) if k == "skip_layers" else v
     if values.get("max_bits") == "none":
         values["max_bits"] = None
+    if values.get("act_bits") is not None and not getattr(args, "preset", None):
+        # `--act-bits 8` alone means W8A8: what TensorRT's INT8 GEMMs take, with LRC adapters. Explicit flags
+        # that cannot combine with it are refused by CompressConfig.
+        for k, v in W8A8_DEFAULTS.items():
+            values.setdefault(k, v)
     return CompressConfig(**values)
 
 

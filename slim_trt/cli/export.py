@@ -25,9 +25,10 @@ def register(sub) -> None:
     p.add_argument("--lowrank", default="decomposed",
                    help="decomposed: Add(Y, MatMul(MatMul(X, R^T), L^T)), runs anywhere; "
                         "plugin: one LowRankAdd node for the fused TensorRT plugin")
-    p.add_argument("--act-quant", default=None, metavar="int8",
+    p.add_argument("--act-quant", default=None, metavar="int8|none",
                    help="int8: static symmetric per-tensor INT8 Q/DQ on the inputs of compressed MatMuls (W8A8), "
-                        "scales calibrated on the shipped text sample")
+                        "scales calibrated on the shipped text sample. A checkpoint compressed with --act-bits 8 "
+                        "exports its own calibrated scales without this flag (and refuses none)")
     p.add_argument("--head", default=DEFAULT_HEAD, metavar="|".join(HEAD_MODES),
                    help="weight-only quantization of the embedding and LM head (read from one tensor when tied): "
                         "int8 = one scale per vocabulary row (TensorRT-parsable), int4 = blocks of 128 (ONNX "

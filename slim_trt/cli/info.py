@@ -31,15 +31,19 @@ def run(args) -> int:
     meth = m.get("method", {})
     print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",
           "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters", "refit_rounds",
-          "rank_allocation") if k in meth))
+          "rank_allocation", "act_bits", "act_scale_method", "smooth_alpha")
+          if k in meth and (meth.get("act_bits") or not k.startswith(("act_", "smooth")))))
     cal = m.get("calibration", {})
     print(f"calibration  {cal.get('source')}  {cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed {cal.get('seed')}")
-    print(f"{'layer':<44} {'shape':>12} {'bits':>4} {'sparsity':>9} {'rank':>5} {'err':>7} {'err+lr':>7}")
+    acts = any(meta.get("act_bits") for meta in m["layers"].values())  # W8A8: the static input scale per layer
+    print(f"{'layer':<44} {'shape':>12} {'bits':>4} {'sparsity':>9} {'rank':>5} {'err':>7} {'err+lr':>7}"
+          + (f" {'act scale':>10}" if acts else ""))
     for name, meta in m["layers"].items():
         st = stats.get(name, {})
         shape = "x".join(map(str, meta["shape"]))
         print(f"{name:<44} {shape:>12} {meta['bits']:>4} {meta['sparsity']:>9} {meta['rank']:>5} "
-              f"{st.get('rel_error_base', float('nan')):>7.4f} {st.get('rel_error', float('nan')):>7.4f}")
+              f"{st.get('rel_error_base', float('nan')):>7.4f} {st.get('rel_error', float('nan')):>7.4f}"
+              + (f" {meta.get('act_scale', float('nan')):>10.4g}" if acts else ""))
     ft = m.get("finetune")
     if ft:
         print(f"finetune     {ft.get('steps')} steps, loss {ft.get('initial_loss')} -> {ft.get('final_loss')}")

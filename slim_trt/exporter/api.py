@@ -1,6 +1,7 @@
 """Public API: export_model (in-memory model) and export (checkpoint folder) -> model.onnx + slim_export.json."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -138,6 +139,14 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
     options = options or ExportOptions()
     out_dir = Path(out_dir)
     architecture(model)  # refuse unsupported models before touching the disk
+    stored = stored_act_scales(model)
+    if stored:
+        # A W8A8 checkpoint carries its calibrated scales: the export quantizes exactly as the reference does.
+        if act_scales is not None or calib_windows is not None:
+            raise SlimError("this model carries its own activation scales (compressed with --act-bits 8): do not "
+                            "pass act_scales or calib_windows")
+        act_scales = stored
+        options = dataclasses.replace(options, act_quant="int8")
     if options.act_quant == "int8" and act_scales is None:
         if calib_windows is None:
             raise SlimError("--act-quant int8 needs calibration text: give calib_windows (token ids) or act_scales")
@@ -161,6 +170,13 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return meta
+
+
+def stored_act_scales(model: nn.Module) -> dict[str, float]:
+    """{layer name: activation scale} of the compressed layers that quantize their input (W8A8 checkpoints)."""
+    from ..compressed_linear import compressed_layers
+
+    return {n: m.act_scale for n, m in compressed_layers(model) if m.act_scale is not None}
 
 
 def manifest_sha256(ckpt: Path) -> str:
@@ -190,9 +206,14 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
            progress: bool = True) -> dict:
     """Export a slim-trt checkpoint folder, or a plain model (any MODEL `slim-trt compress` accepts: a Hugging Face
     folder, a .gguf file, `gemma3-270m`, a hub id) as the dense baseline, with the same exporter. See export_model.
-    Returns the sidecar dict."""
-    options = ExportOptions(dtype=dtype, with_cache=with_cache, lowrank=lowrank, act_quant=act_quant,
-                            external_data=external_data, head=head,
+    Returns the sidecar dict.
+
+    act_quant: None follows the checkpoint (INT8 Q/DQ on the activations with its stored scales when it was
+    compressed with --act-bits 8, none otherwise); "int8" on a weight-only checkpoint calibrates scales on the
+    shipped text sample; "none" asks for float activations, which a W8A8 checkpoint refuses."""
+    explicit_none = act_quant == "none"
+    options = ExportOptions(dtype=dtype, with_cache=with_cache, lowrank=lowrank,
+                            act_quant=None if explicit_none else act_quant, external_data=external_data, head=head,
                             **({} if ort_accuracy_level is None else {"ort_accuracy_level": ort_accuracy_level}))
     ckpt = Path(source)
     from ..checkpoint import load, looks_like_checkpoint, read_manifest
@@ -221,7 +242,12 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
         tok = Path(folder) if not isinstance(folder, str) and has_tokenizer(Path(folder)) else None
         provenance = dict(source_model=str(source))
     calib = None
-    if act_quant == "int8":
+    if stored_act_scales(model):
+        if explicit_none:
+            raise SlimError(f"{ckpt} quantizes activations to INT8 (compressed with --act-bits 8), so --act-quant "
+                            f"none would export a different model than the checkpoint: drop --act-quant (the "
+                            f"export uses the checkpoint's scales)")
+    elif act_quant == "int8":
         calib = _calibration_windows(tok)
     return export_model(model, out_dir, options=options, tokenizer_dir=tok, calib_windows=calib, force=force,
                         progress=progress, **provenance)

@@ -32,6 +32,7 @@ class LayerRecord:
     group_size: int | None
     sparsity: str
     rank: int
+    act_scale: float | None = None  # static INT8 scale of the MatMul's input (W8A8), None = float activations
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -150,6 +151,6 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
     if records is not None:
         records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=m.bits,
                                    group_size=m.qweight.group_size if m.qweight is not None else None,
-                                   sparsity=str(m.sparsity), rank=m.rank))
+                                   sparsity=str(m.sparsity), rank=m.rank, act_scale=act_scale))
     return y
 

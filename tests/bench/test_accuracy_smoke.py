@@ -151,7 +151,7 @@ def test_peer_bits_use_the_storage_formula():
 
 def test_row_selection():
     assert [r.number for r in bench.select_rows("7,dense,slim-lora")] == [7, 1]
-    assert len(bench.select_rows("all")) == len(bench.ROWS) == 26
+    assert len(bench.select_rows("all")) == len(bench.ROWS) == 40
     assert [r.number for r in bench.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
     with pytest.raises(bench.SlimError):
         bench.select_rows("99")
@@ -211,3 +211,33 @@ def test_the_compress_defaults_are_the_best_one_shot_row():
     assert CompressConfig(**bench.BEST) == CompressConfig()  # row 24, best_one_shot in the committed JSON
     assert CompressConfig(**next(r for r in bench.ROWS if r.number == 7).compress) == \
         CompressConfig(**PRESETS["slim-paper"])
+
+
+def test_the_w8a8_preset_is_the_lrc_row():
+    from slim_trt.config import PRESETS, CompressConfig
+
+    row30 = next(r for r in bench.ROWS if r.number == 30)
+    assert CompressConfig(**row30.compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
+
+
+def test_w8a8_rows_record_activation_scales_and_the_analysis(smoke_run, tmp_path):
+    """Rows 32, 33, 37 (W8A16 dense, W8A8 dense without and with LRC) on the tiny model: every layer records its
+    activation scale, the config its act_bits, and the w8a8 analysis computes the paper's gap-closed number."""
+    argv = [a for a in smoke_run[0]]
+    argv[argv.index("--out") + 1] = str(tmp_path)
+    assert bench.main(argv + ["--rows", "1,32,33,37"]) == 0
+    data = json.loads((tmp_path / "accuracy_tiny-llama.json").read_text())
+    rows = data["rows"]
+    assert rows["32-w8a16-dense"]["config"]["act_bits"] is None
+    assert all("act_scale" not in v for v in rows["32-w8a16-dense"]["layers"].values())
+    for key in ("33-w8a8-dense-none", "37-w8a8-dense-lrc-r01"):
+        r = rows[key]
+        assert r["status"] == "ok" and r["config"]["act_bits"] == 8 and len(r["layers"]) == 14
+        assert all(v["act_scale"] > 0 for v in r["layers"].values())
+    p = {k: rows[k]["perplexity"] for k in ("1-dense", "33-w8a8-dense-none", "37-w8a8-dense-lrc-r01")}
+    w = data["w8a8"]
+    want = (p["33-w8a8-dense-none"] - p["37-w8a8-dense-lrc-r01"]) / (p["33-w8a8-dense-none"] - p["1-dense"])
+    assert w["lrc_gap_closed_vs_dense"] == pytest.approx(want, abs=1e-4)
+    assert w["dense_lrc_over_dense"] == pytest.approx(p["37-w8a8-dense-lrc-r01"] / p["1-dense"], abs=1e-4)
+    assert w["sparse_lrc_over_w8a16"] is None and w["goals"]["sparse_lrc_within_5pct_of_w8a16"] is None
+    assert "W8A8 (issue 13)" in (tmp_path / "accuracy_tiny-llama.md").read_text()

@@ -33,6 +33,10 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
     (["--preset", "slim-paper", "--quantize-adapters", "--lowrank", "hessian"],
      dict(pruner="wanda", lowrank="hessian", quantize_adapters=True, adapter_quantizer="rtn")),
     (["--no-quantize-adapters", "--adapter-quantizer", "rtn"], dict(quantize_adapters=False, adapter_quantizer="rtn")),
+    (["--preset", "trt-int8-sparse"], dict(bits=8, effective_group_size=-1, pruner="sparsegpt", lowrank="lrc",
+                                           act_bits=8, act_scale_method="mse", smooth_alpha=None)),
+    (["--act-bits", "8", "--smooth-alpha", "0.5", "--act-scale", "max", "--refit-rounds", "0"],
+     dict(bits=8, effective_group_size=-1, lowrank="lrc", act_bits=8, act_scale_method="max", smooth_alpha=0.5)),
 ])
 def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
@@ -73,6 +77,17 @@ def _nan_model(tmp_path):
     return tmp_path / "nan"
 
 
+# Flags that cannot combine with INT8 activations (issue 13), or need them.
+W8A8_FLAG_CASES = {
+    "act_bits_4": ["--act-bits", "4"],
+    "act_bits_int4_weights": ["--act-bits", "8", "--bits", "4"],
+    "act_bits_group_scales": ["--act-bits", "8", "--group-size", "128"],
+    "lrc_without_act_bits": ["--lowrank", "lrc"],
+    "smooth_without_act_bits": ["--smooth-alpha", "0.5"],
+    "act_bits_paper_preset": ["--preset", "slim-paper", "--act-bits", "8"],
+}
+
+
 @pytest.mark.parametrize("case,needle", [
     ("missing", "no such model folder"),
     ("unsupported", "unsupported architecture 'gpt2'"),
@@ -82,6 +97,12 @@ def _nan_model(tmp_path):
     ("nan", "model.layers.0.self_attn.v_proj"),
     ("exists", "--force"),
     ("bad_sparsity", "bad sparsity"),
+    ("act_bits_4", "bad --act-bits 4"),
+    ("act_bits_int4_weights", "--act-bits 8 needs --bits 8"),
+    ("act_bits_group_scales", "--group-size -1"),
+    ("lrc_without_act_bits", "--lowrank lrc corrects"),
+    ("smooth_without_act_bits", "--smooth-alpha"),
+    ("act_bits_paper_preset", "--act-bits 8 needs --bits 8"),
 ])
 def test_bad_input_exits_2_with_one_line(case, needle, tiny_model_dir, tmp_path, capsys):
     model, out, extra = tiny_model_dir, tmp_path / "out", []
@@ -102,6 +123,7 @@ def test_bad_input_exits_2_with_one_line(case, needle, tiny_model_dir, tmp_path,
         out.mkdir()
     elif case == "bad_sparsity":
         extra = ["--sparsity", "half"]
+    extra = W8A8_FLAG_CASES.get(case, extra)
     rc, _, err = run(["compress", model, "-o", out, *FAST, *extra], capsys)
     assert rc == 2
     lines = [line for line in err.splitlines() if "error" in line.lower()]

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slim_trt.algorithms.qtensor import INT_RANGE, QuantizedTensor
-from slim_trt.compressed_linear import CompressedLinear
+from slim_trt.compressed_linear import CompressedLinear, compressed_layers
 from tests.conftest import tiny_model
 
 
@@ -65,11 +65,25 @@ def compressed_model(family: str = "llama", **kw) -> nn.Module:
     return compress_tiny(tiny_model(family), **kw)
 
 
-def save_compressed_checkpoint(path, family: str = "llama", **kw):
+def w8a8_model(family: str = "llama", **kw) -> nn.Module:
+    """compressed_model with INT8 per-channel weights and a static INT8 activation scale per layer (absmax of its
+    input on a few random windows, rounded to fp16 as the compressor rounds them): a W8A8 checkpoint's layers."""
+    from slim_trt.algorithms.actquant import round_scale
+    from slim_trt.exporter.calibrate import activation_scales
+
+    model = compressed_model(family, bits=8, group_size=-1, **kw)
+    windows = torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(7))
+    scales = activation_scales(model, windows)
+    for name, layer in compressed_layers(model):
+        layer.act_scale = round_scale(0.7 * scales[name])  # 0.7: some values clip, as calibrated scales do
+    return model
+
+
+def save_compressed_checkpoint(path, family: str = "llama", w8a8: bool = False, **kw):
     """A tiny compressed model saved as a slim-trt checkpoint folder with a tokenizer (what `compress` writes)."""
     from slim_trt.checkpoint import save
     from tests.conftest import tiny_tokenizer
 
-    model = compressed_model(family, **kw)
+    model = (w8a8_model if w8a8 else compressed_model)(family, **kw)
     save(model, path, tokenizer=tiny_tokenizer(model.config.vocab_size))
     return path
