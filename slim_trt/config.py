@@ -227,7 +227,8 @@ PRESETS: dict[str, dict] = {
     "slim-paper": dict(sparsity="2:4", bits=4, quantizer="slim", group_size=0, pruner="wanda",
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
-                       rank_allocation="uniform", max_bits=None),
+                       rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
+                       act_percentile=99.99, smooth_alpha=None),
     # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
     # static per-tensor INT8 activations, LRC adapters (they read the float activation) rounded to 4 bits.
     # INT8 2:4 alone stores 5 bits/param, so this recipe has no bits budget of its own.
