@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from .memo import per_tensor
 from .qtensor import QuantizedTensor
 from .quantize import absmax_scale, quantize
 
@@ -88,6 +89,7 @@ def _factors_in_metric(E: torch.Tensor, EC: torch.Tensor, rank: int) -> tuple[to
     return L.contiguous(), R.contiguous()
 
 
+@per_tensor
 def hessian_root(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor | None:
     """Lower-triangular C with C C^T = H + damp I (damp = percdamp x mean diagonal, raised x10 until the
     Cholesky succeeds, as GPTQ does for a singular H); None when H is all zero (no tokens reached the layer)."""
