@@ -1,6 +1,7 @@
 """The machine a compression runs on: which device, how many threads, how much memory it took."""
 from __future__ import annotations
 
+import itertools
 import os
 import resource
 from contextlib import contextmanager
@@ -80,3 +81,28 @@ def device_sync(device: torch.device):
     if device.type != "cuda":
         return None
     return lambda: torch.cuda.synchronize(device)
+
+
+def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features: list[int]) -> dict[str, int]:
+    """What compressing one block holds on its device, in bytes: the block's weights; the calibration
+    activations three times (the inputs, the dense outputs kept to measure the block's error, the new outputs);
+    per distinct layer input size K, the fp32 H with its fp32 factor and the fp64 copies factorising it
+    (4 x K^2 x 4 bytes, one H per input shared by the layers that read it)."""
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(block.parameters(), block.buffers()))
+    acts = 3 * sum(h.numel() * h.element_size() for h in hidden)
+    hessians = sum(16 * k * k for k in set(in_features))
+    return {"weights": weights, "activations": acts, "hessians": hessians}
+
+
+def check_fits(need: dict[str, int], device: torch.device, what: str) -> None:
+    """Refuse, before anything moves, a block that cannot fit the CUDA device's free memory."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's own cache
+    total = sum(need.values())
+    if total > free:
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items())
+        raise SlimError(f"{what} needs about {total / 2**30:.2f} GB on {device} ({parts} GB) but {free / 2**30:.2f} "
+                        f"GB are free: use a GPU with more memory, fewer --nsamples or a shorter --seqlen, or "
+                        f"--device cpu")

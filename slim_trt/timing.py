@@ -42,20 +42,6 @@ class PhaseTimer:
             if self._stack:
                 self._stack[-1][1] = now
 
-    def totals(self) -> dict[str, float]:
-        """Seconds per top-level phase, its nested phases included."""
-        out: dict[str, float] = defaultdict(float)
-        for path, s in self.seconds.items():
-            out[path.split("/", 1)[0]] += s
-        return dict(out)
-
-    def by_leaf(self) -> dict[str, float]:
-        """Seconds per innermost phase name, wherever it ran ("sweep" sums the first sweep and every refit's)."""
-        out: dict[str, float] = defaultdict(float)
-        for path, s in self.seconds.items():
-            out[path.rsplit("/", 1)[-1]] += s
-        return dict(out)
-
 
 def phase(timer: PhaseTimer | None, name: str):
     """timer.phase(name), or a no-op without a timer (what the pure functions' callers pass by default)."""

@@ -92,7 +92,7 @@ def obs_sweep(
     Wc[:, dead] = 0.0  # as in the reference: a channel that is always 0 carries no information about its weight
     d = U.diagonal()
 
-    keep = torch.ones(N, K, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
+    keep = torch.ones(N, K, dtype=torch.bool, device=W.device) if mask is None else mask.to(torch.bool).clone()
     if kind in ("nm", "unstructured"):
         # Scales must exist before the final mask does; estimate it once with the same criterion on W.
         estimate = mask_for(Wc.square() / d.square()[None, :], sparsity)
@@ -103,15 +103,15 @@ def obs_sweep(
     scale = q = None
     if bits is not None:
         lo, hi = INT_RANGE[bits]
-        q = torch.zeros(N, K, dtype=torch.int8)
+        q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
         if group_size in (0, -1) or static_groups:
             scale = group_scale(Wc * estimate, bits, group_size, scale_method)
         elif group_size > 0:
-            scale = torch.empty(N, -(-K // group_size))
+            scale = torch.empty(N, -(-K // group_size), device=W.device)
         else:
             raise ValueError(f"group_size must be 0, -1 or a positive integer, got {group_size}")
 
-    out = torch.zeros(N, K)
+    out = torch.zeros(N, K, device=W.device)
     # The sweep works on the transpose of each block of columns: a column of W is then a contiguous row, so the
     # per-column vector ops and the rank-1 update read and write contiguous memory. Every value is computed by
     # the same float operations as the column layout would (products and differences are exactly rounded, so
@@ -126,7 +126,7 @@ def obs_sweep(
         if kind == "unstructured":
             # SparseGPT's adaptive mask: the lowest-scoring fraction of the whole block (all rows together).
             score = (W1.T.square() / d[i1:i2].square()[None, :]).flatten()
-            block = torch.ones(score.numel(), dtype=torch.bool)
+            block = torch.ones(score.numel(), dtype=torch.bool, device=W.device)
             block[torch.argsort(score, stable=True)[: pruned_count(score.numel(), sparsity.ratio)]] = False
             keep[:, i1:i2] = estimate[:, i1:i2] = block.reshape(N, i2 - i1)
         keep1 = keep[:, i1:i2].T.contiguous() if kind != "nm" else None
