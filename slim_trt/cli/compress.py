@@ -174,7 +174,7 @@ def run(args) -> int:
            f"{s['bits_per_param']:.3f} bits/param "
            f"({s['bits_per_param_with_adapters']:.3f} with adapters), mean layer error "
            f"{s['mean_rel_error_base']:.4f} -> {s['mean_rel_error']:.4f} with adapters")
-    eprint(f"time split: {format_phases(s['phases'])}")
+    eprint(f"time split: {format_phases(s['phases'], s['refit_phases'])}")
     if cfg.lowrank != "none" and s["rank_ratio"] < cfg.rank_ratio:
         eprint(f"adapter ranks lowered from ratio {cfg.rank_ratio:g} to {s['rank_ratio']:.4f} to fit --max-bits "
                f"{cfg.max_bits:g}")
@@ -192,8 +192,8 @@ def run(args) -> int:
     return 0
 
 
-def format_phases(phases: dict[str, float]) -> str:
-    """'sweep 40.1 s, adapter_svd 20.3 s, refit rounds 51.0 + 49.8 s, ...', the largest first."""
+def format_phases(phases: dict[str, float], refit_phases: dict[str, float] | None = None) -> str:
+    """'refit rounds 51.0 + 49.8 s (sweep 60.2, adapter_svd 30.1, ...), sweep 40.1 s, ...', the largest first."""
     rounds = [phases[k] for k in sorted((k for k in phases if k.startswith("refit_round_")),
                                         key=lambda k: int(k.rsplit("_", 1)[1]))]
     items = [(k, v) for k, v in phases.items() if not k.startswith("refit_round_")]
@@ -204,5 +204,8 @@ def format_phases(phases: dict[str, float]) -> str:
         text = f"{k} {v:.1f} s"
         if k == "refit rounds":
             text = f"refit rounds {' + '.join(f'{r:.1f}' for r in rounds)} s"
+            if refit_phases:
+                inner = sorted(refit_phases.items(), key=lambda kv: -kv[1])
+                text += f" ({', '.join(f'{n} {t:.1f}' for n, t in inner)})"
         parts.append(text)
     return ", ".join(parts)
