@@ -55,3 +55,22 @@ def test_an_explicit_omp_num_threads_is_kept(monkeypatch):
             assert n == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_block_bytes_counts_weights_activations_and_one_hessian_per_input_size():
+    from slim_trt.resources import block_bytes, check_fits
+
+    block = torch.nn.Linear(8, 4)
+    need = block_bytes(block, [torch.zeros(2, 3, 8), torch.zeros(1, 3, 8)], [8, 8, 16])
+    assert need == {"weights": (32 + 4) * 4, "activations": 3 * 72 * 4, "hessians": 16 * (8 * 8 + 16 * 16)}
+    check_fits({"weights": 2**60}, torch.device("cpu"), "a block")  # host memory is not checked here
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_a_block_larger_than_the_free_gpu_memory_is_refused_with_the_bytes():
+    from slim_trt.resources import check_fits
+
+    free, _ = torch.cuda.mem_get_info()
+    with pytest.raises(SlimError, match=r"needs about .* GB on cuda.* GB are free: .*--device cpu"):
+        check_fits({"weights": 2 * free}, torch.device("cuda"), "compressing block 0")
