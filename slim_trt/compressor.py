@@ -10,7 +10,6 @@ import fnmatch
 import hashlib
 import itertools
 import json
-import resource
 import shutil
 import sys
 import time
@@ -22,12 +21,15 @@ import torch
 from torch import nn
 
 from .algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, plan_ranks, storage_bits
+from .algorithms.qtensor import QuantizedTensor
 from .calibration.runner import ActCalibration, BlockResult, LinearStats, run_layerwise
 from .calibration.resume import BlockStore
 from .checkpoint import save
 from .compressed_linear import CompressedLinear
 from .config import CalibConfig, CompressConfig
 from .errors import SlimError
+from .resources import all_cores, device_peak_gb, device_sync, peak_rss_gb, reset_device_peak, resolve_device
+from .timing import PhaseTimer
 
 
 @dataclass
@@ -38,6 +40,11 @@ class CompressReport:
     seconds: float = 0.0
     peak_rss_gb: float = 0.0
     rank_ratio: float = 0.0  # the ratio the ranks came from (below the config's when max_bits binds)
+    device: str = "cpu"  # where the blocks were compressed
+    threads: int = 0  # torch's intra-op threads during the compression
+    peak_device_gb: float | None = None  # peak memory torch allocated on a CUDA device (None on the CPU)
+    phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (see phase_split)
+    refit_phases: dict[str, float] = field(default_factory=dict)  # the refit rounds' seconds by part
 
     def bits_per_param(self, with_adapters: bool) -> float:
         params = sum(v["params"] for v in self.layers.values())
@@ -50,6 +57,11 @@ class CompressReport:
             "skipped_layers": self.skipped,
             "seconds": round(self.seconds, 2),
             "peak_rss_gb": round(self.peak_rss_gb, 3),
+            "device": self.device,
+            "threads": self.threads,
+            "peak_device_gb": None if self.peak_device_gb is None else round(self.peak_device_gb, 3),
+            "phases": {k: round(v, 2) for k, v in self.phases.items()},
+            "refit_phases": {k: round(v, 2) for k, v in self.refit_phases.items()},
             "bits_per_param": round(self.bits_per_param(False), 4),
             "bits_per_param_with_adapters": round(self.bits_per_param(True), 4),
             "rank_ratio": round(self.rank_ratio, 6),
@@ -63,9 +75,33 @@ def _mean(xs) -> float:
     return round(sum(xs) / len(xs), 6) if xs else 0.0
 
 
-def peak_rss_gb() -> float:
-    # ru_maxrss is in KiB on Linux.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+def phase_split(timer: PhaseTimer, total: float) -> dict[str, float]:
+    """Seconds per phase of one compression, adding up to `total`:
+    calibration_forward (dense block passes, embeddings), hessian (input statistics), act_calibration (W8A8
+    passes), sweep (the first SparseGPT / GPTQ / rounding of each base), adapter_svd (H-LoRA's root and SVD),
+    adapter_rounding (adapter GPTQ), refit_round_K (each refit round, all its parts), rank_allocation,
+    lrc_fit, layer_other (error measures, building the layers), block_output (the compressed block's
+    forward), save (resume files), other (the rest: planning, checks, moves)."""
+    out: dict[str, float] = {}
+    for path, sec in timer.seconds.items():
+        parts = path.split("/")
+        # Under "compress" a refit round keeps its parts; elsewhere the innermost phase (hessian in a forward).
+        key = "layer_other" if path == "compress" else parts[1] if parts[0] == "compress" else parts[-1]
+        out[key] = out.get(key, 0.0) + sec
+    out["other"] = max(total - sum(out.values()), 0.0)
+    return out
+
+
+def refit_split(timer: PhaseTimer) -> dict[str, float]:
+    """The refit rounds' seconds by their parts (sweep, adapter_svd, adapter_rounding; refit_round_K itself:
+    the error measures), over all rounds."""
+    out: dict[str, float] = {}
+    for path, sec in timer.seconds.items():
+        parts = path.split("/")
+        if len(parts) >= 2 and parts[1].startswith("refit_round_"):
+            key = parts[2] if len(parts) > 2 else "error_measures"
+            out[key] = out.get(key, 0.0) + sec
+    return out
 
 
 def check_finite(model: nn.Module) -> None:
@@ -117,14 +153,27 @@ def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[
     return shapes
 
 
+def _on(x, device: torch.device):
+    if isinstance(x, QuantizedTensor):
+        if x.q.device == device:
+            return x
+        return QuantizedTensor(q=x.q.to(device), scale=x.scale.to(device), bits=x.bits, group_size=x.group_size)
+    return None if x is None else x.to(device)
+
+
 def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig, *, rank: int | None = None,
-                    base=None) -> tuple[CompressedLinear, dict]:
+                    base=None, timer: PhaseTimer | None = None, home: torch.device | None = None
+                    ) -> tuple[CompressedLinear, dict]:
+    """Compress one linear where its weight is; the layer's integer form is kept on `home` (the host: where the
+    model lives), its float buffers on the weight's device until the runner moves the block back."""
     W = lin.weight.detach()
     cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base,
-                         act=stats.act_moments)
+                         act=stats.act_moments, timer=timer)
     sp = cfg.sparsity_spec
-    layer = CompressedLinear(cw.weight, mask=cw.mask, sparsity=str(sp), lora_L=cw.lora_L, lora_R=cw.lora_R,
-                             bias=lin.bias, compute_dtype=W.dtype, act_scale=stats.act_scale)
+    home = W.device if home is None else home
+    layer = CompressedLinear(_on(cw.weight, home), mask=_on(cw.mask, home), sparsity=str(sp),
+                             lora_L=_on(cw.lora_L, home), lora_R=_on(cw.lora_R, home), bias=_on(lin.bias, home),
+                             compute_dtype=W.dtype, act_scale=stats.act_scale).to(W.device)
     info = {"rel_error_base": round(cw.rel_error_base, 6), "rel_error": round(cw.rel_error, 6),
             "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
     if layer.act_scale is not None:
@@ -152,16 +201,31 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
 
 
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
-             progress: bool = True, resume_dir: Path | None = None) -> CompressReport:
+             progress: bool = True, resume_dir: Path | None = None,
+             device: str | torch.device | None = "auto") -> CompressReport:
     """Compress `model` in place with calibration token windows [n, seqlen]; returns a report.
 
     With `resume_dir`, each finished block is saved there and blocks found there are restored instead of
     recomputed, so an interrupted run continues where it stopped and ends with the same result.
+    device: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N". The model stays
+    in host memory; one decoder block at a time is compressed on the device. torch uses every core this
+    process is given while it runs (unless OMP_NUM_THREADS says otherwise).
     """
+    dev = resolve_device(device)
+    with all_cores() as threads:
+        report = _compress(model, config, windows, batch_size, progress, resume_dir, dev)
+    report.threads = threads
+    return report
+
+
+def _compress(model, config, windows, batch_size, progress, resume_dir, dev: torch.device) -> CompressReport:
     from .calibration.families import decoder_blocks
 
     t0 = time.time()
-    report = CompressReport()
+    report = CompressReport(device=str(dev))
+    timer = PhaseTimer(sync=device_sync(dev))
+    reset_device_peak(dev)
+    home = next(model.parameters()).device
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
     skip = _skip_filter(config, model, report)
@@ -175,18 +239,20 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
         ranks, bases = {}, {}
         if config.rank_allocation == "sensitivity" and linears:
             # Ranks depend on every linear's error, so all bases of the block come first.
-            bases = {n: compress_base(lin.weight, stats[n].hessian, stats[n].act_norm, config)
-                     for n, lin in linears.items()}
-            ranks = plan_block_ranks({n: lin.weight for n, lin in linears.items()},
+            with timer.phase("sweep"):
+                bases = {n: compress_base(lin.weight, stats[n].hessian, stats[n].act_norm, config)
+                         for n, lin in linears.items()}
+            with timer.phase("rank_allocation"):
+                ranks = plan_block_ranks({n: lin.weight for n, lin in linears.items()},
                                      {n: b[0] for n, b in bases.items()},
-                                     {n: stats[n].saliency for n in linears}, config,
-                                     {n: stats[n].hessian for n in linears},
-                                     {n: planned[f"{prefix}{i}.{n}"] for n in linears})
+                                         {n: stats[n].saliency for n in linears}, config,
+                                         {n: stats[n].hessian for n in linears},
+                                         {n: planned[f"{prefix}{i}.{n}"] for n in linears})
         for rel_name, lin in linears.items():
             full = f"{prefix}{i}.{rel_name}"
             rank = ranks.get(rel_name, planned[full])
             layer, info = compress_linear(full, lin, stats[rel_name], config, rank=rank or None,
-                                          base=bases.pop(rel_name, None))
+                                          base=bases.pop(rel_name, None), timer=timer, home=home)
             block.set_submodule(rel_name, layer)
             stats[rel_name] = None  # free the Hessian as soon as the layer is done
             infos[full] = info
@@ -217,9 +283,10 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
         if store is not None:
             skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
             smoothed = config.smooth_alpha is not None  # the block's norms absorbed scales: keep its whole state
-            store.save(res.index, {n: model.get_submodule(n) for n in res.layers},
-                       {"infos": res.layers, "skipped": skipped, "block": entry},
-                       dense=blocks[res.index].state_dict() if smoothed else None)
+            with timer.phase("save"):
+                store.save(res.index, {n: model.get_submodule(n) for n in res.layers},
+                           {"infos": res.layers, "skipped": skipped, "block": entry},
+                           dense=blocks[res.index].state_dict() if smoothed else None)
 
     from tqdm.auto import tqdm
 
@@ -227,11 +294,14 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
     with torch.no_grad():
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
-                      act=act_calibration(config, model))
+                      act=act_calibration(config, model), device=dev, timer=timer)
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0
+    report.phases = phase_split(timer, report.seconds)
+    report.refit_phases = refit_split(timer)
     report.peak_rss_gb = peak_rss_gb()
+    report.peak_device_gb = device_peak_gb(dev)
     return report
 
 
@@ -259,8 +329,11 @@ def _check_divisible(model: nn.Module, cfg: CompressConfig) -> None:
 
 def compress_model(source: str, out: str | Path, config: CompressConfig | None = None,
                    calib: CalibConfig | None = None, *, force: bool = False, progress: bool = True,
-                   trust_remote_code: bool = False, finetune=None) -> tuple[Path, CompressReport]:
+                   trust_remote_code: bool = False, finetune=None,
+                   device: str | torch.device | None = "auto") -> tuple[Path, CompressReport]:
     """Load MODEL, calibrate on text, compress block by block (resumable), save a checkpoint folder at `out`.
+
+    device: where the blocks are compressed (see compress); the model stays in host memory.
 
     finetune: a slim_trt.finetune.FinetuneConfig to fine-tune the adapters on the calibration windows right
     after compression, before saving (resumable too, from OUT.partial/finetune).
@@ -274,6 +347,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     out = Path(out)
     partial = out.with_name(out.name + ".partial")
     # Everything that can be checked is checked before the compression starts, not after it.
+    device = resolve_device(device)
     if out.exists() and out.is_dir() and not force:
         raise SlimError(f"output {out} already exists: pass --force to replace it, or choose another -o")
     check_output(out, force)
@@ -307,7 +381,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
         state_f.write_text(json.dumps({"fingerprint": fp, "source": source, "config": config.to_dict()}))
     try:
         report = compress(model, config, windows, batch_size=calib.batch_size, progress=progress,
-                          resume_dir=partial)
+                          resume_dir=partial, device=device)
     except SlimError:
         # A user error will not go away on a re-run, so there is nothing worth resuming.
         if created:

@@ -1,3 +1,4 @@
+import itertools
 import json
 
 import pytest
@@ -272,3 +273,88 @@ def test_w8a8_resume_with_smoothing_gives_the_same_result(tiny_model_dir, tmp_pa
     from tests.conftest import tiny_model as fresh
 
     assert not torch.equal(a.state_dict()[norm], fresh("llama").state_dict()[norm])  # smoothing did change it
+
+
+# --- issue 15: cost, threads and device -------------------------------------------------------------------------
+
+def test_the_report_splits_the_time_by_phase_and_names_the_device():
+    model = tiny_model("llama")
+    rep = compress(model, CompressConfig(), calib_windows(n=4, seqlen=16), progress=False, device="cpu")
+    ph = rep.summary()["phases"]
+    for key in ("calibration_forward", "hessian", "sweep", "adapter_svd", "adapter_rounding", "refit_round_1",
+                "block_output", "layer_other", "other"):
+        assert ph[key] >= 0.0, key
+    assert ph["sweep"] > 0 and ph["adapter_svd"] > 0 and ph["refit_round_1"] > 0
+    assert sum(rep.phases.values()) == pytest.approx(rep.seconds, rel=1e-6)
+    assert rep.summary()["device"] == "cpu" and rep.summary()["peak_device_gb"] is None
+    assert rep.threads >= 1 and rep.peak_rss_gb > 0
+
+
+def test_layers_that_read_the_same_input_share_one_hessian(monkeypatch):
+    from slim_trt.calibration import runner
+
+    def first_block_stats():
+        seen = {}
+
+        def keep_stats(i, block, linears, stats):
+            if i == 0:
+                seen.update(stats)
+            return {}
+
+        with torch.no_grad():
+            runner.run_layerwise(tiny_model("llama"), calib_windows(n=4, seqlen=16), keep_stats, batch_size=2)
+        return seen
+
+    seen = first_block_stats()
+    H = seen["self_attn.q_proj"].hessian
+    assert seen["self_attn.k_proj"].hessian is H and seen["self_attn.v_proj"].hessian is H
+    assert seen["mlp.up_proj"].hessian is seen["mlp.gate_proj"].hessian
+    assert seen["self_attn.o_proj"].hessian is not H
+
+    class Unshared(runner.InputProducts):  # every layer computes its own products, as before issue 15
+        def __call__(self, x):
+            self._x = None
+            return super().__call__(x)
+
+    monkeypatch.setattr(runner, "InputProducts", Unshared)
+    alone = first_block_stats()
+    for name, st in seen.items():
+        assert torch.equal(alone[name].hessian, st.hessian) and torch.equal(alone[name].sq_sum, st.sq_sum), name
+
+
+def test_compress_uses_every_core_it_is_given(monkeypatch):
+    from slim_trt.resources import available_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rep = compress(tiny_model("llama"), CompressConfig(refit_rounds=0), calib_windows(n=2, seqlen=16),
+                       progress=False)
+        assert rep.threads == available_cores()
+        assert torch.get_num_threads() == 1  # restored afterwards
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_without_a_gpu_is_refused_before_anything_changes():
+    model = tiny_model("llama")
+    with pytest.raises(SlimError, match="no usable CUDA GPU"):
+        compress(model, CompressConfig(), calib_windows(n=2, seqlen=16), progress=False, device="cuda")
+    assert dict(compressed_layers(model)) == {}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU")
+def test_cuda_compresses_each_block_on_the_gpu_and_keeps_the_model_on_the_host():
+    windows = calib_windows(n=4, seqlen=16)
+    cpu_model, gpu_model = tiny_model("llama"), tiny_model("llama")
+    cpu = compress(cpu_model, CompressConfig(), windows, progress=False, device="cpu")
+    gpu = compress(gpu_model, CompressConfig(), windows, progress=False, device="cuda")
+    assert gpu.device.startswith("cuda") and gpu.peak_device_gb > 0
+    assert all(t.device.type == "cpu" for t in itertools.chain(gpu_model.parameters(), gpu_model.buffers()))
+    for name, layer in compressed_layers(gpu_model):
+        assert layer.qweight.q.device.type == "cpu"
+    # Other kernels, other rounding: the same quality, not the same bits.
+    assert gpu.summary()["mean_rel_error"] == pytest.approx(cpu.summary()["mean_rel_error"], rel=0.05)

@@ -47,7 +47,7 @@ def accumulate_abs_histogram(hist: AbsHistogram | None, x: torch.Tensor, bins: i
     amax = float(a.max()) if a.numel() else 0.0
     if hist is None:
         width = max(amax, torch.finfo(torch.float32).tiny) / bins
-        hist = AbsHistogram(torch.zeros(bins, dtype=torch.float64), width, 0.0)
+        hist = AbsHistogram(torch.zeros(bins, dtype=torch.float64, device=a.device), width, 0.0)
     counts, width = hist.counts, hist.width
     if counts.shape[0] % 2:
         raise ValueError(f"the histogram needs an even number of bins, got {counts.shape[0]}")
@@ -106,7 +106,7 @@ def act_scale(hist: AbsHistogram, method: str, bits: int = 8, percentile: float 
         lo, hi = 0.0, hist.absmax
         best = hist.absmax
         for _ in range(3):
-            cand = torch.linspace(lo, hi, 129, dtype=torch.float64)[1:]
+            cand = torch.linspace(lo, hi, 129, dtype=torch.float64, device=hist.counts.device)[1:]
             err = clip_error(hist, cand, bits)
             j = int(err.argmin())
             best = float(cand[j])
@@ -120,5 +120,5 @@ def fake_quant(x: torch.Tensor, scale: float, bits: int = 8) -> torch.Tensor:
     """QuantizeLinear -> DequantizeLinear with zero point 0: clamp(round(x / scale), lo, hi) * scale, in x's dtype
     (round half to even, as ONNX QuantizeLinear)."""
     lo, hi = INT_RANGE[bits]
-    s = torch.tensor(scale, dtype=x.dtype)
+    s = torch.tensor(scale, dtype=x.dtype, device=x.device)
     return torch.clamp(torch.round(x / s), lo, hi) * s

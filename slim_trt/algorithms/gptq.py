@@ -8,7 +8,8 @@ from .obs import obs_sweep
 from .qtensor import QuantizedTensor
 
 
-def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor,
+                       xtx: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Fold a batch of layer inputs x [..., K] into the running H = 2/n * sum_t x_t x_t^T (float32).
 
     n counts TOKENS (every row of x reshaped to [-1, K]), so each token weighs the same however the caller
@@ -16,18 +17,19 @@ def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor) -
     multiplies H by the sequence length, and GPTQ / SparseGPT do not change when H is scaled (the damping is
     relative to mean(diag H)). Same update rule as the reference: H <- H * n/(n+t) + 2/(n+t) * X^T X.
     diag(H) = 2/n * sum_t x_tj^2, so Wanda's act_norm_j = sqrt(diag(H)_j * n / 2) if it is needed from H.
+    xtx: X^T X of this batch when the caller already has it (layers that read the same input share it).
     """
     K = x.shape[-1]
     X = x.detach().reshape(-1, K).to(torch.float32)
     if H is None:
-        H = torch.zeros(K, K, dtype=torch.float32)
+        H = torch.zeros(K, K, dtype=torch.float32, device=X.device)
     elif H.shape != (K, K):
         raise ValueError(f"running H has shape {tuple(H.shape)}, but x has {K} channels")
     t = X.shape[0]
     if t == 0:
         return H.clone(), nsamples
     total = nsamples + t
-    return H.to(torch.float32) * (nsamples / total) + (2.0 / total) * (X.T @ X), total
+    return H.to(torch.float32) * (nsamples / total) + (2.0 / total) * (X.T @ X if xtx is None else xtx), total
 
 
 def gptq_quantize(

@@ -16,6 +16,7 @@ import math
 
 import torch
 
+from .memo import per_tensor
 from .qtensor import QuantizedTensor
 from .quantize import absmax_scale, quantize
 
@@ -88,6 +89,7 @@ def _factors_in_metric(E: torch.Tensor, EC: torch.Tensor, rank: int) -> tuple[to
     return L.contiguous(), R.contiguous()
 
 
+@per_tensor
 def hessian_root(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor | None:
     """Lower-triangular C with C C^T = H + damp I (damp = percdamp x mean diagonal, raised x10 until the
     Cholesky succeeds, as GPTQ does for a singular H); None when H is all zero (no tokens reached the layer)."""
@@ -100,7 +102,7 @@ def hessian_root(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor | None
     if mean_diag <= 0.0:
         return None
     damp = max(percdamp, 1e-6) * mean_diag
-    eye = torch.eye(H.shape[0], dtype=H.dtype)
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     for _ in range(8):
         C, info = torch.linalg.cholesky_ex(H + damp * eye)
         if int(info) == 0:
@@ -146,7 +148,7 @@ def gptq_adapters(E: torch.Tensor, L: torch.Tensor, R: torch.Tensor, H: torch.Te
     Rf = Rq.dequantize()
     H_r = Rf @ H @ Rf.T  # [r, r]: the second moment of R_q x
     damp = percdamp * float(H_r.diagonal().mean().clamp_min(torch.finfo(torch.float32).tiny))
-    eye = torch.eye(H_r.shape[0])
+    eye = torch.eye(H_r.shape[0], device=H_r.device)
     L_new = torch.linalg.solve((H_r + damp * eye).double(), (Rf @ H @ E.T).double()).T.to(torch.float32)
     if not bool(torch.isfinite(L_new).all()):  # a degenerate R_q (e.g. no calibration tokens): keep L as fitted
         L_new = L

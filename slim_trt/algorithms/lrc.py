@@ -66,7 +66,7 @@ def accumulate_error_moments(m: ActErrorMoments | None, nsamples: int, x: torch.
     Q = xq.detach().reshape(-1, K).to(torch.float32)
     Err = Q - X
     if m is None:
-        m = ActErrorMoments(torch.zeros(K, K), torch.zeros(K, K), torch.zeros(K, K))
+        m = ActErrorMoments(*(torch.zeros(K, K, device=X.device) for _ in range(3)))
     t = X.shape[0]
     if t == 0:
         return m, nsamples
@@ -157,7 +157,7 @@ def lrc_lowrank(E_eff: torch.Tensor, H: torch.Tensor, rank: int,
                 percdamp: float = LRC_DAMP) -> tuple[torch.Tensor, torch.Tensor]:
     """The best rank-r L R for ||(E_eff - L R) C||_F, C C^T the damped H (as effective_error damps it)."""
     K = H.shape[0]
-    zero = torch.zeros(K, K)
+    zero = torch.zeros(K, K, device=H.device)
     return LRCSystem(H, ActErrorMoments(zero, zero, H), percdamp).lowrank(E_eff, rank)
 
 

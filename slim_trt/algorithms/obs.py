@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..config import Sparsity
+from .memo import per_tensor
 from .prune import mask_for, nm_mask, pruned_count
 from .qtensor import INT_RANGE
 from .quantize import absmax_scale, slim_quant_scale
@@ -24,6 +25,7 @@ def group_scale(W: torch.Tensor, bits: int, group_size: int, method: str) -> tor
     raise ValueError(f"unknown scale method {method!r}: use 'absmax' or 'slim'")
 
 
+@per_tensor
 def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(U, dead): U = upper Cholesky factor of (H + damp I)^-1 in float32, damp = percdamp * mean(diag H);
     dead = input channels with H_ii == 0 (never active in calibration). Those get H_ii = 1 so the factorisation
@@ -90,7 +92,7 @@ def obs_sweep(
     Wc[:, dead] = 0.0  # as in the reference: a channel that is always 0 carries no information about its weight
     d = U.diagonal()
 
-    keep = torch.ones(N, K, dtype=torch.bool) if mask is None else mask.to(torch.bool).clone()
+    keep = torch.ones(N, K, dtype=torch.bool, device=W.device) if mask is None else mask.to(torch.bool).clone()
     if kind in ("nm", "unstructured"):
         # Scales must exist before the final mask does; estimate it once with the same criterion on W.
         estimate = mask_for(Wc.square() / d.square()[None, :], sparsity)
@@ -101,34 +103,42 @@ def obs_sweep(
     scale = q = None
     if bits is not None:
         lo, hi = INT_RANGE[bits]
-        q = torch.zeros(N, K, dtype=torch.int8)
+        q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
         if group_size in (0, -1) or static_groups:
             scale = group_scale(Wc * estimate, bits, group_size, scale_method)
         elif group_size > 0:
-            scale = torch.empty(N, -(-K // group_size))
+            scale = torch.empty(N, -(-K // group_size), device=W.device)
         else:
             raise ValueError(f"group_size must be 0, -1 or a positive integer, got {group_size}")
 
-    out = torch.zeros(N, K)
+    out = torch.zeros(N, K, device=W.device)
+    # The sweep works on the transpose of each block of columns: a column of W is then a contiguous row, so the
+    # per-column vector ops and the rank-1 update read and write contiguous memory. Every value is computed by
+    # the same float operations as the column layout would (products and differences are exactly rounded, so
+    # the layout cannot change a bit); only the order in memory differs.
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
-        W1 = Wc[:, i1:i2].clone()
-        Err1 = torch.zeros_like(W1)
+        W1 = Wc[:, i1:i2].T.contiguous()  # [columns, N]
+        Q1 = torch.zeros_like(W1) if bits is not None else None
+        S1 = torch.empty_like(W1) if bits is not None else None  # the scale each column was rounded with
         U1 = U[i1:i2, i1:i2]
+        pivots = U1.diagonal()
         if kind == "unstructured":
             # SparseGPT's adaptive mask: the lowest-scoring fraction of the whole block (all rows together).
-            score = (W1.square() / d[i1:i2].square()[None, :]).flatten()
-            block = torch.ones(score.numel(), dtype=torch.bool)
+            score = (W1.T.square() / d[i1:i2].square()[None, :]).flatten()
+            block = torch.ones(score.numel(), dtype=torch.bool, device=W.device)
             block[torch.argsort(score, stable=True)[: pruned_count(score.numel(), sparsity.ratio)]] = False
             keep[:, i1:i2] = estimate[:, i1:i2] = block.reshape(N, i2 - i1)
+        keep1 = keep[:, i1:i2].T.contiguous() if kind != "nm" else None
+        s = None
         for i in range(i2 - i1):
             col = i1 + i
             if kind == "nm" and col % sparsity.m == 0:
                 m = sparsity.m
-                score = W1[:, i:i + m].square() / d[col:col + m].square()[None, :]
+                score = W1[i:i + m].T.square() / d[col:col + m].square()[None, :]
                 keep[:, col:col + m] = estimate[:, col:col + m] = nm_mask(score, sparsity.n, m)
-            w = W1[:, i]
-            kept = keep[:, col]
+            w = W1[i]
+            kept = keep[:, col] if keep1 is None else keep1[i]
             if bits is None:
                 c = torch.where(kept, w, 0.0)
             else:
@@ -136,17 +146,28 @@ def obs_sweep(
                     # The group's current values (already updated by every earlier column of this block;
                     # columns past the block still lack this block's pending lazy update, as in the reference).
                     end = min(col + group_size, K)
-                    cur = torch.cat([W1[:, i:end - i1], Wc[:, i2:max(i2, end)]], dim=1)
+                    cur = torch.cat([W1[i:end - i1].T, Wc[:, i2:max(i2, end)]], dim=1)
                     scale[:, col // group_size] = group_scale(
                         cur * estimate[:, col:col + cur.shape[1]], bits, -1, scale_method)[:, 0]
-                s = scale if group_size == 0 else scale[:, 0] if group_size == -1 else scale[:, col // group_size]
+                if s is None or group_size > 0 and col % group_size == 0:
+                    s = scale if group_size == 0 else scale[:, 0] if group_size == -1 else scale[:, col // group_size]
+                    s_row = s.expand(N)
                 qc = torch.round(w / s).clamp_(lo, hi)
                 qc = torch.where(kept, qc, 0.0)
-                q[:, col] = qc.to(torch.int8)
+                Q1[i] = qc
+                S1[i] = s_row
                 c = qc * s
-            out[:, i1 + i] = c
-            err = (w - c) / U1[i, i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            Err1[:, i] = err
-        Wc[:, i2:] -= Err1 @ U[i1:i2, i2:]
+            err = (w - c) / pivots[i]
+            # Column i itself is never read again (so it keeps w, which the block's end reads back), and the
+            # update starts at i + 1.
+            W1[i + 1:] -= U1[i, i + 1:, None] * err[None, :]
+        # The compressed columns and their errors, from the same float operations as inside the loop.
+        if bits is None:
+            C1 = torch.where(keep[:, i1:i2].T, W1, 0.0)
+        else:
+            C1 = Q1 * S1
+            q[:, i1:i2] = Q1.T.to(torch.int8)
+        out[:, i1:i2] = C1.T
+        Err1 = (W1 - C1) / pivots[:, None]
+        Wc[:, i2:] -= Err1.T.contiguous() @ U[i1:i2, i2:]
     return out, keep, q, scale

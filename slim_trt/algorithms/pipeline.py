@@ -11,6 +11,7 @@ import torch
 
 from ..config import CompressConfig
 from ..errors import SlimError
+from ..timing import phase
 from .lowrank import hessian_root, rank_for
 from .lrc import ActErrorMoments, LRCSystem, lrc_fit, lrc_rel_error
 from .prune import magnitude_scores, prune, pruned_count, wanda_scores
@@ -67,19 +68,23 @@ def compress_base(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor,
 def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, saliency: torch.Tensor,
                     cfg: CompressConfig, *, rank: int | None = None,
                     base: tuple[QuantizedTensor | torch.Tensor, torch.Tensor] | None = None,
-                    act: ActErrorMoments | None = None) -> CompressedWeight:
+                    act: ActErrorMoments | None = None, timer=None) -> CompressedWeight:
     """quantize -> prune -> adapters (-> refit rounds). `rank` overrides the config's rank (sensitivity
     allocation); `base` is a (weight, mask) pair from compress_base already computed by the caller.
 
     act: the moments of the layer's activation-quantization error (W8A8). The errors reported then include it
     (lrc.lrc_rel_error), and lowrank "lrc" fits base and adapters to that objective (lrc.py); the other
-    lowrank methods fit to the weight error only, as without act."""
+    lowrank methods fit to the weight error only, as without act.
+
+    timer: a slim_trt.timing.PhaseTimer that only measures (phases sweep, adapter_svd, adapter_rounding,
+    refit_round_K); None measures nothing."""
     W = W.detach().to(torch.float32)
     if cfg.lowrank == "lrc":
         if act is None:
             raise ValueError("lowrank 'lrc' needs the activation-quantization moments (act)")
-        return _compress_lrc(W, H, act_norm, cfg, act, rank)
-    weight, mask = base if base is not None else compress_base(W, H, act_norm, cfg)
+        return _compress_lrc(W, H, act_norm, cfg, act, rank, timer)
+    with phase(timer, "sweep"):
+        weight, mask = base if base is not None else compress_base(W, H, act_norm, cfg)
     E = W - _as_float(weight)
     base_q = _as_float(weight)
     base_err = output_rel_error(E, W, H)
@@ -87,9 +92,9 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
     rounds = 0
     if cfg.lowrank != "none":
         r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
-        L, R = fit_adapters(E, saliency, r, cfg, H)
+        L, R = fit_adapters(E, saliency, r, cfg, H, timer)
         if cfg.refit_rounds:
-            res = refit(W, H, saliency, weight, mask, L, R, cfg, cfg.refit_rounds)
+            res = refit(W, H, saliency, weight, mask, L, R, cfg, cfg.refit_rounds, timer)
             weight, L, R, rounds = res.weight, res.lora_L, res.lora_R, res.rounds_kept
             E = W - _as_float(weight)
         E = E - _as_float(L) @ _as_float(R)
@@ -103,12 +108,15 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
                             rel_error=rel_error, refit_rounds=rounds)
 
 
-def _compress_lrc(W, H, act_norm, cfg: CompressConfig, act: ActErrorMoments, rank: int | None) -> CompressedWeight:
+def _compress_lrc(W, H, act_norm, cfg: CompressConfig, act: ActErrorMoments, rank: int | None,
+                  timer=None) -> CompressedWeight:
     """LRC: the base fitted for Q(x) (target base_target, Hessian H_qq), adapters on E_eff, refit rounds."""
     system = LRCSystem(H, act)
-    weight, mask = compress_base(system.base_target(W, None), act.H_qq, act_norm, cfg)
+    with phase(timer, "sweep"):
+        weight, mask = compress_base(system.base_target(W, None), act.H_qq, act_norm, cfg)
     r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
-    res = lrc_fit(W, system, cfg, weight, mask, r, cfg.refit_rounds)
+    with phase(timer, "lrc_fit"):
+        res = lrc_fit(W, system, cfg, weight, mask, r, cfg.refit_rounds)
     den = float(((W @ H) * W).sum())
     rel = [(j / den) ** 0.5 if den > 0 else 0.0 for j in res.objectives]
     return CompressedWeight(weight=res.weight, mask=None if cfg.sparsity_spec.kind == "none" else mask,

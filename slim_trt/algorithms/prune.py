@@ -32,7 +32,7 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
         raise ValueError(f"N:M sparsity along K needs K % m == 0, got K={cols}, m={m}")
     g = scores.detach().to(torch.float32).reshape(rows, cols // m, m)
     keep = torch.argsort(g, dim=2, descending=True, stable=True)[:, :, :n]
-    mask = torch.zeros(rows, cols // m, m, dtype=torch.bool)
+    mask = torch.zeros(rows, cols // m, m, dtype=torch.bool, device=scores.device)
     mask.scatter_(2, keep, True)
     return mask.reshape(rows, cols)
 
@@ -50,7 +50,7 @@ def unstructured_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
     rows, cols = scores.shape
     k = pruned_count(cols, ratio)
     order = torch.argsort(scores.detach().to(torch.float32), dim=1, stable=True)
-    mask = torch.ones(rows, cols, dtype=torch.bool)
+    mask = torch.ones(rows, cols, dtype=torch.bool, device=scores.device)
     mask.scatter_(1, order[:, :k], False)
     return mask
 
@@ -58,7 +58,7 @@ def unstructured_mask(scores: torch.Tensor, ratio: float) -> torch.Tensor:
 def mask_for(scores: torch.Tensor, sparsity: Sparsity) -> torch.Tensor:
     """The keep-mask `sparsity` asks for, from `scores` (higher = more important)."""
     if sparsity.kind == "none":
-        return torch.ones(scores.shape, dtype=torch.bool)
+        return torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if sparsity.kind == "nm":
         return nm_mask(scores, sparsity.n, sparsity.m)
     if sparsity.kind == "unstructured":

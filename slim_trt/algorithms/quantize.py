@@ -42,7 +42,7 @@ def _reduce_abs_max(W: torch.Tensor, group_size: int) -> torch.Tensor:
     """max |w| over each scale group; shape [] / [rows, 1] / [rows, ngroups]."""
     A = W.detach().to(torch.float32).abs()
     if group_size == 0:
-        return A.max() if A.numel() else torch.zeros(())
+        return A.max() if A.numel() else torch.zeros((), device=A.device)
     if group_size == -1:
         return A.amax(dim=1, keepdim=True)
     if group_size > 0:
@@ -74,7 +74,7 @@ def _best_clip(values: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor, q
     """
     v = values.to(torch.float64)
     c = counts.to(torch.float64)
-    zero = torch.zeros(v.shape[0], 1, dtype=torch.float64)
+    zero = torch.zeros(v.shape[0], 1, dtype=torch.float64, device=v.device)
     p0 = torch.cat([zero, c.cumsum(1)], 1)  # prefix count
     p1 = torch.cat([zero, (c * v).cumsum(1)], 1)  # prefix sum of v
     p2 = torch.cat([zero, (c * v * v).cumsum(1)], 1)  # prefix sum of v^2
@@ -95,7 +95,7 @@ def _best_clip(values: torch.Tensor, counts: torch.Tensor, amax: torch.Tensor, q
     hi = amax.clone()
     best_alpha = amax.clone()
     best_err = error(amax[:, None])[:, 0]
-    t = torch.linspace(0.0, 1.0, candidates + 1, dtype=torch.float64)[1:]
+    t = torch.linspace(0.0, 1.0, candidates + 1, dtype=torch.float64, device=v.device)[1:]
     for _ in range(rounds):
         cand = lo[:, None] + (hi - lo)[:, None] * t[None, :]
         err = error(cand)
@@ -137,14 +137,14 @@ def slim_quant_scale(W: torch.Tensor, bits: int, group_size: int = 0, rounds: in
     qmax = _qmax(bits)
     A = W.detach().to(torch.float32).abs()
     if group_size == 0:
-        amax = A.max() if A.numel() else torch.zeros(())
+        amax = A.max() if A.numel() else torch.zeros((), device=A.device)
         if float(amax) == 0.0:
-            return torch.full((), SCALE_FLOOR)
+            return torch.full((), SCALE_FLOOR, device=A.device)
         nbins = _num_bins(A.numel())
         counts = torch.histc(A, bins=nbins, min=0.0, max=float(amax)).to(torch.float64)
         counts[0] -= float((A == 0).sum())  # exact zeros cost nothing (see above)
         width = float(amax) / nbins
-        centres = (torch.arange(nbins, dtype=torch.float64) + 0.5) * width
+        centres = (torch.arange(nbins, dtype=torch.float64, device=A.device) + 0.5) * width
         alpha = _best_clip(centres[None], counts[None], amax.reshape(1), qmax, rounds=rounds)
         return (alpha.reshape(()) / qmax).clamp_min(SCALE_FLOOR)
     if group_size == -1:
@@ -157,7 +157,7 @@ def slim_quant_scale(W: torch.Tensor, bits: int, group_size: int = 0, rounds: in
     flat = G.reshape(rows * ngroups, size)
     values, _ = flat.sort(dim=1)
     counts = (values > 0).to(torch.float64)
-    amax = values[:, -1] if size else torch.zeros(rows * ngroups)
+    amax = values[:, -1] if size else torch.zeros(rows * ngroups, device=A.device)
     alpha = torch.zeros_like(amax)
     live = amax > 0
     if bool(live.any()):

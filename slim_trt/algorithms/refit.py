@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..config import CompressConfig
+from ..timing import phase
 from .gptq import gptq_quantize
 from .lowrank import gptq_adapters, hessian_lowrank, quantize_adapter, slim_lowrank, svd_lowrank
 from .obs import obs_sweep
@@ -55,19 +56,21 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
 
 
 def fit_adapters(E: torch.Tensor, saliency: torch.Tensor, rank: int, cfg: CompressConfig,
-                 H: torch.Tensor | None = None) -> tuple[Factor, Factor]:
+                 H: torch.Tensor | None = None, timer=None) -> tuple[Factor, Factor]:
     """L, R for the error E by the config's low-rank method, quantized when the config asks for it.
     `H` (the layer's input second moment) is needed by lowrank "hessian" and used by adapter_quantizer "gptq"
-    (without it the adapters are rounded to nearest)."""
-    if cfg.lowrank == "hessian":
-        if H is None:
-            raise ValueError("lowrank 'hessian' needs the layer's H")
-        L, R = hessian_lowrank(E, H, rank, cfg.percdamp)
-    elif cfg.lowrank == "slim":
-        L, R = slim_lowrank(E, saliency, rank)
-    else:
-        L, R = svd_lowrank(E, rank)
-    return quantized_adapters(E, L, R, H, cfg)
+    (without it the adapters are rounded to nearest). `timer` (slim_trt.timing.PhaseTimer) only measures."""
+    with phase(timer, "adapter_svd"):
+        if cfg.lowrank == "hessian":
+            if H is None:
+                raise ValueError("lowrank 'hessian' needs the layer's H")
+            L, R = hessian_lowrank(E, H, rank, cfg.percdamp)
+        elif cfg.lowrank == "slim":
+            L, R = slim_lowrank(E, saliency, rank)
+        else:
+            L, R = svd_lowrank(E, rank)
+    with phase(timer, "adapter_rounding"):
+        return quantized_adapters(E, L, R, H, cfg)
 
 
 def quantized_adapters(E: torch.Tensor, L: torch.Tensor, R: torch.Tensor, H: torch.Tensor | None,
@@ -96,22 +99,25 @@ class RefitResult:
 
 
 def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Factor, mask: torch.Tensor,
-          lora_L: Factor, lora_R: Factor, cfg: CompressConfig, rounds: int) -> RefitResult:
+          lora_L: Factor, lora_R: Factor, cfg: CompressConfig, rounds: int, timer=None) -> RefitResult:
     """Up to `rounds` rounds of: base <- base_on_mask(W - L R), then (L, R) <- fit_adapters(W - base).
 
     Stops at the first round that does not lower tr(E H E^T) (E = W - base - L R) and keeps the previous
     state, so the returned error is never above the input's. The rank of the adapters never changes.
+    `timer` (slim_trt.timing.PhaseTimer) only measures: each round is its phase "refit_round_K".
     """
     W = W.detach().to(torch.float32)
     rank = int(as_float(lora_R).shape[0])
     best = RefitResult(weight, lora_L, lora_R)
     err = output_energy(W - as_float(weight) - as_float(lora_L) @ as_float(lora_R), H)
     best.energies.append(err)
-    for _ in range(rounds):
-        base = base_on_mask(W - as_float(best.lora_L) @ as_float(best.lora_R), H, mask, cfg)
-        E = W - as_float(base)
-        L, R = fit_adapters(E, saliency, rank, cfg, H)
-        new_err = output_energy(E - as_float(L) @ as_float(R), H)
+    for k in range(rounds):
+        with phase(timer, f"refit_round_{k + 1}"):
+            with phase(timer, "sweep"):
+                base = base_on_mask(W - as_float(best.lora_L) @ as_float(best.lora_R), H, mask, cfg)
+            E = W - as_float(base)
+            L, R = fit_adapters(E, saliency, rank, cfg, H, timer)
+            new_err = output_energy(E - as_float(L) @ as_float(R), H)
         if not new_err < err:
             break  # the next round would start from the same state and give the same answer
         best.weight, best.lora_L, best.lora_R = base, L, R

@@ -11,6 +11,7 @@ instead of being rebuilt per architecture.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 from ..errors import SlimError
+from ..resources import block_bytes, check_fits
+from ..timing import PhaseTimer, phase
 from .families import block_linears, decoder_blocks
 
 
@@ -41,14 +44,11 @@ class LinearStats:
     act_moments: Any = None  # algorithms.lrc.ActErrorMoments
     act_nsamples: int = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
         from ..algorithms.gptq import accumulate_hessian
 
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        if not torch.isfinite(x).all():
-            raise _NonFinite()
-        self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x)
-        sq = (x * x).sum(0)
+        x, xtx, sq = (shared or InputProducts())(x)
+        self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x, xtx)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         self.ntokens += x.shape[0]
         if self.collect_act:
@@ -80,6 +80,24 @@ class LinearStats:
 
 class _NonFinite(Exception):
     pass
+
+
+class InputProducts:
+    """The per-batch products a layer input contributes to its statistics (float32 rows, X^T X, sum of x^2),
+    computed once per input tensor: q/k/v (gate/up) read the very same tensor, so they share them and get the
+    values each would compute alone. Holds the last input only (one batch's activation)."""
+
+    def __init__(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._products: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x is not self._x:
+            X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            if not torch.isfinite(X).all():
+                raise _NonFinite()
+            self._x, self._products = x, (X, X.T @ X, (X * X).sum(0))
+        return self._products
 
 
 class _Stop(Exception):
@@ -181,6 +199,8 @@ def run_layerwise(
     on_block_done: Callable[[BlockResult], None] = lambda r: None,
     progress: Iterable | None = None,
     act: ActCalibration | None = None,
+    device: torch.device | str | None = None,
+    timer: PhaseTimer | None = None,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
@@ -189,31 +209,42 @@ def run_layerwise(
     the block then only runs forward to produce the next block's inputs.
     act: calibrate static activation scales (and optionally smooth) before compress_block sees the statistics:
     one more forward pass of the dense block (two with smoothing).
+    device: where each block runs and is compressed (None: where the model is). The model stays where it is;
+    each block moves there with the calibration activations, and back once it is compressed, before the next.
+    timer: charged with the phases calibration_forward, hessian, act_calibration, compress, block_output.
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
     batches = _batches(windows, batch_size)
-    # Recorded up front, before any statistics hook is attached (recording runs the dense blocks).
-    kw_cache = {b.shape[0]: _record_block_kwargs(model, blocks, b) for b in batches}
+    home = next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    with phase(timer, "calibration_forward"):
+        # Recorded up front, before any statistics hook is attached (recording runs the dense blocks).
+        kw_cache = {b.shape[0]: _to(_record_block_kwargs(model, blocks, b), device) for b in batches}
+        hidden = [_block0_inputs(model, blocks, b).to(device) for b in batches]
 
     def kwargs_for(i: int):
         return lambda bsz: kw_cache[bsz][i]
 
-    hidden = [_block0_inputs(model, blocks, b) for b in batches]
     results: list[BlockResult] = []
     indices = range(len(blocks)) if progress is None else progress
     for i in indices:
         block = blocks[i]
         res = BlockResult(index=i)
         if restore_block(i, block):
-            hidden = _run_block(block, hidden, kwargs_for(i))
+            with phase(timer, "block_output"):
+                hidden = _run_block(block.to(device), hidden, kwargs_for(i))
+                block.to(home)
             results.append(res)
             continue
         linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
+        check_fits(block_bytes(block, hidden, [m.in_features for m in linears.values()]), device,
+                   f"compressing block {prefix}{i}")
+        block.to(device)
 
         def run_hooked(adders: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
             """The block's forward with each linear's input passed to adders[name]."""
-            handles = [linears[n].register_forward_hook(_stats_hook(f)) for n, f in adders.items()]
+            handles = [linears[n].register_forward_hook(_stats_hook(f, timer)) for n, f in adders.items()]
             try:
                 return _run_block(block, hidden, kwargs_for(i))
             except _NonFinite:
@@ -226,30 +257,68 @@ def run_layerwise(
         def new_stats() -> dict[str, LinearStats]:
             return {n: LinearStats(collect_act=act is not None) for n in linears}
 
+        def gather(stats: dict[str, LinearStats]) -> list[torch.Tensor]:
+            shared = InputProducts()
+            out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
+            _share_equal_hessians(stats)
+            return out
+
         stats = new_stats()
-        dense_out = run_hooked({n: st.add for n, st in stats.items()})
+        with phase(timer, "calibration_forward"):
+            dense_out = gather(stats)
         if act is not None and linears:
-            if act.smooth is not None and act.smooth(i, block, linears, stats):
-                # The smoothed block computes the same function (dense_out holds), on rescaled inputs.
-                stats = new_stats()
-                run_hooked({n: st.add for n, st in stats.items()})
-            for st in stats.values():
-                st.act_scale, st.act_bits = act.scale(st), act.bits
-            run_hooked({n: st.add_quantized for n, st in stats.items()})
-        res.layers = compress_block(i, block, linears, stats)
-        hidden = _run_block(block, hidden, kwargs_for(i))
-        if not all(torch.isfinite(h).all() for h in hidden):
-            raise SlimError(f"NaN or Inf in the outputs of compressed block {prefix}{i}")
-        res.output_rel_error = _rel(hidden, dense_out)
-        del dense_out
+            with phase(timer, "act_calibration"):
+                if act.smooth is not None and act.smooth(i, block, linears, stats):
+                    # The smoothed block computes the same function (dense_out holds), on rescaled inputs.
+                    stats = new_stats()
+                    gather(stats)
+                for st in stats.values():
+                    st.act_scale, st.act_bits = act.scale(st), act.bits
+                run_hooked({n: st.add_quantized for n, st in stats.items()})
+        with phase(timer, "compress"):
+            res.layers = compress_block(i, block, linears, stats)
+        with phase(timer, "block_output"):
+            hidden = _run_block(block, hidden, kwargs_for(i))
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise SlimError(f"NaN or Inf in the outputs of compressed block {prefix}{i}")
+            res.output_rel_error = _rel(hidden, dense_out)
+            del dense_out
+            block.to(home)
         results.append(res)
         on_block_done(res)
     return results
 
 
-def _stats_hook(add: Callable[[torch.Tensor], None]):
+def _to(obj, device: torch.device):
+    """The block keyword arguments (tensors, possibly in tuples, lists or dicts) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _share_equal_hessians(stats: dict[str, LinearStats]) -> None:
+    """Layers whose statistics came out equal (they read the same input) hold one H: the memory is counted
+    once and the factorisations of H (algorithms/memo.py) are computed once for all of them."""
+    seen: list[torch.Tensor] = []
+    for st in stats.values():
+        H = st.hessian
+        if H is None:
+            continue
+        same = next((G for G in seen if G.shape == H.shape and torch.equal(G, H)), None)
+        if same is None:
+            seen.append(H)
+        else:
+            st.hessian = same
+
+
+def _stats_hook(add: Callable[[torch.Tensor], None], timer: PhaseTimer | None = None):
     def hook(_mod, args, _out):
-        add(args[0])
+        with phase(timer, "hessian"):
+            add(args[0])
     return hook
 
 

@@ -91,6 +91,9 @@ def register(sub) -> None:
     p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--device", default="auto", metavar="DEVICE",
+                   help="where each decoder block is compressed: auto (a CUDA GPU when torch sees one, else the "
+                        "CPU), cpu, cuda or cuda:N; the model stays in host memory [default: auto]")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the run summary as JSON ('-' = stdout)")
@@ -163,12 +166,15 @@ def run(args) -> int:
         raise SlimError("--finetune-steps / --finetune-minutes train the adapters, but --lowrank none makes none: "
                         "drop the fine-tuning flags or choose --lowrank hessian (or slim, svd)")
     out, report = compress_model(args.model, args.output, cfg, calib, force=args.force, progress=not args.quiet,
-                                 trust_remote_code=args.trust_remote_code, finetune=ft_cfg)
+                                 trust_remote_code=args.trust_remote_code, finetune=ft_cfg, device=args.device)
     s = report.summary()
-    eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s, peak memory "
-           f"{s['peak_rss_gb']:.2f} GB, {s['bits_per_param']:.3f} bits/param "
+    device_mem = "" if s["peak_device_gb"] is None else f", peak {s['device']} memory {s['peak_device_gb']:.2f} GB"
+    eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s on {s['device']} "
+           f"({s['threads']} threads), peak host memory {s['peak_rss_gb']:.2f} GB{device_mem}, "
+           f"{s['bits_per_param']:.3f} bits/param "
            f"({s['bits_per_param_with_adapters']:.3f} with adapters), mean layer error "
            f"{s['mean_rel_error_base']:.4f} -> {s['mean_rel_error']:.4f} with adapters")
+    eprint(f"time split: {format_phases(s['phases'], s['refit_phases'])}")
     if cfg.lowrank != "none" and s["rank_ratio"] < cfg.rank_ratio:
         eprint(f"adapter ranks lowered from ratio {cfg.rank_ratio:g} to {s['rank_ratio']:.4f} to fit --max-bits "
                f"{cfg.max_bits:g}")
@@ -184,3 +190,22 @@ def run(args) -> int:
     if args.json:
         print_json({"output": str(out), "config": cfg.to_dict(), **s, **({"finetune": ft} if ft else {})}, args.json)
     return 0
+
+
+def format_phases(phases: dict[str, float], refit_phases: dict[str, float] | None = None) -> str:
+    """'refit rounds 51.0 + 49.8 s (sweep 60.2, adapter_svd 30.1, ...), sweep 40.1 s, ...', the largest first."""
+    rounds = [phases[k] for k in sorted((k for k in phases if k.startswith("refit_round_")),
+                                        key=lambda k: int(k.rsplit("_", 1)[1]))]
+    items = [(k, v) for k, v in phases.items() if not k.startswith("refit_round_")]
+    if rounds:
+        items.append(("refit rounds", sum(rounds)))
+    parts = []
+    for k, v in sorted(items, key=lambda kv: -kv[1]):
+        text = f"{k} {v:.1f} s"
+        if k == "refit rounds":
+            text = f"refit rounds {' + '.join(f'{r:.1f}' for r in rounds)} s"
+            if refit_phases:
+                inner = sorted(refit_phases.items(), key=lambda kv: -kv[1])
+                text += f" ({', '.join(f'{n} {t:.1f}' for n, t in inner)})"
+        parts.append(text)
+    return ", ".join(parts)

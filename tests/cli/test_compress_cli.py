@@ -162,3 +162,32 @@ def test_max_bits_lowers_the_ranks_and_says_so(tiny_model_dir, tmp_path, capsys)
     assert rc == 0, err
     free = json.loads((tmp_path / "free" / "slim_manifest.json").read_text())
     assert free["method"]["max_bits"] is None and free["summary"]["rank_ratio"] == 0.23
+
+
+@pytest.mark.parametrize("device,needle", [
+    ("tpu", "bad --device 'tpu': choose auto, cpu, cuda or cuda:N"),
+    pytest.param("cuda", "no usable CUDA GPU here", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                             reason="this machine has a GPU")),
+    pytest.param("cuda:1", "use --device cpu", marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                                                        reason="this machine has a GPU")),
+])
+def test_bad_device_exits_2_with_one_line_and_writes_nothing(device, needle, tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--device", device], capsys)
+    assert rc == 2 and "Traceback" not in err
+    lines = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(lines) == 1 and needle in lines[0], err
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_the_summary_line_splits_the_time_and_the_manifest_keeps_it(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--device", "cpu", "-q"], capsys)
+    assert rc == 0, err
+    assert " on cpu (" in err and "threads), peak host memory" in err
+    split = next(line for line in err.splitlines() if line.startswith("time split: "))
+    for name in ("calibration_forward", "hessian", "sweep", "adapter_svd", "adapter_rounding", "refit rounds"):
+        assert name in split, split
+    summary = json.loads((out / "slim_manifest.json").read_text())["summary"]
+    assert summary["device"] == "cpu" and summary["peak_device_gb"] is None and summary["threads"] >= 1
+    assert sum(summary["phases"].values()) == pytest.approx(summary["seconds"], abs=0.1)

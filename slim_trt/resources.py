@@ -1,0 +1,108 @@
+"""The machine a compression runs on: which device, how many threads, how much memory it took."""
+from __future__ import annotations
+
+import itertools
+import os
+import resource
+from contextlib import contextmanager
+
+import torch
+
+from .errors import SlimError
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
+def resolve_device(text: str | torch.device | None) -> torch.device:
+    """'auto' (or None): the first CUDA GPU when torch sees one, else the CPU; 'cpu'; 'cuda' or 'cuda:N'."""
+    t = "auto" if text is None else str(text).strip().lower()
+    if t == "auto":
+        return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    if t == "cpu":
+        return torch.device("cpu")
+    if t == "cuda" or (t.startswith("cuda:") and t[5:].isdigit()):
+        if not torch.cuda.is_available():
+            why = ("this torch is a CPU-only build" if torch.version.cuda is None
+                   else "torch sees no CUDA GPU (no driver, no device, or CUDA_VISIBLE_DEVICES hides them)")
+            raise SlimError(f"--device {t}: no usable CUDA GPU here ({why}): use --device cpu (or auto)")
+        index = int(t[5:]) if ":" in t else 0
+        if index >= torch.cuda.device_count():
+            raise SlimError(f"--device {t}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 .. "
+                            f"cuda:{torch.cuda.device_count() - 1}): choose one of them, or --device cpu")
+        return torch.device("cuda", index)
+    raise SlimError(f"bad --device {text!r}: choose {DEVICE_CHOICES}")
+
+
+def available_cores() -> int:
+    """The CPU cores this process may run on (its affinity mask: what a container or taskset gives it)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def all_cores():
+    """Run torch on every core this process is given, then restore the previous thread count.
+
+    torch starts with one thread per physical core, which can be fewer than the cores given (hyper-threads,
+    a library that lowered it). An explicit OMP_NUM_THREADS is the user's choice and is kept as it is."""
+    before = torch.get_num_threads()
+    want = available_cores()
+    raise_it = "OMP_NUM_THREADS" not in os.environ and before < want
+    if raise_it:
+        torch.set_num_threads(want)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if raise_it:
+            torch.set_num_threads(before)
+
+
+def peak_rss_gb() -> float:
+    """The process's peak resident memory so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def reset_device_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def device_peak_gb(device: torch.device) -> float | None:
+    """Peak memory torch allocated on a CUDA device since reset_device_peak (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def device_sync(device: torch.device):
+    """What PhaseTimer needs to charge asynchronous GPU work to the right phase (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.synchronize(device)
+
+
+def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features: list[int]) -> dict[str, int]:
+    """What compressing one block holds on its device, in bytes: the block's weights; the calibration
+    activations three times (the inputs, the dense outputs kept to measure the block's error, the new outputs);
+    per distinct layer input size K, the fp32 H with its fp32 factor and the fp64 copies factorising it
+    (4 x K^2 x 4 bytes, one H per input shared by the layers that read it)."""
+    weights = sum(t.numel() * t.element_size() for t in itertools.chain(block.parameters(), block.buffers()))
+    acts = 3 * sum(h.numel() * h.element_size() for h in hidden)
+    hessians = sum(16 * k * k for k in set(in_features))
+    return {"weights": weights, "activations": acts, "hessians": hessians}
+
+
+def check_fits(need: dict[str, int], device: torch.device, what: str) -> None:
+    """Refuse, before anything moves, a block that cannot fit the CUDA device's free memory."""
+    if device.type != "cuda":
+        return
+    free, _ = torch.cuda.mem_get_info(device)
+    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's own cache
+    total = sum(need.values())
+    if total > free:
+        parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items())
+        raise SlimError(f"{what} needs about {total / 2**30:.2f} GB on {device} ({parts} GB) but {free / 2**30:.2f} "
+                        f"GB are free: use a GPU with more memory, fewer --nsamples or a shorter --seqlen, or "
+                        f"--device cpu")
