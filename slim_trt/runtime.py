@@ -74,6 +74,7 @@ class DecoderSpec:
     eos_token_ids: tuple[int, ...] = ()
     session_config: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session config entries, as declared
     head_quantization: str = "none"  # "int8"/"int4": a quantized embedding / head that ort_rewrite maps
+    quantized_linears: bool = False  # compressed layers: ort_rewrite fuses the MatMulNBits reading one input
 
     @staticmethod
     def from_manifest(d: dict) -> DecoderSpec:
@@ -104,6 +105,7 @@ class DecoderSpec:
             eos_token_ids=tuple(int(e) for e in ([eos] if isinstance(eos, int) else (eos or ()))),
             session_config=tuple(parse_session_config(d).items()),
             head_quantization=_head_quantization(d),
+            quantized_linears=bool(d.get("compressed_layers")),
         )
         names = spec.input_names
         for required in ("input_ids", "attention_mask"):
@@ -122,8 +124,9 @@ class DecoderSpec:
 
     @property
     def needs_rewrite(self) -> bool:
-        """Whether ONNX Runtime needs the in-memory rewrite (ort_rewrite.py) to run this export's kernels."""
-        return bool(self.custom_ops) or self.head_quantization != "none"
+        """Whether ONNX Runtime needs the in-memory rewrite (ort_rewrite.py) to run this export's kernels (or to
+        run them fused)."""
+        return bool(self.custom_ops) or self.head_quantization != "none" or self.quantized_linears
 
     @property
     def input_names(self) -> list[str]:
