@@ -17,11 +17,14 @@ weights, never a float copy). Three forms of an export need help to reach the sa
   their low-rank R factors, gate/up and theirs, o_proj with its R, down_proj with its R. At batch 1 a decoder step is
   a few hundred small GEMVs, each paying a fixed kernel cost; this halves their number. Each output column keeps
   its own weights and scales and sees the same blocks of x, so the arithmetic is the unfused one's. The block
-  along K (32, 64 or 128) never straddles two scale groups and wastes the least padding. Only fp32 graphs
+  along K (16 to 128) never straddles two scale groups and wastes the least padding. Only fp32 graphs
   (ONNX Runtime's CPU kernel computes in fp32; fp16 graphs keep ONNX Runtime's own Q/DQ fusion); 8-bit weights
   only at accuracy level 4 (see _head_accuracy_level).
 
-The last three only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
+- RMSNorm as the exporter spells it (Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) becomes ONNX Runtime's
+  SimplifiedLayerNormalization kernel, which its optimizer only finds for the Pow/Div spelling (fp32 graphs).
+
+The last four only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
 
 Standalone (numpy + onnx): `slim-trt deploy` copies it beside the Triton models as `slim_ort_rewrite.py`.
@@ -276,7 +279,7 @@ def _transposed_factor(g: _Graph, name: str, new: list) -> str:
     return out
 
 
-NBITS_BLOCKS = (128, 64, 32)  # MatMulNBits block sizes along K this rewrite emits (the CPU kernels' common set)
+NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes along K this rewrite emits
 
 
 @dataclass
@@ -405,20 +408,12 @@ def _const(g: _Graph, name: str) -> np.ndarray | None:
     return g.array(name) if name in g.inits else None
 
 
-def _hidden_size(g: _Graph) -> int | None:
-    """The width of the residual stream: the last axis of the tensor the first RMSNorm normalizes, from the
-    weight it multiplies by (the embedding table's width when the graph has one)."""
-    for n in g.g.node:
-        if n.op_type == "SimplifiedLayerNormalization":
-            w = _const(g, n.input[1])
-            return None if w is None else int(w.size)
-    return None
-
-
 def _fuse_rms_norms(g: _Graph) -> int:
     """RMSNorm as the exporter writes it in an fp32 graph, Mul(Mul(x, Reciprocal(Sqrt(ReduceMean(x * x) + eps))),
     w), -> SimplifiedLayerNormalization(x, w) (ONNX Runtime's fused kernel; it matches only the Pow/Div spelling
-    by itself). The same arithmetic in fp32: 1 kernel for 7. Returns how many were fused."""
+    by itself). The same arithmetic in fp32: 1 kernel for 7. (Folding the residual Add in as well,
+    SkipSimplifiedLayerNormalization, measured no faster per token and rounds unlike PyTorch, which flips INT8
+    steps of a W8A8 export's activations: not done.) Returns how many were fused."""
     fused = 0
     for sq in list(g.g.node):
         if sq.op_type != "Mul" or sq.input[0] != sq.input[1]:
@@ -447,30 +442,6 @@ def _fuse_rms_norms(g: _Graph) -> int:
                                            epsilon=float(eps.reshape(-1)[0]), stash_type=1)])
         for n in (sq, mean, add, sqrt, inv, norm):
             g.dropped.add(id(n))
-        fused += 1
-    return fused
-
-
-def _fuse_residual_norms(g: _Graph, hidden: int | None) -> int:
-    """Add(h, o) read by SimplifiedLayerNormalization -> com.microsoft SkipSimplifiedLayerNormalization(h, o, w),
-    whose 4th output is the sum the next residual Add reads (ONNX Runtime's CPU kernel for the pre-norm residual).
-    Only for [batch, sequence, hidden] activations (the kernel's shape). Returns how many were fused."""
-    fused = 0
-    for n in list(g.g.node):
-        if n.op_type != "SimplifiedLayerNormalization" or n.input[0] not in g.producer:
-            continue
-        add = g.producer[n.input[0]]
-        gamma = _const(g, n.input[1])
-        if add.op_type != "Add" or any(i in g.inits for i in add.input) or gamma is None or gamma.size != hidden \
-                or id(add) in g.dropped:
-            continue
-        out = add.output[0]
-        others = [c for c, _ in g.consumers.get(out, []) if c is not n]
-        total = out if others or out in g.graph_outputs else ""
-        g.replace(n, [helper.make_node("SkipSimplifiedLayerNormalization", [add.input[0], add.input[1], n.input[1]],
-                                       [n.output[0], "", "", total], domain=MS_DOMAIN,
-                                       name=g.unique(f"{n.name}/Skip"), epsilon=_attr(n, "epsilon", 1e-5))])
-        g.dropped.add(id(add))
         fused += 1
     return fused
 
@@ -518,8 +489,7 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level
     m = onnx.ModelProto()
     m.CopyFrom(model)
     counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0,
-              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0,
-              "residual_norms": 0}
+              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0}
     g = _Graph(m)
     for n in list(m.graph.node):
         if (n.domain, n.op_type) == LOWRANK_OP:
@@ -536,9 +506,6 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level
             g = _Graph(m)  # the linears as the passes above left them (expanded low-rank factors included)
             counts.update(_fuse_linears(g, accuracy_level, share_inputs))
             counts["rms_norms"] = _fuse_rms_norms(g)
-            g.finish()
-            g = _Graph(m)
-            counts["residual_norms"] = _fuse_residual_norms(g, _hidden_size(g))
     g.finish()
     opsets = [o for o in m.opset_import if o.domain != LOWRANK_OP[0]]
     if any(n.domain == MS_DOMAIN for n in m.graph.node) and not any(o.domain == MS_DOMAIN for o in opsets):
