@@ -230,7 +230,9 @@ def make_session(model_path: str | os.PathLike, spec: DecoderSpec | None = None,
 
     # ONNX Runtime's own default accuracy level is 4 when the config does not name one.
     level = int(config.get("session.qdq_matmulnbits_accuracy_level", "4"))
-    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=fuse, accuracy_level=level)
+    # A config that turns ONNX Runtime's Q/DQ fusion off asks for the plain arithmetic: no MatMulNBits built here.
+    packed = config.get("session.disable_quant_qdq", "0") != "1"
+    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=packed, accuracy_level=level)
     if model.ByteSize() < 2**31 - 2**26:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="slim_trt_ort_") as d:  # > 2 GB: protobuf needs external data

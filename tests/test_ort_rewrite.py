@@ -97,7 +97,7 @@ def _export(tmp_path, dtype="fp32", bits=4, group_size=32):
 
     # rank 5: odd, padded to 6 for the INT4 adapters; hidden 64 (q/k/v/gate/up K), intermediate 128 (down K)
     model = compress_tiny(tiny_model("gemma3"), bits=bits, group_size=group_size, quantize_adapters=True, rank=5)
-    export_model(model, tmp_path, options=ExportOptions(dtype=dtype))
+    export_model(model, tmp_path, options=ExportOptions(dtype=dtype, head="none"))
     return model, tmp_path / "model.onnx"
 
 
