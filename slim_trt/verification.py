@@ -54,13 +54,14 @@ class Thresholds:
         """for_dtype, loosened where ONNX Runtime runs int8 activations for the export (slim_export.json `meta`):
         its MatMulNBits at accuracy level 4 quantize every activation block on the fly, which moves logits far more
         than summation noise. Gemma 3 270M at level 4 measured, on verify's default 2 x 64 tokens, max 4.3-4.4 /
-        mean 0.25-0.35 / cosine min 0.992-0.996 / top-1 93.8-94.5% / perplexity 1.2-1.75% (8 x 512 tokens: max
-        15.4, mean 0.21, top-1 93.4%): limits with ~2x margin."""
+        mean 0.25-0.35 / cosine min 0.992-0.996 / top-1 93.8-94.5% / perplexity 1.2-1.75%; on 4 x 128 tokens max
+        6.3 / mean 0.30 / cosine min 0.962 / top-1 94.0% / 1.3% (8 x 512: max 15.4, mean 0.21, top-1 93.4%):
+        limits with ~2x margin."""
         base = Thresholds.for_dtype(dtype)
         if not int8_activations(meta):
             return base
         return Thresholds(max_abs=max(base.max_abs, 25.0), mean_abs=max(base.mean_abs, 0.75),
-                          cosine_min=min(base.cosine_min, 0.98), top1_min=min(base.top1_min, 0.88),
+                          cosine_min=min(base.cosine_min, 0.9), top1_min=min(base.top1_min, 0.88),
                           ppl_rel_max=max(base.ppl_rel_max, 0.04))
 
     def replace(self, **kw) -> "Thresholds":
