@@ -46,7 +46,8 @@ class Row:
         return f"{self.number}-{self.name}"
 
 
-SLIM = {"source": "checkpoint", "dtype": "fp32", "lowrank": "decomposed"}
+# Rows 3-8 pin the head and the accuracy level they were defined with (the export defaults changed: row 11).
+SLIM = {"source": "checkpoint", "dtype": "fp32", "lowrank": "decomposed", "head": "none", "ort_accuracy_level": 1}
 ROWS: tuple[Row, ...] = (
     Row(1, "dense-fp32", "dense, slim-trt export, fp32", export={"source": "dense", "dtype": "fp32"}),
     Row(2, "dense-fp16", "dense, slim-trt export, fp16", export={"source": "dense", "dtype": "fp16"}),
@@ -60,6 +61,8 @@ ROWS: tuple[Row, ...] = (
         export={**SLIM, "head": "int4", "ort_accuracy_level": 4}),
     Row(9, "ortgenai-int4", "peer: onnxruntime-genai model builder INT4", peer="ortgenai"),
     Row(10, "llamacpp-q4km", "peer: llama.cpp, gemma-3-270m-q4_k_m.gguf", peer="llamacpp"),
+    Row(11, "slim-defaults", "compressed, the export defaults: --head int8, int8 activations (accuracy level 4)",
+        export={**SLIM, "head": "int8", "ort_accuracy_level": 4}),
 )
 DENSE_KEY, ORTGENAI_KEY, LLAMACPP_KEY = "1-dense-fp32", "9-ortgenai-int4", "10-llamacpp-q4km"
 PEERS = {
