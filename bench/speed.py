@@ -46,11 +46,12 @@ class Row:
         return f"{self.number}-{self.name}"
 
 
-# Rows 3-8 pin the head and the accuracy level they were defined with (the export defaults changed: row 11).
+# Rows 1-8 pin the head (and rows 3-8 the accuracy level) they were defined with; the export defaults (an int8
+# head, int8 activations) are row 11.
 SLIM = {"source": "checkpoint", "dtype": "fp32", "lowrank": "decomposed", "head": "none", "ort_accuracy_level": 1}
 ROWS: tuple[Row, ...] = (
-    Row(1, "dense-fp32", "dense, slim-trt export, fp32", export={"source": "dense", "dtype": "fp32"}),
-    Row(2, "dense-fp16", "dense, slim-trt export, fp16", export={"source": "dense", "dtype": "fp16"}),
+    Row(1, "dense-fp32", "dense, slim-trt export, fp32", export={"source": "dense", "dtype": "fp32", "head": "none"}),
+    Row(2, "dense-fp16", "dense, slim-trt export, fp16", export={"source": "dense", "dtype": "fp16", "head": "none"}),
     Row(3, "slim-dequant", "compressed, fp32, weights dequantized at load (the session before issue 12)",
         export={**SLIM, "fuse": False}),
     Row(4, "slim-decomposed", "compressed, fp32, low-rank decomposed", export=SLIM),
