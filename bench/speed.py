@@ -46,10 +46,12 @@ class Row:
         return f"{self.number}-{self.name}"
 
 
-SLIM = {"source": "checkpoint", "dtype": "fp32", "lowrank": "decomposed"}
+# Rows 1-8 pin the head (and rows 3-8 the accuracy level) they were defined with; the export defaults (an int8
+# head, int8 activations) are row 11.
+SLIM = {"source": "checkpoint", "dtype": "fp32", "lowrank": "decomposed", "head": "none", "ort_accuracy_level": 1}
 ROWS: tuple[Row, ...] = (
-    Row(1, "dense-fp32", "dense, slim-trt export, fp32", export={"source": "dense", "dtype": "fp32"}),
-    Row(2, "dense-fp16", "dense, slim-trt export, fp16", export={"source": "dense", "dtype": "fp16"}),
+    Row(1, "dense-fp32", "dense, slim-trt export, fp32", export={"source": "dense", "dtype": "fp32", "head": "none"}),
+    Row(2, "dense-fp16", "dense, slim-trt export, fp16", export={"source": "dense", "dtype": "fp16", "head": "none"}),
     Row(3, "slim-dequant", "compressed, fp32, weights dequantized at load (the session before issue 12)",
         export={**SLIM, "fuse": False}),
     Row(4, "slim-decomposed", "compressed, fp32, low-rank decomposed", export=SLIM),
@@ -60,6 +62,8 @@ ROWS: tuple[Row, ...] = (
         export={**SLIM, "head": "int4", "ort_accuracy_level": 4}),
     Row(9, "ortgenai-int4", "peer: onnxruntime-genai model builder INT4", peer="ortgenai"),
     Row(10, "llamacpp-q4km", "peer: llama.cpp, gemma-3-270m-q4_k_m.gguf", peer="llamacpp"),
+    Row(11, "slim-defaults", "compressed, the export defaults: --head int8, int8 activations (accuracy level 4)",
+        export={**SLIM, "head": "int8", "ort_accuracy_level": 4}),
 )
 DENSE_KEY, ORTGENAI_KEY, LLAMACPP_KEY = "1-dense-fp32", "9-ortgenai-int4", "10-llamacpp-q4km"
 PEERS = {

@@ -12,12 +12,26 @@ weights, never a float copy). Three forms of an export need help to reach the sa
   not fuse either. It becomes com.microsoft MatMulNBits over the SAME packed tensor GatherBlockQuantized reads, so the
   table is stored once in memory's packed form as on disk.
 
-The last two only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
+- Every compressed linear `MatMul(x, DequantizeLinear(W [K, N]))` becomes com.microsoft MatMulNBits, and the ones
+  that read the SAME input become ONE MatMulNBits over their weights concatenated along N, then a Split: q/k/v and
+  their low-rank R factors, gate/up and theirs, o_proj with its R, down_proj with its R. At batch 1 a decoder step is
+  a few hundred small GEMVs, each paying a fixed kernel cost; this halves their number. Each output column keeps
+  its own weights and scales and sees the same blocks of x, so the arithmetic is the unfused one's. The block
+  along K (16 to 128) never straddles two scale groups and wastes the least padding. Only fp32 graphs
+  (ONNX Runtime's CPU kernel computes in fp32; fp16 graphs keep ONNX Runtime's own Q/DQ fusion); 8-bit weights
+  only at accuracy level 4 (see _head_accuracy_level).
+
+- RMSNorm as the exporter spells it (Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) becomes ONNX Runtime's
+  SimplifiedLayerNormalization kernel, which its optimizer only finds for the Pow/Div spelling (fp32 graphs).
+
+The last four only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
 
 Standalone (numpy + onnx): `slim-trt deploy` copies it beside the Triton models as `slim_ort_rewrite.py`.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -265,6 +279,173 @@ def _transposed_factor(g: _Graph, name: str, new: list) -> str:
     return out
 
 
+NBITS_BLOCKS = (128, 64, 32, 16)  # MatMulNBits block sizes along K this rewrite emits
+
+
+@dataclass
+class _LinearWeight:
+    """A quantized MatMul weight W [K, N] = q * scale, its scales grouped along K (one group spans K for per-column
+    or per-tensor scales)."""
+
+    q: np.ndarray  # int8 [K, N]
+    scales: np.ndarray  # float32 [groups, N]
+    group: int
+    bits: int
+
+    @property
+    def blocks(self) -> set[int]:
+        """MatMulNBits block sizes that never straddle two scale groups."""
+        k = self.q.shape[0]
+        return {b for b in NBITS_BLOCKS if self.group % b == 0 or self.group >= k}
+
+    def packed(self, block: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B uint8 [N, blocks, block * bits / 8], scales [N, blocks]) as MatMulNBits reads them."""
+        nb = -(-self.q.shape[0] // block)
+        grid = self.scales[np.minimum(np.arange(nb) * block // self.group, self.scales.shape[0] - 1)].T
+        return _packed_unsigned(np.ascontiguousarray(self.q.T), block, self.bits), np.ascontiguousarray(grid)
+
+
+def _linear_weight(g: _Graph, dq) -> _LinearWeight | None:
+    """DQ(W [K, N]) read by MatMul, or None for a layout this rewrite does not take (ONNX Runtime then fuses it)."""
+    q = g.array(dq.input[0]).astype(np.int8)
+    s = g.array(dq.input[1]).astype(np.float32)
+    bits = INT_TYPES[g.inits[dq.input[0]].data_type]
+    k, n = q.shape
+    axis, group = _attr(dq, "axis", 1) % 2, _attr(dq, "block_size", 0)
+    if s.size == 1:  # per tensor: one scale for every column and block
+        return _LinearWeight(q, np.full((1, n), float(s.reshape(-1)[0]), np.float32), k, bits)
+    if group == 0 and axis == 1 and s.shape == (n,):  # one scale per output column
+        return _LinearWeight(q, s.reshape(1, n), k, bits)
+    if group > 0 and axis == 0 and s.shape == (-(-k // group), n):
+        return _LinearWeight(q, s, group, bits)
+    return None
+
+
+def _best_block(k: int, blocks: set[int]) -> int:
+    """The block wasting the least padding along K (an adapter factor with K = rank 148 and groups of 128 runs
+    blocks of 32: 160 columns, not 256); the larger one on a tie."""
+    return min(blocks, key=lambda b: (-(-k // b) * b, -b))
+
+
+def _linear_groups(g: _Graph, accuracy_level: int) -> list[tuple[str, int, list]]:
+    """[(x, block, [(MatMul, DQ, _LinearWeight), ...])]: the quantized MatMuls reading each input x that one
+    MatMulNBits can serve (same K and bits, a common block size), in node order."""
+    by_input: dict[tuple, list] = {}
+    for x, uses in g.consumers.items():
+        for n, idx in uses:
+            if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or idx != 0 or x in g.inits:
+                continue
+            dq = g.dq_of(n.input[1])
+            if dq is None or dq.output[0] in g.graph_outputs or any(
+                    c.op_type != "MatMul" or i != 1 for c, i in g.consumers[dq.output[0]]):
+                continue
+            w = _linear_weight(g, dq)
+            if w is None or not w.blocks or (w.bits == 8 and accuracy_level < 4):
+                continue  # 8-bit weights with fp32 activations: ONNX Runtime's CPU kernel dequantizes per call
+            by_input.setdefault((x, w.q.shape[0], w.bits), []).append((n, dq, w))
+    groups = []
+    for (x, k, _), members in by_input.items():
+        common = set.intersection(*(w.blocks for _, _, w in members))
+        if common:
+            groups.append((x, _best_block(k, common), members))
+        else:  # no block fits all: one group per preferred block
+            split: dict[int, list] = {}
+            for m in members:
+                split.setdefault(_best_block(k, m[2].blocks), []).append(m)
+            groups += [(x, b, ms) for b, ms in split.items()]
+    return groups
+
+
+def _fuse_linears(g: _Graph, accuracy_level: int, share_inputs: bool = True) -> dict[str, int]:
+    """MatMul(x, DQ(W_i)) for every quantized W_i -> MatMulNBits, one per input x (share_inputs=False: one per
+    MatMul), its output split back into the original outputs. Returns the counts of MatMulNBits built and MatMuls
+    replaced."""
+    counts = {"matmul_nbits_linear": 0, "linears_fused": 0}
+    fused_dqs: set[int] = set()
+    groups = _linear_groups(g, accuracy_level)
+    if not share_inputs:
+        groups = [(x, block, [m]) for x, block, members in groups for m in members]
+    for x, block, members in groups:
+        first = members[0][0]
+        k, bits = members[0][2].q.shape[0], members[0][2].bits
+        parts = [w.packed(block) for _, _, w in members]
+        widths = [p[0].shape[0] for p in parts]
+        base = first.name if len(members) == 1 else f"{first.name}+{len(members) - 1}"
+        b_name = g.add_init(numpy_helper.from_array(np.concatenate([p[0] for p in parts]), f"{base}.ort_nbits"))
+        s_name = g.add_init(numpy_helper.from_array(np.concatenate([p[1] for p in parts]).reshape(-1),
+                                                    f"{base}.ort_nbits_scale"))
+        single = len(members) == 1
+        y = first.output[0] if single else g.unique(f"{base}/nbits_out")
+        new = [helper.make_node("MatMulNBits", [x, b_name, s_name], [y], domain=MS_DOMAIN,
+                                name=g.unique(f"{base}/MatMulNBits"), K=k, N=int(sum(widths)), bits=bits,
+                                block_size=block, accuracy_level=accuracy_level)]
+        if not single:
+            sizes = g.add_init(numpy_helper.from_array(np.array(widths, np.int64), f"{base}.ort_split"))
+            new.append(helper.make_node("Split", [y, sizes], [n.output[0] for n, _, _ in members],
+                                        name=g.unique(f"{base}/Split"), axis=-1))
+        # The first member in node order hosts the fused node: x exists there and every output is read later.
+        g.replace(first, new)
+        for n, _, _ in members[1:]:
+            g.dropped.add(id(n))
+        fused_dqs.update(id(dq) for _, dq, _ in members)
+        counts["matmul_nbits_linear"] += 1
+        counts["linears_fused"] += len(members)
+    for n in g.g.node:  # a DQ goes only when every MatMul reading it was fused
+        if id(n) in fused_dqs and all(id(c) in g.dropped for c, _ in g.consumers[n.output[0]]):
+            g.dropped.add(id(n))
+    return counts
+
+
+def _only_reader(g: _Graph, name: str, op_type: str):
+    """The single node reading `name` when it is an `op_type` (and `name` is no graph output), else None."""
+    uses = g.consumers.get(name, [])
+    if len(uses) != 1 or name in g.graph_outputs or uses[0][0].op_type != op_type:
+        return None
+    return uses[0][0]
+
+
+def _const(g: _Graph, name: str) -> np.ndarray | None:
+    return g.array(name) if name in g.inits else None
+
+
+def _fuse_rms_norms(g: _Graph) -> int:
+    """RMSNorm as the exporter writes it in an fp32 graph, Mul(Mul(x, Reciprocal(Sqrt(ReduceMean(x * x) + eps))),
+    w), -> SimplifiedLayerNormalization(x, w) (ONNX Runtime's fused kernel; it matches only the Pow/Div spelling
+    by itself). The same arithmetic in fp32: 1 kernel for 7. (Folding the residual Add in as well,
+    SkipSimplifiedLayerNormalization, measured no faster per token and rounds unlike PyTorch, which flips INT8
+    steps of a W8A8 export's activations: not done.) Returns how many were fused."""
+    fused = 0
+    for sq in list(g.g.node):
+        if sq.op_type != "Mul" or sq.input[0] != sq.input[1]:
+            continue
+        x = sq.input[0]
+        mean = _only_reader(g, sq.output[0], "ReduceMean")
+        if mean is None or _attr(mean, "keepdims", 1) != 1 or len(mean.input) < 2:
+            continue
+        axes = _const(g, mean.input[1])
+        if axes is None or axes.reshape(-1).tolist() != [-1]:
+            continue
+        add = _only_reader(g, mean.output[0], "Add")
+        eps = None if add is None else _const(g, add.input[1])
+        sqrt = None if add is None else _only_reader(g, add.output[0], "Sqrt")
+        inv = None if sqrt is None else _only_reader(g, sqrt.output[0], "Reciprocal")
+        norm = None if inv is None else _only_reader(g, inv.output[0], "Mul")
+        scale = None if norm is None or x not in norm.input else _only_reader(g, norm.output[0], "Mul")
+        if eps is None or eps.size != 1 or scale is None:
+            continue
+        w = next((i for i in scale.input if i != norm.output[0]), None)
+        weight = None if w is None else _const(g, w)
+        if weight is None or weight.ndim != 1 or weight.dtype != np.float32:
+            continue
+        g.replace(scale, [helper.make_node("SimplifiedLayerNormalization", [x, w], [scale.output[0]],
+                                           name=g.unique(f"{scale.name}/SimplifiedLayerNormalization"), axis=-1,
+                                           epsilon=float(eps.reshape(-1)[0]), stash_type=1)])
+        for n in (sq, mean, add, sqrt, inv, norm):
+            g.dropped.add(id(n))
+        fused += 1
+    return fused
+
+
 def _expand_lowrank(g: _Graph, n) -> None:
     y, x, r, l_ = n.input
     new: list = []
@@ -284,28 +465,31 @@ def _attr(n, name, default):
 
 
 def needs_rewrite(model: onnx.ModelProto) -> bool:
-    """Whether the graph has a node ONNX Runtime cannot run or fuse as it is (weights need not be loaded)."""
+    """Whether the graph has a node ONNX Runtime cannot run or fuse as it is, or quantized linears this rewrite
+    fuses (weights need not be loaded)."""
     for n in model.graph.node:
         if (n.domain, n.op_type) == LOWRANK_OP:
             return True
     inits = {t.name: t for t in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
     for n in model.graph.node:
-        if n.op_type == "Gather" and n.input[0] in producer:
-            dq = producer[n.input[0]]
+        if n.op_type in ("Gather", "MatMul") and n.input[n.op_type == "MatMul"] in producer:
+            dq = producer[n.input[n.op_type == "MatMul"]]
             if dq.op_type == "DequantizeLinear" and dq.input[0] in inits \
                     and inits[dq.input[0]].data_type in INT_TYPES:
                 return True
     return False
 
 
-def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True,
-                    accuracy_level: int = 4) -> tuple[onnx.ModelProto, dict]:
+def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level: int = 4,
+                    share_inputs: bool = True) -> tuple[onnx.ModelProto, dict]:
     """A rewritten copy of `model` (see the module doc) and counts of what changed. accuracy_level: the session's
-    `session.qdq_matmulnbits_accuracy_level`, which the MatMulNBits nodes built here follow too."""
+    `session.qdq_matmulnbits_accuracy_level`, which the MatMulNBits nodes built here follow too. share_inputs=False:
+    one MatMulNBits per quantized linear, none shared (for comparison)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
-    counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0}
+    counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0,
+              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0}
     g = _Graph(m)
     for n in list(m.graph.node):
         if (n.domain, n.op_type) == LOWRANK_OP:
@@ -317,6 +501,11 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True,
             if n.op_type == "DequantizeLinear" and g.dq_of(n.output[0]) is not None:
                 for k, v in _fuse_quantized_table(g, n, compute, accuracy_level).items():
                     counts[k] += v
+        if compute == TensorProto.FLOAT:
+            g.finish()
+            g = _Graph(m)  # the linears as the passes above left them (expanded low-rank factors included)
+            counts.update(_fuse_linears(g, accuracy_level, share_inputs))
+            counts["rms_norms"] = _fuse_rms_norms(g)
     g.finish()
     opsets = [o for o in m.opset_import if o.domain != LOWRANK_OP[0]]
     if any(n.domain == MS_DOMAIN for n in m.graph.node) and not any(o.domain == MS_DOMAIN for o in opsets):

@@ -74,6 +74,7 @@ class DecoderSpec:
     eos_token_ids: tuple[int, ...] = ()
     session_config: tuple[tuple[str, str], ...] = ()  # ONNX Runtime session config entries, as declared
     head_quantization: str = "none"  # "int8"/"int4": a quantized embedding / head that ort_rewrite maps
+    quantized_linears: bool = False  # compressed layers: ort_rewrite fuses the MatMulNBits reading one input
 
     @staticmethod
     def from_manifest(d: dict) -> DecoderSpec:
@@ -104,6 +105,7 @@ class DecoderSpec:
             eos_token_ids=tuple(int(e) for e in ([eos] if isinstance(eos, int) else (eos or ()))),
             session_config=tuple(parse_session_config(d).items()),
             head_quantization=_head_quantization(d),
+            quantized_linears=bool(d.get("compressed_layers")),
         )
         names = spec.input_names
         for required in ("input_ids", "attention_mask"):
@@ -122,8 +124,9 @@ class DecoderSpec:
 
     @property
     def needs_rewrite(self) -> bool:
-        """Whether ONNX Runtime needs the in-memory rewrite (ort_rewrite.py) to run this export's kernels."""
-        return bool(self.custom_ops) or self.head_quantization != "none"
+        """Whether ONNX Runtime needs the in-memory rewrite (ort_rewrite.py) to run this export's kernels (or to
+        run them fused)."""
+        return bool(self.custom_ops) or self.head_quantization != "none" or self.quantized_linears
 
     @property
     def input_names(self) -> list[str]:
@@ -227,7 +230,9 @@ def make_session(model_path: str | os.PathLike, spec: DecoderSpec | None = None,
 
     # ONNX Runtime's own default accuracy level is 4 when the config does not name one.
     level = int(config.get("session.qdq_matmulnbits_accuracy_level", "4"))
-    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=fuse, accuracy_level=level)
+    # A config that turns ONNX Runtime's Q/DQ fusion off asks for the plain arithmetic: no MatMulNBits built here.
+    packed = config.get("session.disable_quant_qdq", "0") != "1"
+    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=packed, accuracy_level=level)
     if model.ByteSize() < 2**31 - 2**26:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="slim_trt_ort_") as d:  # > 2 GB: protobuf needs external data

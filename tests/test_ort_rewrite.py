@@ -45,7 +45,8 @@ def test_quantized_table_is_read_packed_and_exact(bits, group_size, dtype):
     model, qt = _table_graph(bits, group_size, dtype)
     assert needs_rewrite(model)
     fused, counts = for_onnxruntime(model, accuracy_level=1)
-    assert counts == {"lowrank_expanded": 0, "gather_block_quantized": 1, "matmul_nbits_head": 1}
+    assert counts == {"lowrank_expanded": 0, "gather_block_quantized": 1, "matmul_nbits_head": 1,
+                      "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0}
     ops = [n.op_type for n in fused.graph.node]
     assert "DequantizeLinear" not in ops and "Transpose" not in ops
     gbq = next(n for n in fused.graph.node if n.op_type == "GatherBlockQuantized")
@@ -83,3 +84,119 @@ def test_plain_mode_keeps_the_graph_arithmetic():
     plain, counts = for_onnxruntime(model, fuse=False)
     assert counts["gather_block_quantized"] == 0
     assert [n.op_type for n in plain.graph.node] == [n.op_type for n in model.graph.node]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# compressed linears: one MatMulNBits per shared input
+# ---------------------------------------------------------------------------------------------------------------
+
+def _export(tmp_path, dtype="fp32", bits=4, group_size=32):
+    from slim_trt.exporter import ExportOptions, export_model
+    from tests.conftest import tiny_model
+    from tests.exporter.conftest import compress_tiny
+
+    # rank 5: odd, padded to 6 for the INT4 adapters; hidden 64 (q/k/v/gate/up K), intermediate 128 (down K)
+    model = compress_tiny(tiny_model("gemma3"), bits=bits, group_size=group_size, quantize_adapters=True, rank=5)
+    export_model(model, tmp_path, options=ExportOptions(dtype=dtype, head="none"))
+    return model, tmp_path / "model.onnx"
+
+
+def _logits(path, level: int, **kw):
+    import functools
+
+    from slim_trt import ort_rewrite
+    from slim_trt.runtime import make_session, read_manifest
+    from slim_trt.verification import run_onnx
+
+    spec, _ = read_manifest(path.parent)
+    config = {**dict(spec.session_config), "session.qdq_matmulnbits_accuracy_level": str(level)}
+    spec = type(spec)(**{**spec.__dict__, "session_config": tuple(config.items())})
+    original = ort_rewrite.for_onnxruntime
+    if "share_inputs" in kw:
+        ort_rewrite.for_onnxruntime = functools.partial(original, share_inputs=kw.pop("share_inputs"))
+    try:
+        sess = make_session(path, spec, **kw)
+    finally:
+        ort_rewrite.for_onnxruntime = original
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
+    return run_onnx(sess, ids, decode_steps=3)[0], ids
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def test_linears_reading_one_input_share_one_matmulnbits(tmp_path):
+    import onnx
+
+    _, path = _export(tmp_path)
+    fused, counts = for_onnxruntime(onnx.load(str(path)), accuracy_level=1)
+    # per layer: q/k/v + their R (one node), o + R, gate/up + their R, down + R, and the 7 L factors alone
+    assert counts["linears_fused"] == 2 * 7 * 3 and counts["matmul_nbits_linear"] == 2 * 11
+    nodes = [n for n in fused.graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 22 and not any(n.op_type == "DequantizeLinear" for n in fused.graph.node)
+    widths = sorted((_attrs(n)["K"], _attrs(n)["N"]) for n in nodes)
+    # q 64 + k 16 + v 16 + three R^T of rank 6 = 114 columns over K = 64; gate + up + 2 x 6 = 268; down 64 + 6 = 70
+    assert widths.count((64, 114)) == 2 and widths.count((64, 268)) == 2 and widths.count((128, 70)) == 2
+    # the L^T [6, N] of q/o/down (N = 64), k/v (16), gate/up (128): one block of 16 each, not 128
+    assert widths.count((6, 64)) == 6 and widths.count((6, 16)) == 4 and widths.count((6, 128)) == 4
+    assert {_attrs(n)["block_size"] for n in nodes if _attrs(n)["K"] == 6} == {16}
+    split = next(n for n in fused.graph.node if n.op_type == "Split")
+    assert len(split.output) == 6
+
+
+@pytest.mark.parametrize("group_size", [32, -1, 0])
+def test_fused_linears_compute_what_the_graph_says(tmp_path, group_size):
+    from slim_trt.verification import Thresholds, VerifyReport, compare_logits
+
+    model, path = _export(tmp_path, group_size=group_size)
+    fused, ids = _logits(path, 1)
+    own, _ = _logits(path, 1, rewrite=False)  # ONNX Runtime's own Q/DQ fusion, one MatMulNBits per MatMul
+    plain, _ = _logits(path, 1, fuse=False)  # dequantized weights, float MatMul
+    assert float((fused - own).abs().max()) < 1e-5 and float((fused - plain).abs().max()) < 1e-5
+    with torch.no_grad():
+        ref = torch.cat([model(input_ids=ids[i:i + 1], use_cache=False).logits.float() for i in range(2)])
+    report = VerifyReport(metrics=compare_logits(fused, ref, ids), thresholds=Thresholds.for_dtype("fp32"))
+    assert report.ok, report.checks
+    # int8 activations: sharing a node changes nothing (each column sees the same quantized blocks of x)
+    shared, _ = _logits(path, 4)
+    alone, _ = _logits(path, 4, share_inputs=False)
+    assert float((shared - alone).abs().max()) < 1e-5
+    assert 1e-4 < float((shared - plain).abs().max()) < 0.3  # the int8 activations' own rounding, not a mistake
+
+
+def test_fp16_graphs_and_8bit_weights_at_fp32_activations_keep_onnxruntimes_fusion(tmp_path):
+    import onnx
+
+    _, path16 = _export(tmp_path / "fp16", dtype="fp16")
+    assert for_onnxruntime(onnx.load(str(path16)))[1]["linears_fused"] == 0
+    _, path8 = _export(tmp_path / "int8", bits=8, group_size=-1)
+    _, at1 = for_onnxruntime(onnx.load(str(path8)), accuracy_level=1)
+    _, at4 = for_onnxruntime(onnx.load(str(path8)), accuracy_level=4)
+    # 8-bit base weights stay with ONNX Runtime at level 1; the INT4 adapter factors are fused either way
+    assert at1["linears_fused"] == 2 * 7 * 2 and at4["linears_fused"] == 2 * 7 * 3
+
+
+def test_a_linear_weight_with_another_reader_is_left_alone(tmp_path):
+    import onnx
+
+    _, path = _export(tmp_path)
+    model = onnx.load(str(path))
+    dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and "q_proj" in n.name)
+    model.graph.node.append(helper.make_node("ReduceSum", [dq.output[0]], ["total"]))
+    model.graph.output.append(helper.make_tensor_value_info("total", TensorProto.FLOAT, None))
+    fused, counts = for_onnxruntime(model, accuracy_level=1)
+    assert counts["linears_fused"] == 2 * 7 * 3 - 1
+    assert sum(n.op_type == "DequantizeLinear" for n in fused.graph.node) == 1
+
+
+def test_rms_norms_run_as_onnxruntimes_fused_kernels(tmp_path):
+    import onnx
+
+    _, path = _export(tmp_path)
+    fused, counts = for_onnxruntime(onnx.load(str(path)), accuracy_level=1)
+    # 2 layers x (input, q, k, post-attention, pre-feedforward, post-feedforward) + the final norm
+    assert counts["rms_norms"] == 13
+    ops = [n.op_type for n in fused.graph.node]
+    assert ops.count("SimplifiedLayerNormalization") == 13
+    assert "Sqrt" not in ops and "Reciprocal" not in ops and "ReduceMean" not in ops

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from slim_trt.errors import SlimError
 from slim_trt.exporter import ExportOptions, export, export_model
 from slim_trt.verification import Thresholds, compare_logits, format_report, verify, verify_model
-from tests.exporter.conftest import compressed_model, save_compressed_checkpoint
+from tests.exporter.conftest import EXACT, compressed_model, save_compressed_checkpoint
 
 
 def _ids(n=2, length=20):
@@ -34,7 +34,7 @@ def test_compare_logits_metrics():
 @pytest.mark.parametrize("lowrank", ["decomposed", "plugin"])
 def test_verify_model_passes_and_saves_polygraphy_files(lowrank, tmp_path):
     model = compressed_model("gemma3")
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", lowrank=lowrank))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", lowrank=lowrank))
     report = verify_model(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=4,
                           save_inputs=tmp_path / "in.json", save_outputs=tmp_path / "out.json")
     assert report.ok, format_report(report)
@@ -53,7 +53,7 @@ def test_verify_model_passes_and_saves_polygraphy_files(lowrank, tmp_path):
 
 def test_verify_model_fails_on_a_broken_graph(tmp_path):
     model = compressed_model("llama")
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     path = tmp_path / "e" / "model.onnx"
     m = onnx.load(str(path))
     t = next(t for t in m.graph.initializer if t.name == "model.layers.0.self_attn.o_proj.lora_L")
@@ -107,18 +107,24 @@ def _set_session_config(folder, **entries):
 
 def test_verify_runs_the_session_config_the_export_declares(tmp_path):
     model = compressed_model("llama", group_size=16)
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     path = tmp_path / "e" / "model.onnx"
     fused = verify_model(path, model, _ids(), decode_steps=2, plain=True)
     assert fused.ok, format_report(fused)
     assert fused.settings["session_config"] == {"session.disable_quant_qdq": "0",
                                                 "session.qdq_matmulnbits_accuracy_level": "1"}
-    assert fused.settings["kernels"]["matmul_nbits"] == 14 and fused.plain["max_abs"] < 1e-4
-    assert "14 MatMulNBits" in format_report(fused) and "plain arithmetic" in format_report(fused)
+    # one MatMulNBits per input the 14 quantized weights read (q/k/v, o, gate/up, down per layer: ort_rewrite)
+    assert fused.settings["kernels"]["matmul_nbits"] == 8 and fused.plain["max_abs"] < 1e-4
+    assert "8 MatMulNBits" in format_report(fused) and "plain arithmetic" in format_report(fused)
+    assert not fused.settings["int8_activations"] and fused.thresholds == Thresholds.for_dtype("fp32")
     _set_session_config(tmp_path / "e", **{"session.qdq_matmulnbits_accuracy_level": "4"})
     int8_activations = verify_model(path, model, _ids(), decode_steps=2)
-    assert int8_activations.settings["kernels"]["matmul_nbits"] == 14
+    assert int8_activations.settings["kernels"]["matmul_nbits"] == 8
     assert int8_activations.metrics["max_abs"] > 20 * fused.metrics["max_abs"]  # int8 activations move the logits
+    # ... which the default limits for such a session allow, and say so
+    assert int8_activations.settings["int8_activations"] and int8_activations.ok
+    assert int8_activations.metrics["max_abs"] > Thresholds.for_dtype("fp32").max_abs
+    assert "int8 on the fly" in format_report(int8_activations)
     _set_session_config(tmp_path / "e", **{"session.disable_quant_qdq": "1"})
     unfused = verify_model(path, model, _ids(), decode_steps=2)
     assert unfused.settings["kernels"]["matmul_nbits"] == 0 and unfused.metrics["max_abs"] < 1e-4

@@ -32,10 +32,11 @@ def register(sub) -> None:
     p.add_argument("--head", default=DEFAULT_HEAD, metavar="|".join(HEAD_MODES),
                    help="weight-only quantization of the embedding and LM head (read from one tensor when tied): "
                         "int8 = one scale per vocabulary row (TensorRT-parsable), int4 = blocks of 128 (ONNX "
-                        "Runtime; TensorRT reads INT4 only as a GEMM weight)")
+                        "Runtime; TensorRT reads INT4 only as a GEMM weight) [default: %(default)s]")
     p.add_argument("--ort-accuracy-level", type=int, default=None, metavar="1|4",
                    help="ONNX Runtime MatMulNBits activations: 1 = fp32, 4 = int8 (recorded in slim_export.json) "
-                        f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}]")
+                        f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}; 1 when the graph quantizes its activations to "
+                        "INT8 itself (--act-quant int8, W8A8 checkpoints)]")
     p.add_argument("--no-cache", action="store_true", help="prefill-only graph without KV-cache inputs/outputs")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights in model.onnx.data (default: only above ~1.5 GB)")

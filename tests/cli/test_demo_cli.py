@@ -12,7 +12,9 @@ def test_demo_runs_compress_export_verify(tiny_model_dir, tmp_path, capsys):
     assert rc == 0, text
     result = json.loads((out / "demo.json").read_text())
     assert result["perplexity_compressed"] > 1 and result["perplexity_dense"] > 1
-    assert result["verify"]["ok"] and result["verify"]["metrics"]["max_abs"] < 1e-3
+    # the export defaults (an int8 head, int8 activations in MatMulNBits), verified with the limits for that rounding
+    assert result["verify"]["ok"] and result["verify"]["settings"]["int8_activations"]
+    assert result["verify"]["metrics"]["top1"] > 0.9
     assert (out / "ckpt" / "slim_manifest.json").exists() and (out / "export" / "model.onnx").exists()
     assert "dense perplexity" in text
 

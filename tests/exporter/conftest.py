@@ -13,6 +13,11 @@ from slim_trt.compressed_linear import CompressedLinear, compressed_layers
 from tests.conftest import tiny_model
 
 
+# Export options whose ONNX Runtime session runs the graph's own fp32 arithmetic: a float head, fp32 activations in
+# MatMulNBits (the product defaults, an int8 head and int8 activations, move logits by int8 rounding).
+EXACT = {"head": "none", "ort_accuracy_level": 1}
+
+
 def mask_2to4(w: torch.Tensor) -> torch.Tensor:
     """Keep the 2 largest |w| of every 4 consecutive input columns (rows = outputs, as torch stores them)."""
     n, k = w.shape

@@ -16,7 +16,7 @@ from slim_trt.exporter.ort_runtime import session
 from slim_trt.runtime import kernel_counts
 from slim_trt.verification import run_onnx
 from tests.conftest import tiny_model, tiny_tokenizer
-from tests.exporter.conftest import compressed_model
+from tests.exporter.conftest import EXACT, compressed_model
 
 FP32_TOL = 2e-4  # logits are O(1); fp32 graph vs eager PyTorch differ by summation order only
 
@@ -37,7 +37,7 @@ def _max_err(onnx_path, model, ids, decode_steps):
 @pytest.mark.parametrize("with_cache", [True, False])
 def test_export_matches_pytorch(family, lowrank, with_cache, tmp_path):
     model = compressed_model(family)
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", lowrank=lowrank,
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", lowrank=lowrank,
                                                                      with_cache=with_cache))
     path = tmp_path / "e" / "model.onnx"
     onnx.checker.check_model(str(path), full_check=True)
@@ -60,7 +60,7 @@ def test_export_matches_pytorch(family, lowrank, with_cache, tmp_path):
 @pytest.mark.parametrize("family", ["qwen2", "opt"])
 def test_other_families(family, tmp_path):
     model = compressed_model(family)
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     assert _max_err(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=3) < FP32_TOL
     assert ("position_ids" in [i["name"] for i in meta["inputs"]]) == (family != "opt")
 
@@ -68,14 +68,14 @@ def test_other_families(family, tmp_path):
 def test_sliding_window_with_long_cache(tmp_path):
     """Gemma 3 local layers (window 16) stay exact through 24 cached steps past a 16-token prefill."""
     model = compressed_model("gemma3")
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     assert _max_err(tmp_path / "e" / "model.onnx", model, _ids(n=1, length=40), decode_steps=24) < FP32_TOL
 
 
 def test_padding_mask(tmp_path):
     """Left padding: the padded row's real-token logits equal the unpadded run's."""
     model = compressed_model("llama")
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", with_cache=False))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", with_cache=False))
     sess = session(tmp_path / "e" / "model.onnx")
     ids = _ids(n=1, length=10).numpy()
     feed = lambda x, m, p: {"input_ids": x, "attention_mask": m, "position_ids": p}  # noqa: E731
@@ -90,7 +90,7 @@ def test_padding_mask(tmp_path):
 @pytest.mark.parametrize("bits,group_size", [(4, 0), (4, 16), (8, -1)])
 def test_2to4_pattern_read_back_exact(bits, group_size, tmp_path):
     model = compressed_model("llama", bits=bits, group_size=group_size, quantize_adapters=True)
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     proto = onnx.load(str(tmp_path / "e" / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     layers = dict(compressed_layers(model))
@@ -110,7 +110,7 @@ def test_2to4_pattern_read_back_exact(bits, group_size, tmp_path):
 
 def test_fp16_export(tmp_path):
     model = compressed_model("gemma3")
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp16", lowrank="plugin"))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp16", lowrank="plugin"))
     proto = onnx.load(str(tmp_path / "e" / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     scales = [inits[n.input[1]] for n in proto.graph.node if n.op_type == "DequantizeLinear"]
@@ -129,7 +129,7 @@ def test_bf16_export_is_typed(tmp_path):
 def test_act_quant_int8_matches_fake_quant(tmp_path):
     model = compressed_model("llama")
     calib = _ids(n=4, length=16, seed=3)
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", act_quant="int8"), calib_windows=calib)
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", act_quant="int8"), calib_windows=calib)
     proto = onnx.load(str(tmp_path / "e" / "model.onnx"))
     inits = {t.name: t for t in proto.graph.initializer}
     q_nodes = [n for n in proto.graph.node if n.op_type == "QuantizeLinear"]
@@ -180,7 +180,7 @@ def test_sidecar_contract(tmp_path):
 def test_tied_embedding_stored_once(tmp_path):
     model = tiny_model("gemma3")
     model.lm_head.weight = model.model.embed_tokens.weight
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     proto = onnx.load(str(tmp_path / "e" / "model.onnx"))
     big = [t.name for t in proto.graph.initializer if list(t.dims) == [256, 64]]
     assert big == ["model.embed_tokens.weight"]
@@ -189,14 +189,14 @@ def test_tied_embedding_stored_once(tmp_path):
 
 def test_external_data(tmp_path):
     model = compressed_model("llama")
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", external_data=True))
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", external_data=True))
     assert meta["external_data"] == "model.onnx.data" and (tmp_path / "e" / "model.onnx.data").stat().st_size > 0
     assert _max_err(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=2) < FP32_TOL
 
 
 def test_output_is_not_overwritten_without_force(tmp_path):
     model = compressed_model("llama")
-    export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32"))
+    export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32"))
     with pytest.raises(SlimError, match="--force"):
         export_model(model, tmp_path / "e")
     export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp16"), force=True)
@@ -225,13 +225,14 @@ def test_quantized_weights_run_as_packed_integers(lowrank, group_size, tmp_path)
     """The session config the sidecar declares is what ONNX Runtime runs: every INT4 weight (base and 4-bit
     adapters, any scale granularity, either low-rank form) as a MatMulNBits kernel, none as a float copy."""
     model = compressed_model("llama", group_size=group_size, quantize_adapters=True)
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", lowrank=lowrank))
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", lowrank=lowrank))
     assert meta["onnxruntime"] == {"session_config": {"session.disable_quant_qdq": "0",
                                                       "session.qdq_matmulnbits_accuracy_level": "1"}}
     path = tmp_path / "e" / "model.onnx"
     logits, _, _ = run_onnx(session(path, optimized_model_path=tmp_path / "fused.onnx"), _ids(), decode_steps=2)
     fused = kernel_counts(tmp_path / "fused.onnx")
-    assert fused["matmul_nbits"] == 14 * 3 and fused["unfused_dequantize"] == {}
+    # per layer: q/k/v + their R share one kernel, o + R, gate/up + R, down + R, and the 7 L factors (ort_rewrite)
+    assert fused["matmul_nbits"] == 2 * 11 and fused["unfused_dequantize"] == {}
     with torch.no_grad():
         assert float((logits - model(input_ids=_ids(), use_cache=False).logits).abs().max()) < FP32_TOL
     session(path, fuse=False, optimized_model_path=tmp_path / "plain.onnx")
@@ -241,7 +242,8 @@ def test_quantized_weights_run_as_packed_integers(lowrank, group_size, tmp_path)
 
 def test_dense_model_exports_as_the_baseline(tmp_path):
     model = tiny_model("gemma3")
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", head="int8"),
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", head="int8",
+                                                                               ort_accuracy_level=1),
                         source_model="tiny")
     assert meta["compressed_layers"] == [] and meta["source_model"] == "tiny" and meta["head"]["quantization"] == "int8"
     assert _max_err(tmp_path / "e" / "model.onnx", _head_quantized(model, "int8"), _ids(), decode_steps=3) < FP32_TOL
@@ -255,3 +257,13 @@ def _head_quantized(model, head):
     model = copy.deepcopy(model)
     apply_head_quantization(model, head)
     return model
+
+
+def test_default_options_are_the_measured_ones():
+    level = "session.qdq_matmulnbits_accuracy_level"
+    assert ExportOptions().head == "int8" and ExportOptions().session_config()[level] == "4"
+    # a graph that quantizes its activations itself is not rounded to int8 a second time, unless asked
+    assert ExportOptions(act_quant="int8").session_config()[level] == "1"
+    assert ExportOptions(act_quant="int8", ort_accuracy_level=4).session_config()[level] == "4"
+    with pytest.raises(SlimError, match="--ort-accuracy-level"):
+        ExportOptions(ort_accuracy_level=2)

@@ -14,7 +14,7 @@ from slim_trt.exporter import ExportOptions, export, export_model
 from slim_trt.linter import format_report, lint
 from slim_trt.verification import Thresholds, verify, verify_model
 from tests.conftest import run_cli
-from tests.exporter.conftest import save_compressed_checkpoint, w8a8_model
+from tests.exporter.conftest import EXACT, save_compressed_checkpoint, w8a8_model
 from tests.exporter.test_export import _ids
 
 
@@ -36,7 +36,7 @@ def _graph(path):
 @pytest.mark.parametrize("family,lowrank", [("llama", "decomposed"), ("gemma3", "plugin")])
 def test_activation_qdq_int8_weights_and_float_adapters(family, lowrank, tmp_path):
     model = w8a8_model(family)
-    meta = export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp32", lowrank=lowrank))
+    meta = export_model(model, tmp_path / "e", options=ExportOptions(**EXACT, dtype="fp32", lowrank=lowrank))
     assert meta["act_quant"] == "int8"  # from the model's own scales, no flag
     layers = dict(compressed_layers(model))
     assert {r["name"]: r["act_scale"] for r in meta["compressed_layers"]} == {n: m.act_scale for n, m in layers.items()}

@@ -133,9 +133,9 @@ def test_the_gpu_comes_from_the_target():
 def exports(tmp_path_factory):
     """The tiny LLaMA exported W4A16 (the default recipe's form) and W8A8 (INT8 2:4 weights + INT8 Q/DQ)."""
     root = tmp_path_factory.mktemp("sparse")
-    export_model(compressed_model("llama", group_size=16), root / "w4a16", options=ExportOptions())
+    export_model(compressed_model("llama", group_size=16), root / "w4a16", options=ExportOptions(head="none"))
     w8 = compressed_model("llama", bits=8, group_size=-1)
-    export_model(w8, root / "w8a8", options=ExportOptions(act_quant="int8"),
+    export_model(w8, root / "w8a8", options=ExportOptions(act_quant="int8", head="none"),
                  act_scales={name: 0.05 for name, _ in compressed_layers(w8)})
     return {"w4a16": root / "w4a16" / "model.onnx", "w8a8": root / "w8a8" / "model.onnx"}
 
