@@ -341,6 +341,9 @@ def gap_closed(rows: dict) -> dict:
     return out
 
 
+W8A8_GOAL_ROWS = (1, 27, 30, 32, 33, 37)  # the rows issue 13's goals compare (w8a8_analysis)
+
+
 def w8a8_analysis(rows: dict) -> dict:
     """Issue 13's goals and the LRC paper's claim, from the W8A8 rows (None where a row is missing).
 
@@ -412,8 +415,8 @@ def markdown(results: dict) -> str:
              f"Bits per parameter count the compressed linear layers only (weights + 2:4 index + 16-bit scales; "
              f"'+ad.' adds the adapters). Peak RSS: the benchmark process during that row's compression (peers: "
              f"the peer's own process)."), "",
-             "| # | method | PPL | PPL / dense | top-1 | bits/param | + ad. | compress s | peak RSS GB | status |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| # | method | PPL | PPL / dense | top-1 | bits/param | + ad. | compress s | load | peak RSS GB | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in ROWS:
         r = results["rows"].get(row.key)
         if r is None:
@@ -426,7 +429,7 @@ def markdown(results: dict) -> str:
         lines.append(f"| {row.number} | {row.label} | {_fmt(r.get('perplexity'))} | {_fmt(r.get('ratio_to_dense'), 3)} "
                      f"| {_fmt(r.get('top1_agreement'), 3)} | {_fmt(r.get('bits_per_param'), 3)} "
                      f"| {_fmt(r.get('bits_per_param_with_adapters'), 3)} | {_fmt(r.get('compress_seconds'), 0)} "
-                     f"| {_fmt(r.get('peak_rss_gb'), 2)} | {status.replace('|', '/')} |")
+                     f"| {row_load(r)} | {_fmt(r.get('peak_rss_gb'), 2)} | {status.replace('|', '/')} |")
     g = results.get("gap_closed", {})
     if g.get("7-slim-lora") is not None:
         lines += ["", f"Gap closed by SLiM-LoRA between SparseGPT+GPTQ and dense: {g['7-slim-lora']:.1%}"
@@ -435,8 +438,10 @@ def markdown(results: dict) -> str:
     w = results.get("w8a8", {})
     if any(v is not None for k, v in w.items() if k != "goals"):
         shown = {k: v for k, v in w.items() if k != "goals" and v is not None}
+        judged = {k: v for k, v in w["goals"].items() if v is not None}
         lines += ["", "W8A8 (issue 13): " + ", ".join(f"{k} {v}" for k, v in shown.items()) + "; goals: "
-                  + ", ".join(f"{k} {'met' if v else 'missed'}" for k, v in w["goals"].items() if v is not None)
+                  + (", ".join(f"{k} {'met' if v else 'missed'}" for k, v in judged.items()) if judged else
+                     "none judged yet (their rows: " + ", ".join(str(n) for n in W8A8_GOAL_ROWS) + ")")
                   + "."]
     for name in ("best_one_shot", "best_finetuned"):
         key = results.get(name)
@@ -674,7 +679,7 @@ def prepare(args, settings: Settings) -> Context:
 
 def run_row(row: Row, ctx: Context, args, base_versions: dict) -> dict:
     record = {"number": row.number, "name": row.name, "label": row.label, "config": row_config(row),
-              "versions": dict(base_versions)}
+              "versions": dict(base_versions), "loadavg_start": harness.loadavg()}
     t0 = time.time()
     try:
         if row.compress is None and row.peer is None:
@@ -702,8 +707,16 @@ def run_row(row: Row, ctx: Context, args, base_versions: dict) -> dict:
     record["ratio_to_dense"] = (round(record["perplexity"] / ctx.dense_ppl, 4)
                                 if record.get("perplexity") is not None else None)
     record["wall_seconds"] = round(time.time() - t0, 1)
+    record["loadavg_end"] = harness.loadavg()
     record["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     return record
+
+
+def row_load(r: dict) -> str:
+    """The 1-minute load average at the row's start and end ('-' for rows measured before it was recorded): the
+    compression seconds of rows measured beside other jobs are not comparable with rows run alone."""
+    a, b = r.get("loadavg_start"), r.get("loadavg_end")
+    return "-" if a is None or b is None else f"{a[0]:.1f}-{b[0]:.1f}"
 
 
 def _venv_version(venv_dir: Path, peer: str) -> str | None:

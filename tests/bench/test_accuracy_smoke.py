@@ -241,3 +241,16 @@ def test_w8a8_rows_record_activation_scales_and_the_analysis(smoke_run, tmp_path
     assert w["dense_lrc_over_dense"] == pytest.approx(p["37-w8a8-dense-lrc-r01"] / p["1-dense"], abs=1e-4)
     assert w["sparse_lrc_over_w8a16"] is None and w["goals"]["sparse_lrc_within_5pct_of_w8a16"] is None
     assert "W8A8 (issue 13)" in (tmp_path / "accuracy_tiny-llama.md").read_text()
+
+
+def test_rows_record_the_load_and_unjudged_goals_name_their_rows(smoke_run):
+    _, path = smoke_run
+    data = json.loads(path.read_text())
+    r = data["rows"]["2-magnitude-absmax"]
+    assert len(r["loadavg_start"]) == 3 and len(r["loadavg_end"]) == 3
+    assert bench.row_load(r) == f"{r['loadavg_start'][0]:.1f}-{r['loadavg_end'][0]:.1f}"
+    assert bench.row_load({}) == "-"  # rows measured before the load was recorded
+    only_dense_rows = {k: {"status": "ok", "perplexity": v} for k, v in
+                       (("1-dense", 43.5), ("32-w8a16-dense", 43.7), ("33-w8a8-dense-none", 51.6))}
+    md = bench.markdown({**data, "rows": data["rows"], "w8a8": bench.w8a8_analysis(only_dense_rows)})
+    assert "dense_none_over_dense 1.1862" in md and "none judged yet (their rows: 1, 27, 30, 32, 33, 37)" in md
