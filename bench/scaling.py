@@ -130,7 +130,8 @@ def derive(data: dict) -> None:
         if len(pts) < 2:
             continue
         fit = fit_power_law([p[0] for p in pts], [p[1] for p in pts])
-        fits[recipe] = {"sizes": [p[0] for p in pts], **{k: round(v, 6) for k, v in fit.items()}}
+        # six significant digits: the coefficient of a steep power law is of the order of 1e-7
+        fits[recipe] = {"sizes": [p[0] for p in pts], **{k: float(f"{v:.6g}") for k, v in fit.items()}}
         h = LLAMA2_7B["hidden"]
         measured = rows.get(f"{h}-{recipe}")
         block = measured["seconds"] if measured else power_law(fit, h)

@@ -72,14 +72,15 @@ def _row(hidden, recipe, seconds):
 def test_derive_ratios_fit_and_projection_from_the_fit():
     rows = {}
     for h in (512, 1024):
-        rows[f"{h}-sparsegpt-gptq"] = _row(h, "sparsegpt-gptq", 1e-5 * h ** 2)
-        rows[f"{h}-default"] = _row(h, "default", 2e-5 * h ** 2)
+        rows[f"{h}-sparsegpt-gptq"] = _row(h, "sparsegpt-gptq", 3e-7 * h ** 2)
+        rows[f"{h}-default"] = _row(h, "default", 6e-7 * h ** 2)
     data = {"rows": rows, "gemm": {"gflops": 67.0}}
     bench.derive(data)
     assert rows["1024-default"]["ratio_to_sparsegpt_gptq"] == 2.0
     assert data["fit"]["default"]["exponent"] == pytest.approx(2.0)
+    assert data["fit"]["default"]["coefficient"] == pytest.approx(6e-7)  # stored with its significant digits
     p = data["projection_llama2_7b"]["default"]
-    block = 2e-5 * 4096 ** 2  # 335.54 s
+    block = 6e-7 * 4096 ** 2  # 10.07 s
     assert p["block_seconds"] == pytest.approx(block, abs=0.01)
     assert p["block_seconds_from"] == "fit over hidden [512, 1024]"
     assert p["cpu_hours"] == pytest.approx(block * 32 / 3600, abs=0.01)
