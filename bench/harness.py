@@ -211,7 +211,8 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class ResultsFile:
-    """<out>/<benchmark>_<tag>.json (or <benchmark>.json) with its .md and .png siblings, rewritten atomically after every row.
+    """<out>/<benchmark>_<tag>.json (or <benchmark>.json) with its .md and .png siblings, rewritten atomically
+    after every row.
 
     Rows made with other settings are refused unless `redo` (which starts the file afresh). Subclasses give the
     row order and the Markdown/PNG renderings, and may add derived fields in `derive`.
@@ -241,7 +242,18 @@ class ResultsFile:
         self.data["rows"][key] = record
         self.write()
 
+    def todo(self, rows: list, redo: bool) -> list:
+        """The rows still to run (all of them with redo); says which are skipped."""
+        todo = [r for r in rows if redo or not self.done(r)]
+        for r in rows:
+            if r not in todo:
+                print(f"[{r.number}] {r.name}: already in {self.json_path}, skipped (--redo to recompute)")
+        return todo
+
     # hooks
+    def done(self, row) -> bool:
+        return row.key in self.rows
+
     def order(self) -> list[str]:
         return list(self.data["rows"])
 

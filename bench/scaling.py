@@ -138,7 +138,8 @@ def derive(data: dict) -> None:
         if cpu_gflops:
             p = project(block, LLAMA2_7B["blocks"], cpu_gflops, H100_TFLOPS)
             proj[recipe] = {"block_seconds": round(block, 2),
-                            "block_seconds_from": "measured" if measured else f"fit over hidden {fits[recipe]['sizes']}",
+                            "block_seconds_from": ("measured" if measured
+                                                   else f"fit over hidden {fits[recipe]['sizes']}"),
                             "cpu_hours": round(p["cpu_seconds"] / 3600, 2),
                             "h100_minutes": {k: round(v / 60, 2) for k, v in p["gpu_seconds"].items()}}
     data["fit"] = fits
@@ -197,7 +198,8 @@ def markdown(data: dict) -> str:
                 f"they assume the whole compression is GEMM-bound and reaches the same fraction of peak on the GPU as "
                 f"here, which the sequential OBS column sweeps and the SVDs will not; read them as a lower bound. "
                 f"SLiM paper, one H100: 39 min (SparseGPT + GPTQ alone: 25 min).", "",
-                "| recipe | block s | from | this CPU, h | H100 FP32, min | H100 TF32, min |", "|---|---|---|---|---|---|"]
+                "| recipe | block s | from | this CPU, h | H100 FP32, min | H100 TF32, min |",
+                "|---|---|---|---|---|---|"]
         for recipe, p in data["projection_llama2_7b"].items():
             out.append(f"| {recipe} | {p['block_seconds']:.1f} | {p['block_seconds_from']} | {p['cpu_hours']:.2f} "
                        f"| {p['h100_minutes']['fp32']:.2f} | {p['h100_minutes']['tf32_tensor']:.2f} |")
@@ -233,9 +235,6 @@ def plot_png(data: dict) -> bytes | None:
 class Results(harness.ResultsFile):
     def __init__(self, out_dir: Path, settings: dict, redo: bool):
         super().__init__(out_dir, "scaling", "", settings, redo)
-
-    def done(self, row: Row) -> bool:
-        return row.key in self.rows
 
     def order(self) -> list[str]:
         return [r.key for r in ROWS]
@@ -330,14 +329,11 @@ def _main(args) -> int:
                            gemm_tokens=args.gemm_tokens)
     harness.check_text_files(calib=args.calib)
     # The file by its folder and name (wikitext-2/valid.txt), so a run from a worktree elsewhere resumes the rows
-    settings = {"calib": "/".join(Path(portable_path(args.calib)).parts[-2:]), "nsamples": args.nsamples, "seqlen": args.seqlen,
-                "seed": args.seed, "batch_size": args.batch_size,
+    settings = {"calib": "/".join(Path(portable_path(args.calib)).parts[-2:]), "nsamples": args.nsamples,
+                "seqlen": args.seqlen, "seed": args.seed, "batch_size": args.batch_size,
                 "tokenizer": "Gemma 3 (cached gemma3-270m), ids renumbered to those that occur"}
     results = Results(Path(args.out), settings, args.redo)
-    todo = [r for r in rows if args.redo or not results.done(r)]
-    for r in rows:
-        if r not in todo:
-            print(f"[{r.number}] {r.name}: already in {results.json_path}, skipped (--redo to recompute)")
+    todo = results.todo(rows, args.redo)
     if not todo:
         results.write()
         return 0
