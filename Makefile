@@ -57,7 +57,7 @@ bench-speed: $(STAMP) $(SPEED_CKPT)/slim_manifest.json
 
 # Compression cost vs hidden size (issue 15): one synthetic LLaMA-style block per size, 2 threads, niced, one row
 # at a time; rows already in the JSON are skipped. Hidden 4096 (rows 7-8) is left out: on 2 shared cores its
-# default row would take hours; the projection for LLaMA-2-7B uses the fitted exponent instead.
+# default row would take hours by the fit; the projection for LLaMA-2-7B uses the fitted exponent instead.
 bench-scaling: $(STAMP)
 	OMP_NUM_THREADS=2 nice -n 10 $(VPY) bench/scaling.py --rows 1,2,3,4,5,6 --out bench/results/
 
