@@ -770,10 +770,7 @@ def _main(args) -> int:
                         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         windows=parse_window_count(args.windows))
     results = Results(Path(args.out), model_tag(args.model), settings, args.redo)
-    todo = [r for r in rows if args.redo or not results.done(r)]
-    for r in rows:
-        if r not in todo:
-            print(f"[{r.number}] {r.name}: already in {results.json_path}, skipped (--redo to recompute)")
+    todo = results.todo(rows, args.redo)
     if not todo:
         results.write()
         return 0

@@ -211,14 +211,16 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 
 class ResultsFile:
-    """<out>/<benchmark>_<tag>.json with its .md and .png siblings, rewritten atomically after every row.
+    """<out>/<benchmark>_<tag>.json (or <benchmark>.json) with its .md and .png siblings, rewritten atomically
+    after every row.
 
     Rows made with other settings are refused unless `redo` (which starts the file afresh). Subclasses give the
     row order and the Markdown/PNG renderings, and may add derived fields in `derive`.
     """
 
     def __init__(self, out_dir: Path, benchmark: str, tag: str, settings: dict, redo: bool):
-        self.json_path = Path(out_dir) / f"{benchmark}_{tag}.json"
+        # tag "": a benchmark that is not about one model (bench/scaling.py) writes <benchmark>.json
+        self.json_path = Path(out_dir) / (f"{benchmark}_{tag}.json" if tag else f"{benchmark}.json")
         self.md_path = self.json_path.with_suffix(".md")
         self.png_path = self.json_path.with_suffix(".png")
         self.settings = settings
@@ -240,7 +242,18 @@ class ResultsFile:
         self.data["rows"][key] = record
         self.write()
 
+    def todo(self, rows: list, redo: bool) -> list:
+        """The rows still to run (all of them with redo); says which are skipped."""
+        todo = [r for r in rows if redo or not self.done(r)]
+        for r in rows:
+            if r not in todo:
+                print(f"[{r.number}] {r.name}: already in {self.json_path}, skipped (--redo to recompute)")
+        return todo
+
     # hooks
+    def done(self, row) -> bool:
+        return row.key in self.rows
+
     def order(self) -> list[str]:
         return list(self.data["rows"])
 
