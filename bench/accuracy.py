@@ -737,10 +737,7 @@ def _venv_version(venv_dir: Path, peer: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/accuracy.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="rows:\n" + "\n".join(f"  {r.number:>2} {r.name:<24} {r.label}" for r in ROWS))
-    p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names [default: all]")
+    p = harness.row_parser("bench/accuracy.py", __doc__, ROWS, name_width=24)
     p.add_argument("--model", default="gemma3-270m", help="MODEL as slim-trt compress takes it [default: gemma3-270m]")
     p.add_argument("--calib", default=str(DEFAULT_CALIB), metavar="FILE", help="calibration text")
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="FILE", help="evaluation text")

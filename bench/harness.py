@@ -47,6 +47,18 @@ def fingerprint(settings: dict) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def row_parser(prog: str, doc: str, rows: tuple, name_width: int = 24):
+    """An argparse parser for a benchmark whose rows are selected by --rows (see select_rows); its help lists them."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="rows:\n" + "\n".join(f"  {r.number:>2} {r.name:<{name_width}} {r.label}"
+                                                              for r in rows))
+    p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names [default: all]")
+    return p
+
+
 def select_rows(spec: str, rows: tuple) -> list:
     """'all', or a comma list of row numbers, names or keys ('1,slim-lora,9-slim-lora-8bit'), in the order given
     (so the rows that matter most can go first). Rows need .number, .name and .key."""

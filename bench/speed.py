@@ -559,10 +559,7 @@ def plot_png(data: dict) -> bytes | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="bench/speed.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="rows:\n" + "\n".join(f"  {r.number:>2} {r.name:<16} {r.label}" for r in ROWS))
-    p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names [default: all]")
+    p = harness.row_parser("bench/speed.py", __doc__, ROWS, name_width=16)
     p.add_argument("--model", default="gemma3-270m", help="MODEL as slim-trt compress takes it [default: gemma3-270m]")
     p.add_argument("--checkpoint", default=None, metavar="CKPT",
                    help="the compressed checkpoint of MODEL (`slim-trt compress MODEL -o CKPT`); needed by rows 3-6")
