@@ -78,6 +78,7 @@ W8A16 = paper(**{**SGPT, "bits": 8, "quantizer": "slim", "group_size": -1}, lowr
               adapter_quantizer="gptq", refit_rounds=3)
 W8A8 = {**W8A16, "act_bits": 8, "act_scale_method": "mse", "act_percentile": 99.99}
 W8_DENSE = {**W8A16, "sparsity": "none", "quantizer": "gptq", "lowrank": "none", "rank_ratio": 0.1}
+GPTQ_DENSE = paper(**SGPT, sparsity="none", lowrank="none", refit_rounds=0, max_bits=4.5)
 
 # 2:4 sparsity and 4-bit weights unless named.
 ROWS: tuple[Row, ...] = (
@@ -142,6 +143,11 @@ ROWS: tuple[Row, ...] = (
     # FP16 2:4 (no quantization) for the recipe table: what the sparsity alone costs.
     Row(39, "fp16-sgpt", "FP16 2:4: SparseGPT, no quantization, no adapters", {**W8A16, "bits": 16, "lowrank": "none"}),
     Row(40, "fp16-sgpt-hlora", "FP16 2:4 + H-LoRA r0.23 (4-bit), 3 refits", {**W8A16, "bits": 16}),
+    # Issue 14: the reference a user would pick instead of any 2:4 recipe, dense INT4 GPTQ group 128 (4.125 bits),
+    # and the best adapters on it within the 4.5-bit budget (max_bits lowers the rank until it fits).
+    Row(41, "gptq-dense-g128", "dense INT4 GPTQ group 128, no sparsity, no adapters (4.125 bits)", GPTQ_DENSE),
+    Row(42, "gptq-dense-g128-hlora", "row 41 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits",
+        {**GPTQ_DENSE, "lowrank": "hessian", "rank_ratio": 0.23, "refit_rounds": 3}),
 )
 
 PEERS = {
