@@ -66,11 +66,26 @@ def _index_bits(m: int) -> int:
 
 
 # ---------------------------------------------------------------- one tensor <-> stored fields
+def _pack_codes(f: QuantizedTensor) -> torch.Tensor:
+    """Signed INT4 in ONNX's nibble layout; unsigned codes (with a zero point, <= 4 bits) as 4-bit fields."""
+    if f.zero is not None and f.bits <= 4:
+        return pack_uint(f.q.to(torch.uint8), 4)
+    return pack_int4(f.q) if f.bits == 4 else f.q.contiguous()
+
+
+def _unpack_codes(p: torch.Tensor, bits: int, cols: int, zero_point: bool) -> torch.Tensor:
+    if zero_point and bits <= 4:
+        return unpack_uint(p, 4, cols).to(torch.int8)
+    return unpack_int4(p, cols) if bits == 4 else p
+
+
 def _factor_to_tensors(prefix: str, f: QuantizedTensor | torch.Tensor, out: dict) -> dict:
     if isinstance(f, QuantizedTensor):
-        out[f"{prefix}.q"] = pack_int4(f.q) if f.bits == 4 else f.q.contiguous()
+        out[f"{prefix}.q"] = _pack_codes(f)
         out[f"{prefix}.scale"] = f.scale.to(torch.float32).contiguous()
-        return {"bits": f.bits, "group_size": f.group_size, "shape": list(f.shape)}
+        if f.zero is not None:
+            out[f"{prefix}.zero"] = f.zero.to(torch.int8).contiguous()
+        return {"bits": f.bits, "group_size": f.group_size, "shape": list(f.shape), "zero_point": f.zero is not None}
     out[f"{prefix}.float"] = f.to(torch.float32).contiguous()
     return {"bits": 16, "shape": list(f.shape)}
 
@@ -79,9 +94,9 @@ def _factor_from_tensors(prefix: str, t: dict, meta: dict) -> QuantizedTensor | 
     if meta["bits"] == 16:
         return t[f"{prefix}.float"]
     rows, cols = meta["shape"]
-    q = t[f"{prefix}.q"]
-    q = unpack_int4(q, cols) if meta["bits"] == 4 else q
-    return QuantizedTensor(q=q, scale=t[f"{prefix}.scale"], bits=meta["bits"], group_size=meta["group_size"])
+    q = _unpack_codes(t[f"{prefix}.q"], meta["bits"], cols, bool(meta.get("zero_point")))
+    return QuantizedTensor(q=q, scale=t[f"{prefix}.scale"], bits=meta["bits"], group_size=meta["group_size"],
+                           zero=t.get(f"{prefix}.zero") if meta.get("zero_point") else None)
 
 
 def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torch.Tensor], dict]:
@@ -94,6 +109,8 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
                   "bias": layer.bias is not None}
     qw = layer.qweight
     if qw is not None and sp.kind == "nm":
+        if qw.zero is not None:  # the N:M form finds pruned weights as code 0, which a zero point moves
+            raise ValueError(f"{name}: N:M storage of a weight with zero points is not supported")
         # N:M storage: only the kept values plus each one's position inside its group of M.
         values, idx = nm_compress(qw.q, sp.n, sp.m)
         vals = QuantizedTensor(q=values, scale=qw.scale, bits=qw.bits, group_size=qw.group_size)
@@ -105,6 +122,8 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
     else:
         info = _factor_to_tensors(f"{name}.weight", qw if qw is not None else layer.weight, t)
         meta.update(storage="dense", bits=info["bits"], group_size=info.get("group_size"))
+        if info.get("zero_point"):
+            meta["zero_point"] = True
         if sp.kind != "none" and layer.mask is not None:
             t[f"{name}.mask"] = pack_bits(layer.mask)
             meta["storage"] = "masked"
@@ -138,7 +157,8 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> Com
         mask = q != 0
     else:
         weight = _factor_from_tensors(f"{name}.weight", t, {"bits": meta["bits"], "shape": meta["shape"],
-                                                             "group_size": meta.get("group_size")})
+                                                             "group_size": meta.get("group_size"),
+                                                             "zero_point": meta.get("zero_point")})
         if meta["storage"] == "masked":
             mask = unpack_bits(t[f"{name}.mask"], K)
     L = R = None

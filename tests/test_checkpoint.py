@@ -112,3 +112,24 @@ def test_activation_scales_are_stored_and_reloaded_exactly(tmp_path):
     compress(plain, CompressConfig(), calib_windows(n=4, seqlen=16), progress=False)
     save(plain, tmp_path / "plain")
     assert not any("act_scale" in e for e in json.loads((tmp_path / "plain" / MANIFEST).read_text())["layers"].values())
+
+
+def test_zero_point_weights_round_trip_exactly():
+    """Asymmetric low-bit grids (issue 14): unsigned codes + integer zero points survive the stored form."""
+    from slim_trt.algorithms.qtensor import QuantizedTensor
+    from slim_trt.checkpoint import layer_from_tensors, layer_to_tensors
+    from slim_trt.compressed_linear import CompressedLinear
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 8, (6, 37), generator=g, dtype=torch.int8)  # 3-bit codes, odd column count
+    scale = torch.rand(6, 3, generator=g) + 0.1
+    zero = torch.randint(0, 8, (6, 3), generator=g, dtype=torch.int8)
+    qt = QuantizedTensor(q=q, scale=scale, bits=3, group_size=16, zero=zero)
+    expected = (q.float() - zero.float().repeat_interleave(16, 1)[:, :37]) * scale.repeat_interleave(16, 1)[:, :37]
+    assert torch.equal(qt.dequantize(), expected)
+    t, meta = layer_to_tensors("l", CompressedLinear(qt, sparsity="none"))
+    back = layer_from_tensors("l", t, meta).qweight
+    assert meta["zero_point"] and torch.equal(back.q, q) and torch.equal(back.zero, zero)
+    assert torch.equal(back.dequantize(), expected)
+    with pytest.raises(ValueError, match="zero out of"):
+        QuantizedTensor(q=q, scale=scale, bits=3, group_size=16, zero=zero + 8)
