@@ -12,9 +12,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from onnx import TensorProto, helper
+
 from ..algorithms.qtensor import QuantizedTensor
+from ..algorithms.spqr import SpQRTensor
 from ..compressed_linear import CompressedLinear
-from .graph import GraphBuilder, int_tensor, tensor_from_torch
+from .graph import GraphBuilder, int_tensor, pack_int4, tensor_from_torch
 
 # The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
 LOWRANK_PLUGIN = {"op_type": "LowRankAdd", "domain": "slim_trt", "plugin_version": "1", "plugin_namespace": "slim_trt"}
@@ -49,7 +52,9 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
     rows, cols = q.shape
     if transpose:
         q = np.ascontiguousarray(q.T)
-    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits))
+    # Signed codes (zero point 0), or unsigned codes with a zero point (asymmetric grids, SpQR: issue 14).
+    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits) if qt.zero is None
+                              else uint_tensor(f"{name}.qweight", q, qt.bits))
     attrs: dict = {}
     if qt.group_size == 0:
         s = scale.reshape(())
@@ -62,8 +67,64 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
             s = s.T
         attrs.update(axis=0 if transpose else 1, block_size=int(qt.group_size))
     sname = b.add_initializer(tensor_from_torch(f"{name}.scale", s, b.dtype))
-    # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
-    return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+    if qt.zero is None:
+        # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
+        return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+    # Asymmetric grids (SpQR, issue 14): unsigned codes with an integer zero point per scale, both UINT4 (2- to
+    # 4-bit codes) or UINT8, shaped like the scale; DequantizeLinear computes (q - zero) * scale exactly.
+    z = qt.zero.reshape(s.shape) if qt.group_size in (0, -1) else qt.zero.reshape(rows, -1)
+    if transpose and qt.group_size > 0:
+        z = z.T
+    zname = b.add_initializer(uint_tensor(f"{name}.zero_point", np.ascontiguousarray(z.cpu().numpy()), qt.bits))
+    return b.op("DequantizeLinear", [qname, sname, zname], name=name, **attrs)
+
+
+def uint_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
+    """A UINT4 (codes of <= 4 bits, packed two per byte, low nibble first) or UINT8 initializer."""
+    if bits <= 4:
+        return helper.make_tensor(name, TensorProto.UINT4, list(q.shape), pack_int4(q), raw=True)
+    return helper.make_tensor(name, TensorProto.UINT8, list(q.shape), q.astype(np.uint8).tobytes(), raw=True)
+
+
+# How SpQR's fp16 outliers run (see emit_outliers); measured in bench/spqr_outliers.py.
+OUTLIER_FORMS = ("scatter", "columns", "dense")
+DEFAULT_OUTLIER_FORM = "scatter"
+
+
+def emit_outliers(b: GraphBuilder, x: str, y: str, table, name: str, form: str = DEFAULT_OUTLIER_FORM) -> str:
+    """y + x @ O^T for SpQR's sparse outliers O [N, K] (an OutlierTable), as standard ONNX ops.
+
+    scatter: the nnz products x[..., col] * val, Gather + Mul, added into y[..., row] by ScatterElements
+      (reduction add): nnz values, nnz column and nnz row indices, nnz multiply-adds per token.
+    columns: Gather the input columns that hold any outlier, MatMul with that dense fp16 slice [|C|, N].
+    dense: MatMul with the whole fp16 O^T [K, N] (a second GEMM of the layer's size; for comparison).
+    """
+    if form not in OUTLIER_FORMS:
+        raise ValueError(f"unknown outlier form {form!r}: choose one of {', '.join(OUTLIER_FORMS)}")
+    if table is None or table.nnz == 0:
+        return y
+    cols = table.col  # int32 indices: half the bytes of int64, and every runtime here takes them
+    if form == "dense":
+        d = b.weight(f"{name}.outliers.dense", table.to_dense(torch.float32).T)
+        u = b.op("MatMul", [x, d], name=f"{name}.outliers")
+    elif form == "columns":
+        used = torch.unique(cols)
+        ci = b.add_initializer(tensor_from_torch(f"{name}.outliers.columns", used))
+        dense = table.to_dense(torch.float32)[:, used].T  # [|C|, N]
+        xc = b.op("Gather", [x, ci], name=f"{name}.outliers", axis=-1)
+        u = b.op("MatMul", [xc, b.weight(f"{name}.outliers.values", dense)], name=f"{name}.outliers")
+    else:
+        ci = b.add_initializer(tensor_from_torch(f"{name}.outliers.col", cols))
+        ri = b.add_initializer(tensor_from_torch(f"{name}.outliers.row", table.rows().to(torch.int32)))
+        vals = b.weight(f"{name}.outliers.val", table.val.to(torch.float32))
+        xg = b.op("Gather", [x, ci], name=f"{name}.outliers", axis=-1)  # [..., nnz]
+        upd = b.op("Mul", [xg, vals], name=f"{name}.outliers")
+        idx = b.op("Expand", [ri, b.op("Shape", [upd], name=f"{name}.outliers")], name=f"{name}.outliers")
+        # ONNX Runtime's CPU ScatterElements adds only in fp32 (fp16 with reduction "add" is refused at run time).
+        out = b.op("ScatterElements", [b.to_f32(y, name=f"{name}.outliers"), idx, b.to_f32(upd, name=f"{name}.outliers")],
+                   name=f"{name}.outliers", axis=-1, reduction="add")
+        return b.to_compute(out, name=f"{name}.outliers")
+    return b.op("Add", [y, u], name=f"{name}.outliers")
 
 
 def pad_rank_even(m: CompressedLinear) -> tuple[torch.Tensor, QuantizedTensor | None, torch.Tensor,
@@ -132,6 +193,8 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
     y = b.op("MatMul", [x_in, w], name=name)
     if m.bias is not None:
         y = b.op("Add", [y, b.weight(f"{name}.bias", m.bias)], name=name)
+    if isinstance(m.qweight, SpQRTensor):  # the outliers read the float input, as the adapters do
+        y = emit_outliers(b, x, y, m.qweight.outliers, name)
     if m.lora_L is not None:
         # The adapters see the unquantized activation: they are the (fp16) correction path.
         L, Lq, R, Rq = pad_rank_even(m)

@@ -191,7 +191,7 @@ def _trace_weight(v: GraphView, name: str):
     precision is the quantized type when a DequantizeLinear is on the path (the GEMM reads the INT4/INT8/FP8
     weight), else the type of the Cast nearest the GEMM, else the constant's own type.
     """
-    transposed, cast_to, dequantized = False, None, False
+    transposed, cast_to, dequantized, dq = False, None, False, None
     while name not in v.constants:
         n = v.producer.get(name)
         if n is None:
@@ -201,15 +201,29 @@ def _trace_weight(v: GraphView, name: str):
         elif n.op_type == "Cast":
             cast_to = cast_to if cast_to is not None else attr(n, "to")
         elif n.op_type == "DequantizeLinear":
-            dequantized = True
+            dequantized, dq = True, n
         elif n.op_type != "Identity":
             return None
         name = n.input[0]
     a = v.array(name)
     if a.ndim != 2:
         return None
+    if dq is not None and len(dq.input) > 2 and dq.input[2] and v.is_constant(dq.input[2]):
+        # Codes with a zero point (SpQR): the weight is zero where the code equals its zero point.
+        a = a.astype(np.int32) - _expand_zero_point(v.array(dq.input[2]).astype(np.int32), a.shape,
+                                                       attr(dq, "axis", 1), attr(dq, "block_size", 0))
     dtype = v.constants[name].data_type if dequantized or cast_to is None else cast_to
     return (a.T if transposed else a), name, TYPE_NAME[dtype]
+
+
+def _expand_zero_point(zp: np.ndarray, shape: tuple, axis: int, block: int) -> np.ndarray:
+    """A DequantizeLinear zero point broadcast to its input's 2-D shape (per tensor, per axis or blocked)."""
+    if zp.ndim == 0 or zp.size == 1:
+        return np.full(shape, zp.reshape(-1)[0])
+    axis %= 2
+    if block:
+        return np.repeat(zp, block, axis=axis)[:shape[0], :shape[1]]
+    return zp.reshape(-1, 1) if axis == 0 else zp.reshape(1, -1)
 
 
 def activation_precision(v: GraphView, name: str) -> str:
