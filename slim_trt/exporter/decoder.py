@@ -39,10 +39,12 @@ class BuildContext:
     progress: bool = False
     head: str = "none"  # quantization of the embedding / LM head (exporter.head)
     head_record: dict | None = None
+    outliers: str = "columns"  # SpQR outlier form (ExportOptions.outliers)
 
     def linear(self, x: str, module: nn.Module, name: str) -> str:
         scale = None if self.act_scales is None else self.act_scales.get(name)
-        return emit_linear(self.b, x, module, name, lowrank=self.lowrank, act_scale=scale, records=self.records)
+        return emit_linear(self.b, x, module, name, lowrank=self.lowrank, act_scale=scale, records=self.records,
+                           outliers=self.outliers)
 
 
 def architecture(model: nn.Module) -> str:

@@ -18,6 +18,7 @@ from ..algorithms.qtensor import QuantizedTensor
 from ..algorithms.spqr import SpQRTensor
 from ..compressed_linear import CompressedLinear
 from .graph import GraphBuilder, int_tensor, pack_int4, tensor_from_torch
+from .options import DEFAULT_OUTLIER_FORM, OUTLIER_FORMS
 
 # The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
 LOWRANK_PLUGIN = {"op_type": "LowRankAdd", "domain": "slim_trt", "plugin_version": "1", "plugin_namespace": "slim_trt"}
@@ -86,9 +87,6 @@ def uint_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
     return helper.make_tensor(name, TensorProto.UINT8, list(q.shape), q.astype(np.uint8).tobytes(), raw=True)
 
 
-# How SpQR's fp16 outliers run (see emit_outliers); measured in bench/spqr_outliers.py.
-OUTLIER_FORMS = ("scatter", "columns", "dense")
-DEFAULT_OUTLIER_FORM = "scatter"
 
 
 def emit_outliers(b: GraphBuilder, x: str, y: str, table, name: str, form: str = DEFAULT_OUTLIER_FORM) -> str:
@@ -169,10 +167,12 @@ def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str) -> str:
 
 
 def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowrank: str = "decomposed",
-                act_scale: float | None = None, records: list[LayerRecord] | None = None) -> str:
+                act_scale: float | None = None, records: list[LayerRecord] | None = None,
+                outliers: str = DEFAULT_OUTLIER_FORM) -> str:
     """y = module(x) as ONNX nodes; returns the output name. Appends a LayerRecord for compressed layers."""
     if isinstance(module, CompressedLinear):
-        return _emit_compressed(b, x, module, name, lowrank=lowrank, act_scale=act_scale, records=records)
+        return _emit_compressed(b, x, module, name, lowrank=lowrank, act_scale=act_scale, records=records,
+                                outliers=outliers)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name}: cannot export {type(module).__name__} as a linear layer")
     w = b.weight(f"{name}.weight", module.weight.T)
@@ -182,7 +182,7 @@ def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowran
     return y
 
 
-def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records) -> str:
+def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records, outliers) -> str:
     if m.qweight is not None:
         w = dequantized(b, m.qweight, name, transpose=True)
         weight_name = f"{name}.qweight"
@@ -194,7 +194,7 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
     if m.bias is not None:
         y = b.op("Add", [y, b.weight(f"{name}.bias", m.bias)], name=name)
     if isinstance(m.qweight, SpQRTensor):  # the outliers read the float input, as the adapters do
-        y = emit_outliers(b, x, y, m.qweight.outliers, name)
+        y = emit_outliers(b, x, y, m.qweight.outliers, name, outliers)
     if m.lora_L is not None:
         # The adapters see the unquantized activation: they are the (fp16) correction path.
         L, Lq, R, Rq = pad_rank_even(m)
