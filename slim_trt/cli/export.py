@@ -42,6 +42,10 @@ def register(sub) -> None:
                         "outlier + one fp16 MatMul (fastest in ONNX Runtime; stores |columns| x N fp16); scatter = "
                         "Gather, Mul, ScatterElements add (stores only the outliers; slow in ONNX Runtime, a plugin "
                         "in TensorRT); dense = a second fp16 GEMM [default: %(default)s]")
+    p.add_argument("--zero-points", default="dq", choices=["dq", "fold"],
+                   help="weights with zero points (SpQR): dq = DequantizeLinear with a UINT4 zero point (ONNX "
+                        "Runtime's MatMulNBits); fold = signed INT4 codes (zero point 0) + one small fp16 MatMul of "
+                        "the group sums of x for the offsets, which TensorRT parses [default: dq]")
     p.add_argument("--no-cache", action="store_true", help="prefill-only graph without KV-cache inputs/outputs")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights in model.onnx.data (default: only above ~1.5 GB)")
@@ -64,7 +68,8 @@ def run(args) -> int:
     check_output(Path(args.out), args.force)  # before loading and exporting, not after
     meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
                   act_quant=args.act_quant, external_data=True if args.external_data else None, head=args.head,
-                  ort_accuracy_level=args.ort_accuracy_level, force=args.force, outliers=args.outliers)
+                  ort_accuracy_level=args.ort_accuracy_level, force=args.force, outliers=args.outliers,
+                  zero_points=args.zero_points)
     out = Path(args.out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(MODEL_FILE))
     eprint(f"wrote {out / MODEL_FILE} ({size / 2**20:.1f} MiB{', external data' if meta['external_data'] else ''}) "

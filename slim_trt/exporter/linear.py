@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch import nn
-
 from onnx import TensorProto, helper
+from torch import nn
 
 from ..algorithms.qtensor import QuantizedTensor
 from ..algorithms.spqr import SpQRTensor
 from ..compressed_linear import CompressedLinear
+from ..errors import SlimError
 from .graph import GraphBuilder, int_tensor, pack_int4, tensor_from_torch
 from .options import DEFAULT_OUTLIER_FORM, OUTLIER_FORMS
 
@@ -125,6 +125,30 @@ def emit_outliers(b: GraphBuilder, x: str, y: str, table, name: str, form: str =
     return b.op("Add", [y, u], name=f"{name}.outliers")
 
 
+def symmetric_codes(qt: QuantizedTensor) -> QuantizedTensor:
+    """Unsigned codes q in [0, 2^bits - 1] as signed INT4/INT8 codes q - 2^(bits-1) on the same scales, zero point
+    0: (q - z) s = (q - m) s + (m - z) s with m = 2^(bits-1); the second term is zero_point_offset's."""
+    mid = 2 ** (qt.bits - 1)
+    return QuantizedTensor(q=(qt.q.to(torch.int16) - mid).to(torch.int8), scale=qt.scale, bits=4 if qt.bits <= 4 else 8,
+                           group_size=qt.group_size)
+
+
+def zero_point_offset(b: GraphBuilder, x: str, qt: QuantizedTensor, name: str) -> str:
+    """x @ C^T with C[n, k] = (m - zero[n, g(k)]) * scale[n, g(k)]: per group of G input columns, the sum of x over
+    the group times one fp16 offset per output (Reshape [..., K/G, G], ReduceSum, MatMul [K/G, N])."""
+    N, K = qt.shape
+    G = qt.group_size
+    if G <= 0 or K % G:
+        raise SlimError(f"{name}: --zero-points fold needs groups along K that divide K (got group {G}, K {K}); "
+                        f"export with --zero-points dq (ONNX Runtime)")
+    offset = ((2 ** (qt.bits - 1) - qt.zero.to(torch.float32)) * qt.scale.to(torch.float32)).T  # [K/G, N]
+    lead = b.op("Shape", [x], name=f"{name}.zero_offset", end=-1)
+    shape = b.op("Concat", [lead, b.const([K // G, G], "i64")], name=f"{name}.zero_offset", axis=0)
+    sums = b.op("ReduceSum", [b.op("Reshape", [x, shape], name=f"{name}.zero_offset"), b.const([-1], "i64")],
+                name=f"{name}.zero_offset", keepdims=0)
+    return b.op("MatMul", [sums, b.weight(f"{name}.zero_offset", offset)], name=f"{name}.zero_offset")
+
+
 def pad_rank_even(m: CompressedLinear) -> tuple[torch.Tensor, QuantizedTensor | None, torch.Tensor,
                                                 QuantizedTensor | None]:
     """The adapters (L, L_q, R, R_q) with an odd rank padded to even by one zero rank-1 term.
@@ -168,11 +192,11 @@ def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str) -> str:
 
 def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowrank: str = "decomposed",
                 act_scale: float | None = None, records: list[LayerRecord] | None = None,
-                outliers: str = DEFAULT_OUTLIER_FORM) -> str:
+                outliers: str = DEFAULT_OUTLIER_FORM, zero_points: str = "dq") -> str:
     """y = module(x) as ONNX nodes; returns the output name. Appends a LayerRecord for compressed layers."""
     if isinstance(module, CompressedLinear):
         return _emit_compressed(b, x, module, name, lowrank=lowrank, act_scale=act_scale, records=records,
-                                outliers=outliers)
+                                outliers=outliers, zero_points=zero_points)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name}: cannot export {type(module).__name__} as a linear layer")
     w = b.weight(f"{name}.weight", module.weight.T)
@@ -182,8 +206,13 @@ def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowran
     return y
 
 
-def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records, outliers) -> str:
-    if m.qweight is not None:
+def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records, outliers,
+                     zero_points="dq") -> str:
+    fold = m.qweight is not None and m.qweight.zero is not None and zero_points == "fold"
+    if fold:
+        w = dequantized(b, symmetric_codes(m.qweight), name, transpose=True)
+        weight_name = f"{name}.qweight"
+    elif m.qweight is not None:
         w = dequantized(b, m.qweight, name, transpose=True)
         weight_name = f"{name}.qweight"
     else:  # bits=16: pruned but not quantized
@@ -191,6 +220,8 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
         w = weight_name
     x_in = activation_qdq(b, x, act_scale, name) if act_scale is not None else x
     y = b.op("MatMul", [x_in, w], name=name)
+    if fold:
+        y = b.op("Add", [y, zero_point_offset(b, x_in, m.qweight, name)], name=f"{name}.zero_offset")
     if m.bias is not None:
         y = b.op("Add", [y, b.weight(f"{name}.bias", m.bias)], name=name)
     if isinstance(m.qweight, SpQRTensor):  # the outliers read the float input, as the adapters do
@@ -212,8 +243,9 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
                      plugin_version=LOWRANK_PLUGIN["plugin_version"],
                      plugin_namespace=LOWRANK_PLUGIN["plugin_namespace"])
     if records is not None:
+        # A folded weight is dense in the file (pruned codes are -m + zero, cancelled by the offset term).
         records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=m.bits,
                                    group_size=m.qweight.group_size if m.qweight is not None else None,
-                                   sparsity=str(m.sparsity), rank=m.rank, act_scale=act_scale))
+                                   sparsity="none" if fold else str(m.sparsity), rank=m.rank, act_scale=act_scale))
     return y
 

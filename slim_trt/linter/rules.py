@@ -10,7 +10,9 @@ Rule ids:
   qdq-zero-point   zero points are constant zeros of a signed type
   int4             INT4 only on constant weights feeding MatMul/Gemm, signed, even last dimension, target >= TRT 10
   qdq-block        blocked quantization along exactly one axis with a consistent scale shape
-  sparsity-2to4    layers that claim 2:4 (sidecar, or >= 50% zeros) really are 2:4 along K
+  sparsity-2to4    layers that claim 2:4 (sidecar, or >= 50% zeros) really are 2:4 along K (codes with a zero
+                   point are zero where they equal it)
+  scatter-reduction  (linter/scatter.py) ScatterElements with a reduction is a TensorRT plugin, ScatterND refuses one
 """
 from __future__ import annotations
 
@@ -134,7 +136,8 @@ def check_qdq(v: GraphView, table: dict):
                 yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is not a constant")
             elif np.any(v.array(zp) != 0):
                 yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is non-zero: TensorRT "
-                              f"supports symmetric quantization only (zero point 0)")
+                              f"supports symmetric quantization only (zero point 0); for a checkpoint with zero "
+                              f"points (SpQR) re-export with --zero-points fold")
         qtype = quantize_output_type(v, n) if n.op_type == "QuantizeLinear" else v.elem_type(n.input[0])
         if qtype in (TensorProto.UINT8, TensorProto.UINT4):
             yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} uses unsigned {TYPE_NAME[qtype]}: "

@@ -74,3 +74,18 @@ def test_onnx_runtime_matches_the_checkpoint_and_lint_says_what_tensorrt_does(sp
     assert len(compressed) == 14 and all(layer.is_2to4 for layer in compressed)
     warnings = [f for f in found.findings if f.rule == "scatter-reduction"]
     assert (len(warnings) == 14 and "plugin" in warnings[0].message) if form == "scatter" else not warnings
+
+
+def test_folded_zero_points_run_in_onnx_runtime_and_pass_tensorrt_lint(spqr_24_model, tmp_path):
+    """--zero-points fold: signed INT4 codes (zero point 0) + the offsets through the group sums of x."""
+    meta = export_model(spqr_24_model, tmp_path / "e",
+                        options=ExportOptions(**EXACT, dtype="fp32", zero_points="fold"))
+    assert {r["sparsity"] for r in meta["compressed_layers"]} == {"none"}  # the folded codes are dense in the file
+    report = verify_model(tmp_path / "e" / "model.onnx", spqr_24_model, calib_windows(n=2, seqlen=24, seed=5))
+    assert report.ok and report.metrics["max_abs"] < 1e-2, report.metrics
+    for target in ("trt10", "trt11"):
+        found = lint(tmp_path / "e" / "model.onnx", target=target)
+        assert found.ok, [f.to_dict() for f in found.findings if f.severity == "error"]
+        assert sum(layer.dtype == "int4" for layer in found.layers) == 14 * 3  # bases and both 4-bit adapters
+    export_model(spqr_24_model, tmp_path / "f16", options=ExportOptions(dtype="fp16", zero_points="fold"))
+    assert lint(tmp_path / "f16" / "model.onnx", target="trt10").ok
