@@ -571,7 +571,7 @@ def run_ours(row: Row, ctx: Context) -> dict:
             "compress_seconds": summary["seconds"], "peak_rss_gb": round(peak, 3),
             "mean_rel_error_base": summary["mean_rel_error_base"], "mean_rel_error": summary["mean_rel_error"],
             "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"],
-                           **{k: v[k] for k in ("refit_rounds", "act_scale") if k in v}}
+                           **{k: v[k] for k in ("refit_rounds", "act_scale", "outliers", "outlier_columns") if k in v}}
                        for n, v in report.layers.items()},
             "block_output_rel_error": [b["output_rel_error"] for b in sorted(report.blocks, key=lambda b: b["index"])]}
 

@@ -248,7 +248,7 @@ PRESETS: dict[str, dict] = {
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
                        rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
-                       act_percentile=99.99, smooth_alpha=None),
+                       act_percentile=99.99, smooth_alpha=None, outlier_share=0.01),
     # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
     # static per-tensor INT8 activations, LRC adapters (they read the float activation) rounded to 4 bits.
     # INT8 2:4 alone stores 5 bits/param, so this recipe has no bits budget of its own.
@@ -256,5 +256,5 @@ PRESETS: dict[str, dict] = {
                             lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                             adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
                             refit_rounds=3, rank_allocation="uniform", act_bits=8, act_scale_method="mse",
-                            act_percentile=99.99, smooth_alpha=None, max_bits=None),
+                            act_percentile=99.99, smooth_alpha=None, max_bits=None, outlier_share=0.01),
 }

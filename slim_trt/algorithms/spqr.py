@@ -84,6 +84,7 @@ class OutlierTable:
     def from_dense(values: torch.Tensor, where: torch.Tensor) -> "OutlierTable":
         """The entries of `values` [N, K] where the bool `where` is True, as fp16."""
         N, K = values.shape
+        values, where = values.cpu(), where.cpu()  # the table lives on the host
         rows, cols = where.nonzero(as_tuple=True)  # row-major order: rows ascending, columns ascending in a row
         crow = torch.zeros(N + 1, dtype=torch.int64)
         crow[1:] = torch.bincount(rows, minlength=N).cumsum(0)
@@ -113,7 +114,7 @@ class SpQRTensor(QuantizedTensor):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = self.base_dequantize(torch.float32)
         if self.outliers is not None and self.outliers.nnz:
-            w = w + self.outliers.to_dense(torch.float32)
+            w = w + self.outliers.to_dense(torch.float32).to(w.device)  # the table lives on the host
         return w.to(dtype)
 
     @property
@@ -205,7 +206,7 @@ def outlier_threshold(W: torch.Tensor, d: torch.Tensor, keep: torch.Tensor, bits
         return math.inf
     N, K = W.shape
     maxq = UINT_RANGE[bits][1]
-    scores = torch.empty(N, K)
+    scores = torch.empty(N, K, device=W.device)
     for c0 in range(0, K, group_size):
         x, use = W[:, c0:c0 + group_size], keep[:, c0:c0 + group_size]
         s, z = minmax_stats(x, use, maxq)
@@ -249,16 +250,17 @@ def spqr_quantize(W: torch.Tensor, H: torch.Tensor, bits: int, *, group_size: in
     Wc = W.detach().to(torch.float32).clone()
     Wc[:, dead] = 0.0
     d = U.diagonal()
-    keep = torch.ones(N, K, dtype=torch.bool) if mask is None else mask.to(torch.bool)
+    dev = W.device
+    keep = torch.ones(N, K, dtype=torch.bool, device=dev) if mask is None else mask.to(torch.bool)
     tau = outlier_threshold(Wc, d, keep, bits, group_size, outlier_share, stat_bits, stat_group)
     budget = int(math.floor(outlier_share * int(keep.sum())))
 
     ngroups = -(-K // group_size)
-    q = torch.zeros(N, K, dtype=torch.int8)
-    scale = torch.empty(N, ngroups)
-    zero = torch.empty(N, ngroups)
-    is_outlier = torch.zeros(N, K, dtype=torch.bool)
-    out_val = torch.zeros(N, K)
+    q = torch.zeros(N, K, dtype=torch.int8, device=dev)
+    scale = torch.empty(N, ngroups, device=dev)
+    zero = torch.empty(N, ngroups, device=dev)
+    is_outlier = torch.zeros(N, K, dtype=torch.bool, device=dev)
+    out_val = torch.zeros(N, K, device=dev)
     # The sweep works on each block transposed (a column of W is a contiguous row), as obs_sweep does.
     for i1 in range(0, K, blocksize):
         i2 = min(i1 + blocksize, K)
