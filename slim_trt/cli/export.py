@@ -38,10 +38,11 @@ def register(sub) -> None:
                         f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}; 1 when the graph quantizes its activations to "
                         "INT8 itself (--act-quant int8, W8A8 checkpoints)]")
     p.add_argument("--outliers", default=DEFAULT_OUTLIER_FORM, metavar="|".join(OUTLIER_FORMS),
-                   help="SpQR checkpoints: how the fp16 outliers run. columns = Gather the input columns holding any "
-                        "outlier + one fp16 MatMul (fastest in ONNX Runtime; stores |columns| x N fp16); scatter = "
-                        "Gather, Mul, ScatterElements add (stores only the outliers; slow in ONNX Runtime, a plugin "
-                        "in TensorRT); dense = a second fp16 GEMM [default: %(default)s]")
+                   help="SpQR checkpoints: how the fp16 outliers run. scatter = Gather, Mul, ScatterElements add "
+                        "(stores only the outliers; ~12x a layer's prefill time in ONNX Runtime, a plugin in "
+                        "TensorRT); columns = Gather the input columns holding any outlier + one fp16 MatMul (faster, "
+                        "but stores |columns| x N fp16: nearly dense on Gemma 3 270M); dense = a second fp16 GEMM "
+                        "[default: %(default)s]")
     p.add_argument("--zero-points", default="dq", choices=["dq", "fold"],
                    help="weights with zero points (SpQR): dq = DequantizeLinear with a UINT4 zero point (ONNX "
                         "Runtime's MatMulNBits); fold = signed INT4 codes (zero point 0) + one small fp16 MatMul of "

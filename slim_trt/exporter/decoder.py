@@ -39,7 +39,7 @@ class BuildContext:
     progress: bool = False
     head: str = "none"  # quantization of the embedding / LM head (exporter.head)
     head_record: dict | None = None
-    outliers: str = "columns"  # SpQR outlier form (ExportOptions.outliers)
+    outliers: str = "scatter"  # SpQR outlier form (ExportOptions.outliers)
     zero_points: str = "dq"  # ExportOptions.zero_points
 
     def linear(self, x: str, module: nn.Module, name: str) -> str:

@@ -11,8 +11,10 @@ LOWRANK_MODES = ("decomposed", "plugin")
 ACT_QUANT = (None, "int8")
 HEAD_MODES = ("none", "int8", "int4")
 # How SpQR's fp16 outliers run (slim_trt.exporter.linear.emit_outliers; measured in bench/spqr_outliers.py).
-OUTLIER_FORMS = ("columns", "scatter", "dense")
-DEFAULT_OUTLIER_FORM = "columns"
+# scatter is the default: the only form that stores about what the paper counts (on Gemma 3 270M the outliers of a
+# layer sit in 25-85% of its input columns, so "columns" stores nearly a dense fp16 copy); it is the slow one.
+OUTLIER_FORMS = ("scatter", "columns", "dense")
+DEFAULT_OUTLIER_FORM = "scatter"
 # Weights with zero points (SpQR): "dq" = DequantizeLinear with a UINT4 zero point (ONNX Runtime fuses it into
 # MatMulNBits; TensorRT refuses non-zero zero points); "fold" = signed INT4 codes q - 2^(bits-1), zero point 0, plus
 # the per-group offset (2^(bits-1) - zero) * scale applied to the group sums of x by one small fp16 MatMul.
@@ -49,8 +51,8 @@ class ExportOptions:
     ort_accuracy_level: the MatMulNBits accuracy level ONNX Runtime runs the INT4/INT8 weights with, recorded in
       slim_export.json's session config (1 = fp32 activations, 4 = int8 activations); None = 4, or 1 when the
       graph quantizes its activations itself (act_quant "int8").
-    outliers: how SpQR checkpoints' fp16 outliers run: "columns" (Gather of the input columns holding any outlier,
-      MatMul with that fp16 slice), "scatter" (Gather, Mul, ScatterElements add: nnz values and indices) or "dense"
+    outliers: how SpQR checkpoints' fp16 outliers run: "scatter" (Gather, Mul, ScatterElements add: nnz values and
+      indices), "columns" (Gather of the input columns holding any outlier, MatMul with that fp16 slice) or "dense"
       (a second fp16 GEMM of the layer's size).
     zero_points: weights with zero points (SpQR): "dq" keeps them in DequantizeLinear (ONNX Runtime), "fold" writes
       symmetric INT4 codes and a per-group offset term that TensorRT can parse (ZERO_POINT_FORMS).
