@@ -79,6 +79,8 @@ W8A16 = paper(**{**SGPT, "bits": 8, "quantizer": "slim", "group_size": -1}, lowr
 W8A8 = {**W8A16, "act_bits": 8, "act_scale_method": "mse", "act_percentile": 99.99}
 W8_DENSE = {**W8A16, "sparsity": "none", "quantizer": "gptq", "lowrank": "none", "rank_ratio": 0.1}
 GPTQ_DENSE = paper(**SGPT, sparsity="none", lowrank="none", refit_rounds=0, max_bits=4.5)
+SPQR_DENSE = paper(**{**SGPT, "quantizer": "spqr", "group_size": 16}, sparsity="none", lowrank="none",
+                   refit_rounds=0, max_bits=None, outlier_share=0.01)
 
 # 2:4 sparsity and 4-bit weights unless named.
 ROWS: tuple[Row, ...] = (
@@ -148,6 +150,21 @@ ROWS: tuple[Row, ...] = (
     Row(41, "gptq-dense-g128", "dense INT4 GPTQ group 128, no sparsity, no adapters (4.125 bits)", GPTQ_DENSE),
     Row(42, "gptq-dense-g128-hlora", "row 41 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits",
         {**GPTQ_DENSE, "lowrank": "hessian", "rank_ratio": 0.23, "refit_rounds": 3}),
+    # Issue 14, SpQR: groups of 16 with 3-bit bilevel statistics and zero points, fp16 outliers up to 1% of the
+    # weights (32 bits each); dense unless named. Row 46 spends row 43's bits on adapters over row 41 instead.
+    Row(43, "spqr-dense-4bit", "SpQR 4-bit, group 16, <= 1% outliers, dense, no adapters (the near-lossless point)",
+        SPQR_DENSE),
+    Row(44, "spqr-dense-3bit", "SpQR 3-bit, group 16, <= 1% outliers, dense, no adapters", {**SPQR_DENSE, "bits": 3}),
+    Row(45, "spqr-2to4-hlora", "SpQR 4-bit on a SparseGPT 2:4 mask (outliers at kept weights) + H-LoRA 4-bit "
+        "adapters, 3 refits, within 4.5 bits",
+        {**SPQR_DENSE, "sparsity": "2:4", "lowrank": "hessian", "rank_ratio": 0.23, "refit_rounds": 3,
+         "max_bits": 4.5}),
+    Row(46, "gptq-dense-g128-hlora-eq43", "outliers vs adapters: row 41 + H-LoRA 4-bit adapters up to row 43's "
+        "bits (4.945)", {**GPTQ_DENSE, "lowrank": "hessian", "rank_ratio": 0.5, "refit_rounds": 3,
+                         "max_bits": 4.945}),
+    Row(47, "spqr-dense-3bit-hlora", "row 44 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits (outliers and "
+        "adapters together)", {**SPQR_DENSE, "bits": 3, "lowrank": "hessian", "rank_ratio": 0.23,
+                               "refit_rounds": 3, "max_bits": 4.5}),
 )
 
 PEERS = {
@@ -554,7 +571,7 @@ def run_ours(row: Row, ctx: Context) -> dict:
             "compress_seconds": summary["seconds"], "peak_rss_gb": round(peak, 3),
             "mean_rel_error_base": summary["mean_rel_error_base"], "mean_rel_error": summary["mean_rel_error"],
             "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"],
-                           **{k: v[k] for k in ("refit_rounds", "act_scale") if k in v}}
+                           **{k: v[k] for k in ("refit_rounds", "act_scale", "outliers", "outlier_columns") if k in v}}
                        for n, v in report.layers.items()},
             "block_output_rel_error": [b["output_rel_error"] for b in sorted(report.blocks, key=lambda b: b["index"])]}
 

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .algorithms.qtensor import QuantizedTensor
+from .algorithms.spqr import OutlierTable, SpQRTensor
 from .algorithms.quantize import nm_compress, nm_decompress, pack_bits, pack_int4, unpack_bits, unpack_int4
 from .compressed_linear import CompressedLinear, compressed_layers
 from .errors import SlimError
@@ -99,6 +100,21 @@ def _factor_from_tensors(prefix: str, t: dict, meta: dict) -> QuantizedTensor | 
                            zero=t.get(f"{prefix}.zero") if meta.get("zero_point") else None)
 
 
+def outliers_to_tensors(prefix: str, w: SpQRTensor, out: dict) -> dict:
+    """SpQR's outlier table as CSR (int32 row pointers, int32 column indices, fp16 values), exactly."""
+    out[f"{prefix}.outliers.crow"] = w.outliers.crow.contiguous()
+    out[f"{prefix}.outliers.col"] = w.outliers.col.contiguous()
+    out[f"{prefix}.outliers.val"] = w.outliers.val.contiguous()
+    return {"nnz": w.outliers.nnz, "stat_bits": w.stat_bits, "stat_group": w.stat_group}
+
+
+def outliers_from_tensors(prefix: str, t: dict, meta: dict, base: QuantizedTensor) -> SpQRTensor:
+    table = OutlierTable(tuple(base.shape), t[f"{prefix}.outliers.crow"], t[f"{prefix}.outliers.col"],
+                         t[f"{prefix}.outliers.val"])
+    return SpQRTensor(q=base.q, scale=base.scale, bits=base.bits, group_size=base.group_size, zero=base.zero,
+                      outliers=table, stat_bits=meta["stat_bits"], stat_group=meta["stat_group"])
+
+
 def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torch.Tensor], dict]:
     """The stored fields of one compressed linear, and its manifest entry (without checksums)."""
     from .config import Sparsity
@@ -108,9 +124,9 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
     meta: dict = {"shape": [layer.out_features, layer.in_features], "sparsity": str(sp), "rank": layer.rank,
                   "bias": layer.bias is not None}
     qw = layer.qweight
-    if qw is not None and sp.kind == "nm":
-        if qw.zero is not None:  # the N:M form finds pruned weights as code 0, which a zero point moves
-            raise ValueError(f"{name}: N:M storage of a weight with zero points is not supported")
+    # The N:M form finds pruned weights as code 0, which a zero point moves: zero-point weights are stored
+    # dense with a 1-bit mask ("masked").
+    if qw is not None and sp.kind == "nm" and qw.zero is None:
         # N:M storage: only the kept values plus each one's position inside its group of M.
         values, idx = nm_compress(qw.q, sp.n, sp.m)
         vals = QuantizedTensor(q=values, scale=qw.scale, bits=qw.bits, group_size=qw.group_size)
@@ -127,6 +143,8 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
         if sp.kind != "none" and layer.mask is not None:
             t[f"{name}.mask"] = pack_bits(layer.mask)
             meta["storage"] = "masked"
+    if isinstance(qw, SpQRTensor) and qw.outliers is not None:
+        meta["outliers"] = outliers_to_tensors(f"{name}.weight", qw, t)
     if layer.rank:
         L = layer.lora_L_q if layer.lora_L_q is not None else layer.lora_L
         R = layer.lora_R_q if layer.lora_R_q is not None else layer.lora_R
@@ -161,6 +179,8 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> Com
                                                              "zero_point": meta.get("zero_point")})
         if meta["storage"] == "masked":
             mask = unpack_bits(t[f"{name}.mask"], K)
+        if meta.get("outliers"):
+            weight = outliers_from_tensors(f"{name}.weight", t, meta["outliers"], weight)
     L = R = None
     if meta.get("rank"):
         L = _factor_from_tensors(f"{name}.lora_L", t, meta["lora_L"])

@@ -6,6 +6,7 @@ per-block resume, save the checkpoint atomically.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import fnmatch
 import hashlib
 import itertools
@@ -22,6 +23,7 @@ from torch import nn
 
 from .algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, plan_ranks, storage_bits
 from .algorithms.qtensor import QuantizedTensor
+from .algorithms.spqr import SpQRTensor
 from .calibration.runner import ActCalibration, BlockResult, LinearStats, run_layerwise
 from .calibration.resume import BlockStore
 from .checkpoint import save
@@ -157,7 +159,9 @@ def _on(x, device: torch.device):
     if isinstance(x, QuantizedTensor):
         if x.q.device == device:
             return x
-        return QuantizedTensor(q=x.q.to(device), scale=x.scale.to(device), bits=x.bits, group_size=x.group_size)
+        # replace() keeps every field (zero points, SpQR's outlier table, which stays on the host).
+        return dataclasses.replace(x, q=x.q.to(device), scale=x.scale.to(device),
+                                   zero=None if x.zero is None else x.zero.to(device))
     return None if x is None else x.to(device)
 
 
@@ -176,6 +180,10 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
                              compute_dtype=W.dtype, act_scale=stats.act_scale).to(W.device)
     info = {"rel_error_base": round(cw.rel_error_base, 6), "rel_error": round(cw.rel_error, 6),
             "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
+    if isinstance(cw.weight, SpQRTensor) and cw.weight.outliers is not None:
+        # How many outliers, and in how many input columns (what the exported "columns" form stores densely).
+        info["outliers"] = cw.weight.outlier_count
+        info["outlier_columns"] = int(torch.unique(cw.weight.outliers.col).numel())
     if layer.act_scale is not None:
         info["act_scale"] = layer.act_scale
     if cfg.refit_rounds:

@@ -12,12 +12,13 @@ from dataclasses import dataclass
 
 from .errors import SlimError
 
-QUANTIZERS = ("slim", "absmax", "gptq")
+QUANTIZERS = ("slim", "absmax", "gptq", "spqr")
 PRUNERS = ("wanda", "sparsegpt", "magnitude")
 LOWRANKS = ("slim", "hessian", "svd", "lrc", "none")
 RANK_ALLOCATIONS = ("uniform", "sensitivity")
 ADAPTER_QUANTIZERS = ("gptq", "rtn")
 BITS = (4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
+SPQR_BITS = (2, 3, 4)  # SpQR's asymmetric codes (zero points) in INT4 containers (algorithms/spqr.py)
 ACT_BITS = (None, 8)  # None: weight-only (activations stay float); 8: static per-tensor INT8 activations
 ACT_SCALE_METHODS = ("max", "percentile", "mse")  # see algorithms/actquant.py
 
@@ -108,10 +109,14 @@ class CompressConfig:
     act_scale_method: str = "mse"
     act_percentile: float = 99.99
     smooth_alpha: float | None = None
+    # SpQR (quantizer "spqr", issue 14): the largest share of each layer's kept weights stored as fp16 outliers.
+    outlier_share: float = 0.01
 
     def __post_init__(self) -> None:
         Sparsity.parse(self.sparsity)  # raises on bad text
-        if self.bits not in BITS:
+        if self.quantizer == "spqr":
+            self._check_spqr()
+        elif self.bits not in BITS:
             raise SlimError(f"bad --bits {self.bits}: choose 4 or 8 (or 16 for no quantization)")
         if self.quantizer not in QUANTIZERS:
             raise SlimError(f"bad --quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
@@ -149,6 +154,21 @@ class CompressConfig:
             object.__setattr__(self, "refit_rounds", 0)
         object.__setattr__(self, "skip_layers", tuple(self.skip_layers))
 
+    def _check_spqr(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in SPQR_BITS:
+            raise SlimError(f"bad --bits {self.bits} for --quantizer spqr: choose 2, 3 or 4 (SpQR stores unsigned "
+                            f"codes with zero points in INT4 containers)")
+        if isinstance(self.outlier_share, bool) or not (0.0 <= self.outlier_share <= 0.1):
+            raise SlimError(f"bad --outlier-share {self.outlier_share!r}: give a fraction in [0, 0.1] (SpQR keeps "
+                            f"about 0.01; each outlier costs 32 bits)")
+        g = self.effective_group_size
+        if g < 1 or self.blocksize % g:
+            raise SlimError(f"bad --group-size {g} for --quantizer spqr: give groups along K that divide "
+                            f"{self.blocksize}, e.g. 16 (the paper's)")
+        if self.act_bits is not None:
+            raise SlimError("--quantizer spqr is weight-only: its groups of 16 with zero points and its fp16 outliers "
+                            "have no INT8 GEMM form; drop --act-bits")
+
     def _check_act(self) -> None:
         if isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS:
             raise SlimError(f"bad --act-bits {self.act_bits!r}: only 8 is supported (static per-tensor INT8 "
@@ -185,7 +205,7 @@ class CompressConfig:
     def effective_group_size(self) -> int:
         if self.group_size is not None:
             return self.group_size
-        return 0 if self.quantizer == "slim" else 128
+        return 0 if self.quantizer == "slim" else 16 if self.quantizer == "spqr" else 128
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -228,7 +248,7 @@ PRESETS: dict[str, dict] = {
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
                        rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
-                       act_percentile=99.99, smooth_alpha=None),
+                       act_percentile=99.99, smooth_alpha=None, outlier_share=0.01),
     # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
     # static per-tensor INT8 activations, LRC adapters (they read the float activation) rounded to 4 bits.
     # INT8 2:4 alone stores 5 bits/param, so this recipe has no bits budget of its own.
@@ -236,5 +256,5 @@ PRESETS: dict[str, dict] = {
                             lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                             adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
                             refit_rounds=3, rank_allocation="uniform", act_bits=8, act_scale_method="mse",
-                            act_percentile=99.99, smooth_alpha=None, max_bits=None),
+                            act_percentile=99.99, smooth_alpha=None, max_bits=None, outlier_share=0.01),
 }

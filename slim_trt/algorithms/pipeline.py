@@ -5,6 +5,7 @@ Pure: a weight, its input statistics and a config in; integer tensors, a mask an
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +19,7 @@ from .prune import magnitude_scores, prune, pruned_count, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
 from .sparsegpt import sparsegpt
+from .spqr import DEFAULT_STAT_BITS, DEFAULT_STAT_GROUP, OUTLIER_BITS, SpQRTensor, statistic_bits
 
 
 @dataclass
@@ -51,6 +53,11 @@ def compress_base(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor,
     """Quantize and prune W: (base weight, bool keep-mask [N, K], all True when dense)."""
     W = W.detach().to(torch.float32)
     sp = cfg.sparsity_spec
+    if cfg.quantizer == "spqr" and cfg.pruner == "sparsegpt" and sp.kind != "none":
+        # SpQR needs the mask before its own sweep (outliers only at kept positions): SparseGPT's mask from a
+        # prune-only sweep, then the SpQR sweep on that mask (base_on_mask).
+        _, mask, _ = sparsegpt(W, H, sp, bits=None, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        return base_on_mask(W, H, mask, cfg), mask
     if cfg.pruner == "sparsegpt" and sp.kind != "none":
         # SparseGPT prunes and (when asked) GPTQ-quantizes jointly, column by column.
         bits = None if cfg.bits == 16 else cfg.bits
@@ -208,6 +215,7 @@ def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 
     base: kept values x bits + sparsity metadata (N:M: ceil(log2 m) bits per kept value, as NVIDIA's 2:4 format
     stores a 2-bit index per kept value; unstructured: a 1-bit mask per weight) + 16-bit scales.
     adapters: (N + K) x r x adapter bits (16 when not quantized) + 16-bit adapter scales.
+    SpQR: its statistics as the paper counts them (SpQRTensor.scale_bits) + 32 bits per outlier.
     """
     N, K = cw.weight.shape
     numel = N * K
@@ -222,6 +230,8 @@ def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 
         kept, meta = numel, 0
     scales = cw.weight.scale_bits() if isinstance(cw.weight, QuantizedTensor) else 0
     base = kept * wbits + meta + scales
+    if isinstance(cw.weight, SpQRTensor):  # the paper's count: 32 bits per fp16 outlier
+        base += cw.weight.outlier_bits()
     adapters = 0
     for f in (cw.lora_L, cw.lora_R):
         if f is None:
@@ -254,7 +264,14 @@ def layer_bits(N: int, K: int, rank: int, cfg: CompressConfig) -> tuple[int, int
         kept, meta = N * (K - pruned_count(K, sp.ratio)), numel
     else:
         kept, meta = numel, 0
-    base = kept * 16 + meta if cfg.bits == 16 else kept * cfg.bits + meta + 16 * _groups(K, cfg.effective_group_size, N)
+    if cfg.quantizer == "spqr":  # bilevel statistics and the outlier budget (its nominal maximum)
+        base = (kept * cfg.bits + meta + statistic_bits(N, K, cfg.effective_group_size, DEFAULT_STAT_BITS,
+                                                        DEFAULT_STAT_GROUP)
+                + OUTLIER_BITS * math.floor(cfg.outlier_share * kept))
+    elif cfg.bits == 16:
+        base = kept * 16 + meta
+    else:
+        base = kept * cfg.bits + meta + 16 * _groups(K, cfg.effective_group_size, N)
     if cfg.lowrank == "none" or rank == 0:
         return base, 0
     if not cfg.quantize_adapters:

@@ -23,6 +23,7 @@ from .lowrank import gptq_adapters, hessian_lowrank, quantize_adapter, slim_lowr
 from .obs import obs_sweep
 from .qtensor import QuantizedTensor
 from .quantize import quantize_weight
+from .spqr import spqr_quantize
 
 Factor = QuantizedTensor | torch.Tensor
 
@@ -36,11 +37,16 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
 
     slim / absmax: scale chosen on the dense T (as SLiM chooses it before pruning), round to nearest, zero the
     pruned entries. gptq, or sparsegpt with a sparsity: the H-based OBS sweep with the mask fixed (for sparsegpt
-    the mask is the one its first sweep chose). bits 16: the masked T (or the OBS-compensated one for sparsegpt).
+    the mask is the one its first sweep chose). spqr: the SpQR sweep on the mask (outliers at kept positions only).
+    bits 16: the masked T (or the OBS-compensated one for sparsegpt).
     """
     T = T.detach().to(torch.float32)
     bits = None if cfg.bits == 16 else cfg.bits
     group = cfg.effective_group_size
+    if cfg.quantizer == "spqr":  # pruned weights are compensated in the SpQR sweep itself
+        return spqr_quantize(T, H, cfg.bits, group_size=group, outlier_share=cfg.outlier_share,
+                             mask=None if cfg.sparsity_spec.kind == "none" else mask, blocksize=cfg.blocksize,
+                             percdamp=cfg.percdamp)
     if cfg.pruner == "sparsegpt" and cfg.sparsity_spec.kind != "none":
         scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
         W_new, _, q, scale = obs_sweep(T, H, bits=bits, group_size=group, scale_method=scale_method, mask=mask,

@@ -7,7 +7,7 @@ from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits",
-          "act_bits", "act_scale_method", "smooth_alpha")
+          "act_bits", "act_scale_method", "smooth_alpha", "outlier_share")
 
 
 def register(sub) -> None:
@@ -34,11 +34,17 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=["slim-paper", "trt-int8-sparse"], default=None,
                    help="start from a named recipe; explicit flags still override it")
     p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4]")
-    p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16], help="weight bits; 16 = no quantization [default: 4]")
-    p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
-                        "sparsegpt [default: slim]")
+    p.add_argument("--bits", type=int, default=None, metavar="{2,3,4,8,16}",
+                   help="weight bits; 16 = no quantization; 2 and 3 with --quantizer spqr [default: 4]")
+    p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq", "spqr"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
+                        "sparsegpt; spqr = SpQR (GPTQ sweep, groups of 16 with 3-bit quantized scales and zero "
+                        "points, fp16 outliers up to --outlier-share; with --sparsity 2:4 the mask comes first and "
+                        "outliers sit only at kept positions) [default: slim]")
+    p.add_argument("--outlier-share", type=float, default=None, metavar="SHARE",
+                   help="--quantizer spqr: the largest share of each layer's weights kept as fp16 outliers "
+                        "(32 bits each in bits/param) [default: 0.01]")
     p.add_argument("--group-size", type=int, default=None,
-                   help="0 per tensor, -1 per channel, G groups along K [default: 128]")
+                   help="0 per tensor, -1 per channel, G groups along K [default: 128; 16 with --quantizer spqr]")
     p.add_argument("--pruner", default=None, choices=["wanda", "sparsegpt", "magnitude"], help="[default: sparsegpt]")
     p.add_argument("--lowrank", default=None, choices=["slim", "hessian", "svd", "lrc", "none"],
                    help="adapters: slim = SLiM-LoRA (diagonal saliency), hessian = the exact output-error optimum with "
@@ -122,6 +128,8 @@ def config_from_args(args):
         v = getattr(args, k, None)
         if v is not None:
             values[k] = tuple(v) if k == "skip_layers" else v
+    if values.get("quantizer") == "spqr":
+        values.setdefault("group_size", 16)  # SpQR's small groups (the paper's 16), unless --group-size says
     if values.get("max_bits") == "none":
         values["max_bits"] = None
     if values.get("act_bits") is not None and not getattr(args, "preset", None):

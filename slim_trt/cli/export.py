@@ -1,7 +1,7 @@
 """slim-trt export CKPT_OR_MODEL -o export/NAME/"""
 from __future__ import annotations
 
-from ..exporter.options import DEFAULT_HEAD, DEFAULT_ORT_ACCURACY_LEVEL, HEAD_MODES
+from ..exporter.options import DEFAULT_HEAD, DEFAULT_ORT_ACCURACY_LEVEL, DEFAULT_OUTLIER_FORM, HEAD_MODES, OUTLIER_FORMS
 from .common import add_parser, eprint
 
 
@@ -37,6 +37,16 @@ def register(sub) -> None:
                    help="ONNX Runtime MatMulNBits activations: 1 = fp32, 4 = int8 (recorded in slim_export.json) "
                         f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}; 1 when the graph quantizes its activations to "
                         "INT8 itself (--act-quant int8, W8A8 checkpoints)]")
+    p.add_argument("--outliers", default=DEFAULT_OUTLIER_FORM, metavar="|".join(OUTLIER_FORMS),
+                   help="SpQR checkpoints: how the fp16 outliers run. scatter = Gather, Mul, ScatterElements add "
+                        "(stores only the outliers; ~12x a layer's prefill time in ONNX Runtime, a plugin in "
+                        "TensorRT); columns = Gather the input columns holding any outlier + one fp16 MatMul (faster, "
+                        "but stores |columns| x N fp16: nearly dense on Gemma 3 270M); dense = a second fp16 GEMM "
+                        "[default: %(default)s]")
+    p.add_argument("--zero-points", default="dq", choices=["dq", "fold"],
+                   help="weights with zero points (SpQR): dq = DequantizeLinear with a UINT4 zero point (ONNX "
+                        "Runtime's MatMulNBits); fold = signed INT4 codes (zero point 0) + one small fp16 MatMul of "
+                        "the group sums of x for the offsets, which TensorRT parses [default: dq]")
     p.add_argument("--no-cache", action="store_true", help="prefill-only graph without KV-cache inputs/outputs")
     p.add_argument("--external-data", action="store_true",
                    help="always store weights in model.onnx.data (default: only above ~1.5 GB)")
@@ -59,7 +69,8 @@ def run(args) -> int:
     check_output(Path(args.out), args.force)  # before loading and exporting, not after
     meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
                   act_quant=args.act_quant, external_data=True if args.external_data else None, head=args.head,
-                  ort_accuracy_level=args.ort_accuracy_level, force=args.force)
+                  ort_accuracy_level=args.ort_accuracy_level, force=args.force, outliers=args.outliers,
+                  zero_points=args.zero_points)
     out = Path(args.out)
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith(MODEL_FILE))
     eprint(f"wrote {out / MODEL_FILE} ({size / 2**20:.1f} MiB{', external data' if meta['external_data'] else ''}) "

@@ -16,7 +16,7 @@ from ..outputs import commit_output, prepare_output
 from .decoder import BuildContext, architecture, build, kv_layout
 from .graph import NUMPY_NAME, GraphBuilder
 from .linear import LOWRANK_PLUGIN
-from .options import DEFAULT_HEAD, EXTERNAL_DATA_THRESHOLD, IR_VERSION, OPSET, ExportOptions
+from .options import DEFAULT_HEAD, DEFAULT_OUTLIER_FORM, EXTERNAL_DATA_THRESHOLD, IR_VERSION, OPSET, ExportOptions
 
 SIDECAR = "slim_export.json"
 MODEL_FILE = "model.onnx"
@@ -30,7 +30,8 @@ def build_onnx(model: nn.Module, options: ExportOptions, *, act_scales: dict[str
     """The ONNX graph of `model` (in memory) and the records of its compressed layers."""
     b = GraphBuilder(options.dtype)
     ctx = BuildContext(b=b, lowrank=options.lowrank, with_cache=options.with_cache, act_scales=act_scales,
-                       records=[], progress=progress, head=options.head)
+                       records=[], progress=progress, head=options.head, outliers=options.outliers,
+                       zero_points=options.zero_points)
     with torch.no_grad():
         build(ctx, model)
     doc = (f"slim-trt export: {architecture(model)}, dtype={options.dtype}, lowrank={options.lowrank}, "
@@ -203,7 +204,7 @@ def _calibration_windows(tokenizer_dir: Path | None, n: int = 8, seqlen: int = 1
 def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with_cache: bool = True,
            lowrank: str = "decomposed", act_quant: str | None = None, external_data: bool | None = None,
            head: str = DEFAULT_HEAD, ort_accuracy_level: int | None = None, force: bool = False,
-           progress: bool = True) -> dict:
+           progress: bool = True, outliers: str = DEFAULT_OUTLIER_FORM, zero_points: str = "dq") -> dict:
     """Export a slim-trt checkpoint folder, or a plain model (any MODEL `slim-trt compress` accepts: a Hugging Face
     folder, a .gguf file, `gemma3-270m`, a hub id) as the dense baseline, with the same exporter. See export_model.
     Returns the sidecar dict.
@@ -214,6 +215,7 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
     explicit_none = act_quant == "none"
     options = ExportOptions(dtype=dtype, with_cache=with_cache, lowrank=lowrank,
                             act_quant=None if explicit_none else act_quant, external_data=external_data, head=head,
+                            outliers=outliers, zero_points=zero_points,
                             **({} if ort_accuracy_level is None else {"ort_accuracy_level": ort_accuracy_level}))
     ckpt = Path(source)
     from ..checkpoint import load, looks_like_checkpoint, read_manifest

@@ -39,10 +39,13 @@ class BuildContext:
     progress: bool = False
     head: str = "none"  # quantization of the embedding / LM head (exporter.head)
     head_record: dict | None = None
+    outliers: str = "scatter"  # SpQR outlier form (ExportOptions.outliers)
+    zero_points: str = "dq"  # ExportOptions.zero_points
 
     def linear(self, x: str, module: nn.Module, name: str) -> str:
         scale = None if self.act_scales is None else self.act_scales.get(name)
-        return emit_linear(self.b, x, module, name, lowrank=self.lowrank, act_scale=scale, records=self.records)
+        return emit_linear(self.b, x, module, name, lowrank=self.lowrank, act_scale=scale, records=self.records,
+                           outliers=self.outliers, zero_points=self.zero_points)
 
 
 def architecture(model: nn.Module) -> str:

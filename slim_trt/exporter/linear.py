@@ -10,11 +10,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 
 from ..algorithms.qtensor import QuantizedTensor
+from ..algorithms.spqr import SpQRTensor
 from ..compressed_linear import CompressedLinear
-from .graph import GraphBuilder, int_tensor, tensor_from_torch
+from ..errors import SlimError
+from .graph import GraphBuilder, int_tensor, pack_int4, tensor_from_torch
+from .options import DEFAULT_OUTLIER_FORM, OUTLIER_FORMS
 
 # The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
 LOWRANK_PLUGIN = {"op_type": "LowRankAdd", "domain": "slim_trt", "plugin_version": "1", "plugin_namespace": "slim_trt"}
@@ -49,7 +53,9 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
     rows, cols = q.shape
     if transpose:
         q = np.ascontiguousarray(q.T)
-    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits))
+    # Signed codes (zero point 0), or unsigned codes with a zero point (asymmetric grids, SpQR: issue 14).
+    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits) if qt.zero is None
+                              else uint_tensor(f"{name}.qweight", q, qt.bits))
     attrs: dict = {}
     if qt.group_size == 0:
         s = scale.reshape(())
@@ -62,8 +68,85 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
             s = s.T
         attrs.update(axis=0 if transpose else 1, block_size=int(qt.group_size))
     sname = b.add_initializer(tensor_from_torch(f"{name}.scale", s, b.dtype))
-    # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
-    return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+    if qt.zero is None:
+        # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
+        return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+    # Asymmetric grids (SpQR, issue 14): unsigned codes with an integer zero point per scale, both UINT4 (2- to
+    # 4-bit codes) or UINT8, shaped like the scale; DequantizeLinear computes (q - zero) * scale exactly.
+    z = qt.zero.reshape(s.shape) if qt.group_size in (0, -1) else qt.zero.reshape(rows, -1)
+    if transpose and qt.group_size > 0:
+        z = z.T
+    zname = b.add_initializer(uint_tensor(f"{name}.zero_point", np.ascontiguousarray(z.cpu().numpy()), qt.bits))
+    return b.op("DequantizeLinear", [qname, sname, zname], name=name, **attrs)
+
+
+def uint_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
+    """A UINT4 (codes of <= 4 bits, packed two per byte, low nibble first) or UINT8 initializer."""
+    if bits <= 4:
+        return helper.make_tensor(name, TensorProto.UINT4, list(q.shape), pack_int4(q), raw=True)
+    return helper.make_tensor(name, TensorProto.UINT8, list(q.shape), q.astype(np.uint8).tobytes(), raw=True)
+
+
+
+
+def emit_outliers(b: GraphBuilder, x: str, y: str, table, name: str, form: str = DEFAULT_OUTLIER_FORM) -> str:
+    """y + x @ O^T for SpQR's sparse outliers O [N, K] (an OutlierTable), as standard ONNX ops.
+
+    scatter: the nnz products x[..., col] * val, Gather + Mul, added into y[..., row] by ScatterElements
+      (reduction add): nnz values, nnz column and nnz row indices, nnz multiply-adds per token.
+    columns: Gather the input columns that hold any outlier, MatMul with that dense fp16 slice [|C|, N].
+    dense: MatMul with the whole fp16 O^T [K, N] (a second GEMM of the layer's size; for comparison).
+    """
+    if form not in OUTLIER_FORMS:
+        raise ValueError(f"unknown outlier form {form!r}: choose one of {', '.join(OUTLIER_FORMS)}")
+    if table is None or table.nnz == 0:
+        return y
+    cols = table.col  # int32 indices: half the bytes of int64, and every runtime here takes them
+    if form == "dense":
+        d = b.weight(f"{name}.outliers.dense", table.to_dense(torch.float32).T)
+        u = b.op("MatMul", [x, d], name=f"{name}.outliers")
+    elif form == "columns":
+        used = torch.unique(cols)
+        ci = b.add_initializer(tensor_from_torch(f"{name}.outliers.columns", used))
+        dense = table.to_dense(torch.float32)[:, used].T  # [|C|, N]
+        xc = b.op("Gather", [x, ci], name=f"{name}.outliers", axis=-1)
+        u = b.op("MatMul", [xc, b.weight(f"{name}.outliers.values", dense)], name=f"{name}.outliers")
+    else:
+        ci = b.add_initializer(tensor_from_torch(f"{name}.outliers.col", cols))
+        ri = b.add_initializer(tensor_from_torch(f"{name}.outliers.row", table.rows().to(torch.int32)))
+        vals = b.weight(f"{name}.outliers.val", table.val.to(torch.float32))
+        xg = b.op("Gather", [x, ci], name=f"{name}.outliers", axis=-1)  # [..., nnz]
+        upd = b.op("Mul", [xg, vals], name=f"{name}.outliers")
+        idx = b.op("Expand", [ri, b.op("Shape", [upd], name=f"{name}.outliers")], name=f"{name}.outliers")
+        # ONNX Runtime's CPU ScatterElements adds only in fp32 (fp16 with reduction "add" is refused at run time).
+        out = b.op("ScatterElements", [b.to_f32(y, name=f"{name}.outliers"), idx, b.to_f32(upd, name=f"{name}.outliers")],
+                   name=f"{name}.outliers", axis=-1, reduction="add")
+        return b.to_compute(out, name=f"{name}.outliers")
+    return b.op("Add", [y, u], name=f"{name}.outliers")
+
+
+def symmetric_codes(qt: QuantizedTensor) -> QuantizedTensor:
+    """Unsigned codes q in [0, 2^bits - 1] as signed INT4/INT8 codes q - 2^(bits-1) on the same scales, zero point
+    0: (q - z) s = (q - m) s + (m - z) s with m = 2^(bits-1); the second term is zero_point_offset's."""
+    mid = 2 ** (qt.bits - 1)
+    return QuantizedTensor(q=(qt.q.to(torch.int16) - mid).to(torch.int8), scale=qt.scale, bits=4 if qt.bits <= 4 else 8,
+                           group_size=qt.group_size)
+
+
+def zero_point_offset(b: GraphBuilder, x: str, qt: QuantizedTensor, name: str) -> str:
+    """x @ C^T with C[n, k] = (m - zero[n, g(k)]) * scale[n, g(k)]: per group of G input columns, the sum of x over
+    the group times one fp16 offset per output (Reshape [..., K/G, G], ReduceSum, MatMul [K/G, N])."""
+    N, K = qt.shape
+    G = qt.group_size
+    if G <= 0 or K % G:
+        raise SlimError(f"{name}: --zero-points fold needs groups along K that divide K (got group {G}, K {K}); "
+                        f"export with --zero-points dq (ONNX Runtime)")
+    offset = ((2 ** (qt.bits - 1) - qt.zero.to(torch.float32)) * qt.scale.to(torch.float32)).T  # [K/G, N]
+    lead = b.op("Shape", [x], name=f"{name}.zero_offset", end=-1)
+    shape = b.op("Concat", [lead, b.const([K // G, G], "i64")], name=f"{name}.zero_offset", axis=0)
+    sums = b.op("ReduceSum", [b.op("Reshape", [x, shape], name=f"{name}.zero_offset"), b.const([-1], "i64")],
+                name=f"{name}.zero_offset", keepdims=0)
+    return b.op("MatMul", [sums, b.weight(f"{name}.zero_offset", offset)], name=f"{name}.zero_offset")
 
 
 def pad_rank_even(m: CompressedLinear) -> tuple[torch.Tensor, QuantizedTensor | None, torch.Tensor,
@@ -108,10 +191,12 @@ def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str) -> str:
 
 
 def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowrank: str = "decomposed",
-                act_scale: float | None = None, records: list[LayerRecord] | None = None) -> str:
+                act_scale: float | None = None, records: list[LayerRecord] | None = None,
+                outliers: str = DEFAULT_OUTLIER_FORM, zero_points: str = "dq") -> str:
     """y = module(x) as ONNX nodes; returns the output name. Appends a LayerRecord for compressed layers."""
     if isinstance(module, CompressedLinear):
-        return _emit_compressed(b, x, module, name, lowrank=lowrank, act_scale=act_scale, records=records)
+        return _emit_compressed(b, x, module, name, lowrank=lowrank, act_scale=act_scale, records=records,
+                                outliers=outliers, zero_points=zero_points)
     if not isinstance(module, nn.Linear):
         raise TypeError(f"{name}: cannot export {type(module).__name__} as a linear layer")
     w = b.weight(f"{name}.weight", module.weight.T)
@@ -121,8 +206,13 @@ def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowran
     return y
 
 
-def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records) -> str:
-    if m.qweight is not None:
+def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records, outliers,
+                     zero_points="dq") -> str:
+    fold = m.qweight is not None and m.qweight.zero is not None and zero_points == "fold"
+    if fold:
+        w = dequantized(b, symmetric_codes(m.qweight), name, transpose=True)
+        weight_name = f"{name}.qweight"
+    elif m.qweight is not None:
         w = dequantized(b, m.qweight, name, transpose=True)
         weight_name = f"{name}.qweight"
     else:  # bits=16: pruned but not quantized
@@ -130,8 +220,12 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
         w = weight_name
     x_in = activation_qdq(b, x, act_scale, name) if act_scale is not None else x
     y = b.op("MatMul", [x_in, w], name=name)
+    if fold:
+        y = b.op("Add", [y, zero_point_offset(b, x_in, m.qweight, name)], name=f"{name}.zero_offset")
     if m.bias is not None:
         y = b.op("Add", [y, b.weight(f"{name}.bias", m.bias)], name=name)
+    if isinstance(m.qweight, SpQRTensor):  # the outliers read the float input, as the adapters do
+        y = emit_outliers(b, x, y, m.qweight.outliers, name, outliers)
     if m.lora_L is not None:
         # The adapters see the unquantized activation: they are the (fp16) correction path.
         L, Lq, R, Rq = pad_rank_even(m)
@@ -149,8 +243,9 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
                      plugin_version=LOWRANK_PLUGIN["plugin_version"],
                      plugin_namespace=LOWRANK_PLUGIN["plugin_namespace"])
     if records is not None:
+        # A folded weight is dense in the file (pruned codes are -m + zero, cancelled by the offset term).
         records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=m.bits,
                                    group_size=m.qweight.group_size if m.qweight is not None else None,
-                                   sparsity=str(m.sparsity), rank=m.rank, act_scale=act_scale))
+                                   sparsity="none" if fold else str(m.sparsity), rank=m.rank, act_scale=act_scale))
     return y
 

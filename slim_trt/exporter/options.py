@@ -10,6 +10,15 @@ DTYPES = ("fp16", "bf16", "fp32")
 LOWRANK_MODES = ("decomposed", "plugin")
 ACT_QUANT = (None, "int8")
 HEAD_MODES = ("none", "int8", "int4")
+# How SpQR's fp16 outliers run (slim_trt.exporter.linear.emit_outliers; measured in bench/spqr_outliers.py).
+# scatter is the default: the only form that stores about what the paper counts (on Gemma 3 270M the outliers of a
+# layer sit in 25-85% of its input columns, so "columns" stores nearly a dense fp16 copy); it is the slow one.
+OUTLIER_FORMS = ("scatter", "columns", "dense")
+DEFAULT_OUTLIER_FORM = "scatter"
+# Weights with zero points (SpQR): "dq" = DequantizeLinear with a UINT4 zero point (ONNX Runtime fuses it into
+# MatMulNBits; TensorRT refuses non-zero zero points); "fold" = signed INT4 codes q - 2^(bits-1), zero point 0, plus
+# the per-group offset (2^(bits-1) - zero) * scale applied to the group sums of x by one small fp16 MatMul.
+ZERO_POINT_FORMS = ("dq", "fold")
 # Measured on Gemma 3 270M (demo checkpoint, the first 8 test windows x 512 tokens, PyTorch): an int8 head costs
 # +0.10% perplexity, int4 +7.5% (blocks of 128; +4.5% / +5.2% with blocks of 64 / 32), beyond the 2% budget.
 DEFAULT_HEAD = "int8"
@@ -42,6 +51,11 @@ class ExportOptions:
     ort_accuracy_level: the MatMulNBits accuracy level ONNX Runtime runs the INT4/INT8 weights with, recorded in
       slim_export.json's session config (1 = fp32 activations, 4 = int8 activations); None = 4, or 1 when the
       graph quantizes its activations itself (act_quant "int8").
+    outliers: how SpQR checkpoints' fp16 outliers run: "scatter" (Gather, Mul, ScatterElements add: nnz values and
+      indices), "columns" (Gather of the input columns holding any outlier, MatMul with that fp16 slice) or "dense"
+      (a second fp16 GEMM of the layer's size).
+    zero_points: weights with zero points (SpQR): "dq" keeps them in DequantizeLinear (ONNX Runtime), "fold" writes
+      symmetric INT4 codes and a per-group offset term that TensorRT can parse (ZERO_POINT_FORMS).
     """
 
     dtype: str = "fp16"
@@ -51,8 +65,14 @@ class ExportOptions:
     external_data: bool | None = None
     head: str = DEFAULT_HEAD
     ort_accuracy_level: int | None = None
+    outliers: str = DEFAULT_OUTLIER_FORM
+    zero_points: str = "dq"
 
     def __post_init__(self) -> None:
+        if self.zero_points not in ZERO_POINT_FORMS:
+            raise SlimError(f"bad --zero-points {self.zero_points!r}: choose dq (ONNX Runtime) or fold (TensorRT)")
+        if self.outliers not in OUTLIER_FORMS:
+            raise SlimError(f"bad --outliers {self.outliers!r}: choose one of {', '.join(OUTLIER_FORMS)}")
         if self.dtype not in DTYPES:
             raise SlimError(f"bad --dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         if self.lowrank not in LOWRANK_MODES:

@@ -20,6 +20,7 @@ from ..errors import SlimError
 from .model import GraphView
 from .quantized_tables import check_quantized_tables
 from .rules import Finding, LayerInfo, check_opset, check_ops, check_plugins, check_qdq, layers_and_sparsity
+from .scatter import check_scatter_reduction
 from .sparse import annotate, dynamic_gemms, gpu_for, summarize
 from .tables import TARGETS, load_table
 
@@ -102,7 +103,7 @@ def lint(onnx_path_or_model, target="trt10", *, sidecar: dict | None = None, gpu
     model, name, path = _load(onnx_path_or_model)
     view = GraphView(model)
     report = LintReport(target=table_name, model=name, gpu=sparse_gpu.name)
-    for rule in (check_opset, check_ops, check_plugins, check_qdq, check_quantized_tables):
+    for rule in (check_opset, check_ops, check_plugins, check_qdq, check_quantized_tables, check_scatter_reduction):
         report.findings.extend(rule(view, table))
     layers, sparsity = layers_and_sparsity(view, _expected_2to4(path, sidecar))
     annotate(layers, sparse_gpu)

@@ -10,7 +10,9 @@ Rule ids:
   qdq-zero-point   zero points are constant zeros of a signed type
   int4             INT4 only on constant weights feeding MatMul/Gemm, signed, even last dimension, target >= TRT 10
   qdq-block        blocked quantization along exactly one axis with a consistent scale shape
-  sparsity-2to4    layers that claim 2:4 (sidecar, or >= 50% zeros) really are 2:4 along K
+  sparsity-2to4    layers that claim 2:4 (sidecar, or >= 50% zeros) really are 2:4 along K (codes with a zero
+                   point are zero where they equal it)
+  scatter-reduction  (linter/scatter.py) ScatterElements with a reduction is a TensorRT plugin, ScatterND refuses one
 """
 from __future__ import annotations
 
@@ -134,7 +136,8 @@ def check_qdq(v: GraphView, table: dict):
                 yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is not a constant")
             elif np.any(v.array(zp) != 0):
                 yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is non-zero: TensorRT "
-                              f"supports symmetric quantization only (zero point 0)")
+                              f"supports symmetric quantization only (zero point 0); for a checkpoint with zero "
+                              f"points (SpQR) re-export with --zero-points fold")
         qtype = quantize_output_type(v, n) if n.op_type == "QuantizeLinear" else v.elem_type(n.input[0])
         if qtype in (TensorProto.UINT8, TensorProto.UINT4):
             yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} uses unsigned {TYPE_NAME[qtype]}: "
@@ -191,7 +194,7 @@ def _trace_weight(v: GraphView, name: str):
     precision is the quantized type when a DequantizeLinear is on the path (the GEMM reads the INT4/INT8/FP8
     weight), else the type of the Cast nearest the GEMM, else the constant's own type.
     """
-    transposed, cast_to, dequantized = False, None, False
+    transposed, cast_to, dequantized, dq = False, None, False, None
     while name not in v.constants:
         n = v.producer.get(name)
         if n is None:
@@ -201,15 +204,29 @@ def _trace_weight(v: GraphView, name: str):
         elif n.op_type == "Cast":
             cast_to = cast_to if cast_to is not None else attr(n, "to")
         elif n.op_type == "DequantizeLinear":
-            dequantized = True
+            dequantized, dq = True, n
         elif n.op_type != "Identity":
             return None
         name = n.input[0]
     a = v.array(name)
     if a.ndim != 2:
         return None
+    if dq is not None and len(dq.input) > 2 and dq.input[2] and v.is_constant(dq.input[2]):
+        # Codes with a zero point (SpQR): the weight is zero where the code equals its zero point.
+        a = a.astype(np.int32) - _expand_zero_point(v.array(dq.input[2]).astype(np.int32), a.shape,
+                                                       attr(dq, "axis", 1), attr(dq, "block_size", 0))
     dtype = v.constants[name].data_type if dequantized or cast_to is None else cast_to
     return (a.T if transposed else a), name, TYPE_NAME[dtype]
+
+
+def _expand_zero_point(zp: np.ndarray, shape: tuple, axis: int, block: int) -> np.ndarray:
+    """A DequantizeLinear zero point broadcast to its input's 2-D shape (per tensor, per axis or blocked)."""
+    if zp.ndim == 0 or zp.size == 1:
+        return np.full(shape, zp.reshape(-1)[0])
+    axis %= 2
+    if block:
+        return np.repeat(zp, block, axis=axis)[:shape[0], :shape[1]]
+    return zp.reshape(-1, 1) if axis == 0 else zp.reshape(1, -1)
 
 
 def activation_precision(v: GraphView, name: str) -> str:
