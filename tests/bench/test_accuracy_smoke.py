@@ -202,6 +202,7 @@ def test_best_rows_follow_the_budget_and_the_finetuning_split():
                   "config": {"library": "llmcompressor"}}}
     best = bench.best_rows(rows)
     assert best["best_one_shot"] == "b" and best["best_finetuned"] == "d"
+    assert best["best_one_shot_any_pattern"] == "c"  # any sparsity within the budget, one-shot, ours only
     assert bench.best_rows({"a": rows["a"]})["best_one_shot"] is None
 
 
