@@ -155,9 +155,7 @@ def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[
 
 def _on(x, device: torch.device):
     if isinstance(x, QuantizedTensor):
-        if x.q.device == device:
-            return x
-        return QuantizedTensor(q=x.q.to(device), scale=x.scale.to(device), bits=x.bits, group_size=x.group_size)
+        return x if x.q.device == device else x.to(device)
     return None if x is None else x.to(device)
 
 
@@ -178,6 +176,10 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
             "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
     if layer.act_scale is not None:
         info["act_scale"] = layer.act_scale
+    if isinstance(cw.weight, QuantizedTensor) and cw.weight.group_bits is not None:
+        # SliM-LLM's allocation for the record: how many groups (of one row) got each width
+        widths = cw.weight.group_bits[0].tolist()
+        info["group_bits"] = {str(b): widths.count(b) for b in sorted(set(widths))}
     if cfg.refit_rounds:
         info["refit_rounds"] = cw.refit_rounds
     return layer, info

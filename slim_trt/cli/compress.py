@@ -7,7 +7,7 @@ from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits",
-          "act_bits", "act_scale_method", "smooth_alpha")
+          "act_bits", "act_scale_method", "smooth_alpha", "zero_point", "bit_allocation")
 
 
 def register(sub) -> None:
@@ -34,7 +34,15 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=["slim-paper", "trt-int8-sparse"], default=None,
                    help="start from a named recipe; explicit flags still override it")
     p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4]")
-    p.add_argument("--bits", type=int, default=None, choices=[4, 8, 16], help="weight bits; 16 = no quantization [default: 4]")
+    p.add_argument("--bits", type=int, default=None, choices=[2, 3, 4, 8, 16],
+                   help="weight bits (the average with --bit-allocation slim-llm); 2 and 3 bits use zero points and "
+                        "INT4 containers and need --quantizer gptq; 16 = no quantization [default: 4]")
+    p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
+                   help="asymmetric min-max grids with an integer zero point per group [default: on at 2-3 bits and "
+                        "with slim-llm, off at 4 (the symmetric INT4 grid, the only one TensorRT's INT4 takes)]")
+    p.add_argument("--bit-allocation", default=None, choices=["uniform", "slim-llm"],
+                   help="slim-llm: SliM-LLM's salience-driven N-1 / N / N+1 bits per group of 128 columns around "
+                        "--bits N (2, 3 or 4), with salience-weighted clip calibration [default: uniform]")
     p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
                         "sparsegpt [default: slim]")
     p.add_argument("--group-size", type=int, default=None,

@@ -13,8 +13,9 @@ import torch
 from torch import nn
 
 from ..algorithms.qtensor import QuantizedTensor
+from ..algorithms.zeropoint import signed_codes
 from ..compressed_linear import CompressedLinear
-from .graph import GraphBuilder, int_tensor, tensor_from_torch
+from .graph import GraphBuilder, int_tensor, tensor_from_torch, uint_tensor
 
 # The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
 LOWRANK_PLUGIN = {"op_type": "LowRankAdd", "domain": "slim_trt", "plugin_version": "1", "plugin_namespace": "slim_trt"}
@@ -44,12 +45,15 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
     transpose=True stores [cols, rows] (the MatMul orientation): per-group scales block along axis 0.
     transpose=False keeps [rows, cols] (the plugin's torch orientation): groups block along axis 1.
     """
-    q = qt.q.cpu().numpy()
-    scale = qt.scale.detach().cpu().to(torch.float32)
+    qt = qt.to("cpu")
+    codes, bits, zero = stored_codes(qt)
+    q = codes.numpy()
+    scale = qt.scale.detach().to(torch.float32)
     rows, cols = q.shape
     if transpose:
         q = np.ascontiguousarray(q.T)
-    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits))
+    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, bits) if zero is None
+                              else uint_tensor(f"{name}.qweight", q, bits))
     attrs: dict = {}
     if qt.group_size == 0:
         s = scale.reshape(())
@@ -62,8 +66,30 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
             s = s.T
         attrs.update(axis=0 if transpose else 1, block_size=int(qt.group_size))
     sname = b.add_initializer(tensor_from_torch(f"{name}.scale", s, b.dtype))
-    # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
-    return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+    if zero is None:
+        # No zero point: symmetric quantization (or zero points folded into the codes), zero point 0 by
+        # definition (TensorRT requires zero).
+        return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
+    z = zero.reshape(s.shape) if qt.group_size != -1 else zero.reshape(rows)
+    if transpose and qt.group_size > 0:
+        z = z.reshape(rows, -1).T
+    zname = b.add_initializer(uint_tensor(f"{name}.zero_point", np.ascontiguousarray(z.numpy()), bits))
+    return b.op("DequantizeLinear", [qname, sname, zname], name=name, **attrs)
+
+
+def stored_codes(qt: QuantizedTensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(codes, container bits, zero point or None) of the exported initializer.
+
+    Symmetric weights as they are. Zero-point weights whose q - zero fits signed INT4 (every grid of <= 3 bits,
+    SliM-LLM at averages 2 and 3) fold the zero point into signed INT4 codes: the same values, exactly, with
+    zero point 0, which both ONNX Runtime and TensorRT run. Others keep unsigned codes and a uint4 / uint8 zero
+    point (ONNX Runtime runs them; TensorRT's DequantizeLinear takes only zero points of 0, see the linter)."""
+    if qt.zero is None:
+        return qt.q, qt.bits, None
+    folded = signed_codes(qt)
+    if folded is not None:
+        return folded, 4, None
+    return qt.q, qt.bits, qt.zero
 
 
 def pad_rank_even(m: CompressedLinear) -> tuple[torch.Tensor, QuantizedTensor | None, torch.Tensor,
@@ -149,7 +175,8 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
                      plugin_version=LOWRANK_PLUGIN["plugin_version"],
                      plugin_namespace=LOWRANK_PLUGIN["plugin_namespace"])
     if records is not None:
-        records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=m.bits,
+        bits = stored_codes(m.qweight)[1] if m.qweight is not None else 16  # the exported container
+        records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=bits,
                                    group_size=m.qweight.group_size if m.qweight is not None else None,
                                    sparsity=str(m.sparsity), rank=m.rank, act_scale=act_scale))
     return y
