@@ -81,6 +81,7 @@ W8_DENSE = {**W8A16, "sparsity": "none", "quantizer": "gptq", "lowrank": "none",
 GPTQ_DENSE = paper(**SGPT, sparsity="none", lowrank="none", refit_rounds=0, max_bits=4.5)
 SPQR_DENSE = paper(**{**SGPT, "quantizer": "spqr", "group_size": 16}, sparsity="none", lowrank="none",
                    refit_rounds=0, max_bits=None, outlier_share=0.01)
+SLIMLLM = {**GPTQ_DENSE, "bits": 3, "bit_allocation": "slim-llm"}  # issue 14: row 49, the SliM-LLM rows' base
 
 # 2:4 sparsity and 4-bit weights unless named.
 ROWS: tuple[Row, ...] = (
@@ -165,6 +166,21 @@ ROWS: tuple[Row, ...] = (
     Row(47, "spqr-dense-3bit-hlora", "row 44 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits (outliers and "
         "adapters together)", {**SPQR_DENSE, "bits": 3, "lowrank": "hessian", "rank_ratio": 0.23,
                                "refit_rounds": 3, "max_bits": 4.5}),
+    # Issue 14, SliM-LLM: salience-driven N-1 / N / N+1 bits per group of 128 around an average N, against GPTQ at
+    # the same bits (min-max zero-point grids at 2 and 3 bits, INT4 containers), then with adapters and 2:4.
+    Row(48, "gptq-dense-g128-3bit", "dense 3-bit GPTQ group 128 (zero points), no adapters", {**GPTQ_DENSE, "bits": 3}),
+    Row(49, "slimllm-dense-3bit", "SliM-LLM 3-bit average (2/3/4-bit groups of 128), GPTQ sweep, no adapters",
+        SLIMLLM),
+    Row(50, "gptq-dense-g128-2bit", "dense 2-bit GPTQ group 128 (zero points), no adapters", {**GPTQ_DENSE, "bits": 2}),
+    Row(51, "slimllm-dense-2bit", "SliM-LLM 2-bit average (1/2/3-bit groups), no adapters", {**SLIMLLM, "bits": 2}),
+    Row(52, "slimllm-dense-4bit", "SliM-LLM 4-bit average (3/4/5-bit groups), no adapters (vs row 41)",
+        {**SLIMLLM, "bits": 4}),
+    Row(53, "slimllm-dense-3bit-hlora", "row 49 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits",
+        {**SLIMLLM, "lowrank": "hessian", "rank_ratio": 0.23, "refit_rounds": 3}),
+    Row(54, "slimllm-dense-2bit-hlora", "row 51 + H-LoRA 4-bit adapters r0.4, 3 refits, within 4.5 bits",
+        {**SLIMLLM, "bits": 2, "lowrank": "hessian", "rank_ratio": 0.4, "refit_rounds": 3}),
+    Row(55, "sgpt-slimllm-4bit-hlora", "the default 2:4 recipe (row 24) with SliM-LLM 4-bit groups in the sweep",
+        {**BEST, "quantizer": "gptq", "bit_allocation": "slim-llm"}),
 )
 
 PEERS = {
@@ -579,7 +595,8 @@ def run_ours(row: Row, ctx: Context) -> dict:
             "compress_seconds": summary["seconds"], "peak_rss_gb": round(peak, 3),
             "mean_rel_error_base": summary["mean_rel_error_base"], "mean_rel_error": summary["mean_rel_error"],
             "layers": {n: {"rel_error_base": v["rel_error_base"], "rel_error": v["rel_error"], "rank": v["rank"],
-                           **{k: v[k] for k in ("refit_rounds", "act_scale", "outliers", "outlier_columns") if k in v}}
+                           **{k: v[k] for k in ("refit_rounds", "act_scale", "outliers", "outlier_columns",
+                                                "group_bits") if k in v}}
                        for n, v in report.layers.items()},
             "block_output_rel_error": [b["output_rel_error"] for b in sorted(report.blocks, key=lambda b: b["index"])]}
 

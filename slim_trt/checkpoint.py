@@ -86,7 +86,11 @@ def _factor_to_tensors(prefix: str, f: QuantizedTensor | torch.Tensor, out: dict
         out[f"{prefix}.scale"] = f.scale.to(torch.float32).contiguous()
         if f.zero is not None:
             out[f"{prefix}.zero"] = f.zero.to(torch.int8).contiguous()
-        return {"bits": f.bits, "group_size": f.group_size, "shape": list(f.shape), "zero_point": f.zero is not None}
+        info = {"bits": f.bits, "group_size": f.group_size, "shape": list(f.shape), "zero_point": f.zero is not None}
+        if f.group_bits is not None:  # mixed precision (SliM-LLM): each group's width, exactly
+            out[f"{prefix}.group_bits"] = f.group_bits.to(torch.int8).contiguous()
+            info["group_bits"] = True
+        return info
     out[f"{prefix}.float"] = f.to(torch.float32).contiguous()
     return {"bits": 16, "shape": list(f.shape)}
 
@@ -97,7 +101,8 @@ def _factor_from_tensors(prefix: str, t: dict, meta: dict) -> QuantizedTensor | 
     rows, cols = meta["shape"]
     q = _unpack_codes(t[f"{prefix}.q"], meta["bits"], cols, bool(meta.get("zero_point")))
     return QuantizedTensor(q=q, scale=t[f"{prefix}.scale"], bits=meta["bits"], group_size=meta["group_size"],
-                           zero=t.get(f"{prefix}.zero") if meta.get("zero_point") else None)
+                           zero=t.get(f"{prefix}.zero") if meta.get("zero_point") else None,
+                           group_bits=t.get(f"{prefix}.group_bits") if meta.get("group_bits") else None)
 
 
 def outliers_to_tensors(prefix: str, w: SpQRTensor, out: dict) -> dict:
@@ -124,8 +129,8 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
     meta: dict = {"shape": [layer.out_features, layer.in_features], "sparsity": str(sp), "rank": layer.rank,
                   "bias": layer.bias is not None}
     qw = layer.qweight
-    # The N:M form finds pruned weights as code 0, which a zero point moves: zero-point weights are stored
-    # dense with a 1-bit mask ("masked").
+    # The N:M form finds pruned weights as code 0, which a zero point moves: zero-point weights keep every code
+    # (pruned ones at their zero point) plus the 1-bit keep-mask ("masked" storage below).
     if qw is not None and sp.kind == "nm" and qw.zero is None:
         # N:M storage: only the kept values plus each one's position inside its group of M.
         values, idx = nm_compress(qw.q, sp.n, sp.m)
@@ -138,8 +143,9 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
     else:
         info = _factor_to_tensors(f"{name}.weight", qw if qw is not None else layer.weight, t)
         meta.update(storage="dense", bits=info["bits"], group_size=info.get("group_size"))
-        if info.get("zero_point"):
-            meta["zero_point"] = True
+        for key in ("zero_point", "group_bits"):
+            if info.get(key):
+                meta[key] = True
         if sp.kind != "none" and layer.mask is not None:
             t[f"{name}.mask"] = pack_bits(layer.mask)
             meta["storage"] = "masked"
@@ -176,7 +182,8 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> Com
     else:
         weight = _factor_from_tensors(f"{name}.weight", t, {"bits": meta["bits"], "shape": meta["shape"],
                                                              "group_size": meta.get("group_size"),
-                                                             "zero_point": meta.get("zero_point")})
+                                                             "zero_point": meta.get("zero_point"),
+                                                             "group_bits": meta.get("group_bits")})
         if meta["storage"] == "masked":
             mask = unpack_bits(t[f"{name}.mask"], K)
         if meta.get("outliers"):

@@ -159,9 +159,10 @@ def _on(x, device: torch.device):
     if isinstance(x, QuantizedTensor):
         if x.q.device == device:
             return x
-        # replace() keeps every field (zero points, SpQR's outlier table, which stays on the host).
+        # replace() keeps every field (zero points, SliM-LLM's widths, SpQR's outlier table, which stays on the host).
         return dataclasses.replace(x, q=x.q.to(device), scale=x.scale.to(device),
-                                   zero=None if x.zero is None else x.zero.to(device))
+                                   zero=None if x.zero is None else x.zero.to(device),
+                                   group_bits=None if x.group_bits is None else x.group_bits.to(device))
     return None if x is None else x.to(device)
 
 
@@ -186,6 +187,10 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
         info["outlier_columns"] = int(torch.unique(cw.weight.outliers.col).numel())
     if layer.act_scale is not None:
         info["act_scale"] = layer.act_scale
+    if isinstance(cw.weight, QuantizedTensor) and cw.weight.group_bits is not None:
+        # SliM-LLM's allocation for the record: how many groups (of one row) got each width
+        widths = cw.weight.group_bits[0].tolist()
+        info["group_bits"] = {str(b): widths.count(b) for b in sorted(set(widths))}
     if cfg.refit_rounds:
         info["refit_rounds"] = cw.refit_rounds
     return layer, info

@@ -17,8 +17,10 @@ PRUNERS = ("wanda", "sparsegpt", "magnitude")
 LOWRANKS = ("slim", "hessian", "svd", "lrc", "none")
 RANK_ALLOCATIONS = ("uniform", "sensitivity")
 ADAPTER_QUANTIZERS = ("gptq", "rtn")
-BITS = (4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
+BITS = (2, 3, 4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
 SPQR_BITS = (2, 3, 4)  # SpQR's asymmetric codes (zero points) in INT4 containers (algorithms/spqr.py)
+# Per-group bit widths (issue 14): uniform, or SliM-LLM's salience-driven N-1 / N / N+1 around --bits N.
+BIT_ALLOCATIONS = ("uniform", "slim-llm")
 ACT_BITS = (None, 8)  # None: weight-only (activations stay float); 8: static per-tensor INT8 activations
 ACT_SCALE_METHODS = ("max", "percentile", "mse")  # see algorithms/actquant.py
 
@@ -111,13 +113,18 @@ class CompressConfig:
     smooth_alpha: float | None = None
     # SpQR (quantizer "spqr", issue 14): the largest share of each layer's kept weights stored as fp16 outliers.
     outlier_share: float = 0.01
+    # Zero points (asymmetric min-max grids, algorithms/zeropoint.py): None = on at <= 3 bits, off above. A
+    # symmetric 2-bit grid has one positive level; at 4 bits the symmetric grid is what TensorRT runs. SpQR
+    # always has zero points of its own (algorithms/spqr.py) and ignores this.
+    zero_point: bool | None = None
+    bit_allocation: str = "uniform"
 
     def __post_init__(self) -> None:
         Sparsity.parse(self.sparsity)  # raises on bad text
         if self.quantizer == "spqr":
             self._check_spqr()
         elif self.bits not in BITS:
-            raise SlimError(f"bad --bits {self.bits}: choose 4 or 8 (or 16 for no quantization)")
+            raise SlimError(f"bad --bits {self.bits}: choose 2, 3, 4 or 8 (or 16 for no quantization)")
         if self.quantizer not in QUANTIZERS:
             raise SlimError(f"bad --quantizer {self.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
         if self.pruner not in PRUNERS:
@@ -149,6 +156,7 @@ class CompressConfig:
             raise SlimError("--rank-allocation sensitivity shares out adapter ranks, but --lowrank none makes no "
                             "adapters: drop it or choose --lowrank hessian (or slim, svd)")
         self._check_act()
+        self._check_low_bits()
         if self.lowrank == "none":
             # Refit rounds alternate base and adapters; without adapters the one-shot base is already final.
             object.__setattr__(self, "refit_rounds", 0)
@@ -196,6 +204,44 @@ class CompressConfig:
                             f"--group-size {self.effective_group_size})")
         if self.lowrank == "lrc" and self.rank_allocation != "uniform":
             raise SlimError("--rank-allocation sensitivity does not support --lowrank lrc: use uniform ranks")
+
+    def _check_low_bits(self) -> None:
+        if self.quantizer == "spqr":
+            if self.bit_allocation != "uniform" or self.zero_point is not None:
+                raise SlimError("--quantizer spqr has its own zero points and one width per layer: drop "
+                                "--bit-allocation slim-llm and --zero-point/--no-zero-point (or use --quantizer gptq)")
+            return
+        if self.bit_allocation not in BIT_ALLOCATIONS:
+            raise SlimError(f"bad --bit-allocation {self.bit_allocation!r}: choose one of {', '.join(BIT_ALLOCATIONS)}")
+        if self.zero_point not in (None, True, False):
+            raise SlimError(f"bad zero_point {self.zero_point!r}: give true, false or leave it out (auto)")
+        slim = self.bit_allocation == "slim-llm"
+        if slim and self.bits not in (2, 3, 4):
+            raise SlimError(f"--bit-allocation slim-llm gives groups N-1, N or N+1 bits around --bits N in 2, 3 or 4 "
+                            f"(got --bits {self.bits})")
+        if self.zero_point is False and (self.bits <= 3 or slim):
+            raise SlimError(f"--no-zero-point: {'SliM-LLM' if slim else f'{self.bits}-bit'} grids need zero points "
+                            f"(a symmetric 2-bit grid has a single positive level); drop --no-zero-point")
+        if self.zero_point and self.bits not in (2, 3, 4):
+            raise SlimError(f"--zero-point works with --bits 2, 3 or 4 (got --bits {self.bits})")
+        if not self.zero_points:
+            return
+        what = "--bit-allocation slim-llm" if slim else f"zero points (--bits {self.bits})"
+        if self.quantizer != "gptq" and not (self.pruner == "sparsegpt" and self.sparsity_spec.kind != "none"):
+            raise SlimError(f"{what} rounds in the GPTQ sweep, which --quantizer {self.quantizer} does not run: add "
+                            f"--quantizer gptq (or --pruner sparsegpt with a sparsity)")
+        if self.effective_group_size <= 0:
+            raise SlimError(f"{what} needs groups of input columns: give --group-size 128 (got "
+                            f"{self.effective_group_size})")
+
+    @property
+    def zero_points(self) -> bool:
+        """Whether the base weights carry zero points (zero_point, or its automatic choice)."""
+        if self.quantizer == "spqr":  # SpQR's own grid (algorithms/spqr.py), not the GPTQ sweep's zero points
+            return False
+        if self.zero_point is not None:
+            return self.zero_point
+        return self.bits <= 3 or self.bit_allocation == "slim-llm"
 
     @property
     def sparsity_spec(self) -> Sparsity:
@@ -248,7 +294,8 @@ PRESETS: dict[str, dict] = {
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
                        rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
-                       act_percentile=99.99, smooth_alpha=None, outlier_share=0.01),
+                       act_percentile=99.99, smooth_alpha=None, outlier_share=0.01,
+                       zero_point=None, bit_allocation="uniform"),
     # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
     # static per-tensor INT8 activations, LRC adapters (they read the float activation) rounded to 4 bits.
     # INT8 2:4 alone stores 5 bits/param, so this recipe has no bits budget of its own.
@@ -256,5 +303,6 @@ PRESETS: dict[str, dict] = {
                             lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                             adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
                             refit_rounds=3, rank_allocation="uniform", act_bits=8, act_scale_method="mse",
-                            act_percentile=99.99, smooth_alpha=None, max_bits=None, outlier_share=0.01),
+                            act_percentile=99.99, smooth_alpha=None, max_bits=None, outlier_share=0.01,
+                            zero_point=None, bit_allocation="uniform"),
 }

@@ -133,3 +133,34 @@ def test_zero_point_weights_round_trip_exactly():
     assert torch.equal(back.dequantize(), expected)
     with pytest.raises(ValueError, match="zero out of"):
         QuantizedTensor(q=q, scale=scale, bits=3, group_size=16, zero=zero + 8)
+
+
+def test_mixed_group_bits_and_zero_point_2to4_round_trip_exactly():
+    """SliM-LLM widths per group (group_bits) and 2:4 weights with zero points (stored with their keep-mask,
+    since a pruned weight's code is its zero point, not 0) reload bit for bit."""
+    from slim_trt.algorithms.gptq import gptq_quantize
+    from slim_trt.algorithms.slimllm import slimllm_grid
+    from slim_trt.algorithms.zeropoint import uniform_grid
+    from slim_trt.checkpoint import layer_from_tensors, layer_to_tensors
+    from slim_trt.compressed_linear import CompressedLinear
+
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(16, 256, generator=g)
+    X = torch.randn(512, 256, generator=g) * torch.linspace(0.1, 3.0, 256) ** 2
+    H = 2.0 / 512 * X.T @ X
+    mixed = gptq_quantize(W, H, 2, 64, grid=slimllm_grid(W, H, 2, 64))
+    assert mixed.group_bits is not None and set(mixed.group_bits.unique().tolist()) >= {1, 3}
+    t, meta = layer_to_tensors("l", CompressedLinear(mixed, sparsity="none"))
+    back = layer_from_tensors("l", t, meta).qweight
+    assert meta["group_bits"] and torch.equal(back.group_bits, mixed.group_bits) and torch.equal(back.q, mixed.q)
+    assert torch.equal(back.dequantize(), mixed.dequantize())
+
+    mask = torch.ones_like(W, dtype=torch.bool)
+    mask[:, 0::4] = mask[:, 3::4] = False
+    pruned = gptq_quantize(W, H, 3, 64, mask=mask, grid=uniform_grid(256, 3, 64))
+    layer = CompressedLinear(pruned, mask=mask, sparsity="2:4")
+    t, meta = layer_to_tensors("l", layer)
+    assert meta["storage"] == "masked" and meta["zero_point"]
+    loaded = layer_from_tensors("l", t, meta)
+    assert torch.equal(loaded.mask, mask) and torch.equal(loaded.qweight.dequantize(), pruned.dequantize())
+    assert bool((loaded.qweight.dequantize()[~mask] == 0).all())

@@ -33,7 +33,8 @@ def test_defaults_are_the_best_one_shot_recipe_and_the_preset_is_the_paper():
     assert set(PRESETS["slim-paper"]) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
 
 
-@pytest.mark.parametrize("kw", [dict(rank_ratio=0.0), dict(rank_ratio=1.0), dict(rank_ratio=-0.1), dict(bits=3),
+@pytest.mark.parametrize("kw", [dict(rank_ratio=0.0), dict(rank_ratio=1.0), dict(rank_ratio=-0.1), dict(bits=5),
+                                dict(bits=3, quantizer="slim", pruner="wanda"), dict(bit_allocation="slim-llm", bits=8),
                                 dict(quantizer="awq"), dict(pruner="random"), dict(lowrank="qr"),
                                 dict(group_size=-2), dict(rank_multiple=0), dict(sparsity="3:2")])
 def test_config_rejects(kw):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from .obs import obs_sweep
+from .obs import sweep
 from .qtensor import QuantizedTensor
+from .zeropoint import GroupGrid
 
 
 def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor,
@@ -42,6 +43,7 @@ def gptq_quantize(
     blocksize: int = 128,
     percdamp: float = 0.01,
     static_groups: bool = False,
+    grid: GroupGrid | None = None,
 ) -> QuantizedTensor:
     """GPTQ with lazy block updates and a Cholesky-factored inverse Hessian.
 
@@ -52,7 +54,10 @@ def gptq_quantize(
     mask (bool, True = keep): pruned weights are forced to q = 0 and their removal is compensated like a
     rounding error; scales are computed from the kept weights only.
     Input channels with H_jj == 0 (never active in calibration) are set to 0, as in the reference.
+    grid (zeropoint.GroupGrid): zero-point grids per group (2-3 bit GPTQ, SliM-LLM); bits is then unused.
     """
-    _, _, q, scale = obs_sweep(W, H, bits=bits, group_size=group_size, scale_method=scale_method, mask=mask,
-                               blocksize=blocksize, percdamp=percdamp, static_groups=static_groups)
+    _, _, q, scale, zero = sweep(W, H, bits=bits, group_size=group_size, scale_method=scale_method, mask=mask,
+                                 blocksize=blocksize, percdamp=percdamp, static_groups=static_groups, grid=grid)
+    if grid is not None:
+        return grid.quantized(q, scale, zero)
     return QuantizedTensor(q=q, scale=scale, bits=bits, group_size=group_size)

@@ -14,6 +14,7 @@ from ..config import Sparsity
 from .memo import per_tensor
 from .prune import mask_for, nm_mask, pruned_count
 from .qtensor import INT_RANGE
+from .zeropoint import GroupGrid, codes as grid_codes
 from .quantize import absmax_scale, slim_quant_scale
 
 
@@ -48,7 +49,15 @@ def inverse_hessian_factor(H: torch.Tensor, percdamp: float) -> tuple[torch.Tens
     return U.to(torch.float32), dead
 
 
-def obs_sweep(
+def obs_sweep(W: torch.Tensor, H: torch.Tensor, **kw
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """sweep without zero points: (W_new float32, keep mask, q int8 or None, scale or None)."""
+    if kw.get("grid") is not None:
+        raise ValueError("obs_sweep has no zero points to return: call sweep with a grid")
+    return sweep(W, H, **kw)[:4]
+
+
+def sweep(
     W: torch.Tensor,
     H: torch.Tensor,
     *,
@@ -60,13 +69,22 @@ def obs_sweep(
     blocksize: int = 128,
     percdamp: float = 0.01,
     static_groups: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Compress W [N, K] column by column; returns (W_new float32, keep mask, q int8 or None, scale or None).
+    grid: GroupGrid | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Compress W [N, K] column by column; returns (W_new float32, keep mask, q int8 or None, scale or None,
+    zero int8 or None).
 
     mask: a fixed keep-mask (GPTQ on a pruned weight). sparsity: choose the mask during the sweep with the
     SparseGPT criterion w^2 / U_jj^2 (N:M per group of m columns when the group is reached; unstructured per
-    block of columns). bits None: prune only. Pruned entries are exactly 0 in W_new and in q.
+    block of columns). bits None: prune only. Pruned entries are exactly 0 in W_new and in q (without a grid).
+    grid (zeropoint.GroupGrid): round each group of grid.group_size columns on its own zero-point grid, fitted
+    (clip searched when the grid has weights) from the group's current values when the sweep reaches it; q then
+    holds unsigned codes, pruned entries the code of 0 (their zero point). `bits` and `scale_method` are unused.
     """
+    if grid is not None:
+        if group_size != grid.group_size or static_groups:
+            raise ValueError("a zero-point grid needs group_size == grid.group_size and no static groups")
+        bits = grid.container
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D [N, K], got {tuple(W.shape)}")
     N, K = W.shape
@@ -100,8 +118,12 @@ def obs_sweep(
         estimate = keep.clone()
 
     lo = hi = 0
-    scale = q = None
-    if bits is not None:
+    scale = q = zero = None
+    if grid is not None:
+        q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
+        scale = torch.empty(N, -(-K // group_size), device=W.device)
+        zero = torch.empty_like(scale)
+    elif bits is not None:
         lo, hi = INT_RANGE[bits]
         q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
         if group_size in (0, -1) or static_groups:
@@ -112,6 +134,7 @@ def obs_sweep(
             raise ValueError(f"group_size must be 0, -1 or a positive integer, got {group_size}")
 
     out = torch.zeros(N, K, device=W.device)
+    gs = gz = gbits = None  # the zero-point grid of the current group (a group may span blocks)
     # The sweep works on the transpose of each block of columns: a column of W is then a contiguous row, so the
     # per-column vector ops and the rank-1 update read and write contiguous memory. Every value is computed by
     # the same float operations as the column layout would (products and differences are exactly rounded, so
@@ -121,6 +144,7 @@ def obs_sweep(
         W1 = Wc[:, i1:i2].T.contiguous()  # [columns, N]
         Q1 = torch.zeros_like(W1) if bits is not None else None
         S1 = torch.empty_like(W1) if bits is not None else None  # the scale each column was rounded with
+        Z1 = torch.empty_like(W1) if grid is not None else None  # ... and its zero point
         U1 = U[i1:i2, i1:i2]
         pivots = U1.diagonal()
         if kind == "unstructured":
@@ -141,6 +165,16 @@ def obs_sweep(
             kept = keep[:, col] if keep1 is None else keep1[i]
             if bits is None:
                 c = torch.where(kept, w, 0.0)
+            elif grid is not None:
+                if col % group_size == 0:
+                    end = min(col + group_size, K)
+                    cur = torch.cat([W1[i:end - i1].T, Wc[:, i2:max(i2, end)]], dim=1)
+                    g = col // group_size
+                    scale[:, g], zero[:, g] = grid.fit(cur * estimate[:, col:col + cur.shape[1]], g, col)
+                    gs, gz, gbits = scale[:, g], zero[:, g], grid.bits_of(g)  # kept across blocks
+                qc = torch.where(kept, grid_codes(w, gs, gz, gbits), gz)  # a pruned weight: the code of 0
+                Q1[i], S1[i], Z1[i] = qc, gs, gz
+                c = (qc - gz) * gs
             else:
                 if group_size > 0 and not static_groups and col % group_size == 0:
                     # The group's current values (already updated by every earlier column of this block;
@@ -165,9 +199,9 @@ def obs_sweep(
         if bits is None:
             C1 = torch.where(keep[:, i1:i2].T, W1, 0.0)
         else:
-            C1 = Q1 * S1
+            C1 = Q1 * S1 if grid is None else (Q1 - Z1) * S1
             q[:, i1:i2] = Q1.T.to(torch.int8)
         out[:, i1:i2] = C1.T
         Err1 = (W1 - C1) / pivots[:, None]
         Wc[:, i2:] -= Err1.T.contiguous() @ U[i1:i2, i2:]
-    return out, keep, q, scale
+    return out, keep, q, scale, (None if zero is None else zero.to(torch.int8))

@@ -18,6 +18,7 @@ from .lrc import ActErrorMoments, LRCSystem, lrc_fit, lrc_rel_error
 from .prune import magnitude_scores, prune, pruned_count, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
+from .slimllm import grid_for
 from .sparsegpt import sparsegpt
 from .spqr import DEFAULT_STAT_BITS, DEFAULT_STAT_GROUP, OUTLIER_BITS, SpQRTensor, statistic_bits
 
@@ -63,7 +64,8 @@ def compress_base(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor,
         bits = None if cfg.bits == 16 else cfg.bits
         scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
         W_c, mask, qt = sparsegpt(W, H, sp, bits=bits, group_size=cfg.effective_group_size,
-                                  scale_method=scale_method, blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+                                  scale_method=scale_method, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                  grid=grid_for(W, H, cfg))
         return (qt if qt is not None else W_c), mask
     # The mask is chosen from the original weights (more information than the quantized ones); the
     # quantization scale is chosen on the dense weights, before pruning, as in SLiM.
@@ -213,7 +215,8 @@ def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 
     """Bits the deployed layer stores, counted exactly (see README "Bits per parameter").
 
     base: kept values x bits + sparsity metadata (N:M: ceil(log2 m) bits per kept value, as NVIDIA's 2:4 format
-    stores a 2-bit index per kept value; unstructured: a 1-bit mask per weight) + 16-bit scales.
+    stores a 2-bit index per kept value; unstructured: a 1-bit mask per weight) + 16-bit scales (+ one zero point
+    per group as wide as the group's codes; SliM-LLM groups count their own widths: information bits).
     adapters: (N + K) x r x adapter bits (16 when not quantized) + 16-bit adapter scales.
     SpQR: its statistics as the paper counts them (SpQRTensor.scale_bits) + 32 bits per outlier.
     """
@@ -229,9 +232,13 @@ def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 
     else:
         kept, meta = numel, 0
     scales = cw.weight.scale_bits() if isinstance(cw.weight, QuantizedTensor) else 0
-    base = kept * wbits + meta + scales
+    codes = kept * wbits
     if isinstance(cw.weight, SpQRTensor):  # the paper's count: 32 bits per fp16 outlier
-        base += cw.weight.outlier_bits()
+        codes += cw.weight.outlier_bits()
+    elif isinstance(cw.weight, QuantizedTensor) and cw.weight.zero is not None:
+        # Zero-point grids count their information bits: each group's own width (SliM-LLM), over the kept share.
+        codes = cw.weight.code_bits() * kept // numel
+    base = codes + meta + scales
     adapters = 0
     for f in (cw.lora_L, cw.lora_R):
         if f is None:
@@ -272,6 +279,8 @@ def layer_bits(N: int, K: int, rank: int, cfg: CompressConfig) -> tuple[int, int
         base = kept * 16 + meta
     else:
         base = kept * cfg.bits + meta + 16 * _groups(K, cfg.effective_group_size, N)
+    if cfg.bits != 16 and cfg.zero_points:  # one zero point per group, as wide as its codes (SliM-LLM: N on average)
+        base += cfg.bits * _groups(K, cfg.effective_group_size, N)
     if cfg.lowrank == "none" or rank == 0:
         return base, 0
     if not cfg.quantize_adapters:

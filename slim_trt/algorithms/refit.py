@@ -20,10 +20,11 @@ from ..config import CompressConfig
 from ..timing import phase
 from .gptq import gptq_quantize
 from .lowrank import gptq_adapters, hessian_lowrank, quantize_adapter, slim_lowrank, svd_lowrank
-from .obs import obs_sweep
+from .obs import sweep
 from .qtensor import QuantizedTensor
 from .quantize import quantize_weight
 from .spqr import spqr_quantize
+from .slimllm import grid_for
 
 Factor = QuantizedTensor | torch.Tensor
 
@@ -47,16 +48,19 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
         return spqr_quantize(T, H, cfg.bits, group_size=group, outlier_share=cfg.outlier_share,
                              mask=None if cfg.sparsity_spec.kind == "none" else mask, blocksize=cfg.blocksize,
                              percdamp=cfg.percdamp)
+    grid = grid_for(T, H, cfg)  # zero points / SliM-LLM: re-allocated for this target
     if cfg.pruner == "sparsegpt" and cfg.sparsity_spec.kind != "none":
         scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
-        W_new, _, q, scale = obs_sweep(T, H, bits=bits, group_size=group, scale_method=scale_method, mask=mask,
-                                       blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+        W_new, _, q, scale, zero = sweep(T, H, bits=bits, group_size=group, scale_method=scale_method, mask=mask,
+                                         blocksize=cfg.blocksize, percdamp=cfg.percdamp, grid=grid)
+        if grid is not None:
+            return grid.quantized(q, scale, zero)
         return W_new if q is None else QuantizedTensor(q=q, scale=scale, bits=bits, group_size=group)
     if bits is None:
         return T * mask
     if cfg.quantizer == "gptq":
         return gptq_quantize(T, H, bits, group_size=group, scale_method="absmax", mask=mask,
-                             blocksize=cfg.blocksize, percdamp=cfg.percdamp)
+                             blocksize=cfg.blocksize, percdamp=cfg.percdamp, grid=grid)
     qt = quantize_weight(T, cfg.quantizer, bits, group)
     return QuantizedTensor(q=qt.q * mask.to(torch.int8), scale=qt.scale, bits=bits, group_size=qt.group_size)
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import torch
 
 from ..config import Sparsity
-from .obs import obs_sweep
+from .obs import sweep
 from .qtensor import QuantizedTensor
+from .zeropoint import GroupGrid
 
 
 def sparsegpt(
@@ -19,6 +20,7 @@ def sparsegpt(
     scale_method: str = "absmax",
     blocksize: int = 128,
     percdamp: float = 0.01,
+    grid: GroupGrid | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, QuantizedTensor | None]:
     """Returns (W_new, keep mask, QuantizedTensor or None).
 
@@ -29,10 +31,12 @@ def sparsegpt(
     bits 4 / 8: every kept weight is rounded to the grid right after its column's mask is known; W_new is then
     exactly the QuantizedTensor's dequantized value, and q is 0 wherever the mask is False. Scales come from
     the weights an upfront estimate of the mask keeps (group_size 0 / -1) or from the group's current kept
-    weights when the sweep reaches it (G > 0).
+    weights when the sweep reaches it (G > 0). grid (zeropoint.GroupGrid): zero-point grids per group instead.
     """
     sp = Sparsity.parse(sparsity) if isinstance(sparsity, str) else sparsity
-    W_new, keep, q, scale = obs_sweep(W, H, bits=bits, group_size=group_size, scale_method=scale_method,
-                                      sparsity=sp, blocksize=blocksize, percdamp=percdamp)
+    W_new, keep, q, scale, zero = sweep(W, H, bits=bits, group_size=group_size, scale_method=scale_method,
+                                        sparsity=sp, blocksize=blocksize, percdamp=percdamp, grid=grid)
+    if grid is not None:
+        return W_new, keep, grid.quantized(q, scale, zero)
     qt = None if q is None else QuantizedTensor(q=q, scale=scale, bits=bits, group_size=group_size)
     return W_new, keep, qt

@@ -7,7 +7,7 @@ from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits",
-          "act_bits", "act_scale_method", "smooth_alpha", "outlier_share")
+          "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point", "bit_allocation")
 
 
 def register(sub) -> None:
@@ -35,7 +35,14 @@ def register(sub) -> None:
                    help="start from a named recipe; explicit flags still override it")
     p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4]")
     p.add_argument("--bits", type=int, default=None, metavar="{2,3,4,8,16}",
-                   help="weight bits; 16 = no quantization; 2 and 3 with --quantizer spqr [default: 4]")
+                   help="weight bits (the average with --bit-allocation slim-llm); 2 and 3 bits use zero points and "
+                        "INT4 containers and need --quantizer gptq or spqr; 16 = no quantization [default: 4]")
+    p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
+                   help="asymmetric min-max grids with an integer zero point per group [default: on at 2-3 bits and "
+                        "with slim-llm, off at 4 (the symmetric INT4 grid, the only one TensorRT's INT4 takes)]")
+    p.add_argument("--bit-allocation", default=None, choices=["uniform", "slim-llm"],
+                   help="slim-llm: SliM-LLM's salience-driven N-1 / N / N+1 bits per group of 128 columns around "
+                        "--bits N (2, 3 or 4), with salience-weighted clip calibration [default: uniform]")
     p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq", "spqr"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
                         "sparsegpt; spqr = SpQR (GPTQ sweep, groups of 16 with 3-bit quantized scales and zero "
                         "points, fp16 outliers up to --outlier-share; with --sparsity 2:4 the mask comes first and "

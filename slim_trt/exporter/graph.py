@@ -33,6 +33,18 @@ def tensor_from_torch(name: str, t: torch.Tensor, dtype: str | None = None) -> T
     return helper.make_tensor(name, elem, list(arr.shape), arr.tobytes(), raw=True)
 
 
+def uint_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
+    """A UINT4 (packed two per byte, low nibble first, as ONNX stores 4-bit types) or UINT8 initializer."""
+    q = np.asarray(q).astype(np.uint8)
+    if bits <= 4:
+        flat = q.reshape(-1)
+        if flat.size % 2:
+            flat = np.concatenate([flat, np.zeros(1, np.uint8)])
+        raw = (flat[0::2] | (flat[1::2] << 4)).astype(np.uint8).tobytes()
+        return helper.make_tensor(name, TensorProto.UINT4, list(q.shape), raw, raw=True)
+    return helper.make_tensor(name, TensorProto.UINT8, list(q.shape), q.tobytes(), raw=True)
+
+
 class GraphBuilder:
     def __init__(self, dtype: str) -> None:
         self.dtype = dtype

@@ -15,9 +15,10 @@ from torch import nn
 
 from ..algorithms.qtensor import QuantizedTensor
 from ..algorithms.spqr import SpQRTensor
+from ..algorithms.zeropoint import signed_codes
 from ..compressed_linear import CompressedLinear
 from ..errors import SlimError
-from .graph import GraphBuilder, int_tensor, pack_int4, tensor_from_torch
+from .graph import GraphBuilder, int_tensor, tensor_from_torch, uint_tensor
 from .options import DEFAULT_OUTLIER_FORM, OUTLIER_FORMS
 
 # The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
@@ -48,14 +49,15 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
     transpose=True stores [cols, rows] (the MatMul orientation): per-group scales block along axis 0.
     transpose=False keeps [rows, cols] (the plugin's torch orientation): groups block along axis 1.
     """
-    q = qt.q.cpu().numpy()
-    scale = qt.scale.detach().cpu().to(torch.float32)
+    qt = qt.to("cpu")
+    codes, bits, zero = stored_codes(qt)
+    q = codes.numpy()
+    scale = qt.scale.detach().to(torch.float32)
     rows, cols = q.shape
     if transpose:
         q = np.ascontiguousarray(q.T)
-    # Signed codes (zero point 0), or unsigned codes with a zero point (asymmetric grids, SpQR: issue 14).
-    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, qt.bits) if qt.zero is None
-                              else uint_tensor(f"{name}.qweight", q, qt.bits))
+    qname = b.add_initializer(int_tensor(f"{name}.qweight", q, bits) if zero is None
+                              else uint_tensor(f"{name}.qweight", q, bits))
     attrs: dict = {}
     if qt.group_size == 0:
         s = scale.reshape(())
@@ -68,25 +70,30 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
             s = s.T
         attrs.update(axis=0 if transpose else 1, block_size=int(qt.group_size))
     sname = b.add_initializer(tensor_from_torch(f"{name}.scale", s, b.dtype))
-    if qt.zero is None:
-        # No zero point: symmetric quantization, zero point 0 by definition (TensorRT requires zero).
+    if zero is None:
+        # No zero point: symmetric quantization (or zero points folded into the codes), zero point 0 by
+        # definition (TensorRT requires zero).
         return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
-    # Asymmetric grids (SpQR, issue 14): unsigned codes with an integer zero point per scale, both UINT4 (2- to
-    # 4-bit codes) or UINT8, shaped like the scale; DequantizeLinear computes (q - zero) * scale exactly.
-    z = qt.zero.reshape(s.shape) if qt.group_size in (0, -1) else qt.zero.reshape(rows, -1)
+    z = zero.reshape(s.shape) if qt.group_size != -1 else zero.reshape(rows)
     if transpose and qt.group_size > 0:
-        z = z.T
-    zname = b.add_initializer(uint_tensor(f"{name}.zero_point", np.ascontiguousarray(z.cpu().numpy()), qt.bits))
+        z = z.reshape(rows, -1).T
+    zname = b.add_initializer(uint_tensor(f"{name}.zero_point", np.ascontiguousarray(z.numpy()), bits))
     return b.op("DequantizeLinear", [qname, sname, zname], name=name, **attrs)
 
 
-def uint_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
-    """A UINT4 (codes of <= 4 bits, packed two per byte, low nibble first) or UINT8 initializer."""
-    if bits <= 4:
-        return helper.make_tensor(name, TensorProto.UINT4, list(q.shape), pack_int4(q), raw=True)
-    return helper.make_tensor(name, TensorProto.UINT8, list(q.shape), q.astype(np.uint8).tobytes(), raw=True)
+def stored_codes(qt: QuantizedTensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(codes, container bits, zero point or None) of the exported initializer.
 
-
+    Symmetric weights as they are. Zero-point weights whose q - zero fits signed INT4 (every grid of <= 3 bits,
+    SliM-LLM at averages 2 and 3) fold the zero point into signed INT4 codes: the same values, exactly, with
+    zero point 0, which both ONNX Runtime and TensorRT run. Others keep unsigned codes and a uint4 / uint8 zero
+    point (ONNX Runtime runs them; TensorRT's DequantizeLinear takes only zero points of 0, see the linter)."""
+    if qt.zero is None:
+        return qt.q, qt.bits, None
+    folded = signed_codes(qt)
+    if folded is not None:
+        return folded, 4, None
+    return qt.q, qt.bits, qt.zero
 
 
 def emit_outliers(b: GraphBuilder, x: str, y: str, table, name: str, form: str = DEFAULT_OUTLIER_FORM) -> str:
@@ -208,7 +215,10 @@ def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowran
 
 def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, records, outliers,
                      zero_points="dq") -> str:
-    fold = m.qweight is not None and m.qweight.zero is not None and zero_points == "fold"
+    # --zero-points fold: only where the zero point cannot be folded into signed INT4 codes exactly (4-bit SpQR
+    # codes; stored_codes folds every grid of <= 3 bits with no extra term).
+    fold = (m.qweight is not None and m.qweight.zero is not None and zero_points == "fold"
+            and signed_codes(m.qweight) is None)
     if fold:
         w = dequantized(b, symmetric_codes(m.qweight), name, transpose=True)
         weight_name = f"{name}.qweight"
@@ -243,8 +253,10 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
                      plugin_version=LOWRANK_PLUGIN["plugin_version"],
                      plugin_namespace=LOWRANK_PLUGIN["plugin_namespace"])
     if records is not None:
-        # A folded weight is dense in the file (pruned codes are -m + zero, cancelled by the offset term).
-        records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=m.bits,
+        # A weight folded with --zero-points fold is dense in the file (pruned codes are -m + zero, cancelled by
+        # the offset term); an exact fold (stored_codes) keeps pruned codes at 0.
+        bits = stored_codes(m.qweight)[1] if m.qweight is not None else 16  # the exported container
+        records.append(LayerRecord(name=name, onnx_weight=weight_name, K=m.in_features, N=m.out_features, bits=bits,
                                    group_size=m.qweight.group_size if m.qweight is not None else None,
                                    sparsity="none" if fold else str(m.sparsity), rank=m.rank, act_scale=act_scale))
     return y

@@ -26,6 +26,10 @@ from .model import INT4_TYPES, TYPE_NAME, GraphView, attr, quantize_output_type
 from .tables import ort_only_ops
 
 KNOWN_PLUGINS = (LOWRANK_PLUGIN,)
+# Zero-point weights TensorRT can run: those whose q - zero fits signed INT4, which the exporter folds (issue 14).
+ZERO_POINT_FIX = ("for TensorRT, re-export with --zero-points fold (4-bit SpQR: signed codes + a per-group offset), "
+                  "or re-compress with --bits 2 or 3 (uniform or --bit-allocation slim-llm: their zero points fold "
+                  "into signed INT4) or symmetric 4-bit weights (--no-zero-point)")
 STANDARD_DOMAINS = ("", "ai.onnx")
 
 
@@ -136,15 +140,19 @@ def check_qdq(v: GraphView, table: dict):
                 yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is not a constant")
             elif np.any(v.array(zp) != 0):
                 yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} zero point {zp} is non-zero: TensorRT "
-                              f"supports symmetric quantization only (zero point 0); for a checkpoint with zero "
-                              f"points (SpQR) re-export with --zero-points fold")
+                              f"supports symmetric quantization only (zero point 0; NvInfer.h IDequantizeLayer, "
+                              f"TensorRT 10.3 and 11.1); {ZERO_POINT_FIX}")
         qtype = quantize_output_type(v, n) if n.op_type == "QuantizeLinear" else v.elem_type(n.input[0])
         if qtype in (TensorProto.UINT8, TensorProto.UINT4):
             yield Finding("error", "qdq-zero-point", n.name, f"{n.op_type} uses unsigned {TYPE_NAME[qtype]}: "
                           f"TensorRT quantizes to signed INT8/INT4 only")
+
         if qtype in INT4_TYPES:
             yield from _check_int4(v, table, n)
         block = attr(n, "block_size", 0)
+        if block and qtype in (TensorProto.INT8, TensorProto.UINT8):
+            yield Finding("error", "qdq-block", n.name, f"blocked {n.op_type} of {TYPE_NAME[qtype]}: TensorRT blocks "
+                          f"only INT4 / FP8 / FP4 (NvInfer.h IDequantizeLayer); {ZERO_POINT_FIX}")
         if block:
             if v.opset < 21:
                 yield Finding("error", "opset", n.name, f"blocked {n.op_type} (block_size) needs opset >= 21, "

@@ -151,7 +151,9 @@ def test_peer_bits_use_the_storage_formula():
 
 def test_row_selection():
     assert [r.number for r in bench.select_rows("7,dense,slim-lora")] == [7, 1]
-    assert len(bench.select_rows("all")) == len(bench.ROWS) == len({r.number for r in bench.ROWS})  # no number twice
+    # every row, each number once (rows are added by several issues at once: no fixed count here)
+    assert [r.number for r in bench.select_rows("all")] == [r.number for r in bench.ROWS]
+    assert len({r.number for r in bench.ROWS}) == len(bench.ROWS) >= 50
     assert [r.number for r in bench.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
     with pytest.raises(bench.SlimError):
         bench.select_rows("99")

@@ -31,9 +31,13 @@ def test_bad_spqr_input_exits_2_with_one_line(flags, needle, tiny_model_dir, tmp
     assert "Traceback" not in err and not out.exists() and not (tmp_path / "out.partial").exists()
 
 
-def test_bits_3_without_spqr_is_refused():
-    with pytest.raises(SlimError, match="bad --bits 3"):
-        CompressConfig(bits=3)
+def test_bits_3_needs_a_sweep_that_rounds_zero_points():
+    # 3-bit codes need zero points, which only the GPTQ / SparseGPT sweeps (and SpQR's own) round.
+    with pytest.raises(SlimError, match="does not run"):
+        CompressConfig(bits=3, quantizer="absmax", sparsity="none", lowrank="none")
+    assert CompressConfig(bits=3, quantizer="spqr", group_size=16).zero_points is False  # SpQR's own grid
+    with pytest.raises(SlimError, match="own zero points"):
+        CompressConfig(bits=3, quantizer="spqr", group_size=16, bit_allocation="slim-llm")
 
 
 def test_spqr_defaults_to_groups_of_16_on_the_cli(tiny_model_dir, tmp_path, capsys):
