@@ -31,7 +31,7 @@ from .compressed_linear import CompressedLinear
 from .config import CalibConfig, CompressConfig
 from .errors import SlimError
 from .resources import all_cores, device_peak_gb, device_sync, peak_rss_gb, reset_device_peak, resolve_device
-from .streaming import host_peak_bound, memory_parts, rss_bytes, save_streamed
+from .streaming import host_peak_bound, memory_parts, peak_rss_bytes, rss_bytes, save_streamed
 from .timing import PhaseTimer
 
 
@@ -454,8 +454,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
             # Everything the save holds is in memory now: the peak (and the bound's last part) is known.
             report.host_memory = {**memory, "packed": packed, "kwargs": streamed.kw_cache_bytes}
             report.peak_host_bytes_bound = baseline + host_peak_bound(report.host_memory)
-            report.peak_rss_gb = peak_rss_gb()
-            report.peak_host_bytes = int(report.peak_rss_gb * 2**30)
+            report.peak_host_bytes = peak_rss_bytes()
+            report.peak_rss_gb = report.peak_host_bytes / 2**30
             report.host_memory["baseline"] = baseline
             report.host_memory["stored_bytes"] = streamed.stored_bytes()
             manifest_extra["summary"] = report.summary()

@@ -327,6 +327,22 @@ def host_peak_bound(parts: dict[str, int]) -> int:
     return parts["runtime"] + max(start, block, save)
 
 
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory (the kernel's VmHWM). Unlike getrusage's ru_maxrss it does not carry
+    the memory of the parent this process was forked from over exec (a CLI started from a large Python process
+    would report that parent's size); ru_maxrss where /proc is not available."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def rss_bytes() -> int:
     """This process's resident memory now (Linux /proc; 0 where it is not available)."""
     try:

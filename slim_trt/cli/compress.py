@@ -185,6 +185,8 @@ def run(args) -> int:
                                  stream=args.stream)
     s = report.summary()
     device_mem = "" if s["peak_device_gb"] is None else f", peak {s['device']} memory {s['peak_device_gb']:.2f} GB"
+    if s.get("peak_host_bytes_bound"):  # a streamed run states its bound (README 'Memory')
+        device_mem = f" (streamed; bound {s['peak_host_bytes_bound'] / 2**30:.2f} GB){device_mem}"
     eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s on {s['device']} "
            f"({s['threads']} threads), peak host memory {s['peak_rss_gb']:.2f} GB{device_mem}, "
            f"{s['bits_per_param']:.3f} bits/param "
