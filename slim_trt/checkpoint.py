@@ -244,18 +244,21 @@ def save_layers(path: Path, layers: dict[str, CompressedLinear]) -> dict:
     return metas
 
 
+def check_layer_tensors(t: dict[str, torch.Tensor], metas: dict) -> None:
+    """Every stored tensor of the layers in `metas` is in `t` with the checksum its entry gives."""
+    for name, meta in metas.items():
+        for key, sha in meta["tensors"].items():
+            full = f"{name}.{key}"
+            if full not in t or tensor_sha256(t[full]) != sha:
+                raise SlimError(f"checkpoint tensor {full} is missing or its checksum does not match the "
+                                f"manifest: the checkpoint is corrupt or was modified; re-run compress")
+
+
 def load_layers(path: Path, metas: dict, verify: bool = True) -> dict[str, CompressedLinear]:
     t = load_file(str(path))
-    out = {}
-    for name, meta in metas.items():
-        if verify:
-            for key, sha in meta["tensors"].items():
-                full = f"{name}.{key}"
-                if full not in t or tensor_sha256(t[full]) != sha:
-                    raise SlimError(f"checkpoint tensor {full} is missing or its checksum does not match the "
-                                    f"manifest: the checkpoint is corrupt or was modified; re-run compress")
-        out[name] = layer_from_tensors(name, t, meta)
-    return out
+    if verify:
+        check_layer_tensors(t, metas)
+    return {name: layer_from_tensors(name, t, meta) for name, meta in metas.items()}
 
 
 # ---------------------------------------------------------------- whole model
@@ -274,8 +277,11 @@ def _dense_state(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[
 
 
 def save(model: torch.nn.Module, path: str | Path, *, tokenizer=None, manifest_extra: dict | None = None,
-         force: bool = False) -> Path:
-    """Save a compressed model as a checkpoint folder (written to a temporary folder, then renamed)."""
+         force: bool = False, layers: tuple[dict[str, torch.Tensor], dict] | None = None) -> Path:
+    """Save a compressed model as a checkpoint folder (written to a temporary folder, then renamed).
+
+    layers: the compressed linears already in their stored form (tensors, manifest entries), as a streamed
+    compression keeps them (slim_trt/streaming.py); by default the model's CompressedLinear modules."""
     path = Path(path)
     tmp = prepare_output(path, force)
     try:
@@ -287,7 +293,11 @@ def save(model: torch.nn.Module, path: str | Path, *, tokenizer=None, manifest_e
             tokenizer.save_pretrained(tmp)
         state, tied = _dense_state(model)
         save_file(state, str(tmp / DENSE_FILE))
-        layer_meta = save_layers(tmp / LAYERS_FILE, dict(compressed_layers(model)))
+        if layers is None:
+            layer_meta = save_layers(tmp / LAYERS_FILE, dict(compressed_layers(model)))
+        else:
+            save_file(layers[0], str(tmp / LAYERS_FILE))
+            layer_meta = layers[1]
         manifest = {
             "format": FORMAT,
             "schema_version": SCHEMA_VERSION,

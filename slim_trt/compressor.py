@@ -31,6 +31,7 @@ from .compressed_linear import CompressedLinear
 from .config import CalibConfig, CompressConfig
 from .errors import SlimError
 from .resources import all_cores, device_peak_gb, device_sync, peak_rss_gb, reset_device_peak, resolve_device
+from .streaming import host_peak_bound, memory_parts, peak_rss_bytes, rss_bytes, save_streamed
 from .timing import PhaseTimer
 
 
@@ -47,6 +48,10 @@ class CompressReport:
     peak_device_gb: float | None = None  # peak memory torch allocated on a CUDA device (None on the CPU)
     phases: dict[str, float] = field(default_factory=dict)  # seconds per phase (see phase_split)
     refit_phases: dict[str, float] = field(default_factory=dict)  # the refit rounds' seconds by part
+    streamed: bool = False  # the blocks were read from the weight files one at a time (slim_trt/streaming.py)
+    peak_host_bytes: int | None = None  # measured: the process's peak resident memory, save included
+    peak_host_bytes_bound: int | None = None  # predicted (streamed runs): baseline + streaming.host_peak_bound
+    host_memory: dict[str, int] = field(default_factory=dict)  # the bound's parts, in bytes
 
     def bits_per_param(self, with_adapters: bool) -> float:
         params = sum(v["params"] for v in self.layers.values())
@@ -64,6 +69,10 @@ class CompressReport:
             "peak_device_gb": None if self.peak_device_gb is None else round(self.peak_device_gb, 3),
             "phases": {k: round(v, 2) for k, v in self.phases.items()},
             "refit_phases": {k: round(v, 2) for k, v in self.refit_phases.items()},
+            "streamed": self.streamed,
+            "peak_host_bytes": self.peak_host_bytes,
+            "peak_host_bytes_bound": self.peak_host_bytes_bound,
+            "host_memory": self.host_memory,
             "bits_per_param": round(self.bits_per_param(False), 4),
             "bits_per_param_with_adapters": round(self.bits_per_param(True), 4),
             "rank_ratio": round(self.rank_ratio, 6),
@@ -215,7 +224,7 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
 
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
              progress: bool = True, resume_dir: Path | None = None,
-             device: str | torch.device | None = "auto") -> CompressReport:
+             device: str | torch.device | None = "auto", weights=None) -> CompressReport:
     """Compress `model` in place with calibration token windows [n, seqlen]; returns a report.
 
     With `resume_dir`, each finished block is saved there and blocks found there are restored instead of
@@ -223,28 +232,34 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
     device: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N". The model stays
     in host memory; one decoder block at a time is compressed on the device. torch uses every core this
     process is given while it runs (unless OMP_NUM_THREADS says otherwise).
+    weights: a slim_trt.streaming.StreamedModel when `model` is on the meta device (compress_model streams);
+    then every finished block's compressed layers are in `resume_dir` only, and leave `model`.
     """
     dev = resolve_device(device)
+    if weights is not None and resume_dir is None:
+        raise ValueError("a streamed compression keeps its finished blocks in resume_dir: give one")
     with all_cores() as threads:
-        report = _compress(model, config, windows, batch_size, progress, resume_dir, dev)
+        report = _compress(model, config, windows, batch_size, progress, resume_dir, dev, weights)
     report.threads = threads
     return report
 
 
-def _compress(model, config, windows, batch_size, progress, resume_dir, dev: torch.device) -> CompressReport:
+def _compress(model, config, windows, batch_size, progress, resume_dir, dev: torch.device,
+              weights=None) -> CompressReport:
     from .calibration.families import decoder_blocks
 
     t0 = time.time()
     report = CompressReport(device=str(dev))
     timer = PhaseTimer(sync=device_sync(dev))
     reset_device_peak(dev)
-    home = next(model.parameters()).device
+    home = weights.home if weights is not None else next(model.parameters()).device
     blocks = decoder_blocks(model)
     prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
     skip = _skip_filter(config, model, report)
     # Ranks come from the shapes alone, planned for the whole model up front so the bits budget holds.
     planned, report.rank_ratio = plan_ranks(compressed_shapes(model, config), config)
-    check_finite(model)
+    if weights is None:  # a streamed model's weights were checked in its files (StreamedModel.check)
+        check_finite(model)
     store = BlockStore(resume_dir) if resume_dir is not None else None
 
     def compress_block(i, block, linears, stats):
@@ -307,14 +322,16 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
     with torch.no_grad():
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
-                      act=act_calibration(config, model), device=dev, timer=timer)
+                      act=act_calibration(config, model), device=dev, timer=timer, weights=weights)
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0
     report.phases = phase_split(timer, report.seconds)
     report.refit_phases = refit_split(timer)
     report.peak_rss_gb = peak_rss_gb()
+    report.peak_host_bytes = int(report.peak_rss_gb * 2**30)
     report.peak_device_gb = device_peak_gb(dev)
+    report.streamed = weights is not None
     return report
 
 
@@ -340,13 +357,34 @@ def _check_divisible(model: nn.Module, cfg: CompressConfig) -> None:
                         f"divides K, e.g. 2:4")
 
 
+def _open_streamed(source: str, trust_remote_code: bool, progress: bool):
+    """The model to stream (slim_trt/streaming.py), or None, said on stderr, when it is loaded whole."""
+    from .models import model_folder
+    from .streaming import note, open_streamed
+
+    folder = model_folder(source)
+    if isinstance(folder, str):
+        note(f"{source}: a hub model is loaded whole (streaming reads a local folder: download it and pass the "
+             f"folder to stream it)", True)
+        return None
+    streamed, why_not = open_streamed(Path(folder), trust_remote_code=trust_remote_code)
+    if streamed is None:
+        note(f"{source}: loaded whole, not streamed: {why_not}", True)
+    return streamed
+
+
 def compress_model(source: str, out: str | Path, config: CompressConfig | None = None,
                    calib: CalibConfig | None = None, *, force: bool = False, progress: bool = True,
                    trust_remote_code: bool = False, finetune=None,
-                   device: str | torch.device | None = "auto") -> tuple[Path, CompressReport]:
+                   device: str | torch.device | None = "auto", stream: bool = True) -> tuple[Path, CompressReport]:
     """Load MODEL, calibrate on text, compress block by block (resumable), save a checkpoint folder at `out`.
 
     device: where the blocks are compressed (see compress); the model stays in host memory.
+
+    stream: read each decoder block from the safetensors files when its turn comes, in its stored dtype, and
+    keep only its compressed result (slim_trt/streaming.py): host memory holds about one block, not the model,
+    and the checkpoint is bit-identical. A hub id, weights whose names the model does not use as they are, and
+    fine-tuning (which trains the whole model) load the model whole instead, saying so.
 
     finetune: a slim_trt.finetune.FinetuneConfig to fine-tune the adapters on the calibration windows right
     after compression, before saving (resumable too, from OUT.partial/finetune).
@@ -367,13 +405,21 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     if partial.exists() and not partial.is_dir():
         raise SlimError(f"{partial} (where compress keeps finished blocks) is a file: remove it or choose another -o")
     text = load_text(calib.source)
-    model, tok = load_model(source, trust_remote_code=trust_remote_code)
-    check_finite(model)
+    streamed = _open_streamed(source, trust_remote_code, progress) if stream and finetune is None else None
+    if streamed is not None:
+        model, tok = streamed.model, streamed.tokenizer
+        baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from
+        streamed.check()
+    else:
+        model, tok = load_model(source, trust_remote_code=trust_remote_code)
+        check_finite(model)
     check_seqlen(model.config, calib.seqlen)
     _check_divisible(model, config)
     # Distillation needs the dense model after compression has replaced the layers in place.
     teacher = copy.deepcopy(model) if finetune is not None and finetune.loss == "kd" else None
     windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed)
+    if streamed is not None:  # the memory bound's parts, predicted before the compression starts
+        memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config))
     fp = _fingerprint(source, config, windows)
     state_f = partial / "state.json"
     if partial.exists():
@@ -394,7 +440,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
         state_f.write_text(json.dumps({"fingerprint": fp, "source": source, "config": config.to_dict()}))
     try:
         report = compress(model, config, windows, batch_size=calib.batch_size, progress=progress,
-                          resume_dir=partial, device=device)
+                          resume_dir=partial, device=device, weights=streamed)
     except SlimError:
         # A user error will not go away on a re-run, so there is nothing worth resuming.
         if created:
@@ -408,7 +454,20 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
         "layer_stats": report.layers,
         "summary": report.summary(),
     }
-    if finetune is None:
+    if streamed is not None:
+        def measure(packed: int) -> None:
+            # Everything the save holds is in memory now: the peak (and the bound's last part) is known.
+            report.host_memory = {**memory, "packed": packed, "kwargs": streamed.kw_cache_bytes}
+            report.peak_host_bytes_bound = baseline + host_peak_bound(report.host_memory)
+            report.peak_host_bytes = peak_rss_bytes()
+            report.peak_rss_gb = report.peak_host_bytes / 2**30
+            report.host_memory["baseline"] = baseline
+            report.host_memory["stored_bytes"] = streamed.stored_bytes()
+            manifest_extra["summary"] = report.summary()
+
+        save_streamed(streamed, out, BlockStore(partial), tokenizer=tok, manifest_extra=manifest_extra, force=force,
+                      before_write=measure)
+    elif finetune is None:
         save(model, out, tokenizer=tok, manifest_extra=manifest_extra, force=force)
     else:
         from .finetune import finetune as finetune_adapters, finetune_manifest, save_finetuned

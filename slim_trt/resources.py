@@ -11,6 +11,9 @@ import torch
 from .errors import SlimError
 
 DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+# What the product does with several GPUs (the CLI help and the README say the same).
+ONE_DEVICE = ("slim-trt compresses on one device, one decoder block at a time: the block's weights, Hessians and "
+              "calibration activations must fit that device; it does not split blocks or spread them across GPUs")
 
 
 def resolve_device(text: str | torch.device | None) -> torch.device:
@@ -30,6 +33,9 @@ def resolve_device(text: str | torch.device | None) -> torch.device:
             raise SlimError(f"--device {t}: this machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 .. "
                             f"cuda:{torch.cuda.device_count() - 1}): choose one of them, or --device cpu")
         return torch.device("cuda", index)
+    if "," in t or t.count("cuda") > 1:
+        raise SlimError(f"--device {text!r}: {ONE_DEVICE}: choose one of them, e.g. --device cuda:0 (or run one "
+                        f"compression per GPU)")
     raise SlimError(f"bad --device {text!r}: choose {DEVICE_CHOICES}")
 
 
@@ -100,9 +106,15 @@ def check_fits(need: dict[str, int], device: torch.device, what: str) -> None:
         return
     free, _ = torch.cuda.mem_get_info(device)
     free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's own cache
+    refuse_unfit(need, free, str(device), what)
+
+
+def refuse_unfit(need: dict[str, int], free: int, device: str, what: str) -> None:
+    """The device check as a function of the byte counts: a SlimError naming the bytes needed (by part) and
+    free when they do not fit."""
     total = sum(need.values())
     if total > free:
         parts = ", ".join(f"{k} {v / 2**30:.2f}" for k, v in need.items())
         raise SlimError(f"{what} needs about {total / 2**30:.2f} GB on {device} ({parts} GB) but {free / 2**30:.2f} "
                         f"GB are free: use a GPU with more memory, fewer --nsamples or a shorter --seqlen, or "
-                        f"--device cpu")
+                        f"--device cpu ({ONE_DEVICE})")

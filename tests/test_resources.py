@@ -74,3 +74,25 @@ def test_a_block_larger_than_the_free_gpu_memory_is_refused_with_the_bytes():
     free, _ = torch.cuda.mem_get_info()
     with pytest.raises(SlimError, match=r"needs about .* GB on cuda.* GB are free: .*--device cpu"):
         check_fits({"weights": 2 * free}, torch.device("cuda"), "compressing block 0")
+
+
+def test_a_block_that_does_not_fit_is_refused_with_the_bytes_needed_and_free():
+    """The device check as a pure function of the byte counts (the CUDA path itself cannot run here)."""
+    from slim_trt.resources import refuse_unfit
+
+    need = {"weights": 3 << 30, "activations": 24 << 30, "hessians": 13 << 30}
+    refuse_unfit(need, 40 << 30, "cuda:0", "compressing block model.layers.0")  # exactly fits: no error
+    with pytest.raises(SlimError) as e:
+        refuse_unfit(need, (40 << 30) - 1, "cuda:1", "compressing block model.layers.3")
+    msg = str(e.value)
+    assert "\n" not in msg
+    assert msg.startswith("compressing block model.layers.3 needs about 40.00 GB on cuda:1 (weights 3.00, "
+                          "activations 24.00, hessians 13.00 GB) but 40.00 GB are free")
+    assert "--nsamples" in msg and "--device cpu" in msg and "does not split blocks" in msg
+
+
+@pytest.mark.parametrize("text", ["cuda:0,1", "cuda:0,cuda:1", "cuda,cuda"])
+def test_several_gpus_are_refused_with_the_reason(text):
+    with pytest.raises(SlimError, match=r"compresses on one device, one decoder block at a time.*does not split "
+                                        r"blocks or spread them across GPUs: choose one of them, e\.g\. --device cuda:0"):
+        resolve_device(text)

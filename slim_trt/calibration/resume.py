@@ -18,7 +18,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..checkpoint import DIGEST_KEY, digest_ok, file_sha256, load_layers, save_layers, with_digest
+from ..checkpoint import (DIGEST_KEY, check_layer_tensors, digest_ok, file_sha256, load_layers, save_layers,
+                          with_digest)
 from ..compressed_linear import CompressedLinear
 from ..errors import SlimError
 
@@ -60,24 +61,9 @@ class BlockStore:
         if not tensors.exists() and not meta.exists():
             return None
         try:
-            if not (tensors.exists() and meta.exists()):
-                raise SlimError("one of its two files is missing")
-            try:
-                record = json.loads(meta.read_text(encoding="utf-8"))
-            except (ValueError, UnicodeDecodeError) as e:
-                raise SlimError(f"{meta.name} is not valid JSON ({e})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
-                raise SlimError(f"{meta.name} is not a block record")
-            # A record of an earlier slim-trt has no checksums of its own; its tensors' still hold (load_layers).
-            if DIGEST_KEY in record and not digest_ok(record):
-                raise SlimError(f"{meta.name} does not match its checksum")
-            if DIGEST_KEY in record and file_sha256(tensors) != record.get("file_sha256"):
-                raise SlimError(f"{tensors.name} does not match its checksum")
+            record = self._checked_record(index)
             if "dense_sha256" in record:
-                dense_file = self._dense_file(index)
-                if not dense_file.exists() or file_sha256(dense_file) != record["dense_sha256"]:
-                    raise SlimError(f"{dense_file.name} is missing or does not match its checksum")
-                record = {**record, "dense": load_file(str(dense_file))}
+                record = {**record, "dense": load_file(str(self._dense_file(index)))}
             return load_layers(tensors, record["layers"]), record
         except (SlimError, SafetensorError, OSError, KeyError) as e:
             warnings.warn(f"{self.folder}: block {index} is corrupt ({e}); deleted it, compressing it again",
@@ -85,6 +71,42 @@ class BlockStore:
             for f in (tensors, meta, self._dense_file(index)):
                 f.unlink(missing_ok=True)
             return None
+
+    def _checked_record(self, index: int) -> dict:
+        """Block `index`'s record after checking it and the checksums of its files (SlimError when not)."""
+        tensors, meta = self._files(index)
+        if not (tensors.exists() and meta.exists()):
+            raise SlimError("one of its two files is missing")
+        try:
+            record = json.loads(meta.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SlimError(f"{meta.name} is not valid JSON ({e})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
+            raise SlimError(f"{meta.name} is not a block record")
+        # A record of an earlier slim-trt has no checksums of its own; its tensors' still hold (load_layers).
+        if DIGEST_KEY in record and not digest_ok(record):
+            raise SlimError(f"{meta.name} does not match its checksum")
+        if DIGEST_KEY in record and file_sha256(tensors) != record.get("file_sha256"):
+            raise SlimError(f"{tensors.name} does not match its checksum")
+        if "dense_sha256" in record:
+            dense_file = self._dense_file(index)
+            if not dense_file.exists() or file_sha256(dense_file) != record["dense_sha256"]:
+                raise SlimError(f"{dense_file.name} is missing or does not match its checksum")
+        return record
+
+    def load_tensors(self, index: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """Block `index`'s compressed layers in their stored form (what the checkpoint's slim_layers file holds)
+        and its record, checked. A streamed compression assembles its checkpoint from these, right after
+        writing them: a missing or damaged block is an error here, not a block to compute again."""
+        tensors, _ = self._files(index)
+        try:
+            record = self._checked_record(index)
+            t = load_file(str(tensors))
+            check_layer_tensors(t, record["layers"])
+        except (SafetensorError, OSError, KeyError, SlimError) as e:
+            raise SlimError(f"{self.folder}: block {index} cannot be read back ({e}): the disk changed under the "
+                            f"run; re-run the same command to compute it again") from None
+        return t, record
 
     def count(self) -> int:
         return len(list(self.folder.glob("block_*.json")))

@@ -130,24 +130,26 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def _record_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> list[dict]:
     """One forward pass on `batch` that records the keyword arguments every block receives."""
     recorded: list[dict] = [None] * len(blocks)  # type: ignore[list-item]
-    handles = []
 
-    def make_hook(i: int):
-        def hook(_mod, args, kwargs):
+    def stand_in(i: int):
+        # The arguments depend on the batch shape only, so each block is replaced by one that records them and
+        # passes its input on: no block runs (a streamed model's blocks are not even in memory).
+        def forward(*args, **kwargs):
             recorded[i] = dict(kwargs)
             if i == len(blocks) - 1:
                 raise _Stop
-        return hook
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
 
     for i, blk in enumerate(blocks):
-        handles.append(blk.register_forward_pre_hook(make_hook(i), with_kwargs=True))
+        blk.forward = stand_in(i)
     try:
         model(input_ids=batch, use_cache=False)
     except _Stop:
         pass
     finally:
-        for h in handles:
-            h.remove()
+        for blk in blocks:
+            del blk.forward
     for kw in recorded:
         kw.pop("past_key_values", None)
         kw["use_cache"] = False
@@ -201,6 +203,7 @@ def run_layerwise(
     act: ActCalibration | None = None,
     device: torch.device | str | None = None,
     timer: PhaseTimer | None = None,
+    weights=None,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
@@ -211,17 +214,25 @@ def run_layerwise(
     one more forward pass of the dense block (two with smoothing).
     device: where each block runs and is compressed (None: where the model is). The model stays where it is;
     each block moves there with the calibration activations, and back once it is compressed, before the next.
-    timer: charged with the phases calibration_forward, hessian, act_calibration, compress, block_output.
+    timer: charged with the phases calibration_forward, hessian, act_calibration, compress, block_output, load.
+    weights: a slim_trt.streaming.StreamedModel when the model's tensors are on the meta device: the tensors
+    outside the blocks are read for the first forward pass, each block before its turn, and the block's
+    compressed layers leave memory once on_block_done has saved them.
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
     batches = _batches(windows, batch_size)
-    home = next(model.parameters()).device
+    home = weights.home if weights is not None else next(model.parameters()).device
     device = home if device is None else torch.device(device)
+    if weights is not None:
+        with phase(timer, "load"):
+            weights.load_outer()
     with phase(timer, "calibration_forward"):
-        # Recorded up front, before any statistics hook is attached (recording runs the dense blocks).
         kw_cache = {b.shape[0]: _to(_record_block_kwargs(model, blocks, b), device) for b in batches}
         hidden = [_block0_inputs(model, blocks, b).to(device) for b in batches]
+    if weights is not None:
+        weights.release_outer()
+        weights.kw_cache_bytes = _tensor_bytes(kw_cache)
 
     def kwargs_for(i: int):
         return lambda bsz: kw_cache[bsz][i]
@@ -231,10 +242,15 @@ def run_layerwise(
     for i in indices:
         block = blocks[i]
         res = BlockResult(index=i)
+        if weights is not None:
+            with phase(timer, "load"):
+                weights.load_block(i)
         if restore_block(i, block):
             with phase(timer, "block_output"):
                 hidden = _run_block(block.to(device), hidden, kwargs_for(i))
                 block.to(home)
+            if weights is not None:
+                weights.release_block(i, block)
             results.append(res)
             continue
         linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
@@ -286,7 +302,29 @@ def run_layerwise(
             block.to(home)
         results.append(res)
         on_block_done(res)
+        if weights is not None:
+            weights.release_block(i, block)
     return results
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in nested tuples, lists and dicts, each distinct tensor once."""
+    seen: set = set()
+
+    def walk(o) -> int:
+        if isinstance(o, torch.Tensor):
+            key = (o.untyped_storage().data_ptr(), o.storage_offset(), tuple(o.shape))
+            if key in seen:
+                return 0
+            seen.add(key)
+            return o.numel() * o.element_size()
+        if isinstance(o, (tuple, list)):
+            return sum(walk(x) for x in o)
+        if isinstance(o, dict):
+            return sum(walk(x) for x in o.values())
+        return 0
+
+    return walk(obj)
 
 
 def _to(obj, device: torch.device):

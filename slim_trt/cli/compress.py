@@ -106,7 +106,14 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="where each decoder block is compressed: auto (a CUDA GPU when torch sees one, else the "
-                        "CPU), cpu, cuda or cuda:N; the model stays in host memory [default: auto]")
+                        "CPU), cpu, cuda or cuda:N; the model stays in host memory. One device per run: blocks are "
+                        "not split or spread across GPUs (a list such as cuda:0,1 is refused; a block that does not "
+                        "fit the GPU is refused with the bytes it needs and the bytes free) [default: auto]")
+    p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
+                   help="read one decoder block at a time from the safetensors files, in their stored dtype, and "
+                        "keep only its compressed result: host memory holds about one block, not the model (README "
+                        "'Memory'); the checkpoint is bit-identical to --no-stream, which loads the whole model in "
+                        "float32. Hub ids and --finetune-* load the model whole [default: on]")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the run summary as JSON ('-' = stdout)")
@@ -181,9 +188,12 @@ def run(args) -> int:
         raise SlimError("--finetune-steps / --finetune-minutes train the adapters, but --lowrank none makes none: "
                         "drop the fine-tuning flags or choose --lowrank hessian (or slim, svd)")
     out, report = compress_model(args.model, args.output, cfg, calib, force=args.force, progress=not args.quiet,
-                                 trust_remote_code=args.trust_remote_code, finetune=ft_cfg, device=args.device)
+                                 trust_remote_code=args.trust_remote_code, finetune=ft_cfg, device=args.device,
+                                 stream=args.stream)
     s = report.summary()
     device_mem = "" if s["peak_device_gb"] is None else f", peak {s['device']} memory {s['peak_device_gb']:.2f} GB"
+    if s.get("peak_host_bytes_bound"):  # a streamed run states its bound (README 'Memory')
+        device_mem = f" (streamed; bound {s['peak_host_bytes_bound'] / 2**30:.2f} GB){device_mem}"
     eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s on {s['device']} "
            f"({s['threads']} threads), peak host memory {s['peak_rss_gb']:.2f} GB{device_mem}, "
            f"{s['bits_per_param']:.3f} bits/param "
