@@ -8,6 +8,9 @@ columns are applied once per block (the "lazy batch" of GPTQ). Follows IST-DASLa
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 
 from ..config import Sparsity
@@ -23,6 +26,27 @@ def group_scale(W: torch.Tensor, bits: int, group_size: int, method: str) -> tor
     if method == "slim":
         return slim_quant_scale(W, bits, group_size)
     raise ValueError(f"unknown scale method {method!r}: use 'absmax' or 'slim'")
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread inside, then restore the count.
+
+    The column loop issues ~15 small ops per column (vectors of N values, a rank-1 update of at most blocksize x N),
+    thousands per layer: each is too small to split across cores, and with several threads every op ends in a
+    barrier that waits for the slowest thread. On a machine shared with other jobs (more runnable threads than
+    cores) a descheduled thread stalls every barrier: measured on 2 cores at load 10, one SparseGPT sweep of a
+    2048 x 640 layer took 6.4 s with 2 threads and 0.52 s with 1. Element-wise ops, sorts and gathers give the
+    same bits on any thread count, so the sweep's results do not change; the block-wise GEMMs stay outside."""
+    before = torch.get_num_threads()
+    if before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @per_tensor
@@ -130,44 +154,60 @@ def obs_sweep(
             block[torch.argsort(score, stable=True)[: pruned_count(score.numel(), sparsity.ratio)]] = False
             keep[:, i1:i2] = estimate[:, i1:i2] = block.reshape(N, i2 - i1)
         keep1 = keep[:, i1:i2].T.contiguous() if kind != "nm" else None
-        s = None
-        for i in range(i2 - i1):
-            col = i1 + i
-            if kind == "nm" and col % sparsity.m == 0:
-                m = sparsity.m
-                score = W1[i:i + m].T.square() / d[col:col + m].square()[None, :]
-                keep[:, col:col + m] = estimate[:, col:col + m] = nm_mask(score, sparsity.n, m)
-            w = W1[i]
-            kept = keep[:, col] if keep1 is None else keep1[i]
+        with one_thread():
+            _sweep_block(W1, Q1, S1, U1, pivots.tolist(), keep, keep1, estimate, Wc, scale, d, i1, i2, bits, lo, hi,
+                         group_size, static_groups, scale_method, sparsity if kind == "nm" else None)
+            # The compressed columns and their errors, from the same float operations as inside the loop.
             if bits is None:
-                c = torch.where(kept, w, 0.0)
+                C1 = torch.where(keep[:, i1:i2].T, W1, 0.0)
             else:
-                if group_size > 0 and not static_groups and col % group_size == 0:
-                    # The group's current values (already updated by every earlier column of this block;
-                    # columns past the block still lack this block's pending lazy update, as in the reference).
-                    end = min(col + group_size, K)
-                    cur = torch.cat([W1[i:end - i1].T, Wc[:, i2:max(i2, end)]], dim=1)
-                    scale[:, col // group_size] = group_scale(
-                        cur * estimate[:, col:col + cur.shape[1]], bits, -1, scale_method)[:, 0]
-                if s is None or group_size > 0 and col % group_size == 0:
-                    s = scale if group_size == 0 else scale[:, 0] if group_size == -1 else scale[:, col // group_size]
-                    s_row = s.expand(N)
-                qc = torch.round(w / s).clamp_(lo, hi)
-                qc = torch.where(kept, qc, 0.0)
-                Q1[i] = qc
-                S1[i] = s_row
-                c = qc * s
-            err = (w - c) / pivots[i]
-            # Column i itself is never read again (so it keeps w, which the block's end reads back), and the
-            # update starts at i + 1.
-            W1[i + 1:] -= U1[i, i + 1:, None] * err[None, :]
-        # The compressed columns and their errors, from the same float operations as inside the loop.
-        if bits is None:
-            C1 = torch.where(keep[:, i1:i2].T, W1, 0.0)
-        else:
-            C1 = Q1 * S1
-            q[:, i1:i2] = Q1.T.to(torch.int8)
-        out[:, i1:i2] = C1.T
-        Err1 = (W1 - C1) / pivots[:, None]
+                C1 = Q1 * S1
+                q[:, i1:i2] = Q1.T.to(torch.int8)
+            out[:, i1:i2] = C1.T
+            Err1 = (W1 - C1) / pivots[:, None]
         Wc[:, i2:] -= Err1.T.contiguous() @ U[i1:i2, i2:]
     return out, keep, q, scale
+
+
+def _sweep_block(W1, Q1, S1, U1, pivots: list[float], keep, keep1, estimate, Wc, scale, d, i1: int, i2: int,
+                 bits, lo: int, hi: int, group_size: int, static_groups: bool, scale_method: str,
+                 nm: Sparsity | None) -> None:
+    """The column loop of one block (columns i1..i2 of W, transposed in W1), in place: Q1 / S1 get each column's
+    integer values and the scale it was rounded with, W1 the updated values (column i keeps the value it had
+    when it was compressed), keep / estimate the N:M choices. Dividing by a pivot taken out as a Python float
+    rounds exactly as dividing by the 0-d tensor does (the float32 value converts back exactly)."""
+    N = W1.shape[1]
+    K = Wc.shape[1]
+    s = None
+    for i in range(i2 - i1):
+        col = i1 + i
+        if nm is not None and col % nm.m == 0:
+            m = nm.m
+            score = W1[i:i + m].T.square() / d[col:col + m].square()[None, :]
+            keep[:, col:col + m] = estimate[:, col:col + m] = nm_mask(score, nm.n, m)
+        w = W1[i]
+        kept = keep[:, col] if keep1 is None else keep1[i]
+        if bits is None:
+            c = torch.where(kept, w, 0.0)
+        else:
+            new_group = group_size > 0 and col % group_size == 0
+            if new_group and not static_groups:
+                # The group's current values (already updated by every earlier column of this block;
+                # columns past the block still lack this block's pending lazy update, as in the reference).
+                end = min(col + group_size, K)
+                cur = torch.cat([W1[i:end - i1].T, Wc[:, i2:max(i2, end)]], dim=1)
+                scale[:, col // group_size] = group_scale(
+                    cur * estimate[:, col:col + cur.shape[1]], bits, -1, scale_method)[:, 0]
+            if s is None or new_group:
+                s = scale if group_size == 0 else scale[:, 0] if group_size == -1 else scale[:, col // group_size]
+                # Every column up to the next group (or the block's end) is rounded with this scale.
+                span = (i2 - i1 - i) if group_size <= 0 else min(group_size - col % group_size, i2 - col)
+                S1[i:i + span] = s.expand(N)
+            qc = torch.round(w / s).clamp_(lo, hi)
+            qc = torch.where(kept, qc, 0.0)
+            Q1[i] = qc
+            c = qc * s
+        err = (w - c) / pivots[i]
+        # Column i itself is never read again (so it keeps w, which the block's end reads back), and the
+        # update starts at i + 1.
+        W1[i + 1:] -= U1[i, i + 1:, None] * err[None, :]
