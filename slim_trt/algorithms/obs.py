@@ -84,12 +84,14 @@ def obs_sweep(
     blocksize: int = 128,
     percdamp: float = 0.01,
     static_groups: bool = False,
+    scale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Compress W [N, K] column by column; returns (W_new float32, keep mask, q int8 or None, scale or None).
 
     mask: a fixed keep-mask (GPTQ on a pruned weight). sparsity: choose the mask during the sweep with the
     SparseGPT criterion w^2 / U_jj^2 (N:M per group of m columns when the group is reached; unstructured per
     block of columns). bits None: prune only. Pruned entries are exactly 0 in W_new and in q.
+    scale: the scales to round with (the shape group_size gives), used as they are instead of being searched.
     """
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D [N, K], got {tuple(W.shape)}")
@@ -124,11 +126,16 @@ def obs_sweep(
         estimate = keep.clone()
 
     lo = hi = 0
-    scale = q = None
+    given, scale, q = scale, None, None
     if bits is not None:
         lo, hi = INT_RANGE[bits]
         q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
-        if group_size in (0, -1) or static_groups:
+        if given is not None:
+            want = () if group_size == 0 else (N, 1) if group_size == -1 else (N, -(-K // max(group_size, 1)))
+            if tuple(given.shape) != want:
+                raise ValueError(f"scale has shape {tuple(given.shape)}, expected {want} for group_size {group_size}")
+            scale, static_groups = given.detach().to(torch.float32).clone(), True
+        elif group_size in (0, -1) or static_groups:
             scale = group_scale(Wc * estimate, bits, group_size, scale_method)
         elif group_size > 0:
             scale = torch.empty(N, -(-K // group_size), device=W.device)
