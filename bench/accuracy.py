@@ -148,6 +148,14 @@ ROWS: tuple[Row, ...] = (
     Row(41, "gptq-dense-g128", "dense INT4 GPTQ group 128, no sparsity, no adapters (4.125 bits)", GPTQ_DENSE),
     Row(42, "gptq-dense-g128-hlora", "row 41 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits",
         {**GPTQ_DENSE, "lowrank": "hessian", "rank_ratio": 0.23, "refit_rounds": 3}),
+    # Issue 15, compression time: row 24 with the cheaper refit rounds that became the defaults (float adapters
+    # between rounds, rounded once at the end; the first sweep's group scales in every refit sweep), and each half.
+    Row(56, "sgpt-slimq-hlora-gq4-r023-refit3-fast", "row 24 with issue 15's refit rounds (the defaults since)",
+        {**BEST, "refit_rounding": "last", "refit_scales": "first"}),
+    Row(57, "sgpt-slimq-hlora-gq4-r023-refit3-lastround", "row 24, adapters rounded after the last refit round only",
+        {**BEST, "refit_rounding": "last"}),
+    Row(58, "sgpt-slimq-hlora-gq4-r023-refit3-firstscales", "row 24, refit sweeps on the first sweep's scales",
+        {**BEST, "refit_scales": "first"}),
 )
 
 PEERS = {
