@@ -112,8 +112,9 @@ def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Fact
     the first one that does not lower tr(E H E^T) (E = W - base - L R) and the previous state is kept.
     "last" (with quantized adapters): the adapters stay in float between rounds (the next base is fitted to the
     float L R); the rounds stop at the first one whose float error does not drop; the last state's adapters are
-    then rounded once, and the result is kept only if it beats the input. Measured on Gemma 3 270M (4 blocks):
-    1.0-1.4% lower output error than "every" with 3 fewer adapter GPTQs per layer.
+    then rounded once, and the result is kept only if it beats the input. Measured with refit_scales "first" on
+    Gemma 3 270M (blocks 0/5/11/17, 32 x 512 windows): every one of the 28 layers ends with a lower output
+    error than with "every"/"every" (1.5-1.7% lower block means), with 3 fewer adapter GPTQs per layer.
     `timer` (slim_trt.timing.PhaseTimer) only measures: each round is its phase "refit_round_K" (with "last",
     the final rounding is charged to the last round run).
     """
