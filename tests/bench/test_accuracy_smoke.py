@@ -151,7 +151,8 @@ def test_peer_bits_use_the_storage_formula():
 
 def test_row_selection():
     assert [r.number for r in bench.select_rows("7,dense,slim-lora")] == [7, 1]
-    assert len(bench.select_rows("all")) == len(bench.ROWS) == 40
+    numbers = [r.number for r in bench.select_rows("all")]
+    assert len(numbers) == len(bench.ROWS) == len(set(numbers)) and {24, 56, 57, 58} <= set(numbers)
     assert [r.number for r in bench.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
     with pytest.raises(bench.SlimError):
         bench.select_rows("99")
