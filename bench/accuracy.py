@@ -64,7 +64,8 @@ def paper(**changes) -> dict:
 
 # The SparseGPT + GPTQ (group 128) base with 4-bit adapters: what issue 7's rows vary.
 SGPT = dict(pruner="sparsegpt", quantizer="gptq", group_size=128, quantize_adapters=True)
-# Row 18: H-LoRA r0.2 with GPTQ-rounded adapters; row 24: the best one-shot recipe (the CompressConfig defaults).
+# Row 18: H-LoRA r0.2 with GPTQ-rounded adapters; row 24: the best one-shot recipe (the CompressConfig defaults
+# until issue 15 changed the refit rounds: row 56 is the defaults since).
 HLORA = paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")
 # max_bits came after rows 24-26 were measured; it does not bind on this model's shapes (the ranks are the same:
 # tests/algorithms/test_rank_plan.py), so their stored configs carry it.
