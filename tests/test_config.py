@@ -53,3 +53,18 @@ def test_calib_config_rejects():
     for kw in (dict(nsamples=0), dict(seqlen=2), dict(batch_size=0)):
         with pytest.raises(SlimError):
             CalibConfig(**kw)
+
+
+@pytest.mark.parametrize("kw,needle", [(dict(refit_rounding="sometimes"), "bad --refit-rounding 'sometimes'"),
+                                       (dict(refit_scales="last"), "bad --refit-scales 'last'")])
+def test_bad_refit_modes_are_refused_with_the_choices(kw, needle):
+    with pytest.raises(SlimError) as e:
+        CompressConfig(**kw)
+    assert needle in str(e.value) and "choose one of" in str(e.value)
+
+
+def test_the_presets_keep_the_refit_rounds_they_were_measured_with():
+    for name in ("slim-paper", "trt-int8-sparse"):
+        cfg = CompressConfig(**PRESETS[name])
+        assert (cfg.refit_rounding, cfg.refit_scales) == ("every", "every")
+    assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("last", "first")

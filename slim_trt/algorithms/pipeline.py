@@ -15,6 +15,7 @@ from ..errors import SlimError
 from ..timing import phase
 from .lowrank import hessian_root, rank_for
 from .lrc import ActErrorMoments, LRCSystem, lrc_fit, lrc_rel_error
+from .obs import one_thread
 from .prune import magnitude_scores, prune, pruned_count, wanda_scores
 from .qtensor import QuantizedTensor
 from .refit import base_on_mask, fit_adapters, refit
@@ -86,7 +87,16 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
     lowrank methods fit to the weight error only, as without act.
 
     timer: a slim_trt.timing.PhaseTimer that only measures (phases sweep, adapter_svd, adapter_rounding,
-    refit_round_K); None measures nothing."""
+    refit_round_K); None measures nothing.
+
+    Runs on one CPU thread (obs.one_thread): the sweeps, factorisations and SVDs of one layer are sequences of
+    small ops and LAPACK calls that barely gain from a second core and collapse when the cores are shared (2
+    threads on 2 cores at load 10-15: 240-330 s for Gemma 3 270M's block 0, 30 s on one thread)."""
+    with one_thread():
+        return _compress_weight(W, H, act_norm, saliency, cfg, rank, base, act, timer)
+
+
+def _compress_weight(W, H, act_norm, saliency, cfg: CompressConfig, rank, base, act, timer) -> CompressedWeight:
     W = W.detach().to(torch.float32)
     if cfg.lowrank == "lrc":
         if act is None:

@@ -6,8 +6,9 @@ import argparse
 from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
-          "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "rank_allocation", "max_bits",
-          "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point", "bit_allocation")
+          "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
+          "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
+          "bit_allocation")
 
 
 def register(sub) -> None:
@@ -74,6 +75,12 @@ def register(sub) -> None:
     p.add_argument("--refit-rounds", type=int, default=None, metavar="N",
                    help="after the adapters, re-quantize the base from W - L R and re-fit the adapters, up to N "
                         "rounds, each kept only if the layer's output error drops [default: 3]")
+    p.add_argument("--refit-rounding", default=None, choices=["last", "every"],
+                   help="when the refit rounds round the 4-bit adapters: last = float adapters between rounds, "
+                        "rounded once at the end; every = in every round (slower, before issue 15) [default: last]")
+    p.add_argument("--refit-scales", default=None, choices=["first", "every"],
+                   help="the refit rounds' SparseGPT sweeps round on the group scales the first sweep chose (first) "
+                        "or search them again on W - L R (every, before issue 15) [default: first]")
     p.add_argument("--rank-allocation", default=None, choices=["uniform", "sensitivity"],
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
                         "their singular values leave [default: uniform]")

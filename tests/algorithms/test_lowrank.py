@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from slim_trt.algorithms.lowrank import (gptq_adapters, hessian_lowrank, hessian_root, quantize_adapter, rank_for,
-                                        slim_lowrank, svd_lowrank, weighted_error)
+                                        slim_lowrank, svd_lowrank, top_singular, weighted_error)
 from slim_trt.algorithms.prune import prune, wanda_scores
 from slim_trt.algorithms.quantize import quantize_weight
 from slim_trt.config import Sparsity
@@ -168,3 +168,46 @@ def test_gptq_adapters_keep_what_round_to_nearest_loses(compression_error, layer
     err_rtn, err_gptq = output_error(W, Wc + rtn, X), output_error(W, Wc + qL.dequantize() @ qR.dequantize(), X)
     # measured at rank 26: no adapters 0.247, exact 0.0153, round-to-nearest 0.0526, GPTQ 0.0240
     assert exact < err_gptq < 2 * exact and err_gptq < 0.6 * err_rtn < none, (none, exact, err_rtn, err_gptq)
+
+
+def _svd_factors(E, EC, rank):
+    """The adapters from a full SVD of E C, as _factors_in_metric computed them before issue 15's Gram form."""
+    U, S, _ = torch.linalg.svd(EC, full_matrices=False)
+    Ur, root = U[:, :rank], S[:rank].sqrt()
+    live = S[:rank] > S[0] * max(E.shape) * torch.finfo(torch.float32).eps
+    inv_root = torch.where(live, 1.0 / torch.where(live, root, 1.0), 0.0)
+    return Ur * root[None, :], inv_root[:, None] * (Ur.T @ E)
+
+
+@pytest.mark.parametrize("N,K", [(96, 40), (40, 96), (64, 64)])
+def test_top_singular_matches_the_svd(N, K):
+    g = torch.Generator().manual_seed(3)
+    A = torch.randn(N, K, generator=g) * torch.logspace(0, -3, K)[None, :]  # a decaying spectrum, as E C has
+    U, S, _ = torch.linalg.svd(A, full_matrices=False)
+    Ur, Sr = top_singular(A, 12)
+    assert Ur.shape == (N, 12) and Sr.dtype == torch.float32
+    assert torch.allclose(Sr, S[:12], rtol=1e-5, atol=0)
+    # The same subspace: the projectors agree (the signs of single vectors may differ).
+    assert (Ur @ Ur.T - U[:, :12] @ U[:, :12].T).abs().max() < 1e-4
+    assert (Ur.T @ Ur - torch.eye(12)).abs().max() < 1e-5
+
+
+def test_top_singular_of_a_rank_deficient_matrix_gives_no_nan():
+    g = torch.Generator().manual_seed(4)
+    A = torch.randn(50, 3, generator=g) @ torch.randn(3, 30, generator=g)  # rank 3, tall: the A^T A side
+    Ur, Sr = top_singular(A, 8)
+    assert torch.isfinite(Ur).all() and torch.isfinite(Sr).all()
+    assert float(Sr[3:].max()) < 1e-4 * float(Sr[0])
+
+
+def test_hessian_lowrank_from_the_gram_matrix_keeps_the_svd_error(compression_error, layer, output_error):
+    """The Gram/eigh form of the H-LoRA fit leaves the output error the full SVD left, to 1e-5 relative."""
+    E, _ = compression_error
+    W, X, H = layer
+    C = hessian_root(H)
+    for rank in (4, 16):
+        L, R = hessian_lowrank(E, H, rank)
+        L0, R0 = _svd_factors(E, E @ C, rank)
+        new, old = output_error(W, W - E + L @ R, X), output_error(W, W - E + L0 @ R0, X)
+        assert abs(new - old) <= 1e-5 * old
+        assert float((L @ R - L0 @ R0).norm() / (L0 @ R0).norm()) < 1e-4

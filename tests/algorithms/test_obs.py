@@ -3,7 +3,7 @@ sparsegpt, as this project wrote it before issue 15) gives: the transposed layou
 import pytest
 import torch
 
-from slim_trt.algorithms.obs import group_scale, inverse_hessian_factor, obs_sweep
+from slim_trt.algorithms.obs import group_scale, inverse_hessian_factor, obs_sweep, one_thread
 from slim_trt.algorithms.prune import mask_for, nm_mask, pruned_count
 from slim_trt.algorithms.qtensor import INT_RANGE
 from slim_trt.config import Sparsity
@@ -97,3 +97,39 @@ def test_sweep_is_bit_identical_to_the_column_loop(case, N, K, blocksize):
         if a is not None:
             assert a.dtype == b.dtype and a.shape == b.shape
             assert a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8))  # every bit, -0.0 too
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[-1]], ids=["sparsegpt-2:4", "refit-fixed-mask"])
+def test_sweep_on_one_thread_matches_the_multithreaded_loop(case):
+    """The column loop runs on one thread (obs.one_thread); a layer wide enough for torch to split its ops across
+    threads (rank-1 updates of 127 x 640 values) gives the bits the reference loop gives on two threads, and the
+    caller's thread count is back afterwards."""
+    W, H = _layer(640, 256)
+    kw = dict(case)
+    if kw.pop("fixed_mask", False):
+        kw["mask"] = torch.rand(640, 256, generator=torch.Generator().manual_seed(5)) > 0.4
+    if "sparsity" in kw:
+        kw["sparsity"] = Sparsity.parse(kw["sparsity"])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ref = _column_loop(W, H, **kw)
+        new = obs_sweep(W, H, **kw)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    for a, b in zip(new, ref):
+        assert a.reshape(-1).view(torch.uint8).equal(b.reshape(-1).view(torch.uint8))
+
+
+def test_one_thread_restores_the_count_after_an_error():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError):
+            with one_thread():
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("inside")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -154,6 +154,7 @@ def test_row_selection():
     # every row, each number once (rows are added by several issues at once: no fixed count here)
     assert [r.number for r in bench.select_rows("all")] == [r.number for r in bench.ROWS]
     assert len({r.number for r in bench.ROWS}) == len(bench.ROWS) >= 50
+    assert {24, 41, 44, 49, 56, 57, 58} <= {r.number for r in bench.ROWS}
     assert [r.number for r in bench.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
     with pytest.raises(bench.SlimError):
         bench.select_rows("99")
@@ -211,7 +212,11 @@ def test_best_rows_follow_the_budget_and_the_finetuning_split():
 def test_the_compress_defaults_are_the_best_one_shot_row():
     from slim_trt.config import PRESETS, CompressConfig
 
-    assert CompressConfig(**bench.BEST) == CompressConfig()  # row 24, best_one_shot in the committed JSON
+    # Row 24 (best_one_shot in the committed JSON) is the defaults with the refit rounds before issue 15; row 56
+    # is the defaults since.
+    row56 = next(r for r in bench.ROWS if r.number == 56)
+    assert CompressConfig(**row56.compress) == CompressConfig()
+    assert CompressConfig(**bench.BEST) == CompressConfig(refit_rounding="every", refit_scales="every")
     assert CompressConfig(**next(r for r in bench.ROWS if r.number == 7).compress) == \
         CompressConfig(**PRESETS["slim-paper"])
 
