@@ -184,7 +184,7 @@ ROWS: tuple[Row, ...] = (
         {**BEST, "quantizer": "gptq", "bit_allocation": "slim-llm"}),
     # Issue 15, compression time: row 24 with the cheaper refit rounds that became the defaults (float adapters
     # between rounds, rounded once at the end; the first sweep's group scales in every refit sweep), and each half.
-    Row(56, "sgpt-slimq-hlora-gq4-r023-refit3-fast", "row 24 with issue 15's refit rounds (the defaults since)",
+    Row(56, "sgpt-slimq-hlora-gq4-r023-refit3-fast", "row 24 with issue 15's cheaper refit rounds (--refit-rounding last --refit-scales first)",
         {**BEST, "refit_rounding": "last", "refit_scales": "first"}),
     Row(57, "sgpt-slimq-hlora-gq4-r023-refit3-lastround", "row 24, adapters rounded after the last refit round only",
         {**BEST, "refit_rounding": "last"}),
@@ -270,7 +270,8 @@ def same_config(stored: dict, row: Row) -> bool:
 
 # CompressConfig fields added after results were stored, with the behaviour those results had (a stored config
 # without the field was made that way, whatever the field's default is today).
-LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uniform", "max_bits": None}
+LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uniform", "max_bits": None,
+          "refit_rounding": "every", "refit_scales": "every"}
 
 
 def finetune_settings(row: Row) -> dict:

@@ -358,19 +358,17 @@ def _check_divisible(model: nn.Module, cfg: CompressConfig) -> None:
 
 
 def _open_streamed(source: str, trust_remote_code: bool, progress: bool):
-    """The model to stream (slim_trt/streaming.py), or None, said on stderr, when it is loaded whole."""
+    """(the model to stream (slim_trt/streaming.py), None) or (None, why it is loaded whole). The reason is said
+    on stderr only once the whole load has worked: a folder that cannot load at all gets its one error line."""
     from .models import model_folder
-    from .streaming import note, open_streamed
+    from .streaming import open_streamed
 
     folder = model_folder(source)
     if isinstance(folder, str):
-        note(f"{source}: a hub model is loaded whole (streaming reads a local folder: download it and pass the "
-             f"folder to stream it)", True)
-        return None
+        return None, (f"{source}: a hub model is loaded whole (streaming reads a local folder: download it and "
+                      f"pass the folder to stream it)")
     streamed, why_not = open_streamed(Path(folder), trust_remote_code=trust_remote_code)
-    if streamed is None:
-        note(f"{source}: loaded whole, not streamed: {why_not}", True)
-    return streamed
+    return streamed, (None if streamed is not None else f"{source}: loaded whole, not streamed: {why_not}")
 
 
 def compress_model(source: str, out: str | Path, config: CompressConfig | None = None,
@@ -405,7 +403,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     if partial.exists() and not partial.is_dir():
         raise SlimError(f"{partial} (where compress keeps finished blocks) is a file: remove it or choose another -o")
     text = load_text(calib.source)
-    streamed = _open_streamed(source, trust_remote_code, progress) if stream and finetune is None else None
+    streamed, whole_why = (_open_streamed(source, trust_remote_code, progress) if stream and finetune is None
+                           else (None, None))
     if streamed is not None:
         model, tok = streamed.model, streamed.tokenizer
         baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from
@@ -413,6 +412,9 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     else:
         model, tok = load_model(source, trust_remote_code=trust_remote_code)
         check_finite(model)
+        if whole_why:
+            from .streaming import note
+            note(whole_why, True)
     check_seqlen(model.config, calib.seqlen)
     _check_divisible(model, config)
     # Distillation needs the dense model after compression has replaced the layers in place.

@@ -84,9 +84,8 @@ class CompressConfig:
     H-LoRA adapters of rank 0.23 rounded to 4 bits by GPTQ, 3 base/adapter refit rounds: 1.320x dense
     perplexity on Gemma 3 270M at 4.468 bits/param. max_bits keeps every model within 4.5 bits/param: on
     shapes where rank 0.23 would cost more, the ranks are lowered to fit (on Gemma 3 270M it does not bind).
-    Since issue 15 the refit rounds keep float adapters between rounds and the first sweep's scales (bench row
-    56: lower output error on every layer measured, perplexity not measured yet); row 24 is refit_rounding and
-    refit_scales "every".
+    Issue 15's cheaper refit rounds (refit_rounding "last", refit_scales "first": lower output error on every
+    layer measured) gave 1.341x (bench row 56), worse than row 24, so they are options, not the defaults.
     """
 
     sparsity: str = "2:4"
@@ -110,8 +109,8 @@ class CompressConfig:
     # end, "every" rounds them in every round (before issue 15: 3 more adapter GPTQs per layer); refit_scales
     # "first" re-uses the group scales the first SparseGPT sweep chose in every refit sweep, "every" searches them
     # again on W - L R (the other pruners' bases always search again).
-    refit_rounding: str = "last"
-    refit_scales: str = "first"
+    refit_rounding: str = "every"
+    refit_scales: str = "every"
     rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
     # The model-wide budget of the compressed layers, adapters included (README "Bits per parameter"): when the
     # ranks from rank_ratio would exceed it, the ratio is lowered until they fit (algorithms.pipeline.plan_ranks).

@@ -67,4 +67,5 @@ def test_the_presets_keep_the_refit_rounds_they_were_measured_with():
     for name in ("slim-paper", "trt-int8-sparse"):
         cfg = CompressConfig(**PRESETS[name])
         assert (cfg.refit_rounding, cfg.refit_scales) == ("every", "every")
-    assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("last", "first")
+    # the defaults too: row 24's rounds (row 56's cheaper ones measured 1.341x against 1.320x)
+    assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("every", "every")

@@ -98,7 +98,8 @@ def test_non_finite_stored_weights_are_refused_before_compressing(tmp_path):
 
 def test_weights_under_names_the_model_does_not_use_are_loaded_whole_and_said_so(tmp_path, capsys):
     """Tensor names that are not the model's (a checkpoint transformers would rename on load) cannot be streamed
-    tensor by tensor: compress says so and hands the folder to the in-memory loader, whose checks then apply."""
+    tensor by tensor: compress hands the folder to the in-memory loader, whose checks then apply (and says so
+    on stderr when that load works)."""
     from safetensors.torch import load_file, save_file
 
     from slim_trt.streaming import open_streamed
@@ -113,7 +114,8 @@ def test_weights_under_names_the_model_does_not_use_are_loaded_whole_and_said_so
     assert why_not == "the weights lack 1 tensor name(s) the model has (e.g. model.norm.weight)"
     with pytest.raises(SlimError, match=r"the weights lack 1 tensor\(s\) the config needs \(e\.g\. model\.norm\.weight"):
         compress_model(str(src), tmp_path / "out", CompressConfig(), CALIB, progress=False)
-    assert f"{src}: loaded whole, not streamed: {why_not}" in capsys.readouterr().err
+    # The note is said only when the whole load works: here the one error line is all the user sees.
+    assert "loaded whole, not streamed" not in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 

@@ -269,7 +269,7 @@ def test_refit_every_every_is_the_refit_before_issue_15_bit_for_bit(refit_layer)
 
 def test_refit_scales_first_rounds_every_sweep_on_the_first_scales(refit_layer):
     W, H, s = refit_layer
-    cfg = CompressConfig(refit_rounding="every")
+    cfg = CompressConfig(refit_rounding="every", refit_scales="first")
     weight, mask, L, R = _one_shot(W, H, s, cfg)
     res = refit(W, H, s, weight, mask, L, R, cfg, rounds=3)
     assert res.rounds_kept >= 1 and torch.equal(res.weight.scale, weight.scale)
@@ -282,7 +282,7 @@ def test_refit_rounding_last_rounds_the_adapters_once(refit_layer, monkeypatch):
     import slim_trt.algorithms.refit as refit_module
 
     W, H, s = refit_layer
-    cfg = CompressConfig()
+    cfg = CompressConfig(refit_rounding="last", refit_scales="first")
     weight, mask, L, R = _one_shot(W, H, s, cfg)
     calls = []
     real = refit_module.quantized_adapters

@@ -27,9 +27,9 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("flags,expect", [
     ([], dict(pruner="sparsegpt", quantizer="slim", lowrank="hessian", rank_ratio=0.23, quantize_adapters=True,
-              adapter_quantizer="gptq", effective_group_size=128, refit_rounds=3, refit_rounding="last",
-              refit_scales="first")),
-    (["--refit-rounding", "every", "--refit-scales", "every"], dict(refit_rounding="every", refit_scales="every")),
+              adapter_quantizer="gptq", effective_group_size=128, refit_rounds=3, refit_rounding="every",
+              refit_scales="every")),
+    (["--refit-rounding", "last", "--refit-scales", "first"], dict(refit_rounding="last", refit_scales="first")),
     (["--preset", "slim-paper"], dict(pruner="wanda", quantizer="slim", lowrank="slim", rank_ratio=0.1,
                                       quantize_adapters=False, effective_group_size=0, refit_rounds=0)),
     (["--preset", "slim-paper", "--quantize-adapters", "--lowrank", "hessian"],
