@@ -6,7 +6,6 @@ per-block resume, save the checkpoint atomically.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import hashlib
 import itertools
@@ -165,14 +164,7 @@ def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[
 
 
 def _on(x, device: torch.device):
-    if isinstance(x, QuantizedTensor):
-        if x.q.device == device:
-            return x
-        # replace() keeps every field (zero points, SliM-LLM's widths, SpQR's outlier table, which stays on the host).
-        return dataclasses.replace(x, q=x.q.to(device), scale=x.scale.to(device),
-                                   zero=None if x.zero is None else x.zero.to(device),
-                                   group_bits=None if x.group_bits is None else x.group_bits.to(device))
-    return None if x is None else x.to(device)
+    return None if x is None else x.to(device)  # QuantizedTensor.to moves every field
 
 
 def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: CompressConfig, *, rank: int | None = None,

@@ -14,6 +14,7 @@ Layout (rows = output channels N, cols = input channels K, as in torch `Linear.w
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -78,11 +79,15 @@ class QuantizedTensor:
             raise ValueError("a zero point lies outside its group's range (group_bits)")
 
     def to(self, device) -> "QuantizedTensor":
-        """The same tensor on `device` (every field moves together)."""
+        """The same tensor on `device`: every tensor field moves together, and replace() keeps a subclass's own
+        fields (SpQR's outlier table stays where it is)."""
+        if self.q.device == torch.device(device):
+            return self
+
         def mv(t):
             return None if t is None else t.to(device)
-        return QuantizedTensor(q=mv(self.q), scale=mv(self.scale), bits=self.bits, group_size=self.group_size,
-                               zero=mv(self.zero), group_bits=mv(self.group_bits))
+        return dataclasses.replace(self, q=mv(self.q), scale=mv(self.scale), zero=mv(self.zero),
+                                   group_bits=mv(self.group_bits))
 
     def code_bits(self) -> int:
         """Information bits of the codes: bits per weight, or each group's own width (group_bits)."""

@@ -150,3 +150,15 @@ def test_bad_arguments_are_refused(layer):
         spqr_quantize(W, H, 4, group_size=24)
     with pytest.raises(ValueError, match="outlier_share"):
         spqr_quantize(W, H, 4, outlier_share=1.5)
+
+
+def test_moving_an_spqr_weight_keeps_its_outliers_and_zero_points():
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(16, 64, generator=g)
+    X = torch.randn(256, 64, generator=g)
+    w = spqr_quantize(W, X.T @ X / 256, 3, group_size=16, outlier_share=0.02)
+    # "cpu:0" is not the tensors' device object, so this takes the copying path a GPU move takes
+    moved = w.to("cpu:0")
+    assert moved is not w and isinstance(moved, SpQRTensor) and moved.outliers is w.outliers and w.outlier_count > 0
+    assert torch.equal(moved.dequantize(), w.dequantize()) and torch.equal(moved.zero, w.zero)
+    assert w.to("cpu") is w
