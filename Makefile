@@ -35,15 +35,22 @@ bench-peers:
 	$(PY) -m venv bench/.venv-llmcompressor && bench/.venv-llmcompressor/bin/pip install -q -r bench/peers/requirements-llmcompressor.txt
 
 # The speed benchmark's peers, each in its own venv (never .venv): onnxruntime-genai (its model builder and
-# generator), and llama.cpp through llama-cpp-python built here from its sdist (cmake, CPU backend, this CPU's
-# instructions except AMX: ggml's AMX kernels die with SIGILL on `tilezero` where the kernel does not hand out AMX
-# state, as in this VM; the multimodal library is left out). About 30-60 minutes on 2 busy cores.
-LLAMA_NO_AMX := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+# generator), and llama.cpp through llama-cpp-python built here from its sdist (cmake, CPU backend, AVX-512 and
+# VNNI but no AMX: ggml's AMX kernels die with SIGILL on `tilezero` where the kernel does not hand out AMX state,
+# as in this VM. GGML_NATIVE=OFF because -march=native turns AMX back on whatever CFLAGS say (the build of session
+# 5 had 622 AMX instructions and died with SIGILL). --no-cache-dir: pip otherwise re-installs the wheel it built
+# from the same sdist before, whatever CMAKE_ARGS now say. The multimodal library is left out. About 30-60 minutes
+# on 2 busy cores.
+LLAMA_CMAKE := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON \
+	-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON \
+	-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF
 bench-peers-speed:
 	$(PY) -m venv bench/.venv-ortgenai && bench/.venv-ortgenai/bin/pip install -q -r bench/peers/requirements-ortgenai.txt
-	$(PY) -m venv bench/.venv-llamacpp && CFLAGS="$(LLAMA_NO_AMX)" CXXFLAGS="$(LLAMA_NO_AMX)" \
-		CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-		bench/.venv-llamacpp/bin/pip install -q --no-binary llama-cpp-python -r bench/peers/requirements-llamacpp.txt
+	$(PY) -m venv bench/.venv-llamacpp && CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		bench/.venv-llamacpp/bin/pip install -q --no-cache-dir --no-binary llama-cpp-python \
+		-r bench/peers/requirements-llamacpp.txt
+	@! objdump -d bench/.venv-llamacpp/lib/python3*/site-packages/llama_cpp/lib/libggml-cpu.so | grep -q tilezero \
+		|| { echo "llama.cpp was built with AMX instructions: it dies with SIGILL here" >&2; exit 1; }
 
 # Speed of the dense and compressed exports beside the peers. The checkpoint is the demo's (32 calibration
 # windows x 512 tokens); rows already in the JSON are skipped. Run it on a quiet machine: the figures are medians

@@ -4,15 +4,16 @@ For each hidden size (512, 1024, 2048, 4096; MLP 2.7x hidden rounded to a multip
 LlamaForCausalLM with one decoder block and transformers' default initialisation (normal, std 0.02: the scale of
 real LLaMA weights) is compressed on real calibration text: WikiText-2 validation windows through the Gemma 3
 tokenizer (the cached one), with the token ids that occur renumbered 0..U-1 so the embedding holds U rows instead
-of 262144 (every distinct token keeps its own row). Two recipes per size: the default (CompressConfig()) and
-SparseGPT + GPTQ alone (lowrank "none"), the comparison of issue 15's goal (default <= 2.0x).
+of 262144 (every distinct token keeps its own row). Two recipes per size: `slim-2to4` (the compress defaults when
+issue 15 set its goal, `--preset slim-2to4` since issue 14) and SparseGPT + GPTQ alone (the same, lowrank "none"),
+the comparison of issue 15's goal (the recipe <= 2.0x).
 
 Per row: the time split by phase (the compressor's own timer), the total, peak RSS, the load average before and
 after. Per run: this CPU's fp32 GEMM rate on LLaMA-2-7B's block shapes. From the rows: the growth exponent of the
 total time vs hidden size (log-log least squares) and a projection for LLaMA-2-7B (32 blocks of hidden 4096, MLP
 11008) on this CPU and, scaled by the ratio of GEMM rates, on one H100 (a projection, not a measurement).
 
-    OMP_NUM_THREADS=2 nice -n 10 python bench/scaling.py [--rows all|1,2|512-default,...] --out bench/results/
+    OMP_NUM_THREADS=2 nice -n 10 python bench/scaling.py [--rows all|1,2|512-slim-2to4,...] --out bench/results/
 """
 from __future__ import annotations
 
@@ -27,10 +28,12 @@ from pathlib import Path
 import harness
 from harness import BENCH, DEFAULT_CALIB, fmt, peak_rss_gb, portable_path, reset_peak_rss, versions
 
+from slim_trt.config import PRESETS
 from slim_trt.errors import SlimError
 
 SIZES = (512, 1024, 2048, 4096)
-RECIPES = {"sparsegpt-gptq": {"lowrank": "none"}, "default": {}}  # CompressConfig keyword arguments
+# CompressConfig keyword arguments, spelled out by the preset so the rows keep their meaning when the defaults move
+RECIPES = {"sparsegpt-gptq": {**PRESETS["slim-2to4"], "lowrank": "none"}, "slim-2to4": PRESETS["slim-2to4"]}
 HEAD_DIM = 128  # LLaMA's
 LLAMA2_7B = {"hidden": 4096, "intermediate": 11008, "blocks": 32}
 # NVIDIA H100 SXM datasheet (dense, no sparsity): FP32 67 TFLOPS, TF32 tensor cores 495 TFLOPS. Peak rates: the
@@ -157,8 +160,9 @@ def markdown(data: dict) -> str:
     out = ["# Compression cost vs model size (one synthetic LLaMA-style block)", "",
            f"One LlamaForCausalLM decoder block, random weights (transformers' default init, std 0.02), MLP 2.7x "
            f"hidden rounded to 128, head dim {HEAD_DIM}; calibration {s['nsamples']} x {s['seqlen']} tokens of "
-           f"{s['calib']} through the tokenizer {s['tokenizer']}. Recipes: `default` = "
-           f"CompressConfig(), `sparsegpt-gptq` = lowrank none. Device cpu, fp32.", "",
+           f"{s['calib']} through the tokenizer {s['tokenizer']}. Recipes: `slim-2to4` = "
+           f"`--preset slim-2to4` (the compress defaults until issue 14), `sparsegpt-gptq` = the same with lowrank "
+           f"none. Device cpu, fp32.", "",
            f"Machine: {m.get('cpu')}, {m.get('usable_cpus')} usable CPUs, {m.get('memory_gb')} GB; torch threads "
            f"per row below; shared with other jobs: the load average (1 min) is recorded before/after every row.",
            "", "Phase seconds:", "",
@@ -175,7 +179,7 @@ def markdown(data: dict) -> str:
         out += ["", f"Not measured: {', '.join(missing)} (longer than the run allowed on 2 shared cores); where "
                 f"hidden 4096 is missing the projection uses the fitted exponent."]
     if any(r.get("refit_phases") for r in rows):
-        out += ["", "Refit rounds by part (default recipe, all rounds): " + "; ".join(
+        out += ["", "Refit rounds by part (slim-2to4, all rounds): " + "; ".join(
             f"{r['hidden']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["refit_phases"].items())
             for r in rows if r.get("refit_phases")) + "."]
     if data.get("fit"):
@@ -304,8 +308,8 @@ def run_row(row: Row, windows, vocab: int, args) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names (512-default, "
-                   "512-sparsegpt-gptq, ...; odd numbers SparseGPT+GPTQ, even default) [default: all]")
+    p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names (512-slim-2to4, "
+                   "512-sparsegpt-gptq, ...; odd numbers SparseGPT+GPTQ, even slim-2to4) [default: all]")
     p.add_argument("--calib", default=str(DEFAULT_CALIB), metavar="FILE", help="calibration text")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows [default: 32]")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: 512]")

@@ -271,7 +271,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
         for rel_name, lin in linears.items():
             full = f"{prefix}{i}.{rel_name}"
             rank = ranks.get(rel_name, planned[full])
-            layer, info = compress_linear(full, lin, stats[rel_name], config, rank=rank or None,
+            layer, info = compress_linear(full, lin, stats[rel_name], config, rank=rank,
                                           base=bases.pop(rel_name, None), timer=timer, home=home)
             block.set_submodule(rel_name, layer)
             stats[rel_name] = None  # free the Hessian as soon as the layer is done

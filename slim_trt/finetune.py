@@ -273,8 +273,9 @@ def finetune(model: nn.Module, windows: torch.Tensor, cfg: FinetuneConfig | None
                         "model that was compressed) or use --loss ce")
     layers = adapter_layers(model)
     if not layers:
-        raise SlimError("the model has no low-rank adapters to fine-tune: compress it with --lowrank hessian "
-                        "(or slim, svd)")
+        raise SlimError("the model has no low-rank adapters to fine-tune (--lowrank none, or a --max-bits budget "
+                        "too small for any rank on these shapes): compress it with --lowrank hessian, and "
+                        "--max-bits none on small models")
     state_dir = Path(state_dir) if state_dir is not None else None
     t_run = time.time()
     was_training = model.training
@@ -443,7 +444,9 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
         raise SlimError(f"the output {out} is the input checkpoint: write the fine-tuned model to another -o")
     manifest = read_manifest(ckpt)
     if not any(meta.get("rank") for meta in manifest["layers"].values()):
-        raise SlimError(f"{ckpt} has no low-rank adapters to fine-tune: compress with --lowrank hessian (or slim, svd)")
+        raise SlimError(f"{ckpt} has no low-rank adapters to fine-tune (--lowrank none, or a --max-bits budget too "
+                        f"small for any rank on these shapes): compress with --lowrank hessian, and --max-bits none on "
+                        f"small models")
     check_output(out, force)  # before hours of training rather than after
     try:
         tok = AutoTokenizer.from_pretrained(ckpt)

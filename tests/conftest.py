@@ -100,3 +100,11 @@ def run_cli(args, capsys):
     rc = main([str(a) for a in args])
     out, err = capsys.readouterr()
     return rc, out, err
+
+
+def slim_2to4(**changes):
+    """The best 2:4 recipe (`--preset slim-2to4`, bench row 24; the defaults until issue 14), with changes: what
+    the tests of 2:4 sweeps, refit rounds and adapters were written against."""
+    from slim_trt.config import PRESETS, CompressConfig
+
+    return CompressConfig(**{**PRESETS["slim-2to4"], **changes})

@@ -8,7 +8,7 @@ from slim_trt.compressor import compress
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.config import PRESETS, CompressConfig
 from slim_trt.errors import SlimError
-from tests.conftest import calib_windows, tiny_model, tiny_tokenizer
+from tests.conftest import slim_2to4, calib_windows, tiny_model, tiny_tokenizer
 
 
 @pytest.mark.parametrize("nbits", [1, 2, 4, 8])
@@ -18,11 +18,11 @@ def test_pack_uint_round_trip(nbits):
 
 
 CONFIGS = {
-    "slim-2:4": CompressConfig(),
-    "absmax-g32-unstructured-q-adapters": CompressConfig(sparsity="unstructured:0.5", quantizer="absmax",
+    "slim-2:4": slim_2to4(),
+    "absmax-g32-unstructured-q-adapters": slim_2to4(sparsity="unstructured:0.5", quantizer="absmax",
                                                          group_size=32, quantize_adapters=True, adapter_group_size=16),
-    "int8-dense-svd": CompressConfig(sparsity="none", bits=8, lowrank="svd", max_bits=None),
-    "fp-2:4-noadapters": CompressConfig(bits=16, lowrank="none"),
+    "int8-dense-svd": slim_2to4(sparsity="none", bits=8, lowrank="svd", max_bits=None),
+    "fp-2:4-noadapters": slim_2to4(bits=16, lowrank="none"),
     "w8a8-2:4-lrc-smooth": CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": 0.5}),
 }
 
@@ -109,7 +109,7 @@ def test_activation_scales_are_stored_and_reloaded_exactly(tmp_path):
         assert "act_scale" in entry["tensors"]  # the stored tensor is checksummed like the weights
     # a layer without activation quantization stores none
     plain = tiny_model("llama")
-    compress(plain, CompressConfig(), calib_windows(n=4, seqlen=16), progress=False)
+    compress(plain, slim_2to4(), calib_windows(n=4, seqlen=16), progress=False)
     save(plain, tmp_path / "plain")
     assert not any("act_scale" in e for e in json.loads((tmp_path / "plain" / MANIFEST).read_text())["layers"].values())
 

@@ -10,7 +10,7 @@ from slim_trt.compressor import compress, compress_model
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.config import PRESETS, CalibConfig, CompressConfig
 from slim_trt.errors import SlimError
-from tests.conftest import calib_windows, tiny_model
+from tests.conftest import slim_2to4, calib_windows, tiny_model
 
 
 def _logit_err(model, ref, x):
@@ -47,9 +47,9 @@ def test_the_default_recipe_gives_group_scales_and_4bit_adapters(family):
 
     model = tiny_model(family)
     # On these 64-wide layers rank 0.23 would cost more than the 4.5-bit budget: the plan lowers the ratio.
-    planned, ratio = plan_ranks(compressed_shapes(model, CompressConfig()), CompressConfig())
+    planned, ratio = plan_ranks(compressed_shapes(model, slim_2to4()), slim_2to4())
     assert 0 < ratio < 0.23
-    report = compress(model, CompressConfig(), calib_windows(n=6, seqlen=24), progress=False)
+    report = compress(model, slim_2to4(), calib_windows(n=6, seqlen=24), progress=False)
     assert report.bits_per_param(True) <= 4.5 and report.rank_ratio == ratio
     for name, layer in compressed_layers(model):
         N, K = layer.base_weight().shape
@@ -88,7 +88,7 @@ def test_report_counts_bits_exactly():
 def test_skip_list_and_indivisible_k_stay_dense():
     model = tiny_model("llama")
     with pytest.warns(UserWarning, match="not a multiple of 3"):
-        rep = compress(model, CompressConfig(sparsity="2:3", skip_layers=("*.q_proj",)), calib_windows(n=2, seqlen=16),
+        rep = compress(model, slim_2to4(sparsity="2:3", skip_layers=("*.q_proj",)), calib_windows(n=2, seqlen=16),
                        progress=False)
     # K = 64 (attention inputs) and 128 (down_proj) are not multiples of 3: everything stays dense
     assert dict(compressed_layers(model)) == {}
@@ -100,7 +100,7 @@ def test_non_finite_weights_name_the_layer():
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
     with pytest.raises(SlimError, match=r"model\.layers\.1\.mlp\.up_proj"):
-        compress(model, CompressConfig(), calib_windows(n=2, seqlen=16), progress=False)
+        compress(model, slim_2to4(), calib_windows(n=2, seqlen=16), progress=False)
 
 
 def _interrupt_after_first_block(monkeypatch, run):
@@ -122,7 +122,7 @@ def _interrupt_after_first_block(monkeypatch, run):
 
 
 def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
-    cfg = CompressConfig()
+    cfg = slim_2to4()
     calib = CalibConfig(nsamples=4, seqlen=16)
     out_a = tmp_path / "a"
     compress_model(str(tiny_model_dir), out_a, cfg, calib, progress=False)
@@ -134,7 +134,7 @@ def test_resume_after_interruption_gives_the_same_result(tiny_model_dir, tmp_pat
 
     # a different config must not silently mix with the saved blocks
     with pytest.raises(SlimError, match="different"):
-        compress_model(str(tiny_model_dir), out_b, CompressConfig(rank_ratio=0.3), calib, progress=False)
+        compress_model(str(tiny_model_dir), out_b, slim_2to4(rank_ratio=0.3), calib, progress=False)
     compress_model(str(tiny_model_dir), out_b, cfg, calib, progress=False)
     assert not (tmp_path / "b.partial").exists()
     a, b = slim_trt.load(out_a), slim_trt.load(out_b)
@@ -166,7 +166,7 @@ def test_a_corrupt_block_in_the_partial_folder_is_dropped_and_recomputed(tiny_mo
     block is dropped with a warning naming OUT.partial and compressed again, to the same checkpoint."""
     import shutil
 
-    cfg, calib = CompressConfig(refit_rounds=0), CalibConfig(nsamples=2, seqlen=16)
+    cfg, calib = slim_2to4(refit_rounds=0), CalibConfig(nsamples=2, seqlen=16)
     ref = slim_trt.load(compress_model(str(tiny_model_dir), tmp_path / "ref", cfg, calib, progress=False)[0])
     _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "cut", cfg,
                                                                      calib, progress=False))
@@ -279,7 +279,7 @@ def test_w8a8_resume_with_smoothing_gives_the_same_result(tiny_model_dir, tmp_pa
 
 def test_the_report_splits_the_time_by_phase_and_names_the_device():
     model = tiny_model("llama")
-    rep = compress(model, CompressConfig(), calib_windows(n=4, seqlen=16), progress=False, device="cpu")
+    rep = compress(model, slim_2to4(), calib_windows(n=4, seqlen=16), progress=False, device="cpu")
     ph = rep.summary()["phases"]
     for key in ("calibration_forward", "hessian", "sweep", "adapter_svd", "adapter_rounding", "refit_round_1",
                 "block_output", "layer_other", "other"):
@@ -329,7 +329,7 @@ def test_compress_uses_every_core_it_is_given(monkeypatch):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        rep = compress(tiny_model("llama"), CompressConfig(refit_rounds=0), calib_windows(n=2, seqlen=16),
+        rep = compress(tiny_model("llama"), slim_2to4(refit_rounds=0), calib_windows(n=2, seqlen=16),
                        progress=False)
         assert rep.threads == available_cores()
         assert torch.get_num_threads() == 1  # restored afterwards
@@ -341,7 +341,7 @@ def test_compress_uses_every_core_it_is_given(monkeypatch):
 def test_cuda_without_a_gpu_is_refused_before_anything_changes():
     model = tiny_model("llama")
     with pytest.raises(SlimError, match="no usable CUDA GPU"):
-        compress(model, CompressConfig(), calib_windows(n=2, seqlen=16), progress=False, device="cuda")
+        compress(model, slim_2to4(), calib_windows(n=2, seqlen=16), progress=False, device="cuda")
     assert dict(compressed_layers(model)) == {}
 
 
@@ -350,8 +350,8 @@ def test_cuda_without_a_gpu_is_refused_before_anything_changes():
 def test_cuda_compresses_each_block_on_the_gpu_and_keeps_the_model_on_the_host():
     windows = calib_windows(n=4, seqlen=16)
     cpu_model, gpu_model = tiny_model("llama"), tiny_model("llama")
-    cpu = compress(cpu_model, CompressConfig(), windows, progress=False, device="cpu")
-    gpu = compress(gpu_model, CompressConfig(), windows, progress=False, device="cuda")
+    cpu = compress(cpu_model, slim_2to4(), windows, progress=False, device="cpu")
+    gpu = compress(gpu_model, slim_2to4(), windows, progress=False, device="cuda")
     assert gpu.device.startswith("cuda") and gpu.peak_device_gb > 0
     assert all(t.device.type == "cpu" for t in itertools.chain(gpu_model.parameters(), gpu_model.buffers()))
     for name, layer in compressed_layers(gpu_model):

@@ -18,19 +18,23 @@ def test_sparsity_parse_rejects(bad):
         Sparsity.parse(bad)
 
 
-def test_defaults_are_the_best_one_shot_recipe_and_the_preset_is_the_paper():
-    c = CompressConfig()  # bench row 24 (issue 7): SparseGPT + SLiM-Quant g128, H-LoRA r 0.23, GPTQ-rounded
-    assert (c.sparsity, c.bits, c.quantizer, c.pruner, c.lowrank, c.rank_ratio, c.quantize_adapters) == \
-        ("2:4", 4, "slim", "sparsegpt", "hessian", 0.23, True)
-    assert c.effective_group_size == 128 and (c.refit_rounds, c.rank_allocation) == (3, "uniform")
-    assert c.adapter_quantizer == "gptq"
+def test_defaults_are_the_best_one_shot_recipe_and_the_presets_are_named_rows():
+    c = CompressConfig()  # bench row 42 (issue 14): dense GPTQ g128, H-LoRA r 0.23 (lowered to fit), RTN-rounded
+    assert (c.sparsity, c.bits, c.quantizer, c.lowrank, c.rank_ratio, c.quantize_adapters) == \
+        ("none", 4, "gptq", "hessian", 0.23, True)
+    assert c.effective_group_size == 128 and (c.refit_rounds, c.rank_allocation, c.max_bits) == (3, "uniform", 4.5)
+    assert c.adapter_quantizer == "rtn" and c.act_bits is None and not c.zero_points  # TensorRT's symmetric INT4
     assert CompressConfig(lowrank="none").refit_rounds == 0  # nothing to alternate with
+    s = CompressConfig(**PRESETS["slim-2to4"])  # row 24: the defaults until issue 14
+    assert (s.sparsity, s.quantizer, s.pruner, s.adapter_quantizer, s.effective_group_size) == \
+        ("2:4", "slim", "sparsegpt", "gptq", 128)
     p = CompressConfig(**PRESETS["slim-paper"])
     assert (p.sparsity, p.bits, p.quantizer, p.pruner, p.lowrank, p.rank_ratio, p.quantize_adapters) == \
         ("2:4", 4, "slim", "wanda", "slim", 0.1, False)
     assert p.effective_group_size == 0 and CompressConfig(quantizer="slim", group_size=None).effective_group_size == 0
-    # every knob is in the preset, so it keeps its meaning whatever the defaults become
-    assert set(PRESETS["slim-paper"]) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
+    # every knob is in each preset, so it keeps its meaning whatever the defaults become
+    for preset in PRESETS.values():
+        assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
 
 
 @pytest.mark.parametrize("kw", [dict(rank_ratio=0.0), dict(rank_ratio=1.0), dict(rank_ratio=-0.1), dict(bits=5),
@@ -64,8 +68,8 @@ def test_bad_refit_modes_are_refused_with_the_choices(kw, needle):
 
 
 def test_the_presets_keep_the_refit_rounds_they_were_measured_with():
-    for name in ("slim-paper", "trt-int8-sparse"):
+    for name in ("slim-2to4", "slim-paper", "trt-int8-sparse"):
         cfg = CompressConfig(**PRESETS[name])
         assert (cfg.refit_rounding, cfg.refit_scales) == ("every", "every")
-    # the defaults too: row 24's rounds (row 56's cheaper ones measured 1.341x against 1.320x)
+    # the defaults too: row 42's rounds (row 56's cheaper ones measured 1.341x against 1.320x on row 24)
     assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("every", "every")

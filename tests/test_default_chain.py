@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import slim_trt
-from slim_trt.config import CalibConfig, CompressConfig
+from slim_trt.config import PRESETS, CalibConfig, CompressConfig
 from slim_trt.linter import TARGETS
 
 from .conftest import tiny_tokenizer
@@ -36,9 +36,10 @@ def realistic_config(family: str):
                         max_position_embeddings=256, word_embed_proj_dim=160)
 
 
-# Every exportable family with the defaults; and LLaMA without the bits budget, whose ranks (37, 8) are odd:
-# on these small shapes the 4.5-bit budget lowers the ranks to 30 and 6.
-CASES = [(f, "defaults") for f in EXPORTABLE] + [("llama", "no-budget")]
+# Every exportable family with the defaults (dense INT4 + adapters); LLaMA without the bits budget, whose ranks
+# (37, 8) are odd; and LLaMA with the 2:4 preset, whose every compressed GEMM must lint as 2:4 along K.
+CASES = [(f, "defaults") for f in EXPORTABLE] + [("llama", "no-budget"), ("llama", "slim-2to4")]
+RECIPES = {"defaults": {}, "no-budget": {"max_bits": None}, "slim-2to4": PRESETS["slim-2to4"]}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
@@ -47,7 +48,7 @@ def default_checkpoint(request, tmp_path_factory):
     import transformers as tf
 
     family, recipe = request.param
-    config = CompressConfig() if recipe == "defaults" else CompressConfig(max_bits=None)
+    config = CompressConfig(**RECIPES[recipe])
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(realistic_config(family)).eval()
     with torch.no_grad():
@@ -66,20 +67,21 @@ def test_ranks_and_budget(default_checkpoint):
     _, recipe, _, report = default_checkpoint
     ranks = sorted({v["rank"] for v in report.layers.values()})
     bits = report.summary()["bits_per_param_with_adapters"]
-    if recipe == "defaults":
-        assert bits <= CompressConfig().max_bits
-    else:  # 0.23 x 160 = 36.8 -> 37 and 0.23 x 32 = 7.4 -> 8 (k/v projections): odd ranks need INT4 padding
+    if recipe == "no-budget":  # 0.23 x 160 = 36.8 -> 37 and 0.23 x 32 = 7.4 -> 8 (k/v): odd ranks need INT4 padding
         assert ranks == [8, 37] and bits > CompressConfig().max_bits
+    else:
+        assert bits <= CompressConfig().max_bits and min(ranks) >= 1  # the budget lowers the ranks, keeps adapters
 
 
 @pytest.mark.parametrize("lowrank", ["decomposed", "plugin"])
 def test_default_chain_passes_lint_and_verify(default_checkpoint, lowrank, tmp_path):
-    family, _, ckpt, report = default_checkpoint
+    family, recipe, ckpt, report = default_checkpoint
     out = tmp_path / f"export-{lowrank}"
     slim_trt.export(ckpt, out, lowrank=lowrank, progress=False)  # the export defaults: fp16, KV cache
     for target in TARGETS:
         rep = slim_trt.lint(out / "model.onnx", target=target)
         assert rep.ok, f"{family} {lowrank} {target}: {[f.message for f in rep.errors]}"
-        assert rep.summary["gemm_layers_2to4"] == len(report.layers)  # every compressed linear, 2:4 along K
+        two_to_four = CompressConfig(**RECIPES[recipe]).sparsity == "2:4"  # every compressed linear along K, or none
+        assert rep.summary["gemm_layers_2to4"] == (len(report.layers) if two_to_four else 0)
     ver = slim_trt.verify(out / "model.onnx", reference=ckpt, windows=1, seqlen=24, decode_steps=2)
     assert ver.ok, ver.to_dict()

@@ -12,13 +12,12 @@ import slim_trt
 from slim_trt.algorithms.lowrank import quantize_adapter
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.compressor import compress
-from slim_trt.config import CompressConfig
 from slim_trt.errors import SlimError
 from slim_trt.finetune import FinetuneConfig, batch_indices, distill_loss, finetune, lr_at, save_finetuned
-from tests.conftest import calib_windows, tiny_model
+from tests.conftest import slim_2to4, calib_windows, tiny_model
 from tests.conftest import run_cli as run
 
-QUANT = CompressConfig(quantize_adapters=True, adapter_group_size=16)
+QUANT = slim_2to4(quantize_adapters=True, adapter_group_size=16)
 FIXED = dict(lr=1e-2, schedule="constant", warmup_steps=0)
 
 
@@ -34,7 +33,7 @@ def compressed():
 def compressed_float():
     """The same with float adapters (the SLiM paper's default)."""
     model = tiny_model("llama")
-    compress(model, CompressConfig(), calib_windows(n=8, seqlen=32), progress=False)
+    compress(model, slim_2to4(), calib_windows(n=8, seqlen=32), progress=False)
     return model
 
 
@@ -93,7 +92,7 @@ def test_distill_loss_is_zero_against_itself_and_trains_toward_the_teacher():
     with torch.no_grad():
         assert float(distill_loss(teacher, teacher, ids)) == pytest.approx(0.0, abs=1e-3)
         model = copy.deepcopy(teacher)
-        compress(model, CompressConfig(), calib_windows(n=8, seqlen=32), progress=False)
+        compress(model, slim_2to4(), calib_windows(n=8, seqlen=32), progress=False)
         before = float(distill_loss(model, teacher, ids))
     assert before > 0.1
     rep = finetune(model, ids, FinetuneConfig(steps=20, batch_size=4, micro_batch_size=2, loss="kd", **FIXED),
@@ -116,7 +115,7 @@ def test_kd_without_a_teacher_is_refused(compressed_float):
 def test_interrupted_run_resumes_to_the_same_adapters(tmp_path):
     # OPT has dropout 0.1: the resumed run must also restore the RNG to draw the same dropout masks.
     model = tiny_model("opt")
-    compress(model, CompressConfig(), calib_windows(n=8, seqlen=32), progress=False)
+    compress(model, slim_2to4(), calib_windows(n=8, seqlen=32), progress=False)
     windows = calib_windows(n=6, seqlen=24, seed=4)
     cfg = FinetuneConfig(steps=9, batch_size=2, save_every=3, lr=3e-3)
 
@@ -209,7 +208,7 @@ def ckpt(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("ft")
     src = save_tiny_model(root / "tiny-llama", "llama")
-    out, _ = compress_model(str(src), root / "ckpt", CompressConfig(), CalibConfig(nsamples=4, seqlen=16),
+    out, _ = compress_model(str(src), root / "ckpt", slim_2to4(), CalibConfig(nsamples=4, seqlen=16),
                             progress=False)
     return out
 
@@ -248,8 +247,8 @@ def test_finetune_cli_distils_from_the_source_model(ckpt, tmp_path, capsys):
 
 def test_compress_with_finetune_kd(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--finetune-steps", "2", "--finetune-loss",
-                      "kd"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--preset", "slim-2to4", "--finetune-steps", "2",
+                      "--finetune-loss", "kd"], capsys)
     assert rc == 0, err
     ft = json.loads((out / "slim_manifest.json").read_text())["finetune"]
     assert ft["config"]["loss"] == "kd" and ft["teacher"] == str(tiny_model_dir) and ft["steps"] == 2
@@ -259,7 +258,8 @@ def test_compress_with_finetune_kd(tiny_model_dir, tmp_path, capsys):
 
 def test_compress_with_finetune_steps(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--finetune-steps", "2"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--preset", "slim-2to4", "--finetune-steps", "2"],
+                     capsys)
     assert rc == 0, err
     assert "fine-tuned the adapters: 2 steps" in err
     assert json.loads((out / "slim_manifest.json").read_text())["finetune"]["steps"] == 2

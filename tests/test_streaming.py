@@ -13,7 +13,7 @@ from slim_trt.calibration.families import decoder_blocks
 from slim_trt.compressor import compress_model
 from slim_trt.config import PRESETS, CalibConfig, CompressConfig
 from slim_trt.errors import SlimError
-from tests.conftest import save_tiny_model, tiny_model, tiny_tokenizer
+from tests.conftest import slim_2to4, save_tiny_model, tiny_model, tiny_tokenizer
 
 CALIB = CalibConfig(nsamples=4, seqlen=16, batch_size=2)
 
@@ -48,7 +48,7 @@ def _same_checkpoint(a: Path, b: Path) -> None:
 def test_streaming_gives_the_in_memory_checkpoint_bit_for_bit(tmp_path, family, dtype, preset, tied):
     src = _save(tmp_path / "model", family, dtype, tied=tied)
     # W8A8 with SmoothQuant changes the norms: the streamed block keeps them for the save
-    cfg = CompressConfig(**{**PRESETS[preset], "smooth_alpha": 0.5}) if preset else CompressConfig()
+    cfg = CompressConfig(**{**PRESETS[preset], "smooth_alpha": 0.5}) if preset else slim_2to4()
     _, whole = compress_model(str(src), tmp_path / "whole", cfg, CALIB, progress=False, stream=False, device="cpu")
     _, streamed = compress_model(str(src), tmp_path / "streamed", cfg, CALIB, progress=False, device="cpu")
     assert not whole.streamed and streamed.streamed
@@ -71,14 +71,14 @@ def test_an_interrupted_streamed_run_resumes_to_the_same_checkpoint(tmp_path, mo
     from tests.test_compressor import _interrupt_after_first_block
 
     src = _save(tmp_path / "model", "llama", torch.bfloat16)
-    compress_model(str(src), tmp_path / "whole", CompressConfig(), CALIB, progress=False, stream=False)
+    compress_model(str(src), tmp_path / "whole", slim_2to4(), CALIB, progress=False, stream=False)
     out = tmp_path / "streamed"
-    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(src), out, CompressConfig(), CALIB,
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(src), out, slim_2to4(), CALIB,
                                                                      progress=False))
     partial = tmp_path / "streamed.partial"
     assert not out.exists() and (partial / "block_0000.json").exists()
     assert not (partial / "block_0001.json").exists()
-    _, report = compress_model(str(src), out, CompressConfig(), CALIB, progress=False)
+    _, report = compress_model(str(src), out, slim_2to4(), CALIB, progress=False)
     assert report.streamed and not partial.exists()
     _same_checkpoint(tmp_path / "whole", out)
 
@@ -92,7 +92,7 @@ def test_non_finite_stored_weights_are_refused_before_compressing(tmp_path):
     state["model.layers.1.mlp.up_proj.weight"][0, 0] = float("inf")
     save_file(state, str(f), metadata={"format": "pt"})
     with pytest.raises(SlimError, match=r"NaN or Inf in model\.layers\.1\.mlp\.up_proj\.weight .*1 of 8192"):
-        compress_model(str(src), tmp_path / "out", CompressConfig(), CALIB, progress=False)
+        compress_model(str(src), tmp_path / "out", slim_2to4(), CALIB, progress=False)
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
 
@@ -113,7 +113,7 @@ def test_weights_under_names_the_model_does_not_use_are_loaded_whole_and_said_so
     assert streamed is None
     assert why_not == "the weights lack 1 tensor name(s) the model has (e.g. model.norm.weight)"
     with pytest.raises(SlimError, match=r"the weights lack 1 tensor\(s\) the config needs \(e\.g\. model\.norm\.weight"):
-        compress_model(str(src), tmp_path / "out", CompressConfig(), CALIB, progress=False)
+        compress_model(str(src), tmp_path / "out", slim_2to4(), CALIB, progress=False)
     # The note is said only when the whole load works: here the one error line is all the user sees.
     assert "loaded whole, not streamed" not in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()

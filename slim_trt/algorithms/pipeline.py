@@ -109,8 +109,8 @@ def _compress_weight(W, H, act_norm, saliency, cfg: CompressConfig, rank, base, 
     base_err = output_rel_error(E, W, H)
     L = R = None
     rounds = 0
-    if cfg.lowrank != "none":
-        r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
+    r = rank if rank is not None else rank_for(W.shape[0], W.shape[1], cfg.rank_ratio, cfg.rank_multiple)
+    if cfg.lowrank != "none" and r > 0:  # rank 0: the bits budget left no room for adapters (plan_ranks)
         L, R = fit_adapters(E, saliency, r, cfg, H, timer)
         if cfg.refit_rounds:
             res = refit(W, H, saliency, weight, mask, L, R, cfg, cfg.refit_rounds, timer)
@@ -333,8 +333,12 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], cfg: CompressConfig) -> tuple
         else:
             hi = mid - 1
     if hi < 0:
-        floor = bits_per_param(shapes, ranks_at(ratios[0] if ratios else cfg.rank_ratio), cfg)
+        # Not even rank 1 fits: on small shapes (a 64-wide toy model) one rank costs more than the budget leaves
+        # over a dense INT4 base. Lowering the ratio ends at no adapters, if the base alone fits; else refuse.
+        none = {n: 0 for n in shapes}
+        if cfg.lowrank != "lrc" and bits_per_param(shapes, none, cfg) <= cfg.max_bits:  # LRC is its adapters
+            return none, 0.0
+        floor = bits_per_param(shapes, none, cfg)
         raise SlimError(f"--max-bits {cfg.max_bits:g} cannot be met: this recipe stores {floor:.3f} bits/param "
-                        f"even with the smallest adapters; raise --max-bits, use fewer weight bits or no adapters "
-                        f"(--lowrank none), or pass --max-bits none")
+                        f"without any adapters; raise --max-bits, use fewer weight bits, or pass --max-bits none")
     return ranks_at(ratios[hi]), ratios[hi]

@@ -21,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="slim-trt",
         description=(
-            "Compress a Hugging Face causal LM one-shot with SLiM (quantize -> 2:4 prune -> low-rank adapters), "
+            "Compress a Hugging Face causal LM one-shot (quantize, optionally 2:4-prune, fit low-rank adapters: SLiM and beyond), "
             "export it to ONNX with Q/DQ nodes, verify it in ONNX Runtime, lint it for TensorRT, build TensorRT "
             "engines on sparse tensor cores and deploy them behind Triton."
         ),

@@ -14,28 +14,29 @@ _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "r
 def register(sub) -> None:
     p = add_parser(
         sub, "compress", "compress a Hugging Face causal LM one-shot with SLiM",
-        "Quantize (symmetric INT4/INT8), prune along K (2:4 by default) and fit low-rank adapters on the total\n"
-        "error, one decoder block at a time on calibration text, each block fed by the compressed ones before\n"
-        "it. The defaults are the most accurate one-shot 2:4 recipe measured on Gemma 3 270M (1.32x dense\n"
-        "perplexity at 4.47 bits/param; without 2:4, --sparsity none --quantizer gptq reached 1.14x at 4.50):\n"
-        "SparseGPT 2:4 with INT4 rounding in the same sweep (SLiM-Quant scales,\n"
-        "groups of 128), adapters of rank 0.23 fitted with the full input covariance (H-LoRA) and rounded to\n"
-        "4 bits by GPTQ, then 3 rounds of re-fitting the base to W - L R and the adapters to the new error.\n"
-        "--preset slim-paper gives the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA\n"
-        "r 0.1, fp16 adapters). --preset trt-int8-sparse is W8A8 2:4 for TensorRT's sparse INT8 tensor cores\n"
-        "(INT8 weights per output channel, static INT8 activation scales, LRC adapters on the float input).\n"
+        "Quantize (INT4/INT8, optionally 2-3 bits), optionally prune along K (2:4), and fit low-rank adapters\n"
+        "on the total error, one decoder block at a time on calibration text, each block fed by the compressed\n"
+        "ones before it. The defaults are the most accurate one-shot recipe within 4.5 bits/param measured on\n"
+        "Gemma 3 270M (1.14x dense perplexity at 4.50 bits/param): dense INT4 GPTQ (groups of 128), adapters\n"
+        "fitted with the full input covariance (H-LoRA) and rounded to 4 bits, then 3 rounds of re-fitting the\n"
+        "base to W - L R and the adapters to the new error; the rank is lowered until the budget holds.\n"
+        "No 2:4 by default: TensorRT runs INT4 weight-only, so no sparse kernel reads a 2:4 INT4 weight.\n"
+        "--preset slim-2to4: the best 2:4 W4A16 recipe (SparseGPT 2:4 with SLiM-Quant scales, 1.32x).\n"
+        "--preset trt-int8-sparse: W8A8 2:4 for TensorRT's sparse INT8 tensor cores (INT8 weights per output\n"
+        "channel, static INT8 activation scales, LRC adapters on the float input).\n"
+        "--preset slim-paper: the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA r 0.1).\n"
         "An interrupted run resumes when re-run unchanged.",
         "  slim-trt compress gemma3-270m -o out/gemma-slim --nsamples 32 --seqlen 512\n"
-        "  slim-trt compress ./my-llama -o out/llama --preset slim-paper --calib data.txt\n"
+        "  slim-trt compress ./my-llama -o out/llama --preset slim-2to4 --calib data.txt\n"
         "  slim-trt compress model.gguf -o out/m --sparsity unstructured:0.5 --quantize-adapters\n"
         "  slim-trt compress gemma3-270m -o out/gemma-w8a8 --preset trt-int8-sparse --nsamples 32 --seqlen 512",
     )
     p.add_argument("model", metavar="MODEL",
                    help="a local Hugging Face folder, a hub id, a .gguf file, or 'gemma3-270m' (the embedded default)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint folder to write")
-    p.add_argument("--preset", choices=["slim-paper", "trt-int8-sparse"], default=None,
+    p.add_argument("--preset", choices=["slim-2to4", "trt-int8-sparse", "slim-paper"], default=None,
                    help="start from a named recipe; explicit flags still override it")
-    p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4]")
+    p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: none; 2:4 in the 2:4 presets]")
     p.add_argument("--bits", type=int, default=None, metavar="{2,3,4,8,16}",
                    help="weight bits (the average with --bit-allocation slim-llm); 2 and 3 bits use zero points and "
                         "INT4 containers and need --quantizer gptq or spqr; 16 = no quantization [default: 4]")
@@ -48,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq", "spqr"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
                         "sparsegpt; spqr = SpQR (GPTQ sweep, groups of 16 with 3-bit quantized scales and zero "
                         "points, fp16 outliers up to --outlier-share; with --sparsity 2:4 the mask comes first and "
-                        "outliers sit only at kept positions) [default: slim]")
+                        "outliers sit only at kept positions) [default: gptq; slim in the 2:4 presets]")
     p.add_argument("--outlier-share", type=float, default=None, metavar="SHARE",
                    help="--quantizer spqr: the largest share of each layer's weights kept as fp16 outliers "
                         "(32 bits each in bits/param) [default: 0.01]")
@@ -72,7 +73,7 @@ def register(sub) -> None:
     p.add_argument("--adapter-quantizer", default=None, choices=["gptq", "rtn"],
                    help="how 4-bit adapters are rounded: gptq = R by GPTQ with the layer's H, then L re-fitted to the "
                         "rounded R and rounded by GPTQ too (keeps nearly all the adapters' gain); rtn = round to "
-                        "nearest, as the SLiM paper [default: gptq]")
+                        "nearest, as the SLiM paper [default: rtn; gptq in --preset slim-2to4 and trt-int8-sparse]")
     p.add_argument("--refit-rounds", type=int, default=None, metavar="N",
                    help="after the adapters, re-quantize the base from W - L R and re-fit the adapters, up to N "
                         "rounds, each kept only if the layer's output error drops [default: 3]")
@@ -138,8 +139,6 @@ def _max_bits(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits (e.g. 4.5) or 'none'")
 
 
-# INT8 2:4 alone stores 5 bits/param: the default 4.5-bit budget cannot hold, so W8A8 has none unless asked.
-W8A8_DEFAULTS = {"bits": 8, "group_size": -1, "lowrank": "lrc", "max_bits": None}
 
 
 def config_from_args(args):
@@ -155,9 +154,10 @@ def config_from_args(args):
     if values.get("max_bits") == "none":
         values["max_bits"] = None
     if values.get("act_bits") is not None and not getattr(args, "preset", None):
-        # `--act-bits 8` alone means W8A8: what TensorRT's INT8 GEMMs take, with LRC adapters. Explicit flags
+        # `--act-bits 8` alone means the trt-int8-sparse recipe (W8A8 2:4, what TensorRT's sparse INT8 GEMMs take,
+        # with LRC adapters; INT8 2:4 stores 5 bits/param, so no bits budget), explicit flags on top of it. Flags
         # that cannot combine with it are refused by CompressConfig.
-        for k, v in W8A8_DEFAULTS.items():
+        for k, v in PRESETS["trt-int8-sparse"].items():
             values.setdefault(k, v)
     return CompressConfig(**values)
 
@@ -208,7 +208,10 @@ def run(args) -> int:
            f"({s['bits_per_param_with_adapters']:.3f} with adapters), mean layer error "
            f"{s['mean_rel_error_base']:.4f} -> {s['mean_rel_error']:.4f} with adapters")
     eprint(f"time split: {format_phases(s['phases'], s['refit_phases'])}")
-    if cfg.lowrank != "none" and s["rank_ratio"] < cfg.rank_ratio:
+    if cfg.lowrank != "none" and s["rank_ratio"] == 0:
+        eprint(f"no adapters: even rank 1 would take these layers past --max-bits {cfg.max_bits:g} (small shapes); "
+               f"--max-bits none keeps rank ratio {cfg.rank_ratio:g}")
+    elif cfg.lowrank != "none" and s["rank_ratio"] < cfg.rank_ratio:
         eprint(f"adapter ranks lowered from ratio {cfg.rank_ratio:g} to {s['rank_ratio']:.4f} to fit --max-bits "
                f"{cfg.max_bits:g}")
     if s["skipped_layers"]:

@@ -52,7 +52,7 @@ def run(args) -> int:
     eprint(f"      dense perplexity {ppl_dense:.3f} ({len(windows)} windows x {args.seqlen} tokens)")
     del dense
 
-    eprint("[2/5] compressing with the defaults (SparseGPT 2:4 + INT4 SLiM-Quant g128, H-LoRA r=0.23 in 4 bits, "
+    eprint("[2/5] compressing with the defaults (INT4 GPTQ g128, H-LoRA adapters in 4 bits within 4.5 bits/param, "
            "3 refit rounds) ...")
     ckpt, report = compress_model(args.model, out / "ckpt", CompressConfig(),
                                   CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen), force=True)

@@ -2,13 +2,13 @@
 import torch
 
 from slim_trt.algorithms.pipeline import compress_weight
-from slim_trt.config import CompressConfig
+from tests.conftest import slim_2to4
 
 
 def test_compress_weight_gives_the_same_bits_on_any_caller_thread_count(layer):
     W, X, H = layer
     s = X.square().sum(0).sqrt()
-    cfg = CompressConfig(refit_rounds=2)
+    cfg = slim_2to4(refit_rounds=2)
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

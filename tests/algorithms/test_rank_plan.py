@@ -22,32 +22,43 @@ LLAMA2_7B = model_shapes(32, 4096, 11008, 4096, 4096)
 QWEN25_05B = model_shapes(24, 896, 4864, 896, 128)
 
 
-def test_budget_does_not_bind_on_gemma_so_the_benchmarked_ranks_stay():
-    ranks, ratio = plan_ranks(GEMMA3_270M, CompressConfig())
+SLIM_2TO4 = CompressConfig(**PRESETS["slim-2to4"])
+
+
+def test_budget_does_not_bind_on_gemma_2to4_so_the_benchmarked_ranks_stay():
+    ranks, ratio = plan_ranks(GEMMA3_270M, SLIM_2TO4)
     assert ratio == 0.23
     assert sorted(set(ranks.values())) == [59, 148]  # the ranks of bench rows 24 and 25
-    assert bits_per_param(GEMMA3_270M, ranks, CompressConfig()) == pytest.approx(4.4681, abs=1e-4)
-    assert ranks == plan_ranks(GEMMA3_270M, CompressConfig(max_bits=None))[0]
+    assert bits_per_param(GEMMA3_270M, ranks, SLIM_2TO4) == pytest.approx(4.4681, abs=1e-4)
+    assert ranks == plan_ranks(GEMMA3_270M, CompressConfig(**{**PRESETS["slim-2to4"], "max_bits": None}))[0]
+
+
+def test_the_dense_defaults_lower_the_rank_to_the_budget_on_gemma():
+    # Bench row 42 (the defaults): a dense INT4 base leaves 0.375 bits/param for the adapters, rank 40 of 640.
+    ranks, ratio = plan_ranks(GEMMA3_270M, CompressConfig())
+    assert ratio < 0.23 and sorted(set(ranks.values())) == [16, 40]
+    assert bits_per_param(GEMMA3_270M, ranks, CompressConfig()) == pytest.approx(4.4976, abs=1e-4)
 
 
 def test_budget_binds_on_a_576_wide_llama():
-    unbounded, _ = plan_ranks(SMOLLM_135M, CompressConfig(max_bits=None))
-    assert bits_per_param(SMOLLM_135M, unbounded, CompressConfig()) == pytest.approx(4.5788, abs=1e-4)
-    ranks, ratio = plan_ranks(SMOLLM_135M, CompressConfig())
-    bits = bits_per_param(SMOLLM_135M, ranks, CompressConfig())
+    unbounded, _ = plan_ranks(SMOLLM_135M, CompressConfig(**{**PRESETS["slim-2to4"], "max_bits": None}))
+    assert bits_per_param(SMOLLM_135M, unbounded, SLIM_2TO4) == pytest.approx(4.5788, abs=1e-4)
+    ranks, ratio = plan_ranks(SMOLLM_135M, SLIM_2TO4)
+    bits = bits_per_param(SMOLLM_135M, ranks, SLIM_2TO4)
     assert 4.45 < bits <= 4.5 and ratio < 0.23
     assert all(ranks[n] <= unbounded[n] for n in ranks)
 
 
 @pytest.mark.parametrize("shapes", [GEMMA3_270M, SMOLLM_135M, LLAMA2_7B, QWEN25_05B],
                          ids=["gemma3-270m", "smollm-135m", "llama2-7b", "qwen2.5-0.5b"])
-@pytest.mark.parametrize("budget", [4.5, 4.0])
-def test_the_budget_holds_on_every_shape(shapes, budget):
-    cfg = CompressConfig(max_bits=budget)
+@pytest.mark.parametrize("recipe,budget", [("defaults", 4.5), ("slim-2to4", 4.5), ("slim-2to4", 4.0)])
+def test_the_budget_holds_on_every_shape(shapes, recipe, budget):
+    base = {} if recipe == "defaults" else PRESETS[recipe]
+    cfg = CompressConfig(**{**base, "max_bits": budget})
     ranks, ratio = plan_ranks(shapes, cfg)
     assert bits_per_param(shapes, ranks, cfg) <= budget
     # ... and it is the largest uniform ratio that fits: the next rank step up would break it.
-    bigger, _ = plan_ranks(shapes, CompressConfig(max_bits=None, rank_ratio=min(0.99, ratio + 1 / 4096)))
+    bigger, _ = plan_ranks(shapes, CompressConfig(**{**base, "max_bits": None, "rank_ratio": min(0.99, ratio + 1 / 4096)}))
     if ratio < 0.23 and bigger != ranks:
         assert bits_per_param(shapes, bigger, cfg) > budget
 
@@ -75,3 +86,14 @@ def test_layer_bits_from_shapes_match_what_is_stored(cfg):
     cw = compress_weight(W, H, s, s, cfg, rank=rank)
     stored = storage_bits(cw, cfg.sparsity_spec.kind, cfg.sparsity_spec.n, cfg.sparsity_spec.m)
     assert layer_bits(N, K, rank, cfg) == (stored["base_bits"], stored["adapter_bits"])
+
+
+def test_when_not_even_rank_1_fits_the_defaults_keep_no_adapters():
+    # A 64-wide toy model: rank 1 (padded to 2 in INT4, with its scales) costs ~0.5 bits/param over the dense
+    # INT4 base, so lowering the ratio ends at no adapters rather than an error; the base alone fits.
+    toy = model_shapes(2, 64, 176, 64, 32)
+    ranks, ratio = plan_ranks(toy, CompressConfig())
+    assert ratio == 0.0 and set(ranks.values()) == {0}
+    assert 4.125 < bits_per_param(toy, ranks, CompressConfig()) <= 4.5  # K = 64 < 128: one scale per 64 columns
+    with pytest.raises(SlimError, match="without any adapters"):  # the base alone is over: refused as before
+        plan_ranks(toy, CompressConfig(max_bits=4.1))

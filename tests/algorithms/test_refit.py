@@ -16,7 +16,7 @@ from slim_trt.algorithms.quantize import slim_quant_scale
 from slim_trt.algorithms.refit import as_float, base_on_mask, fit_adapters, refit
 from slim_trt.compressor import compress
 from slim_trt.config import PRESETS, CompressConfig
-from tests.conftest import calib_windows, tiny_model
+from tests.conftest import slim_2to4, calib_windows, tiny_model
 
 PAPER = CompressConfig(**PRESETS["slim-paper"])
 
@@ -59,7 +59,7 @@ def test_refit_never_increases_the_output_error(kw, heavy):
 
 def test_refit_never_increases_the_output_error_with_the_defaults(heavy):
     W, H, s = heavy
-    one_shot, refitted = (compress_weight(W, H, s, s, CompressConfig(refit_rounds=k)) for k in (0, 2))
+    one_shot, refitted = (compress_weight(W, H, s, s, slim_2to4(refit_rounds=k)) for k in (0, 2))
     assert refitted.rel_error <= one_shot.rel_error and 0 <= refitted.refit_rounds <= 2
     assert refitted.rel_error_base == one_shot.rel_error_base
 
@@ -199,8 +199,8 @@ def test_sensitivity_ranks_with_the_default_h_lora():
     """The defaults (H-LoRA, GPTQ-rounded 4-bit adapters): the spectra come from E C (C C^T = H), and every
     block still spends at most its uniform budget of adapter parameters sum r (N + K)."""
     windows = calib_windows(n=8, seqlen=32)
-    uni = compress(tiny_model("llama"), CompressConfig(), windows, progress=False).layers
-    sens = compress(tiny_model("llama"), CompressConfig(rank_allocation="sensitivity"), windows, progress=False).layers
+    uni = compress(tiny_model("llama"), slim_2to4(), windows, progress=False).layers
+    sens = compress(tiny_model("llama"), slim_2to4(rank_allocation="sensitivity"), windows, progress=False).layers
     model = tiny_model("llama")
     shapes = {n: tuple(model.get_submodule(n).weight.shape) for n in uni}
 
@@ -259,7 +259,7 @@ def _one_shot(W, H, s, cfg):
 
 def test_refit_every_every_is_the_refit_before_issue_15_bit_for_bit(refit_layer):
     W, H, s = refit_layer
-    cfg = CompressConfig(**OLD_REFIT)
+    cfg = slim_2to4(**OLD_REFIT)
     weight, mask, L, R = _one_shot(W, H, s, cfg)
     res = refit(W, H, s, weight, mask, L, R, cfg, rounds=3)
     ref = _refit_before_issue_15(W, H, s, weight, mask, L, R, cfg, 3)
@@ -269,7 +269,7 @@ def test_refit_every_every_is_the_refit_before_issue_15_bit_for_bit(refit_layer)
 
 def test_refit_scales_first_rounds_every_sweep_on_the_first_scales(refit_layer):
     W, H, s = refit_layer
-    cfg = CompressConfig(refit_rounding="every", refit_scales="first")
+    cfg = slim_2to4(refit_rounding="every", refit_scales="first")
     weight, mask, L, R = _one_shot(W, H, s, cfg)
     res = refit(W, H, s, weight, mask, L, R, cfg, rounds=3)
     assert res.rounds_kept >= 1 and torch.equal(res.weight.scale, weight.scale)
@@ -282,7 +282,7 @@ def test_refit_rounding_last_rounds_the_adapters_once(refit_layer, monkeypatch):
     import slim_trt.algorithms.refit as refit_module
 
     W, H, s = refit_layer
-    cfg = CompressConfig(refit_rounding="last", refit_scales="first")
+    cfg = slim_2to4(refit_rounding="last", refit_scales="first")
     weight, mask, L, R = _one_shot(W, H, s, cfg)
     calls = []
     real = refit_module.quantized_adapters
@@ -301,7 +301,7 @@ def test_refit_rounding_last_keeps_the_input_when_the_rounds_do_not_pay(refit_la
     import slim_trt.algorithms.refit as refit_module
 
     W, H, s = refit_layer
-    cfg = CompressConfig()
+    cfg = slim_2to4()
     weight, mask, L, R = _one_shot(W, H, s, cfg)
     # adapters rounded to zero: the final state is worse than the input, which is kept
     monkeypatch.setattr(refit_module, "quantized_adapters",
@@ -316,7 +316,7 @@ def test_the_new_refit_defaults_against_the_old_rounds(heavy, refit_layer):
     +1.4% on `refit_layer`, whose adapters carry 3/4 of the correction (their one rounding is not compensated by
     a later base), so the bound is 2%."""
     for (w, h, sal), bound in ((heavy, 1.005), (refit_layer, 1.02)):
-        new = compress_weight(w, h, sal, sal, CompressConfig())
-        old = compress_weight(w, h, sal, sal, CompressConfig(**OLD_REFIT))
+        new = compress_weight(w, h, sal, sal, slim_2to4())
+        old = compress_weight(w, h, sal, sal, slim_2to4(**OLD_REFIT))
         assert new.rel_error <= bound * old.rel_error
         assert new.rel_error < new.rel_error_base == old.rel_error_base

@@ -73,13 +73,13 @@ def test_derive_ratios_fit_and_projection_from_the_fit():
     rows = {}
     for h in (512, 1024):
         rows[f"{h}-sparsegpt-gptq"] = _row(h, "sparsegpt-gptq", 3e-7 * h ** 2)
-        rows[f"{h}-default"] = _row(h, "default", 6e-7 * h ** 2)
+        rows[f"{h}-slim-2to4"] = _row(h, "slim-2to4", 6e-7 * h ** 2)
     data = {"rows": rows, "gemm": {"gflops": 67.0}}
     bench.derive(data)
-    assert rows["1024-default"]["ratio_to_sparsegpt_gptq"] == 2.0
-    assert data["fit"]["default"]["exponent"] == pytest.approx(2.0)
-    assert data["fit"]["default"]["coefficient"] == pytest.approx(6e-7)  # stored with its significant digits
-    p = data["projection_llama2_7b"]["default"]
+    assert rows["1024-slim-2to4"]["ratio_to_sparsegpt_gptq"] == 2.0
+    assert data["fit"]["slim-2to4"]["exponent"] == pytest.approx(2.0)
+    assert data["fit"]["slim-2to4"]["coefficient"] == pytest.approx(6e-7)  # stored with its significant digits
+    p = data["projection_llama2_7b"]["slim-2to4"]
     block = 6e-7 * 4096 ** 2  # 10.07 s
     assert p["block_seconds"] == pytest.approx(block, abs=0.01)
     assert p["block_seconds_from"] == "fit over hidden [512, 1024]"
@@ -89,19 +89,19 @@ def test_derive_ratios_fit_and_projection_from_the_fit():
 
 
 def test_derive_uses_the_measured_4096_block_and_no_ratio_without_its_baseline():
-    rows = {"512-default": _row(512, "default", 10.0), "4096-default": _row(4096, "default", 900.0)}
+    rows = {"512-slim-2to4": _row(512, "slim-2to4", 10.0), "4096-slim-2to4": _row(4096, "slim-2to4", 900.0)}
     data = {"rows": rows, "gemm": {"gflops": 100.0}}
     bench.derive(data)
-    assert rows["512-default"]["ratio_to_sparsegpt_gptq"] is None
-    assert data["fit"]["default"]["exponent"] == pytest.approx(math.log(90) / math.log(8))
-    p = data["projection_llama2_7b"]["default"]
+    assert rows["512-slim-2to4"]["ratio_to_sparsegpt_gptq"] is None
+    assert data["fit"]["slim-2to4"]["exponent"] == pytest.approx(math.log(90) / math.log(8))
+    p = data["projection_llama2_7b"]["slim-2to4"]
     assert (p["block_seconds"], p["block_seconds_from"], p["cpu_hours"]) == (900.0, "measured", 8.0)
     assert "sparsegpt-gptq" not in data["fit"]
 
 
 def test_row_selection():
-    assert [r.key for r in bench.select_rows("2,512-sparsegpt-gptq")] == ["512-default", "512-sparsegpt-gptq"]
-    assert [r.key for r in bench.select_rows("8")] == ["4096-default"]
+    assert [r.key for r in bench.select_rows("2,512-sparsegpt-gptq")] == ["512-slim-2to4", "512-sparsegpt-gptq"]
+    assert [r.key for r in bench.select_rows("8")] == ["4096-slim-2to4"]
     assert len(bench.select_rows("all")) == 8
     with pytest.raises(SlimError, match="unknown row"):
         bench.select_rows("9")

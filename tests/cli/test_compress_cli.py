@@ -14,7 +14,8 @@ FAST = ["--nsamples", "4", "--seqlen", "16", "-q"]
 
 def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--json", tmp_path / "s.json"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--preset", "slim-2to4", "--json",
+                      tmp_path / "s.json"], capsys)
     assert rc == 0, err
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["compressed_layers"] == 14 and s["bits_per_param"] > 3.0
@@ -26,9 +27,12 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("flags,expect", [
-    ([], dict(pruner="sparsegpt", quantizer="slim", lowrank="hessian", rank_ratio=0.23, quantize_adapters=True,
-              adapter_quantizer="gptq", effective_group_size=128, refit_rounds=3, refit_rounding="every",
-              refit_scales="every")),
+    ([], dict(sparsity="none", quantizer="gptq", lowrank="hessian", rank_ratio=0.23, quantize_adapters=True,
+              adapter_quantizer="rtn", effective_group_size=128, refit_rounds=3, refit_rounding="every",
+              refit_scales="every", max_bits=4.5)),
+    (["--preset", "slim-2to4"], dict(sparsity="2:4", pruner="sparsegpt", quantizer="slim", lowrank="hessian",
+                                     rank_ratio=0.23, quantize_adapters=True, adapter_quantizer="gptq",
+                                     effective_group_size=128, refit_rounds=3)),
     (["--refit-rounding", "last", "--refit-scales", "first"], dict(refit_rounding="last", refit_scales="first")),
     (["--preset", "slim-paper"], dict(pruner="wanda", quantizer="slim", lowrank="slim", rank_ratio=0.1,
                                       quantize_adapters=False, effective_group_size=0, refit_rounds=0)),
@@ -154,7 +158,9 @@ def test_bad_max_bits_exits_2(value, needle, tiny_model_dir, tmp_path, capsys):
 
 def test_max_bits_lowers_the_ranks_and_says_so(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--max-bits", "4.0"], capsys)
+    # The 2:4 preset's 3.125-bit base leaves room for smaller adapters under 4.0 bits/param
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--preset", "slim-2to4", "--max-bits", "4.0"],
+                     capsys)
     assert rc == 0, err
     manifest = json.loads((out / "slim_manifest.json").read_text())
     assert manifest["method"]["max_bits"] == 4.0
@@ -164,6 +170,19 @@ def test_max_bits_lowers_the_ranks_and_says_so(tiny_model_dir, tmp_path, capsys)
     assert rc == 0, err
     free = json.loads((tmp_path / "free" / "slim_manifest.json").read_text())
     assert free["method"]["max_bits"] is None and free["summary"]["rank_ratio"] == 0.23
+
+
+def test_the_defaults_on_a_toy_model_keep_no_adapters_and_say_so(tiny_model_dir, tmp_path, capsys):
+    # 64-wide layers: rank 1 over the dense INT4 base is already past 4.5 bits/param, so no adapters (and a line
+    # saying so); the base alone over the budget stays an error (exit 2, nothing written).
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST], capsys)
+    assert rc == 0, err
+    s = json.loads((tmp_path / "ckpt" / "slim_manifest.json").read_text())["summary"]
+    assert s["rank_ratio"] == 0 and s["bits_per_param_with_adapters"] == s["bits_per_param"] <= 4.5
+    assert "no adapters: even rank 1 would take these layers past --max-bits 4.5" in err
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "over", *FAST, "--max-bits", "4.0"], capsys)
+    assert rc == 2 and "--max-bits 4 cannot be met" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "over").exists()
 
 
 @pytest.mark.parametrize("device,needle", [
@@ -184,7 +203,8 @@ def test_bad_device_exits_2_with_one_line_and_writes_nothing(device, needle, tin
 
 def test_the_summary_line_splits_the_time_and_the_manifest_keeps_it(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
-    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--device", "cpu", "-q"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", out, *FAST, "--preset", "slim-2to4", "--device", "cpu", "-q"],
+                     capsys)
     assert rc == 0, err
     assert " on cpu (" in err and "threads), peak host memory" in err
     split = next(line for line in err.splitlines() if line.startswith("time split: "))
