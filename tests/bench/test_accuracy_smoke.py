@@ -272,3 +272,16 @@ def test_rows_record_the_load_and_unjudged_goals_name_their_rows(smoke_run):
                        (("1-dense", 43.5), ("32-w8a16-dense", 43.7), ("33-w8a8-dense-none", 51.6))}
     md = bench.markdown({**data, "rows": data["rows"], "w8a8": bench.w8a8_analysis(only_dense_rows)})
     assert "dense_none_over_dense 1.1862" in md and "none judged yet (their rows: 1, 27, 30, 32, 33, 37)" in md
+
+
+def test_the_readme_recipe_flags_are_the_rows_they_quote():
+    """README "Which recipe": each recipe's flags give exactly the config of the bench row quoted beside it."""
+    from slim_trt.cli import build_parser
+    from slim_trt.cli.compress import config_from_args
+    from slim_trt.config import CompressConfig
+
+    by_number = {r.number: r for r in bench.ROWS}
+    for flags, number in (([], 42), (["--preset", "slim-2to4"], 24), (["--quantizer", "spqr", "--bits", "3"], 47),
+                          (["--preset", "trt-int8-sparse"], 30)):
+        args = build_parser().parse_args(["compress", "MODEL", "-o", "OUT", *flags])
+        assert config_from_args(args) == CompressConfig(**by_number[number].compress), (flags, number)
