@@ -182,8 +182,8 @@ def markdown(data: dict) -> str:
         out += ["", f"Not measured: {', '.join(missing)} (longer than the run allowed on 2 shared cores); where "
                 f"hidden 4096 is missing the projection uses the fitted exponent."]
     if any(r.get("refit_phases") for r in rows):
-        out += ["", "Refit rounds by part (slim-2to4, all rounds): " + "; ".join(
-            f"{r['hidden']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["refit_phases"].items())
+        out += ["", "Refit rounds by part (all rounds): " + "; ".join(
+            f"{r['hidden']}-{r['recipe']}: " + ", ".join(f"{k} {v:.1f} s" for k, v in r["refit_phases"].items())
             for r in rows if r.get("refit_phases")) + "."]
     if data.get("fit"):
         out += ["", "Growth of the total time with hidden size (log-log least squares, t = a h^b):", ""]
