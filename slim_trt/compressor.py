@@ -257,7 +257,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
     def compress_block(i, block, linears, stats):
         infos = {}
         ranks, bases = {}, {}
-        if config.rank_allocation == "sensitivity" and linears:
+        if config.rank_allocation == "sensitivity" and linears and report.rank_ratio > 0:  # 0: no adapters planned
             # Ranks depend on every linear's error, so all bases of the block come first.
             with timer.phase("sweep"):
                 bases = {n: compress_base(lin.weight, stats[n].hessian, stats[n].act_norm, config)

@@ -336,9 +336,12 @@ def plan_ranks(shapes: dict[str, tuple[int, int]], cfg: CompressConfig) -> tuple
         # Not even rank 1 fits: on small shapes (a 64-wide toy model) one rank costs more than the budget leaves
         # over a dense INT4 base. Lowering the ratio ends at no adapters, if the base alone fits; else refuse.
         none = {n: 0 for n in shapes}
-        if cfg.lowrank != "lrc" and bits_per_param(shapes, none, cfg) <= cfg.max_bits:  # LRC is its adapters
-            return none, 0.0
         floor = bits_per_param(shapes, none, cfg)
-        raise SlimError(f"--max-bits {cfg.max_bits:g} cannot be met: this recipe stores {floor:.3f} bits/param "
-                        f"without any adapters; raise --max-bits, use fewer weight bits, or pass --max-bits none")
+        if floor > cfg.max_bits:
+            raise SlimError(f"--max-bits {cfg.max_bits:g} cannot be met: this recipe stores {floor:.3f} bits/param "
+                            f"without any adapters; raise --max-bits, use fewer weight bits, or pass --max-bits none")
+        if cfg.lowrank == "lrc":  # LRC is its adapters: none would leave the activation error uncorrected
+            raise SlimError(f"--max-bits {cfg.max_bits:g} leaves no room for rank-1 LRC adapters on these shapes: "
+                            f"raise --max-bits or pass --max-bits none")
+        return none, 0.0
     return ranks_at(ratios[hi]), ratios[hi]

@@ -139,26 +139,22 @@ def _max_bits(text: str):
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits (e.g. 4.5) or 'none'")
 
 
-
-
 def config_from_args(args):
     from ..config import PRESETS, CompressConfig
 
-    values = dict(PRESETS[args.preset]) if getattr(args, "preset", None) else {}
+    # `--act-bits 8` alone means the trt-int8-sparse recipe (W8A8 2:4, what TensorRT's sparse INT8 GEMMs take, with
+    # LRC adapters; INT8 2:4 stores 5 bits/param, so no bits budget), explicit flags on top of it. Flags that cannot
+    # combine with it are refused by CompressConfig.
+    preset = getattr(args, "preset", None) or ("trt-int8-sparse" if getattr(args, "act_bits", None) is not None else None)
+    values = dict(PRESETS[preset]) if preset else {}
     for k in _FLAGS:
         v = getattr(args, k, None)
         if v is not None:
             values[k] = tuple(v) if k == "skip_layers" else v
-    if values.get("quantizer") == "spqr":
-        values.setdefault("group_size", 16)  # SpQR's small groups (the paper's 16), unless --group-size says
+    if values.get("quantizer") == "spqr" and getattr(args, "group_size", None) is None:
+        values["group_size"] = 16  # SpQR's small groups (the paper's 16), over a preset's, unless --group-size says
     if values.get("max_bits") == "none":
         values["max_bits"] = None
-    if values.get("act_bits") is not None and not getattr(args, "preset", None):
-        # `--act-bits 8` alone means the trt-int8-sparse recipe (W8A8 2:4, what TensorRT's sparse INT8 GEMMs take,
-        # with LRC adapters; INT8 2:4 stores 5 bits/param, so no bits budget), explicit flags on top of it. Flags
-        # that cannot combine with it are refused by CompressConfig.
-        for k, v in PRESETS["trt-int8-sparse"].items():
-            values.setdefault(k, v)
     return CompressConfig(**values)
 
 

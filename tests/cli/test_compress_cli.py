@@ -183,6 +183,15 @@ def test_the_defaults_on_a_toy_model_keep_no_adapters_and_say_so(tiny_model_dir,
     rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "over", *FAST, "--max-bits", "4.0"], capsys)
     assert rc == 2 and "--max-bits 4 cannot be met" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "over").exists()
+    # sensitivity ranks share out a budget of zero: nothing to allocate, the same no-adapter model
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "sens", *FAST, "--rank-allocation", "sensitivity"],
+                     capsys)
+    assert rc == 0, err
+    assert json.loads((tmp_path / "sens" / "slim_manifest.json").read_text())["summary"]["rank_ratio"] == 0
+    # LRC without adapters would leave the activation error uncorrected: refused, one line
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "lrc", *FAST, "--act-bits", "8", "--max-bits", "5.5"],
+                     capsys)
+    assert rc == 2 and "no room for rank-1 LRC adapters" in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize("device,needle", [
