@@ -23,7 +23,8 @@ CONFIGS = {
                                                          group_size=32, quantize_adapters=True, adapter_group_size=16),
     "int8-dense-svd": slim_2to4(sparsity="none", bits=8, lowrank="svd", max_bits=None),
     "fp-2:4-noadapters": slim_2to4(bits=16, lowrank="none"),
-    "w8a8-2:4-lrc-smooth": CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": 0.5}),
+    "w8a8-2:4-lrc-smooth": CompressConfig(**PRESETS["trt-int8-sparse"]),
+    "w8a8-2:4-lrc": CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": None}),
 }
 
 

@@ -204,8 +204,9 @@ def test_a_corrupt_block_in_the_partial_folder_is_dropped_and_recomputed(tiny_mo
 W8A8 = CompressConfig(**PRESETS["trt-int8-sparse"])
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
-def test_w8a8_preset_int8_weights_per_channel_and_static_activation_scales(family):
+@pytest.mark.parametrize("family,smooth", [("llama", None), ("gemma3", None), ("llama", 0.5), ("gemma3", 0.5)])
+def test_w8a8_preset_int8_weights_per_channel_and_static_activation_scales(family, smooth):
+    """The preset (SmoothQuant alpha 0.5) and the same without smoothing."""
     model = tiny_model(family)
     windows = calib_windows(n=6, seqlen=24)
     inputs = {}
@@ -215,7 +216,9 @@ def test_w8a8_preset_int8_weights_per_channel_and_static_activation_scales(famil
         model(windows)
     for h in hooks:
         h.remove()
-    report = compress(model, W8A8, windows, progress=False)
+    assert W8A8.smooth_alpha == 0.5
+    report = compress(model, CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": smooth}), windows,
+                      progress=False)
     assert report.summary()["mean_rel_error"] < report.summary()["mean_rel_error_base"]
     for name, layer in compressed_layers(model):
         N, K = layer.base_weight().shape
@@ -223,7 +226,8 @@ def test_w8a8_preset_int8_weights_per_channel_and_static_activation_scales(famil
         assert nm_violations(layer.base_weight(), 2, 4) == 0 and int(layer.mask.sum()) == N * K // 2, name
         assert layer.act_bits == 8 and layer.act_scale > 0 and report.layers[name]["act_scale"] == layer.act_scale
         assert float(torch.tensor(layer.act_scale).half()) == layer.act_scale  # an fp16 value: same grid in fp16
-        if name in inputs:  # block 0 saw the dense inputs: the MSE scale clips at most the largest values
+        if name in inputs and smooth is None:  # block 0 saw the dense, unsmoothed inputs: the MSE scale clips at
+            # most the largest values
             amax = float(torch.cat(inputs[name]).abs().max())
             assert 0.25 * amax / 127 < layer.act_scale <= amax / 127 * 1.001, name
 

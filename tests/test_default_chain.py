@@ -37,9 +37,13 @@ def realistic_config(family: str):
 
 
 # Every exportable family with the defaults (dense INT4 + adapters); LLaMA without the bits budget, whose ranks
-# (37, 8) are odd; and LLaMA with the 2:4 preset, whose every compressed GEMM must lint as 2:4 along K.
-CASES = [(f, "defaults") for f in EXPORTABLE] + [("llama", "no-budget"), ("llama", "slim-2to4")]
-RECIPES = {"defaults": {}, "no-budget": {"max_bits": None}, "slim-2to4": PRESETS["slim-2to4"]}
+# (37, 8) are odd; LLaMA with the 2:4 preset, whose every compressed GEMM must lint as 2:4 along K; and the W8A8
+# preset (`--act-bits 8`: SmoothQuant folded into Gemma's (1 + w) norms and LLaMA's, LRC adapters), whose every
+# compressed GEMM must also be eligible for sparse INT8 tensor cores.
+CASES = [(f, "defaults") for f in EXPORTABLE] + [("llama", "no-budget"), ("llama", "slim-2to4"),
+                                                  ("llama", "trt-int8-sparse"), ("gemma3", "trt-int8-sparse")]
+RECIPES = {"defaults": {}, "no-budget": {"max_bits": None}, "slim-2to4": PRESETS["slim-2to4"],
+           "trt-int8-sparse": PRESETS["trt-int8-sparse"]}
 
 
 @pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
@@ -67,8 +71,8 @@ def test_ranks_and_budget(default_checkpoint):
     _, recipe, _, report = default_checkpoint
     ranks = sorted({v["rank"] for v in report.layers.values()})
     bits = report.summary()["bits_per_param_with_adapters"]
-    if recipe == "no-budget":  # 0.23 x 160 = 36.8 -> 37 and 0.23 x 32 = 7.4 -> 8 (k/v): odd ranks need INT4 padding
-        assert ranks == [8, 37] and bits > CompressConfig().max_bits
+    if recipe in ("no-budget", "trt-int8-sparse"):  # 0.23 x 160 = 36.8 -> 37 and 0.23 x 32 = 7.4 -> 8 (k/v): odd
+        assert ranks == [8, 37] and bits > CompressConfig().max_bits  # ranks need INT4 padding
     else:
         assert bits <= CompressConfig().max_bits and min(ranks) >= 1  # the budget lowers the ranks, keeps adapters
 
@@ -83,5 +87,8 @@ def test_default_chain_passes_lint_and_verify(default_checkpoint, lowrank, tmp_p
         assert rep.ok, f"{family} {lowrank} {target}: {[f.message for f in rep.errors]}"
         two_to_four = CompressConfig(**RECIPES[recipe]).sparsity == "2:4"  # every compressed linear along K, or none
         assert rep.summary["gemm_layers_2to4"] == (len(report.layers) if two_to_four else 0)
+        if recipe == "trt-int8-sparse":
+            int8 = [x for x in rep.layers if x.sparse_eligible and x.sparse_math == "int8"]
+            assert len(int8) == len(report.layers), (target, [(x.name, x.sparse_class) for x in rep.layers])
     ver = slim_trt.verify(out / "model.onnx", reference=ckpt, windows=1, seqlen=24, decode_steps=2)
     assert ver.ok, ver.to_dict()

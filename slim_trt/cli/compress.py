@@ -23,7 +23,7 @@ def register(sub) -> None:
         "No 2:4 by default: TensorRT runs INT4 weight-only, so no sparse kernel reads a 2:4 INT4 weight.\n"
         "--preset slim-2to4: the best 2:4 W4A16 recipe (SparseGPT 2:4 with SLiM-Quant scales, 1.32x).\n"
         "--preset trt-int8-sparse: W8A8 2:4 for TensorRT's sparse INT8 tensor cores (INT8 weights per output\n"
-        "channel, static INT8 activation scales, LRC adapters on the float input).\n"
+        "channel, SmoothQuant alpha 0.5, static INT8 activation scales, LRC adapters on the float input; 1.30x).\n"
         "--preset slim-paper: the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA r 0.1).\n"
         "An interrupted run resumes when re-run unchanged.",
         "  slim-trt compress gemma3-270m -o out/gemma-slim --nsamples 32 --seqlen 512\n"
@@ -92,9 +92,10 @@ def register(sub) -> None:
     p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=["max", "percentile", "mse"],
                    help="activation scale estimator: max |x|, the 99.99th percentile of |x|, or the clip with the "
                         "least squared error [default: mse]")
-    p.add_argument("--smooth-alpha", type=float, default=None, metavar="A",
-                   help="SmoothQuant: move activation outliers into the weights with strength A in [0, 1], folded "
-                        "into the previous norm or linear [default: off]")
+    p.add_argument("--smooth-alpha", type=_number_or_none("a strength in [0, 1] (e.g. 0.5)"), default=None,
+                   metavar="A", help="SmoothQuant: move activation outliers into the weights with strength A in "
+                        "[0, 1], folded into the previous norm or linear; 'none' turns it off [default: 0.5 with "
+                        "--act-bits 8 (1.409x -> 1.298x dense on Gemma 3 270M), else off]")
     p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                    help="fine-tune the adapters for N steps on the calibration windows before saving "
                         "(see slim-trt finetune)")
@@ -130,13 +131,19 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _max_bits(text: str):
-    if text.strip().lower() == "none":
-        return "none"
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits (e.g. 4.5) or 'none'")
+def _number_or_none(what: str):
+    """argparse type for a float that 'none' turns off (a preset's value included)."""
+    def parse(text: str):
+        if text.strip().lower() == "none":
+            return "none"
+        try:
+            return float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what} or 'none'")
+    return parse
+
+
+_max_bits = _number_or_none("a number of bits (e.g. 4.5)")
 
 
 def config_from_args(args):
@@ -153,8 +160,9 @@ def config_from_args(args):
             values[k] = tuple(v) if k == "skip_layers" else v
     if values.get("quantizer") == "spqr" and getattr(args, "group_size", None) is None:
         values["group_size"] = 16  # SpQR's small groups (the paper's 16), over a preset's, unless --group-size says
-    if values.get("max_bits") == "none":
-        values["max_bits"] = None
+    for k in ("max_bits", "smooth_alpha"):
+        if values.get(k) == "none":
+            values[k] = None
     return CompressConfig(**values)
 
 

@@ -231,11 +231,14 @@ def test_the_compress_defaults_are_the_best_one_shot_row():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
 
 
-def test_the_w8a8_preset_is_the_lrc_row():
+def test_the_w8a8_preset_is_the_smoothed_lrc_row():
     from slim_trt.config import PRESETS, CompressConfig
 
-    row30 = next(r for r in bench.ROWS if r.number == 30)
-    assert CompressConfig(**row30.compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
+    by_number = {r.number: r for r in bench.ROWS}
+    assert CompressConfig(**by_number[31].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
+    # row 30 is the same recipe without SmoothQuant
+    assert CompressConfig(**by_number[30].compress) == \
+        CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": None})
 
 
 def test_w8a8_rows_record_activation_scales_and_the_analysis(smoke_run, tmp_path):
@@ -271,7 +274,7 @@ def test_rows_record_the_load_and_unjudged_goals_name_their_rows(smoke_run):
     only_dense_rows = {k: {"status": "ok", "perplexity": v} for k, v in
                        (("1-dense", 43.5), ("32-w8a16-dense", 43.7), ("33-w8a8-dense-none", 51.6))}
     md = bench.markdown({**data, "rows": data["rows"], "w8a8": bench.w8a8_analysis(only_dense_rows)})
-    assert "dense_none_over_dense 1.1862" in md and "none judged yet (their rows: 1, 27, 30, 32, 33, 37)" in md
+    assert "dense_none_over_dense 1.1862" in md and "none judged yet (their rows: 1, 27, 31, 38, 59)" in md
 
 
 def test_the_readme_recipe_flags_are_the_rows_they_quote():
@@ -282,6 +285,10 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
 
     by_number = {r.number: r for r in bench.ROWS}
     for flags, number in (([], 42), (["--preset", "slim-2to4"], 24), (["--quantizer", "spqr", "--bits", "3"], 47),
-                          (["--preset", "trt-int8-sparse"], 30)):
+                          (["--preset", "trt-int8-sparse"], 31),
+                          (["--preset", "trt-int8-sparse", "--smooth-alpha", "none"], 30),
+                          (["--act-bits", "8", "--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1"], 59),
+                          (["--act-bits", "8", "--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1",
+                            "--lowrank", "none"], 38)):
         args = build_parser().parse_args(["compress", "MODEL", "-o", "OUT", *flags])
         assert config_from_args(args) == CompressConfig(**by_number[number].compress), (flags, number)

@@ -40,9 +40,11 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
      dict(pruner="wanda", lowrank="hessian", quantize_adapters=True, adapter_quantizer="rtn")),
     (["--no-quantize-adapters", "--adapter-quantizer", "rtn"], dict(quantize_adapters=False, adapter_quantizer="rtn")),
     (["--preset", "trt-int8-sparse"], dict(bits=8, effective_group_size=-1, pruner="sparsegpt", lowrank="lrc",
-                                           act_bits=8, act_scale_method="mse", smooth_alpha=None)),
-    (["--act-bits", "8", "--smooth-alpha", "0.5", "--act-scale", "max", "--refit-rounds", "0"],
-     dict(bits=8, effective_group_size=-1, lowrank="lrc", act_bits=8, act_scale_method="max", smooth_alpha=0.5)),
+                                           act_bits=8, act_scale_method="mse", smooth_alpha=0.5)),
+    (["--act-bits", "8", "--smooth-alpha", "0.7", "--act-scale", "max", "--refit-rounds", "0"],
+     dict(bits=8, effective_group_size=-1, lowrank="lrc", act_bits=8, act_scale_method="max", smooth_alpha=0.7)),
+    (["--act-bits", "8", "--smooth-alpha", "none", "--refit-rounds", "0"],  # the preset's smoothing turned off
+     dict(bits=8, lowrank="lrc", act_bits=8, smooth_alpha=None)),
 ])
 def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
@@ -91,6 +93,7 @@ W8A8_FLAG_CASES = {
     "lrc_without_act_bits": ["--lowrank", "lrc"],
     "smooth_without_act_bits": ["--smooth-alpha", "0.5"],
     "act_bits_paper_preset": ["--preset", "slim-paper", "--act-bits", "8"],
+    "smooth_out_of_range": ["--act-bits", "8", "--smooth-alpha", "1.5"],
 }
 
 
@@ -109,6 +112,7 @@ W8A8_FLAG_CASES = {
     ("lrc_without_act_bits", "--lowrank lrc corrects"),
     ("smooth_without_act_bits", "--smooth-alpha"),
     ("act_bits_paper_preset", "--act-bits 8 needs --bits 8"),
+    ("smooth_out_of_range", "bad --smooth-alpha 1.5"),
 ])
 def test_bad_input_exits_2_with_one_line(case, needle, tiny_model_dir, tmp_path, capsys):
     model, out, extra = tiny_model_dir, tmp_path / "out", []
@@ -146,10 +150,13 @@ def test_unknown_flag_value_is_exit_2(tiny_model_dir, tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value,needle", [("0", "bad --max-bits 0"), ("lots", "is not a number of bits")])
-def test_bad_max_bits_exits_2(value, needle, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("flag,value,needle", [("--max-bits", "0", "bad --max-bits 0"),
+                                               ("--max-bits", "lots", "is not a number of bits"),
+                                               ("--smooth-alpha", "half", "'half' is not a strength in [0, 1]")])
+def test_bad_number_or_none_exits_2(flag, value, needle, tiny_model_dir, tmp_path, capsys):
+    extra = ["--act-bits", "8"] if flag == "--smooth-alpha" else []
     try:
-        rc = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "out"), *FAST, "--max-bits", value])
+        rc = main(["compress", str(tiny_model_dir), "-o", str(tmp_path / "out"), *FAST, *extra, flag, value])
     except SystemExit as e:  # argparse's own usage error for what is not a number
         rc = e.code
     assert rc == 2 and needle in capsys.readouterr().err
