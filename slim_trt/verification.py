@@ -88,6 +88,7 @@ class VerifyReport:
     settings: dict = field(default_factory=dict)
     engine: dict | None = None
     plain: dict | None = None  # the same metrics with ONNX Runtime's Q/DQ fusion off (informational)
+    w8a8: dict | None = None  # W8A8 exports: structure, float-activation comparison, sensitivity floor (verify_w8a8)
 
     @property
     def checks(self) -> dict[str, bool]:
@@ -99,11 +100,13 @@ class VerifyReport:
     @property
     def ok(self) -> bool:
         engine_ok = self.engine is None or bool(self.engine.get("ok", False))
-        return all(self.checks.values()) and engine_ok
+        w8a8_ok = self.w8a8 is None or bool(self.w8a8.get("ok", False))
+        return all(self.checks.values()) and engine_ok and w8a8_ok
 
     def to_dict(self) -> dict:
         return {"ok": self.ok, "metrics": self.metrics, "thresholds": dataclasses.asdict(self.thresholds),
-                "checks": self.checks, "settings": self.settings, "engine": self.engine, "plain": self.plain}
+                "checks": self.checks, "settings": self.settings, "engine": self.engine, "plain": self.plain,
+                "w8a8": self.w8a8}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -339,8 +342,15 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         apply_head_quantization(model, head)
     dtype = meta.get("dtype", "fp32")
     th = Thresholds.for_export(dtype, meta).replace(**(thresholds or {}))
+    w8a8 = None
+    from .verify_w8a8 import act_scales
+
+    scales = act_scales(model)
+    if scales:  # static INT8 activations: token-level limits come from the reference's own sensitivity
+        w8a8, th = _w8a8_checks(path, model, ids, scales, th, thresholds, decode_steps, providers)
     report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,
                           save_inputs=save_inputs, save_outputs=save_outputs, plain=plain)
+    report.w8a8 = w8a8
     if ppl_unquantized_head is not None:
         # The reference runs the export's quantized head; this is what the quantization costs the reference.
         report.metrics["ppl_reference_unquantized_head"] = ppl_unquantized_head
@@ -355,6 +365,39 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         report.engine = verify_engine(path, engine, plugins=tuple(plugins or ()), input_ids=ids,
                                       decode_steps=decode_steps, providers=providers)
     return report
+
+
+def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, scales: dict, th: Thresholds,
+                 overrides: dict | None, decode_steps: int, providers) -> tuple[dict, Thresholds]:
+    """verify_w8a8's structure and float-activation checks, and the whole-model limits from the sensitivity floor."""
+    import shutil
+    import tempfile
+
+    import onnx
+
+    from .verify_w8a8 import FLOOR_EPS, FloorLimits, check_structure, float_activations, sensitivity_floor, \
+        strip_act_qdq
+
+    proto = onnx.load(str(path))
+    structure = check_structure(strip_act_qdq(proto), scales)
+    with tempfile.TemporaryDirectory(prefix="slim_trt_verify_w8a8_") as d:
+        stripped = Path(d) / path.name
+        onnx.save_model(proto, str(stripped), save_as_external_data=True, location=f"{path.name}.data")
+        del proto
+        shutil.copy(path.parent / SIDECAR, Path(d) / SIDECAR)
+        with float_activations(model):
+            fl = verify_model(stripped, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers)
+    with torch.no_grad():
+        ref = torch.cat([model(input_ids=ids[i:i + 4], use_cache=False).logits.float()
+                         for i in range(0, ids.shape[0], 4)])
+    dtype = (read_sidecar(path) or {}).get("dtype", "fp32")
+    floor = sensitivity_floor(model, ids, ref, FLOOR_EPS.get(dtype, 1e-3))
+    whole = FloorLimits().apply(th, floor).replace(**(overrides or {}))
+    result = {"ok": structure["ok"] and fl.ok, "structure": structure,
+              "float_activations": {"ok": fl.ok, "metrics": fl.metrics, "thresholds": dataclasses.asdict(fl.thresholds),
+                                    "checks": fl.checks},
+              "floor": floor}
+    return result, whole
 
 
 def _reference_model(path: Path, reference: str | Path, meta: dict, ignore_manifest: bool):
@@ -430,8 +473,27 @@ def format_report(report: VerifyReport) -> str:
         lines.append(f"plain arithmetic (Q/DQ fusion off): max |logit error| {p['max_abs']:.4g}, mean "
                      f"{p['mean_abs']:.4g}, top-1 {100 * p['top1']:.2f}%, perplexity {p['ppl_onnx']:.4f}; "
                      f"max |fused - plain| {p['max_abs_vs_fused']:.4g} (not a check)")
+    if report.w8a8 is not None:
+        lines += _format_w8a8(report.w8a8)
     if report.engine is not None:
         lines.append(f"TensorRT engine vs ONNX Runtime: {'ok' if report.engine.get('ok') else 'FAIL'} "
                      f"(see the JSON report's 'engine')")
     lines.append("PASSED" if report.ok else "FAILED")
     return "\n".join(lines)
+
+
+def _format_w8a8(w: dict) -> list[str]:
+    st, fl, f = w["structure"], w["float_activations"], w["floor"]
+    m, t = fl["metrics"], fl["thresholds"]
+    lines = [f"W8A8 structure: {st['layers']} activation Q/DQ pairs with the checkpoint's scales and int8 zero point "
+             f"0: {'ok' if st['ok'] else 'FAIL'}"] + [f"  {p}" for p in st["problems"][:10]]
+    lines.append(f"W8A8 with float activations (Q/DQ pairs out, act_scale off): max |logit error| {m['max_abs']:.4g} "
+                 f"(<= {t['max_abs']:g}), mean {m['mean_abs']:.4g} (<= {t['mean_abs']:g}), cosine min "
+                 f"{m['cosine_min']:.6f} (>= {t['cosine_min']:g}), top-1 {100 * m['top1']:.2f}% (>= "
+                 f"{100 * t['top1_min']:g}%), perplexity rel {m['ppl_rel']:.2g} (<= {t['ppl_rel_max']:g}): "
+                 f"{'ok' if fl['ok'] else 'FAIL'}")
+    lines.append(f"W8A8 sensitivity floor (PyTorch against itself, embeddings x (1 + {f['eps']:g} N(0,1)), worst of "
+                 f"{f['draws']}): max {f['max_abs']:.4g}, mean {f['mean_abs']:.4g}, cosine min {f['cosine_min']:.4f}, "
+                 f"top-1 {100 * f['top1']:.2f}%, perplexity rel {f['ppl_rel']:.2g}; the limits above are 2x it "
+                 f"(static INT8 rounding amplifies any difference: slim_trt/verify_w8a8.py)")
+    return lines
