@@ -347,7 +347,7 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
 
     scales = act_scales(model)
     if scales:  # static INT8 activations: token-level limits come from the reference's own sensitivity
-        w8a8, th = _w8a8_checks(path, model, ids, scales, th, thresholds, decode_steps, providers)
+        w8a8, th = _w8a8_checks(path, model, ids, scales, dtype, th, thresholds, decode_steps, providers)
     report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,
                           save_inputs=save_inputs, save_outputs=save_outputs, plain=plain)
     report.w8a8 = w8a8
@@ -367,7 +367,7 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
     return report
 
 
-def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, scales: dict, th: Thresholds,
+def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, scales: dict, dtype: str, th: Thresholds,
                  overrides: dict | None, decode_steps: int, providers) -> tuple[dict, Thresholds]:
     """verify_w8a8's structure and float-activation checks, and the whole-model limits from the sensitivity floor."""
     import shutil
@@ -390,7 +390,6 @@ def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, scales: dict, 
     with torch.no_grad():
         ref = torch.cat([model(input_ids=ids[i:i + 4], use_cache=False).logits.float()
                          for i in range(0, ids.shape[0], 4)])
-    dtype = (read_sidecar(path) or {}).get("dtype", "fp32")
     floor = sensitivity_floor(model, ids, ref, FLOOR_EPS.get(dtype, 1e-3))
     whole = FloorLimits().apply(th, floor).replace(**(overrides or {}))
     result = {"ok": structure["ok"] and fl.ok, "structure": structure,
