@@ -148,6 +148,13 @@ def compare_logits(test: torch.Tensor, ref: torch.Tensor, ids: torch.Tensor) -> 
 # running the ONNX model
 # ---------------------------------------------------------------------------------------------------------
 
+@torch.no_grad()
+def reference_logits(model: nn.Module, ids: torch.Tensor, batch_size: int = 4) -> torch.Tensor:
+    """The PyTorch model's fp32 logits [n, L, V] for token windows `ids`, `batch_size` windows per forward."""
+    return torch.cat([model(input_ids=ids[i:i + batch_size], use_cache=False).logits.float()
+                      for i in range(0, ids.shape[0], batch_size)])
+
+
 def _float_np(elem: str):
     return {"tensor(float)": np.float32, "tensor(float16)": np.float16}.get(elem)
 
@@ -265,9 +272,10 @@ def _open(path: Path, providers, **kw):
 def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor, *, decode_steps: int = 4,
                  thresholds: Thresholds | None = None, providers: list[str] | None = None,
                  save_inputs: str | Path | None = None, save_outputs: str | Path | None = None,
-                 batch_size: int = 4, plain: bool = False) -> VerifyReport:
+                 batch_size: int = 4, plain: bool = False, ref: torch.Tensor | None = None) -> VerifyReport:
     """Compare the ONNX model (ONNX Runtime, with the session config its export declares) with `model` (PyTorch)
-    on token windows [n, L]. plain: also run the graph's plain arithmetic (Q/DQ fusion off) and report it."""
+    on token windows [n, L]. plain: also run the graph's plain arithmetic (Q/DQ fusion off) and report it.
+    ref: `model`'s logits when the caller already has them (reference_logits)."""
     import tempfile
 
     from .exporter.ort_runtime import export_spec
@@ -288,8 +296,7 @@ def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor,
                                                keep=bool(save_inputs or save_outputs))
     t_onnx = time.perf_counter() - t0
     t0 = time.perf_counter()
-    ref = torch.cat([model(input_ids=windows[i:i + batch_size], use_cache=False).logits.float()
-                     for i in range(0, windows.shape[0], batch_size)])
+    ref = reference_logits(model, windows, batch_size) if ref is None else ref
     t_torch = time.perf_counter() - t0
     with_cache = any(x.name.startswith("past_key_values.") for x in sess.get_inputs())
     metrics = compare_logits(onnx_logits, ref, windows)
@@ -342,14 +349,15 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         apply_head_quantization(model, head)
     dtype = meta.get("dtype", "fp32")
     th = Thresholds.for_export(dtype, meta).replace(**(thresholds or {}))
-    w8a8 = None
+    w8a8 = ref = None
     from .verify_w8a8 import act_scales
 
     scales = act_scales(model)
     if scales:  # static INT8 activations: token-level limits come from the reference's own sensitivity
-        w8a8, th = _w8a8_checks(path, model, ids, scales, dtype, th, thresholds, decode_steps, providers)
+        ref = reference_logits(model, ids)
+        w8a8, th = _w8a8_checks(path, model, ids, ref, scales, dtype, th, thresholds, decode_steps, providers)
     report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,
-                          save_inputs=save_inputs, save_outputs=save_outputs, plain=plain)
+                          save_inputs=save_inputs, save_outputs=save_outputs, plain=plain, ref=ref)
     report.w8a8 = w8a8
     if ppl_unquantized_head is not None:
         # The reference runs the export's quantized head; this is what the quantization costs the reference.
@@ -367,8 +375,8 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
     return report
 
 
-def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, scales: dict, dtype: str, th: Thresholds,
-                 overrides: dict | None, decode_steps: int, providers) -> tuple[dict, Thresholds]:
+def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, ref: torch.Tensor, scales: dict, dtype: str,
+                 th: Thresholds, overrides: dict | None, decode_steps: int, providers) -> tuple[dict, Thresholds]:
     """verify_w8a8's structure and float-activation checks, and the whole-model limits from the sensitivity floor."""
     import shutil
     import tempfile
@@ -387,9 +395,6 @@ def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, scales: dict, 
         shutil.copy(path.parent / SIDECAR, Path(d) / SIDECAR)
         with float_activations(model):
             fl = verify_model(stripped, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers)
-    with torch.no_grad():
-        ref = torch.cat([model(input_ids=ids[i:i + 4], use_cache=False).logits.float()
-                         for i in range(0, ids.shape[0], 4)])
     floor = sensitivity_floor(model, ids, ref, FLOOR_EPS.get(dtype, 1e-3))
     whole = FloorLimits().apply(th, floor).replace(**(overrides or {}))
     result = {"ok": structure["ok"] and fl.ok, "structure": structure,

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-ACT_SUFFIX = "/act"  # exporter.linear names each activation pair f"{layer}/act"
 FLOOR_DRAWS = 3
 # Relative size of the reference's input perturbation: about the export dtype's rounding (fp16 2^-11).
 FLOOR_EPS = {"fp32": 1e-6, "fp16": 1e-3, "bf16": 1e-3}
@@ -52,32 +51,29 @@ def float_activations(model: nn.Module):
             m.act_scale = s
 
 
-def _constant(graph, name: str):
-    from onnx import numpy_helper
-
-    for t in graph.initializer:
-        if t.name == name:
-            return numpy_helper.to_array(t)
-    for n in graph.node:
-        if n.op_type == "Constant" and n.output[0] == name:
-            return numpy_helper.to_array(n.attribute[0].t)
-    return None
-
-
 def strip_act_qdq(model) -> dict[str, tuple[float, int, str]]:
     """Take every activation Q/DQ pair out of `model` (ModelProto, changed in place): DequantizeLinear's readers
     read QuantizeLinear's input. Returns {layer: (scale, zero point, zero point's dtype)} as the graph had them."""
+    from onnx import numpy_helper
+
+    from .exporter.linear import ACT_QDQ
+
     g = model.graph
     by_name = {n.name: n for n in g.node}
+    inits = {t.name: t for t in g.initializer}  # the exporter writes scales and zero points as initializers
+
+    def value(name: str):
+        return numpy_helper.to_array(inits[name]) if name in inits else None
+
     found, drop, rename = {}, [], {}
     for n in g.node:
-        if n.op_type != "QuantizeLinear" or not n.name.endswith(f"{ACT_SUFFIX}/QuantizeLinear"):
+        if n.op_type != "QuantizeLinear" or not n.name.endswith(f"{ACT_QDQ}/QuantizeLinear"):
             continue
-        layer = n.name[:-len(f"{ACT_SUFFIX}/QuantizeLinear")]
-        dq = by_name.get(f"{layer}{ACT_SUFFIX}/DequantizeLinear")
+        layer = n.name[:-len(f"{ACT_QDQ}/QuantizeLinear")]
+        dq = by_name.get(f"{layer}{ACT_QDQ}/DequantizeLinear")
         if dq is None or dq.input[0] != n.output[0]:
             continue
-        scale, zp = _constant(g, n.input[1]), _constant(g, n.input[2]) if len(n.input) > 2 else None
+        scale, zp = value(n.input[1]), value(n.input[2]) if len(n.input) > 2 else None
         found[layer] = (float(scale.reshape(-1)[0]) if scale is not None and scale.size == 1 else float("nan"),
                         int(zp.reshape(-1)[0]) if zp is not None and zp.size == 1 else 0,
                         str(zp.dtype) if zp is not None else "uint8")
@@ -115,26 +111,21 @@ def sensitivity_floor(model: nn.Module, ids: torch.Tensor, ref: torch.Tensor, ep
                       draws: int = FLOOR_DRAWS, batch_size: int = 4) -> dict:
     """The worst metrics (verification.compare_logits) of `draws` runs of `model` with its input embeddings scaled by
     1 + eps x N(0, 1) (seeded) against its clean logits `ref`."""
-    from .verification import compare_logits
+    from .verification import compare_logits, reference_logits
 
     emb = model.get_input_embeddings()
     gen = torch.Generator().manual_seed(0)
-    worst: dict = {}
+    runs = []
     for _ in range(draws):
         h = emb.register_forward_hook(
             lambda mod, inp, out: out * (1 + eps * torch.randn(out.shape, generator=gen).to(out)))
         try:
-            lg = torch.cat([model(input_ids=ids[i:i + batch_size], use_cache=False).logits.float()
-                            for i in range(0, ids.shape[0], batch_size)])
+            runs.append(compare_logits(reference_logits(model, ids, batch_size), ref, ids))
         finally:
             h.remove()
-        m = compare_logits(lg, ref, ids)
-        worst = m if not worst else {
-            "max_abs": max(worst["max_abs"], m["max_abs"]), "mean_abs": max(worst["mean_abs"], m["mean_abs"]),
-            "cosine_min": min(worst["cosine_min"], m["cosine_min"]), "top1": min(worst["top1"], m["top1"]),
-            "ppl_rel": max(worst["ppl_rel"], m["ppl_rel"])}
-    return {k: worst[k] for k in ("max_abs", "mean_abs", "cosine_min", "top1", "ppl_rel")} | {"eps": eps,
-                                                                                            "draws": draws}
+    worst = {k: pick(r[k] for r in runs) for k, pick in (("max_abs", max), ("mean_abs", max), ("cosine_min", min),
+                                                          ("top1", min), ("ppl_rel", max))}
+    return {**worst, "eps": eps, "draws": draws}
 
 
 @dataclass(frozen=True)

@@ -189,12 +189,17 @@ def _factor(b: GraphBuilder, f: torch.Tensor, fq: QuantizedTensor | None, name: 
     return b.weight(name, f.T if transpose else f)
 
 
+# The activation pair of layer L is named f"L{ACT_QDQ}/QuantizeLinear" and ".../DequantizeLinear" (verify_w8a8 finds
+# them by these names).
+ACT_QDQ = "/act"
+
+
 def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str) -> str:
     """Static symmetric per-tensor INT8 Q/DQ on an activation (zero point an explicit int8 0)."""
     s = b.add_initializer(tensor_from_torch(f"{name}.act_scale", torch.tensor(float(scale)), b.dtype))
     zp = b.add_initializer(tensor_from_torch(f"{name}.act_zero_point", torch.tensor(0, dtype=torch.int8)))
-    q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}/act")
-    return b.op("DequantizeLinear", [q, s, zp], name=f"{name}/act")
+    q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}{ACT_QDQ}")
+    return b.op("DequantizeLinear", [q, s, zp], name=f"{name}{ACT_QDQ}")
 
 
 def emit_linear(b: GraphBuilder, x: str, module: nn.Module, name: str, *, lowrank: str = "decomposed",
