@@ -46,7 +46,8 @@ def test_quantized_table_is_read_packed_and_exact(bits, group_size, dtype):
     assert needs_rewrite(model)
     fused, counts = for_onnxruntime(model, accuracy_level=1)
     assert counts == {"lowrank_expanded": 0, "gather_block_quantized": 1, "matmul_nbits_head": 1,
-                      "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0}
+                      "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0,
+                      "w8a8_gemms": 0, "w8a8_linears": 0}
     ops = [n.op_type for n in fused.graph.node]
     assert "DequantizeLinear" not in ops and "Transpose" not in ops
     gbq = next(n for n in fused.graph.node if n.op_type == "GatherBlockQuantized")
