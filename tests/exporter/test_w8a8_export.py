@@ -92,7 +92,7 @@ def test_fp16_export_verifies(tmp_path):
     # +0.28% / 0.0263: which steps flip is noise at this size. The limits below are the fp16 ones with cosine and
     # top-1 loosened to that; a wrong scale, axis or zero point fails them.
     thresholds = Thresholds.for_dtype("fp16").replace(cosine_min=0.995, top1_min=0.85)
-    for form in ("u8u8", "u8s8"):  # what an AVX2-only CPU gets and what a VNNI/AMX one gets: the same integers
+    for form in ("u8u8", None):  # what an AVX2-only CPU gets, and this CPU's own choice: the same integers
         report = verify_model(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=3, thresholds=thresholds,
                               w8a8_form=form)
         assert report.ok, report.metrics
