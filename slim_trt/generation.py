@@ -37,9 +37,11 @@ class Generator:
 
     threads: ONNX Runtime intra-op threads (0 = its default). fuse=False runs the graph's plain arithmetic (weights
     dequantized to float at load) instead of the packed-integer kernels the export's session config gives.
+    w8a8_form: force the integer GEMM form of W8A8 linears (u8u8 | u8s8); default from this CPU (`self.cpu` says
+    which and why).
     """
 
-    def __init__(self, export_dir: str | Path, *, threads: int = 0, fuse: bool = True):
+    def __init__(self, export_dir: str | Path, *, threads: int = 0, fuse: bool = True, w8a8_form: str | None = None):
         from .triton.export_info import read_export
 
         self.info = read_export(export_dir)
@@ -48,7 +50,12 @@ class Generator:
             raise SlimError(f"{export_dir} is a bf16 export, which ONNX Runtime cannot run on the CPU: export fp32 or "
                             "fp16 to generate here")
         try:
-            self.decoder = runtime.OnnxDecoder(self.info.model_path, spec, threads, fuse=fuse)
+            self.cpu = runtime.cpu_choice(w8a8_form)
+        except ValueError as e:
+            raise SlimError(str(e)) from None
+        self.w8a8_linears = sum(1 for r in self.info.raw.get("compressed_layers") or [] if r.get("act_scale"))
+        try:
+            self.decoder = runtime.OnnxDecoder(self.info.model_path, spec, threads, fuse=fuse, w8a8_form=w8a8_form)
         except SlimError:
             raise
         except Exception as e:  # onnxruntime raises its own types on broken files
@@ -60,6 +67,13 @@ class Generator:
     @property
     def spec(self) -> runtime.DecoderSpec:
         return self.decoder.spec
+
+    def session_summary(self) -> str:
+        """The CPU features that decided the session, and the W8A8 GEMM form when the export has W8A8 linears."""
+        c = self.cpu
+        if not self.w8a8_linears:
+            return f"CPU: {' '.join(c.features)}"
+        return f"CPU: {' '.join(c.features)}; {self.w8a8_linears} W8A8 linears as {c.w8a8_form} GEMMs ({c.reason})"
 
     def encode(self, prompt: str) -> list[int]:
         if self.tokenizer is None:

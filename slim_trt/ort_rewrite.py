@@ -24,7 +24,13 @@ weights, never a float copy). Three forms of an export need help to reach the sa
 - RMSNorm as the exporter spells it (Mul, ReduceMean, Add, Sqrt, Reciprocal, Mul, Mul) becomes ONNX Runtime's
   SimplifiedLayerNormalization kernel, which its optimizer only finds for the Pow/Div spelling (fp32 graphs).
 
-The last four only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
+- Every W8A8 linear `MatMul(DequantizeLinear(QuantizeLinear(x, s, int8 0)), DequantizeLinear(int8 W [K, N]))`
+  becomes QuantizeLinear(x, s, uint8 128) -> com.microsoft MatMulIntegerToFloat, one per input x and scale (q/k/v,
+  gate/up share it, then a Split), in fp32 even in an fp16 graph (Cast at the boundaries): the integer GEMM whose
+  operand types the caller picks from the CPU (W8A8_FORMS: ONNX Runtime's own fusion hands AVX2-only CPUs a kernel
+  that saturates). q_u8 = q_s8 + 128 over the same clamp range, so the integers are the graph's, exactly.
+
+The last five only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
 
 Standalone (numpy + onnx): `slim-trt deploy` copies it beside the Triton models as `slim_ort_rewrite.py`.
@@ -396,6 +402,126 @@ def _fuse_linears(g: _Graph, accuracy_level: int, share_inputs: bool = True) -> 
     return counts
 
 
+# How the integer GEMM of a W8A8 linear is handed to ONNX Runtime (com.microsoft MatMulIntegerToFloat, activations
+# uint8 with zero point 128 in both):
+#   "u8u8"  weights uint8 with zero point 128 as well. MLAS's U8U8 kernels widen both operands to int16 before any
+#           multiply (VPMADDWD on x86, UMULL/UDOT on ARM): the int32 sums are exact on every CPU.
+#   "u8s8"  weights int8 as exported (ONNX Runtime's own Q/DQ fusion picks the same). On x86 without VNNI/AMX MLAS
+#           runs it with VPMADDUBSW, whose int16 sum of two u8 x s8 products saturates above 32767 (255 x 127 x 2
+#           = 64770): wrong logits on AVX2-only CPUs. Exact with VNNI (VPDPBUSD sums into int32) and AMX.
+W8A8_FORMS = ("u8u8", "u8s8")
+ACT_ZERO_POINT = 128  # uint8 activations: q_u8 = q_s8 + 128 exactly, over the same clamp range
+
+
+@dataclass
+class _W8A8Linear:
+    matmul: object
+    act_q: object  # the activation QuantizeLinear feeding it (through its DequantizeLinear)
+    act_dq: object
+    weight_dq: object
+    q: np.ndarray  # int8 [K, N]
+    scales: np.ndarray  # float32 [N]
+
+
+def _scalar(g: _Graph, name: str) -> np.ndarray | None:
+    value = _const(g, name) if name else None
+    return value if value is not None and value.size == 1 else None
+
+
+def _w8a8_linear(g: _Graph, mm) -> _W8A8Linear | None:
+    """MatMul(DQ(Q(x, s, int8 0)), DQ(int8 W [K, N], per-column or per-tensor scale)), or None."""
+    if mm.op_type != "MatMul" or mm.domain not in ("", "ai.onnx"):
+        return None
+    act_dq, w_dq = g.producer.get(mm.input[0]), g.dq_of(mm.input[1])
+    if act_dq is None or act_dq.op_type != "DequantizeLinear" or w_dq is None:
+        return None
+    act_q = g.producer.get(act_dq.input[0])
+    if act_q is None or act_q.op_type != "QuantizeLinear" or len(act_q.input) < 3 or len(act_dq.input) < 3:
+        return None
+    s, zp = _scalar(g, act_q.input[1]), _scalar(g, act_q.input[2])
+    if s is None or zp is None or zp.dtype != np.int8 or int(zp.reshape(-1)[0]) != 0 or \
+            list(act_dq.input[1:3]) != list(act_q.input[1:3]):
+        return None
+    if g.inits[w_dq.input[0]].data_type != TensorProto.INT8 or w_dq.output[0] in g.graph_outputs or \
+            any(c.op_type != "MatMul" or i != 1 for c, i in g.consumers[w_dq.output[0]]):
+        return None
+    q = g.array(w_dq.input[0]).astype(np.int8)
+    ws = g.array(w_dq.input[1]).astype(np.float32)
+    n = q.shape[1]
+    if ws.size == 1:
+        scales = np.full(n, float(ws.reshape(-1)[0]), np.float32)
+    elif _attr(w_dq, "block_size", 0) == 0 and _attr(w_dq, "axis", 1) % 2 == 1 and ws.shape == (n,):
+        scales = ws
+    else:
+        return None  # blocks along K: no single integer GEMM takes them
+    return _W8A8Linear(mm, act_q, act_dq, w_dq, q, scales)
+
+
+def _fuse_w8a8(g: _Graph, form: str) -> dict[str, int]:
+    """Every W8A8 linear -> QuantizeLinear(uint8, zero point 128) + com.microsoft MatMulIntegerToFloat, in fp32 (Cast
+    at the boundaries of an fp16 graph: ONNX Runtime's CPU kernel has no fp16 output, and its fp16
+    DequantizeLinear -> MatMul is unfused, ~50x slower than dense). The linears that quantize the same input with
+    the same scale (q/k/v, gate/up) share one QuantizeLinear and one GEMM over their weights concatenated along N,
+    then a Split. `form`: W8A8_FORMS. Returns the counts of GEMMs built and linears replaced."""
+    groups: dict[tuple, list[_W8A8Linear]] = {}
+    for n in g.g.node:
+        lin = _w8a8_linear(g, n)
+        if lin is not None:
+            s = float(_scalar(g, lin.act_q.input[1]).reshape(-1)[0])
+            groups.setdefault((lin.act_q.input[0], s, lin.q.shape[0]), []).append(lin)
+    counts = {"w8a8_gemms": 0, "w8a8_linears": 0}
+    for (x, s, _), members in groups.items():
+        first = members[0].matmul
+        base = first.name if len(members) == 1 else f"{first.name}+{len(members) - 1}"
+        new = []
+        # QuantizeLinear's x and DequantizeLinear's output have their scale's type: the graph's float type here.
+        x_type = g.inits[members[0].act_q.input[1]].data_type
+        y_type = g.inits[members[0].weight_dq.input[1]].data_type
+        if x_type != TensorProto.FLOAT:
+            xf = g.unique(f"{base}/w8a8_in")
+            new.append(helper.make_node("Cast", [x], [xf], name=g.unique(f"{base}/w8a8_cast_in"), to=TensorProto.FLOAT))
+            x = xf
+        q = np.concatenate([m.q for m in members], axis=1)
+        if form == "u8u8":
+            b = numpy_helper.from_array((q.astype(np.int16) + ACT_ZERO_POINT).astype(np.uint8), f"{base}.w8a8_u8")
+            b_zp = numpy_helper.from_array(np.array(ACT_ZERO_POINT, np.uint8), f"{base}.w8a8_b_zero_point")
+        else:
+            b = numpy_helper.from_array(q, f"{base}.w8a8_s8")
+            b_zp = numpy_helper.from_array(np.array(0, np.int8), f"{base}.w8a8_b_zero_point")
+        a_scale = g.add_init(numpy_helper.from_array(np.array(s, np.float32), f"{base}.w8a8_a_scale"))
+        a_zp = g.add_init(numpy_helper.from_array(np.array(ACT_ZERO_POINT, np.uint8), f"{base}.w8a8_a_zero_point"))
+        b_scale = g.add_init(numpy_helper.from_array(np.concatenate([m.scales for m in members]), f"{base}.w8a8_b_scale"))
+        a = g.unique(f"{base}/w8a8_a")
+        new.append(helper.make_node("QuantizeLinear", [x, a_scale, a_zp], [a], name=g.unique(f"{base}/w8a8_quantize")))
+        outs = [m.matmul.output[0] for m in members]
+        cast_out = y_type != TensorProto.FLOAT
+        y = outs[0] if len(members) == 1 and not cast_out else g.unique(f"{base}/w8a8_out")
+        new.append(helper.make_node("MatMulIntegerToFloat", [a, g.add_init(b), a_scale, b_scale, a_zp, g.add_init(b_zp)],
+                                    [y], domain=MS_DOMAIN, name=g.unique(f"{base}/MatMulIntegerToFloat")))
+        if cast_out:
+            yc = outs[0] if len(members) == 1 else g.unique(f"{base}/w8a8_out_cast")
+            new.append(helper.make_node("Cast", [y], [yc], name=g.unique(f"{base}/w8a8_cast_out"), to=y_type))
+            y = yc
+        if len(members) > 1:
+            sizes = g.add_init(numpy_helper.from_array(np.array([m.q.shape[1] for m in members], np.int64),
+                                                       f"{base}.w8a8_split"))
+            new.append(helper.make_node("Split", [y, sizes], outs, name=g.unique(f"{base}/Split"), axis=-1))
+        g.replace(first, new)  # the first in node order: x exists there and every output is read later
+        for m in members[1:]:
+            g.dropped.add(id(m.matmul))
+        counts["w8a8_gemms"] += 1
+        counts["w8a8_linears"] += len(members)
+    for n in g.g.node:  # activation pairs and weight DQs go once nothing reads them any more
+        if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in g.graph_outputs and \
+                g.consumers.get(n.output[0]) and all(id(c) in g.dropped for c, _ in g.consumers[n.output[0]]):
+            g.dropped.add(id(n))
+    for n in g.g.node:  # a QuantizeLinear whose DequantizeLinear just went
+        if n.op_type == "QuantizeLinear" and n.output[0] not in g.graph_outputs and \
+                all(id(c) in g.dropped for c, _ in g.consumers.get(n.output[0], [])):
+            g.dropped.add(id(n))
+    return counts
+
+
 def _only_reader(g: _Graph, name: str, op_type: str):
     """The single node reading `name` when it is an `op_type` (and `name` is no graph output), else None."""
     uses = g.consumers.get(name, [])
@@ -482,20 +608,28 @@ def needs_rewrite(model: onnx.ModelProto) -> bool:
 
 
 def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level: int = 4,
-                    share_inputs: bool = True) -> tuple[onnx.ModelProto, dict]:
+                    share_inputs: bool = True, w8a8_form: str = "u8u8") -> tuple[onnx.ModelProto, dict]:
     """A rewritten copy of `model` (see the module doc) and counts of what changed. accuracy_level: the session's
     `session.qdq_matmulnbits_accuracy_level`, which the MatMulNBits nodes built here follow too. share_inputs=False:
-    one MatMulNBits per quantized linear, none shared (for comparison)."""
+    one MatMulNBits per quantized linear, none shared (for comparison). w8a8_form: the integer GEMM's operand types
+    for W8A8 linears (W8A8_FORMS; the caller picks it from the CPU, runtime.cpu_choice)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0,
-              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0}
+              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0}
+    if w8a8_form not in W8A8_FORMS:
+        raise ValueError(f"unknown W8A8 form {w8a8_form!r}: choose one of {', '.join(W8A8_FORMS)}")
     g = _Graph(m)
     for n in list(m.graph.node):
         if (n.domain, n.op_type) == LOWRANK_OP:
             _expand_lowrank(g, n)
             counts["lowrank_expanded"] += 1
     if fuse:
+        g.finish()
+        g = _Graph(m)  # the expanded low-rank factors are ordinary linears from here on
+        counts.update(_fuse_w8a8(g, w8a8_form))
+        g.finish()
+        g = _Graph(m)
         compute = _compute_type(g)
         for n in list(m.graph.node):
             if n.op_type == "DequantizeLinear" and g.dq_of(n.output[0]) is not None:

@@ -199,14 +199,80 @@ def _ort_rewrite():
     return ort_rewrite
 
 
+# CPU features (Linux /proc/cpuinfo flag names) that decide how ONNX Runtime's int8 kernels compute.
+_X86_FEATURES = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
+_ARM_FEATURES = ("asimddp", "i8mm")  # dot product (SDOT/UDOT), int8 matrix multiply (SMMLA/UMMLA)
+# With one of these, MLAS's u8 x s8 GEMM sums into int32 (VPDPBUSD, AMX TDPBUSD): exact. Without, it uses
+# VPMADDUBSW and its saturating int16 pair sums.
+_EXACT_U8S8 = ("avx512_vnni", "avx_vnni", "amx_int8")
+W8A8_FORM_ENV = "SLIM_TRT_ORT_W8A8"  # forces the W8A8 session form (u8u8 | u8s8) where no caller passes one
+
+
+def cpu_features(cpuinfo: str | None = None, machine: str | None = None) -> tuple[str, ...]:
+    """The CPU's architecture and the features above it has, e.g. ("x86_64", "avx2", "avx512f", "avx512_vnni",
+    "amx_int8") or ("arm64", "asimddp"). Flags come from /proc/cpuinfo (Linux; `cpuinfo` passes its text); elsewhere
+    only the architecture is known (then no feature is assumed)."""
+    import platform
+
+    arch = (machine or platform.machine()).lower()
+    arch = {"amd64": "x86_64", "aarch64": "arm64"}.get(arch, arch)
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+        except OSError:
+            cpuinfo = ""
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            flags |= set(value.split())
+    wanted = _X86_FEATURES if arch == "x86_64" else _ARM_FEATURES if arch == "arm64" else ()
+    return (arch,) + tuple(f for f in wanted if f in flags)
+
+
+@dataclass(frozen=True)
+class CpuChoice:
+    """How a session runs W8A8 linears on this CPU, and why (the verify report and `generate` print it)."""
+
+    features: tuple[str, ...]
+    w8a8_form: str  # ort_rewrite.W8A8_FORMS
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"cpu_features": list(self.features), "w8a8_form": self.w8a8_form, "reason": self.reason}
+
+    def describe(self) -> str:
+        return f"CPU {' '.join(self.features)}: W8A8 GEMMs {self.w8a8_form} ({self.reason})"
+
+
+def cpu_choice(w8a8_form: str | None = None, features: Sequence[str] | None = None) -> CpuChoice:
+    """The W8A8 session form: `w8a8_form` when given, else $SLIM_TRT_ORT_W8A8, else from the CPU: u8s8 (ONNX
+    Runtime's own operand types) on x86 with VNNI or AMX, where it is exact and the fastest; u8u8 (exact on every
+    CPU) everywhere else, unknown CPUs included."""
+    feats = tuple(features) if features is not None else cpu_features()
+    forced = w8a8_form or os.environ.get(W8A8_FORM_ENV) or None
+    if forced is not None:
+        if forced not in ("u8u8", "u8s8"):
+            raise ValueError(f"W8A8 form {forced!r} is not one of u8u8, u8s8 (from "
+                             f"{'the caller' if w8a8_form else '$' + W8A8_FORM_ENV})")
+        return CpuChoice(feats, forced, "forced" if w8a8_form else f"${W8A8_FORM_ENV}")
+    exact = [f for f in _EXACT_U8S8 if f in feats]
+    if feats[:1] == ("x86_64",) and exact:
+        return CpuChoice(feats, "u8s8", f"{exact[-1]}: u8 x s8 sums into int32, exact")
+    return CpuChoice(feats, "u8u8", "no VNNI/AMX: u8 x s8 would saturate int16 pair sums (VPMADDUBSW); u8 x u8 "
+                                    "widens to int16 first, exact" if feats[:1] == ("x86_64",) else
+                     "u8 x u8 is exact on every CPU")
+
+
 def make_session(model_path: str | os.PathLike, spec: DecoderSpec | None = None, threads: int = 0,
                  providers: Sequence[str] | None = None, fuse: bool = True, rewrite: bool | None = None,
-                 optimized_model_path: str | os.PathLike | None = None):
+                 optimized_model_path: str | os.PathLike | None = None, w8a8_form: str | None = None):
     """An onnxruntime.InferenceSession for an exported model with the session config `spec` declares.
 
     fuse=False runs the graph's plain arithmetic instead (ONNX Runtime's Q/DQ fusion off: weights dequantized to
     float at load, float GEMMs), for comparison. rewrite: apply ort_rewrite (default: when the export needs it).
     optimized_model_path: also write the graph ONNX Runtime runs there (to count its fused kernels).
+    w8a8_form: force the integer GEMM form of W8A8 linears (u8u8 | u8s8; default: cpu_choice, from the CPU).
     """
     import onnxruntime as ort
 
@@ -232,7 +298,8 @@ def make_session(model_path: str | os.PathLike, spec: DecoderSpec | None = None,
     level = int(config.get("session.qdq_matmulnbits_accuracy_level", "4"))
     # A config that turns ONNX Runtime's Q/DQ fusion off asks for the plain arithmetic: no MatMulNBits built here.
     packed = config.get("session.disable_quant_qdq", "0") != "1"
-    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=packed, accuracy_level=level)
+    model, _ = _ort_rewrite().for_onnxruntime(onnx.load(str(model_path)), fuse=packed, accuracy_level=level,
+                                              w8a8_form=cpu_choice(w8a8_form).w8a8_form)
     if model.ByteSize() < 2**31 - 2**26:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="slim_trt_ort_") as d:  # > 2 GB: protobuf needs external data
@@ -256,17 +323,18 @@ def kernel_counts(optimized_model_path: str | os.PathLike) -> dict:
     unfused = {n.name: sorted(set(readers.get(n.output[0], []))) for n in model.graph.node
                if n.op_type == "DequantizeLinear"}
     return {"ops": dict(sorted(counts.items())), "matmul_nbits": counts.get("MatMulNBits", 0),
-            "gather_block_quantized": counts.get("GatherBlockQuantized", 0), "unfused_dequantize": unfused}
+            "gather_block_quantized": counts.get("GatherBlockQuantized", 0),
+            "matmul_integer_to_float": counts.get("MatMulIntegerToFloat", 0), "unfused_dequantize": unfused}
 
 
 def open_session(path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int = 0,
-                 fuse: bool = True):
+                 fuse: bool = True, w8a8_form: str | None = None):
     """The session for an export folder (or the model.onnx inside one), with the export's declared config."""
     path = Path(path)
     folder = path if path.is_dir() else path.parent
     spec, _ = read_manifest(folder)
     model = folder / spec.model_file if path.is_dir() else path
-    return make_session(model, spec, threads, providers, fuse)
+    return make_session(model, spec, threads, providers, fuse, w8a8_form=w8a8_form)
 
 
 class Decoder(Protocol):
@@ -279,15 +347,17 @@ class OnnxDecoder:
     """An exported decoder running in this process with ONNX Runtime."""
 
     def __init__(self, model_path: str | os.PathLike, spec: DecoderSpec, threads: int = 0, session=None,
-                 fuse: bool = True):
+                 fuse: bool = True, w8a8_form: str | None = None):
         self.spec = spec
-        self.session = session if session is not None else make_session(model_path, spec, threads, fuse=fuse)
+        self.session = session if session is not None else make_session(model_path, spec, threads, fuse=fuse,
+                                                                        w8a8_form=w8a8_form)
         self._outputs = spec.output_names
 
     @staticmethod
-    def from_folder(folder: str | os.PathLike, threads: int = 0, fuse: bool = True) -> OnnxDecoder:
+    def from_folder(folder: str | os.PathLike, threads: int = 0, fuse: bool = True,
+                    w8a8_form: str | None = None) -> OnnxDecoder:
         spec, _ = read_manifest(folder)
-        return OnnxDecoder(Path(folder) / spec.model_file, spec, threads, fuse=fuse)
+        return OnnxDecoder(Path(folder) / spec.model_file, spec, threads, fuse=fuse, w8a8_form=w8a8_form)
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))

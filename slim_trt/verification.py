@@ -272,14 +272,16 @@ def _open(path: Path, providers, **kw):
 def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor, *, decode_steps: int = 4,
                  thresholds: Thresholds | None = None, providers: list[str] | None = None,
                  save_inputs: str | Path | None = None, save_outputs: str | Path | None = None,
-                 batch_size: int = 4, plain: bool = False, ref: torch.Tensor | None = None) -> VerifyReport:
+                 batch_size: int = 4, plain: bool = False, ref: torch.Tensor | None = None,
+                 w8a8_form: str | None = None) -> VerifyReport:
     """Compare the ONNX model (ONNX Runtime, with the session config its export declares) with `model` (PyTorch)
     on token windows [n, L]. plain: also run the graph's plain arithmetic (Q/DQ fusion off) and report it.
-    ref: `model`'s logits when the caller already has them (reference_logits)."""
+    ref: `model`'s logits when the caller already has them (reference_logits). w8a8_form: force the integer GEMM
+    form of W8A8 linears (runtime.cpu_choice; default: from this CPU)."""
     import tempfile
 
     from .exporter.ort_runtime import export_spec
-    from .runtime import kernel_counts
+    from .runtime import cpu_choice, kernel_counts
 
     path = _check_onnx_path(onnx_path)
     meta = read_sidecar(path) or {}
@@ -289,7 +291,7 @@ def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor,
                         "same checkpoint, or the TensorRT engine with --engine on a GPU")
     spec = export_spec(path)
     with tempfile.TemporaryDirectory(prefix="slim_trt_verify_") as tmp:
-        sess = _open(path, providers, optimized_model_path=Path(tmp) / "optimized.onnx")
+        sess = _open(path, providers, optimized_model_path=Path(tmp) / "optimized.onnx", w8a8_form=w8a8_form)
         kernels = kernel_counts(Path(tmp) / "optimized.onnx")
     t0 = time.perf_counter()
     onnx_logits, feeds, outputs = _run_windows(sess, windows, decode_steps, batch_size,
@@ -305,7 +307,7 @@ def verify_model(onnx_path: str | Path, model: nn.Module, windows: torch.Tensor,
                 "seqlen": int(windows.shape[1]), "decode_steps": decode_steps if with_cache else 0,
                 "with_cache": with_cache, "onnx_seconds": round(t_onnx, 3), "torch_seconds": round(t_torch, 3),
                 "session_config": dict(spec.session_config) if spec is not None else {}, "kernels": kernels,
-                "int8_activations": int8_activations(meta)}
+                "int8_activations": int8_activations(meta), "cpu": cpu_choice(w8a8_form).to_dict()}
     report = VerifyReport(metrics=metrics, thresholds=thresholds or Thresholds.for_export(dtype, meta),
                           settings=settings)
     if plain:
@@ -320,13 +322,15 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
            seqlen: int = 64, decode_steps: int = 4, thresholds: dict | None = None,
            providers: list[str] | None = None, save_inputs: str | Path | None = None,
            save_outputs: str | Path | None = None, engine: str | Path | None = None,
-           plugins: list[str] | None = None, ignore_manifest: bool = False, plain: bool = False) -> VerifyReport:
+           plugins: list[str] | None = None, ignore_manifest: bool = False, plain: bool = False,
+           w8a8_form: str | None = None) -> VerifyReport:
     """Verify an export against the model it came from (`reference`: the `slim-trt compress` folder, or for a dense
     export the MODEL it was exported from), with the export's `--head` quantization applied to the reference.
 
     text: a text file (default: the shipped WikiText-2 test excerpt); thresholds: overrides by field name.
     engine: also compare a TensorRT engine (needs TensorRT + GPU) through slim_trt.trt.verify_engine.
     plain: also report the graph's plain arithmetic (ONNX Runtime's Q/DQ fusion off).
+    w8a8_form: force the integer GEMM form of W8A8 linears (u8u8 | u8s8; default: from this CPU, runtime.cpu_choice).
     """
     from .calibration.data import SHIPPED_EVAL, eval_windows, load_text
 
@@ -357,7 +361,8 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         ref = reference_logits(model, ids)
         w8a8, th = _w8a8_checks(path, model, ids, ref, scales, dtype, th, thresholds, decode_steps, providers)
     report = verify_model(path, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers,
-                          save_inputs=save_inputs, save_outputs=save_outputs, plain=plain, ref=ref)
+                          save_inputs=save_inputs, save_outputs=save_outputs, plain=plain, ref=ref,
+                          w8a8_form=w8a8_form)
     report.w8a8 = w8a8
     if ppl_unquantized_head is not None:
         # The reference runs the export's quantized head; this is what the quantization costs the reference.
@@ -458,6 +463,13 @@ def format_report(report: VerifyReport) -> str:
         lines.append("ONNX Runtime quantizes activations to int8 on the fly (MatMulNBits accuracy level 4 or an 8-bit "
                      "head): the default limits allow for that rounding")
     k = s.get("kernels")
+    cpu = s.get("cpu")
+    if cpu:
+        line = f"CPU: {' '.join(cpu['cpu_features'])}"
+        if k and k.get("matmul_integer_to_float"):
+            line += (f"; W8A8 GEMMs: {k['matmul_integer_to_float']} MatMulIntegerToFloat as {cpu['w8a8_form']} "
+                     f"({cpu['reason']})")
+        lines.append(line)
     if k:
         unfused = k["unfused_dequantize"]
         lines.append(f"kernels: {k['matmul_nbits']} MatMulNBits, {k['gather_block_quantized']} GatherBlockQuantized "

@@ -46,7 +46,8 @@ def test_quantized_table_is_read_packed_and_exact(bits, group_size, dtype):
     assert needs_rewrite(model)
     fused, counts = for_onnxruntime(model, accuracy_level=1)
     assert counts == {"lowrank_expanded": 0, "gather_block_quantized": 1, "matmul_nbits_head": 1,
-                      "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0}
+                      "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0,
+                      "w8a8_gemms": 0, "w8a8_linears": 0}
     ops = [n.op_type for n in fused.graph.node]
     assert "DequantizeLinear" not in ops and "Transpose" not in ops
     gbq = next(n for n in fused.graph.node if n.op_type == "GatherBlockQuantized")
@@ -200,3 +201,113 @@ def test_rms_norms_run_as_onnxruntimes_fused_kernels(tmp_path):
     ops = [n.op_type for n in fused.graph.node]
     assert ops.count("SimplifiedLayerNormalization") == 13
     assert "Sqrt" not in ops and "Reciprocal" not in ops and "ReduceMean" not in ops
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# W8A8 linears: one integer GEMM per quantized input, exact on every CPU
+# ---------------------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def w8a8_export(tmp_path_factory):
+    from slim_trt.exporter import ExportOptions, export_model
+    from tests.exporter.conftest import EXACT, w8a8_model
+
+    d = tmp_path_factory.mktemp("w8a8_rewrite")
+    for dtype in ("fp32", "fp16"):
+        export_model(w8a8_model("llama"), d / dtype, options=ExportOptions(**{**EXACT, "dtype": dtype}))
+    return d
+
+
+def _gemm_operands(model) -> list[tuple]:
+    """(A node input, B uint8/int8 array, A zero point, B zero point) of every MatMulIntegerToFloat."""
+    from onnx import numpy_helper
+
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return [(n.input[0], inits[n.input[1]], int(inits[n.input[4]]), int(inits[n.input[5]]))
+            for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+
+
+@pytest.mark.parametrize("form", ["u8u8", "u8s8"])
+def test_w8a8_linears_become_shared_integer_gemms(w8a8_export, form):
+    import onnx
+
+    model = onnx.load(str(w8a8_export / "fp16" / "model.onnx"))
+    fused, counts = for_onnxruntime(model, accuracy_level=1, w8a8_form=form)
+    # per layer: q/k/v (one GEMM), o, gate/up (one GEMM), down; 2 layers
+    assert counts["w8a8_gemms"] == 8 and counts["w8a8_linears"] == 14
+    ops = [n.op_type for n in fused.graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("QuantizeLinear") == 8
+    for _, b, a_zp, b_zp in _gemm_operands(fused):
+        assert a_zp == 128 and b.dtype == (np.uint8 if form == "u8u8" else np.int8) and b_zp == (128 if form == "u8u8"
+                                                                                                  else 0)
+    # fp16 graph, fp32 GEMM: a Cast in, a Cast out around each
+    assert ops.count("Cast") >= 16
+    with pytest.raises(ValueError, match="u8u8, u8s8"):
+        for_onnxruntime(model, w8a8_form="s8s8")
+
+
+@pytest.mark.parametrize("form", ["u8u8", None])
+def test_w8a8_session_matches_the_plain_arithmetic(w8a8_export, form):
+    """The safe form forced (what an AVX2-only CPU gets), and this CPU's own choice: the graph's plain fp32
+    arithmetic (Q/DQ fusion off) up to summation order. (u8s8 is not forced here: without VNNI it saturates.)"""
+    path = w8a8_export / "fp32" / "model.onnx"
+    fused, ids = _logits(path, 1, w8a8_form=form)
+    plain, _ = _logits(path, 1, fuse=False)
+    assert float((fused - plain).abs().max()) < 1e-4, float((fused - plain).abs().max())
+    assert float(plain.abs().max()) > 1.0  # logits of a real size, not zeros
+
+
+def _vpmaddubsw_gemm(a_u8: np.ndarray, b_s8: np.ndarray) -> tuple[np.ndarray, int]:
+    """a_u8 [M, K] @ b_s8 [K, N] as MLAS's AVX2 U8S8 kernel sums it without VNNI: VPMADDUBSW adds the products of
+    adjacent k pairs into int16 with saturation, VPMADDWD/VPADDD sum those into int32. Returns (result, how many
+    pair sums saturated)."""
+    k = a_u8.shape[1] + a_u8.shape[1] % 2
+    a = np.zeros((a_u8.shape[0], k), np.int64)
+    a[:, :a_u8.shape[1]] = a_u8
+    b = np.zeros((k, b_s8.shape[1]), np.int64)
+    b[:b_s8.shape[0]] = b_s8
+    pairs = a[:, 0::2, None] * b[None, 0::2] + a[:, 1::2, None] * b[None, 1::2]  # [M, K/2, N]
+    saturated = np.clip(pairs, -32768, 32767)
+    return saturated.sum(axis=1), int((saturated != pairs).sum())
+
+
+def test_the_form_an_avx2_cpu_gets_cannot_saturate_and_the_old_one_does(w8a8_export):
+    """On the product's own integer operands: the activations (uint8) every W8A8 GEMM reads on real tokens, and the
+    weights. ONNX Runtime's own fusion (uint8 activations x int8 weights) saturates VPMADDUBSW's int16 pair sums on
+    these very values; the u8u8 form, which a CPU without VNNI/AMX gets, widens both operands to int16 and sums pairs
+    into int32 (VPMADDWD), which no uint8 pair can overflow."""
+    import onnx
+
+    from slim_trt.runtime import cpu_choice
+    from slim_trt.verification import _feed
+
+    form = cpu_choice(features=("x86_64", "avx2")).w8a8_form
+    assert form == "u8u8"
+    fused, _ = for_onnxruntime(onnx.load(str(w8a8_export / "fp32" / "model.onnx")), accuracy_level=1, w8a8_form=form)
+    gemms = _gemm_operands(fused)
+    names = sorted({a for a, _, _, _ in gemms})
+    probe = onnx.ModelProto()
+    probe.CopyFrom(fused)
+    probe.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.UINT8, None) for n in names])
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    feeds = _feed({x.name: x for x in sess.get_inputs()}, ids, past=None, start=0)
+    acts = dict(zip(names, sess.run(names, feeds), strict=True))
+    old_saturated = 0
+    for a_name, b_u8, a_zp, b_zp in gemms:
+        a = acts[a_name].reshape(-1, acts[a_name].shape[-1]).astype(np.int64)
+        b = b_u8.astype(np.int64)
+        assert a.dtype == b.dtype and acts[a_name].dtype == np.uint8 and b_u8.dtype == np.uint8
+        exact = (a - a_zp) @ (b - b_zp)
+        # u8u8: |pair| <= 2 * 255 * 255 = 130050, far inside int32; the kernel's integer sum is the exact one
+        pairs = a[:, 0::2, None] * b[None, 0::2] if a.shape[1] % 2 == 0 else None
+        assert pairs is not None and np.abs(pairs).max() <= 255 * 255
+        widened = a @ b - a_zp * b.sum(0)[None] - b_zp * a.sum(1)[:, None] + a.shape[1] * a_zp * b_zp
+        assert np.array_equal(widened, exact)
+        # the old form: the same activations against the int8 weights ONNX Runtime's own fusion keeps
+        b_s8 = b - b_zp
+        old, sat = _vpmaddubsw_gemm(a, b_s8)
+        old_saturated += sat
+        if sat:
+            assert not np.array_equal(old - a_zp * b_s8.sum(0)[None], exact)
+    assert old_saturated > 0, old_saturated  # these values do saturate the old form: the test can tell the two apart

@@ -210,3 +210,48 @@ def test_the_triton_config_declares_the_request_fields():
     assert [(n, optional) for n, _, optional in configs.GENERATE_INPUTS] == [
         ("prompt", False), ("max_new_tokens", True), ("temperature", True), ("top_k", True), ("top_p", True),
         ("seed", True)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the CPU features that decide a W8A8 session
+# ---------------------------------------------------------------------------------------------------------------
+
+EPYC_ROME = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 ssse3 fma avx avx2 bmi2 sha_ni\n"
+SAPPHIRE_RAPIDS = ("processor\t: 0\nflags\t\t: sse2 avx avx2 avx512f avx512bw avx512_vnni avx512_bf16 amx_bf16 "
+                   "amx_tile amx_int8\n")
+ORIN = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp\n"
+
+
+@pytest.mark.parametrize("cpuinfo,machine,features,form", [
+    (EPYC_ROME, "x86_64", ("x86_64", "avx2"), "u8u8"),
+    (SAPPHIRE_RAPIDS, "x86_64", ("x86_64", "avx2", "avx512f", "avx512bw", "avx512_vnni", "amx_int8"), "u8s8"),
+    ("flags : avx2 avx_vnni\n", "AMD64", ("x86_64", "avx2", "avx_vnni"), "u8s8"),  # Alder Lake: AVX-VNNI only
+    (ORIN, "aarch64", ("arm64", "asimddp"), "u8u8"),
+    ("", "x86_64", ("x86_64",), "u8u8"),  # no /proc/cpuinfo (macOS, Windows): nothing assumed, the safe form
+    ("flags : avx512_vnni\n", "riscv64", ("riscv64",), "u8u8"),
+])
+def test_cpu_features_decide_the_w8a8_form(cpuinfo, machine, features, form, monkeypatch):
+    monkeypatch.delenv(rt.W8A8_FORM_ENV, raising=False)
+    assert rt.cpu_features(cpuinfo, machine) == features
+    choice = rt.cpu_choice(features=features)
+    assert choice.w8a8_form == form and choice.to_dict()["cpu_features"] == list(features)
+    assert choice.describe().startswith(f"CPU {' '.join(features)}: W8A8 GEMMs {form}")
+
+
+def test_the_w8a8_form_can_be_forced(monkeypatch):
+    monkeypatch.delenv(rt.W8A8_FORM_ENV, raising=False)
+    assert rt.cpu_choice("u8s8", features=("x86_64", "avx2")).w8a8_form == "u8s8"
+    monkeypatch.setenv(rt.W8A8_FORM_ENV, "u8u8")
+    choice = rt.cpu_choice(features=("x86_64", "amx_int8"))
+    assert choice.w8a8_form == "u8u8" and rt.W8A8_FORM_ENV in choice.reason
+    assert rt.cpu_choice("u8s8", features=("x86_64",)).w8a8_form == "u8s8"  # the caller's over the environment
+    monkeypatch.setenv(rt.W8A8_FORM_ENV, "int8")
+    with pytest.raises(ValueError, match="u8u8, u8s8"):
+        rt.cpu_choice()
+
+
+def test_this_machine_reports_its_architecture():
+    import platform
+
+    arch = rt.cpu_features()[0]
+    assert arch == {"amd64": "x86_64", "aarch64": "arm64"}.get(platform.machine().lower(), platform.machine().lower())

@@ -31,6 +31,24 @@ def test_a_faithful_export_passes_all_three_parts(w8a8_export):
     assert w["floor"]["draws"] == 3 and w["floor"]["eps"] == 1e-6
     text = format_report(report)
     assert "W8A8 structure: 14 activation Q/DQ pairs" in text and "sensitivity floor" in text
+    # the session's W8A8 GEMMs and the CPU features that chose their form
+    cpu = report.settings["cpu"]
+    assert cpu["w8a8_form"] in ("u8u8", "u8s8") and cpu["cpu_features"][0] and report.settings["kernels"][
+        "matmul_integer_to_float"] == 8
+    assert f"W8A8 GEMMs: 8 MatMulIntegerToFloat as {cpu['w8a8_form']}" in text
+
+
+def test_the_safe_form_forced_gives_the_cpus_own_numbers(w8a8_export):
+    """u8u8 forced (what an AVX2-only CPU gets) against this CPU's own choice (u8s8 with VNNI/AMX): both exact
+    integer GEMMs, so the same metrics up to float summation order. (u8s8 is never forced in a session here: on a
+    CPU without VNNI it saturates, which is the bug this form exists for.)"""
+    ckpt, onnx_path = w8a8_export
+    safe = verify(onnx_path, ckpt, windows=2, seqlen=24, w8a8_form="u8u8")
+    own = verify(onnx_path, ckpt, windows=2, seqlen=24)
+    assert safe.ok and safe.settings["cpu"]["w8a8_form"] == "u8u8" and safe.settings["cpu"]["reason"] == "forced"
+    assert safe.metrics["mean_abs"] < 2e-4, safe.metrics
+    for k in ("max_abs", "mean_abs", "ppl_onnx"):
+        assert abs(safe.metrics[k] - own.metrics[k]) < 1e-3, (k, safe.metrics, own.metrics)
 
 
 def _edit_scale(onnx_path, out_dir, factor):

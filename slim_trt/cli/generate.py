@@ -78,6 +78,8 @@ def run(args) -> int:
     eprint(f"prompt {t.prompt_tokens} tokens x batch {t.batch}: prefill {t.prefill_seconds:.3f} s "
            f"({t.prefill_tokens_per_second:.1f} tokens/s, first token after {t.first_token_seconds:.3f} s); "
            f"{t.decode_steps} decode steps in {t.decode_seconds:.3f} s: {t.decode_tokens_per_second:.1f} tokens/s")
+    eprint(f"ONNX Runtime session: {gen.session_summary()}")
     if args.json:
-        print_json(result.to_dict(), args.json)
+        print_json({**result.to_dict(), "session": {**gen.cpu.to_dict(), "w8a8_linears": gen.w8a8_linears}},
+                   args.json)
     return 0

@@ -42,11 +42,12 @@ def export_spec(onnx_path: Path):
 
 
 def session(onnx_path: str | Path, providers: list[str] | None = None, *, fuse: bool = True, threads: int = 0,
-            optimized_model_path: str | Path | None = None):
+            optimized_model_path: str | Path | None = None, w8a8_form: str | None = None):
     """An onnxruntime.InferenceSession for an exported model, with the session config its export declares.
 
     fuse=False: the graph's plain arithmetic (ONNX Runtime's Q/DQ fusion off). A model without a slim_export.json
-    beside it gets ONNX Runtime's defaults (and the in-memory rewrite when its graph needs one)."""
+    beside it gets ONNX Runtime's defaults (and the in-memory rewrite when its graph needs one). w8a8_form: see
+    runtime.make_session."""
     import onnx
 
     from ..ort_rewrite import needs_rewrite
@@ -55,4 +56,5 @@ def session(onnx_path: str | Path, providers: list[str] | None = None, *, fuse: 
     path = Path(onnx_path)
     spec = export_spec(path)
     rewrite = None if spec is not None else needs_rewrite(onnx.load(str(path), load_external_data=False))
-    return make_session(path, spec, threads, providers or default_providers(), fuse, rewrite, optimized_model_path)
+    return make_session(path, spec, threads, providers or default_providers(), fuse, rewrite, optimized_model_path,
+                        w8a8_form)

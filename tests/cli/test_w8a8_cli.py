@@ -21,6 +21,16 @@ def test_compress_export_verify_lint(tiny_model_dir, tmp_path, capsys):
     assert rc == 0 and "act-quant int8" in text, err
     rc, text, err = run(["verify", exp / "model.onnx", "--reference", ckpt, "--seqlen", "20"], capsys)
     assert rc == 0 and "PASSED" in text, text + err
+    # the report names the CPU features that decided the session and the W8A8 GEMM form they chose
+    from slim_trt.runtime import cpu_choice
+
+    choice = cpu_choice()
+    assert f"CPU: {' '.join(choice.features)}; W8A8 GEMMs: " in text and f"as {choice.w8a8_form} (" in text, text
+    rc, out, err = run(["generate", exp, "the city of", "--max-new-tokens", "4", "--json", tmp_path / "g.json"], capsys)
+    assert rc == 0 and out.strip(), err
+    assert f"ONNX Runtime session: CPU: {' '.join(choice.features)}; 14 W8A8 linears as {choice.w8a8_form}" in err
+    session = json.loads((tmp_path / "g.json").read_text())["session"]
+    assert session["w8a8_form"] == choice.w8a8_form and session["w8a8_linears"] == 14
     for target in ("trt10", "trt11", "jetson-orin-jp6"):
         rc, text, err = run(["lint", exp / "model.onnx", "--target", target], capsys)
         assert rc == 0, text + err

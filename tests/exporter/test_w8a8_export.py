@@ -87,12 +87,18 @@ def test_fp16_export_verifies(tmp_path):
     export_model(model, tmp_path / "e", options=ExportOptions(dtype="fp16"))
     # The fp16 graph computes x / scale from an fp16 x, so inputs within fp16 rounding of an INT8 boundary land one
     # step from the fp32 reference's; in this 64-wide random model a step is ~1% of a layer's largest input and
-    # 14 layers compound it (measured with onnxruntime 1.32: cosine min 0.9979, top-1 90%, PPL +0.09%). The limits
-    # below are the fp16 ones with cosine and top-1 loosened to that; a wrong scale, axis or zero point fails them.
+    # 14 layers compound it. Measured with onnxruntime 1.32: the session's integer GEMM (ort_rewrite, fp32 inside)
+    # cosine min 0.9961, top-1 89.6%, PPL +0.30%, mean 0.0255; the graph's plain fp16 arithmetic 0.9964 / 91.7% /
+    # +0.28% / 0.0263: which steps flip is noise at this size. The limits below are the fp16 ones with cosine and
+    # top-1 loosened to that; a wrong scale, axis or zero point fails them.
     thresholds = Thresholds.for_dtype("fp16").replace(cosine_min=0.995, top1_min=0.85)
-    report = verify_model(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=3, thresholds=thresholds)
-    assert report.ok, report.metrics
-    assert report.metrics["ppl_rel"] < 2e-3 and report.metrics["mean_abs"] < 0.03, report.metrics
+    for form in ("u8u8", None):  # what an AVX2-only CPU gets, and this CPU's own choice: the same integers
+        report = verify_model(tmp_path / "e" / "model.onnx", model, _ids(), decode_steps=3, thresholds=thresholds,
+                              w8a8_form=form)
+        assert report.ok, report.metrics
+        assert report.metrics["ppl_rel"] < 5e-3 and report.metrics["mean_abs"] < 0.03, report.metrics
+        assert report.settings["kernels"]["matmul_integer_to_float"] == 8  # q/k/v, gate/up share a GEMM
+        assert not report.settings["kernels"]["unfused_dequantize"]
 
 
 def test_checkpoint_export_verify_and_refusals(tmp_path, capsys):
