@@ -202,6 +202,15 @@ ROWS: tuple[Row, ...] = (
         {**W8A8, "lowrank": "none", "smooth_alpha": 0.5}),
     Row(62, "w8a8-sgpt-hlora-smooth", "row 29 + SmoothQuant alpha 0.5 (W8A8 2:4 + weight-only H-LoRA)",
         {**W8A8, "smooth_alpha": 0.5}),
+    # Issue 23, one-shot 2:4 accuracy: each idea on the W8A8 preset (row 31's recipe) and on slim-2to4 (row 24's).
+    Row(63, "sgpt-slimq-hlora-gq4-r023-refit3-remask", "row 24, refit sweeps choose the 2:4 mask again on W - L R "
+        "(--refit-mask reselect)", {**SLIM_2TO4, "refit_mask": "reselect"}),
+    Row(64, "w8a8-sgpt-lrc-smooth-remask", "row 31, refit sweeps choose the 2:4 mask again on LRC's target "
+        "(--refit-mask reselect)", {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5, "refit_mask": "reselect"}),
+    Row(65, "sgpt-slimq-hlora-gq4-r023-refit3-permmlp", "row 24, MLP channels permuted for down_proj's 2:4 groups "
+        "(--channel-permutation mlp)", {**SLIM_2TO4, "channel_permutation": "mlp"}),
+    Row(66, "w8a8-sgpt-lrc-smooth-permmlp", "row 31, MLP channels permuted for down_proj's 2:4 groups "
+        "(--channel-permutation mlp)", {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5, "channel_permutation": "mlp"}),
 )
 
 PEERS = {
@@ -283,7 +292,7 @@ def same_config(stored: dict, row: Row) -> bool:
 # CompressConfig fields added after results were stored, with the behaviour those results had (a stored config
 # without the field was made that way, whatever the field's default is today).
 LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uniform", "max_bits": None,
-          "refit_rounding": "every", "refit_scales": "every"}
+          "refit_rounding": "every", "refit_scales": "every", "refit_mask": "keep", "channel_permutation": "none"}
 
 
 def finetune_settings(row: Row) -> dict:

@@ -51,6 +51,8 @@ class CompressReport:
     peak_host_bytes: int | None = None  # measured: the process's peak resident memory, save included
     peak_host_bytes_bound: int | None = None  # predicted (streamed runs): baseline + streaming.host_peak_bound
     host_memory: dict[str, int] = field(default_factory=dict)  # the bound's parts, in bytes
+    # channel_permutation: per block and reader, the share of Wanda saliency N:M groups keep, before and ":after"
+    permutation: dict[str, float] = field(default_factory=dict)
 
     def bits_per_param(self, with_adapters: bool) -> float:
         params = sum(v["params"] for v in self.layers.values())
@@ -77,6 +79,7 @@ class CompressReport:
             "rank_ratio": round(self.rank_ratio, 6),
             "mean_rel_error_base": _mean(v["rel_error_base"] for v in self.layers.values()),
             "mean_rel_error": _mean(v["rel_error"] for v in self.layers.values()),
+            **({"permutation": self.permutation} if self.permutation else {}),
         }
 
 
@@ -214,6 +217,23 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
     return ActCalibration(bits=config.act_bits, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
 
 
+def channel_transform(config: CompressConfig, report: "CompressReport"):
+    """The runner's transform step for config.channel_permutation (None when off): permute each block's MLP
+    channels for its N:M groups; the kept saliency shares go to report.permutation."""
+    if config.channel_permutation == "none":
+        return None
+    from .calibration.permutation import permute_mlp
+
+    sp = config.sparsity_spec
+
+    def transform(i, block, linears, stats) -> bool:
+        shares = permute_mlp(linears, {n: st.act_norm for n, st in stats.items()}, sp.n, sp.m)
+        report.permutation.update({f"{i}.{k}": round(v, 6) for k, v in shares.items()})
+        return bool(shares)
+
+    return transform
+
+
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
              progress: bool = True, resume_dir: Path | None = None,
              device: str | torch.device | None = "auto", weights=None) -> CompressReport:
@@ -302,7 +322,8 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
             bar.write(f"block {res.index:>3}: out err {res.output_rel_error:.4f} | {errs}")
         if store is not None:
             skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
-            smoothed = config.smooth_alpha is not None  # the block's norms absorbed scales: keep its whole state
+            # the block's norms absorbed SmoothQuant scales, or its channels were permuted: keep its whole state
+            smoothed = config.smooth_alpha is not None or config.channel_permutation != "none"
             with timer.phase("save"):
                 store.save(res.index, {n: model.get_submodule(n) for n in res.layers},
                            {"infos": res.layers, "skipped": skipped, "block": entry},
@@ -314,7 +335,8 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
     with torch.no_grad():
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
-                      act=act_calibration(config, model), device=dev, timer=timer, weights=weights)
+                      act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
+                      transform=channel_transform(config, report))
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0

@@ -20,6 +20,8 @@ RANK_ALLOCATIONS = ("uniform", "sensitivity")
 ADAPTER_QUANTIZERS = ("gptq", "rtn")
 REFIT_ROUNDINGS = ("last", "every")  # see CompressConfig.refit_rounding
 REFIT_SCALES = ("first", "every")  # see CompressConfig.refit_scales
+REFIT_MASKS = ("keep", "reselect")  # see CompressConfig.refit_mask
+CHANNEL_PERMUTATIONS = ("none", "mlp")  # see CompressConfig.channel_permutation
 BITS = (2, 3, 4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
 SPQR_BITS = (2, 3, 4)  # SpQR's asymmetric codes (zero points) in INT4 containers (algorithms/spqr.py)
 # Per-group bit widths (issue 14): uniform, or SliM-LLM's salience-driven N-1 / N / N+1 around --bits N.
@@ -114,6 +116,15 @@ class CompressConfig:
     # again on W - L R (the other pruners' bases always search again).
     refit_rounding: str = "every"
     refit_scales: str = "every"
+    # refit_mask (issue 23): "keep" = every refit sweep keeps the first sweep's 2:4 mask; "reselect" = each refit
+    # sweep chooses the mask again by SparseGPT's OBS criterion on its own target W - L R (for LRC the target
+    # (W - L R) H_xq H_qq^-1 with H_qq, so the activation error is in view); a round is still kept only if the
+    # layer's objective drops (algorithms/refit.py). SparseGPT 2:4 / unstructured only.
+    refit_mask: str = "keep"
+    # channel_permutation (issue 23): "mlp" permutes each block's MLP intermediate channels (gate/up output rows
+    # with down input columns, exact) so that down_proj's N:M groups keep more Wanda saliency
+    # (calibration/permutation.py); "none" keeps the model's order.
+    channel_permutation: str = "none"
     rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
     # The model-wide budget of the compressed layers, adapters included (README "Bits per parameter"): when the
     # ranks from rank_ratio would exceed it, the ratio is lowered until they fit (algorithms.pipeline.plan_ranks).
@@ -166,6 +177,19 @@ class CompressConfig:
             raise SlimError(f"bad --refit-rounding {self.refit_rounding!r}: choose one of {', '.join(REFIT_ROUNDINGS)}")
         if self.refit_scales not in REFIT_SCALES:
             raise SlimError(f"bad --refit-scales {self.refit_scales!r}: choose one of {', '.join(REFIT_SCALES)}")
+        if self.refit_mask not in REFIT_MASKS:
+            raise SlimError(f"bad --refit-mask {self.refit_mask!r}: choose one of {', '.join(REFIT_MASKS)}")
+        if self.refit_mask == "reselect" and (self.pruner != "sparsegpt" or self.quantizer == "spqr"
+                                              or self.sparsity_spec.kind == "none"):
+            raise SlimError("--refit-mask reselect chooses the mask again in the refit rounds' SparseGPT sweeps: it "
+                            "needs --pruner sparsegpt with a sparsity (2:4) and a quantizer other than spqr; drop it "
+                            "or use --refit-mask keep")
+        if self.channel_permutation not in CHANNEL_PERMUTATIONS:
+            raise SlimError(f"bad --channel-permutation {self.channel_permutation!r}: choose one of "
+                            f"{', '.join(CHANNEL_PERMUTATIONS)}")
+        if self.channel_permutation != "none" and self.sparsity_spec.kind != "nm":
+            raise SlimError("--channel-permutation arranges channels for N:M groups: it needs --sparsity N:M (e.g. "
+                            "2:4); drop it for dense or unstructured sparsity")
         if self.max_bits is not None and (isinstance(self.max_bits, bool) or not self.max_bits > 0):
             raise SlimError(f"bad --max-bits {self.max_bits!r}: give bits per parameter > 0 (e.g. 4.5), or none")
         if self.rank_allocation not in RANK_ALLOCATIONS:
@@ -311,7 +335,7 @@ PRESETS: dict[str, dict] = {
     "slim-paper": dict(sparsity="2:4", bits=4, quantizer="slim", group_size=0, pruner="wanda",
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
-                       refit_rounding="every", refit_scales="every",
+                       refit_rounding="every", refit_scales="every", refit_mask="keep", channel_permutation="none",
                        rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
                        act_percentile=99.99, smooth_alpha=None, outlier_share=0.01,
                        zero_point=None, bit_allocation="uniform"),
@@ -321,7 +345,7 @@ PRESETS: dict[str, dict] = {
     "slim-2to4": dict(sparsity="2:4", bits=4, quantizer="slim", group_size=128, pruner="sparsegpt",
                       lowrank="hessian", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                       adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128, refit_rounds=3,
-                      refit_rounding="every", refit_scales="every", rank_allocation="uniform", max_bits=4.5,
+                      refit_rounding="every", refit_scales="every", refit_mask="keep", channel_permutation="none", rank_allocation="uniform", max_bits=4.5,
                       act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
                       outlier_share=0.01, zero_point=None, bit_allocation="uniform"),
     # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
@@ -331,7 +355,7 @@ PRESETS: dict[str, dict] = {
     "trt-int8-sparse": dict(sparsity="2:4", bits=8, quantizer="slim", group_size=-1, pruner="sparsegpt",
                             lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                             adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
-                            refit_rounds=3, refit_rounding="every", refit_scales="every", rank_allocation="uniform",
+                            refit_rounds=3, refit_rounding="every", refit_scales="every", refit_mask="keep", channel_permutation="none", rank_allocation="uniform",
                             act_bits=8, act_scale_method="mse", act_percentile=99.99, smooth_alpha=0.5, max_bits=None,
                             outlier_share=0.01, zero_point=None, bit_allocation="uniform"),
 }

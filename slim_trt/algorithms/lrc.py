@@ -36,7 +36,7 @@ import torch
 from ..config import CompressConfig
 from .lowrank import _factors_in_metric
 from .qtensor import QuantizedTensor
-from .refit import as_float, base_on_mask, quantized_adapters
+from .refit import as_float, quantized_adapters, refit_base
 
 Factor = QuantizedTensor | torch.Tensor
 # Ridge for LRC's solves, relative to each channel's own second moment: 1e-4 keeps the Cholesky factors well
@@ -176,16 +176,19 @@ class LRCResult:
     lora_R: Factor | None
     objectives: list[float]  # J before the adapters, with the first adapters, then after each kept refit round
     rounds_kept: int = 0
+    mask: torch.Tensor | None = None  # the weight's keep-mask (a new one only with cfg.refit_mask "reselect")
 
 
 def lrc_fit(W: torch.Tensor, system: LRCSystem, cfg: CompressConfig, weight: Factor, mask: torch.Tensor, rank: int,
             rounds: int) -> LRCResult:
     """Adapters for a base `weight` (fitted by the caller for the target system.base_target(W, None) with H_qq),
     then up to `rounds` rounds of: base <- base_on_mask(T(L R), H_qq, mask), adapters <- LRC fit to the new base.
-    A round is kept only if J drops, so the returned J never rises."""
+    A round is kept only if J drops, so the returned J never rises. cfg.refit_mask "reselect": each round's
+    SparseGPT sweep chooses the mask again on T(L R) with H_qq (refit.refit_base), so the activation error is in
+    the criterion; the result's mask is that of the kept state."""
     W = W.detach().to(torch.float32)
     H, act = system.H, system.act
-    result = LRCResult(weight, None, None, [system.objective(W, as_float(weight), None)])
+    result = LRCResult(weight, None, None, [system.objective(W, as_float(weight), None)], mask=mask)
 
     def adapters(base: Factor) -> tuple[Factor, Factor, float]:
         Wq = as_float(base)
@@ -197,11 +200,11 @@ def lrc_fit(W: torch.Tensor, system: LRCSystem, cfg: CompressConfig, weight: Fac
     result.objectives.append(j)
     for _ in range(rounds):
         M = as_float(result.lora_L) @ as_float(result.lora_R)
-        base = base_on_mask(system.base_target(W, M), act.H_qq, mask, cfg)
+        base, new_mask = refit_base(system.base_target(W, M), act.H_qq, result.mask, cfg)
         L, R, j_new = adapters(base)
         if not j_new < j:
             break
-        result.weight, result.lora_L, result.lora_R = base, L, R
+        result.weight, result.lora_L, result.lora_R, result.mask = base, L, R, new_mask
         result.objectives.append(j_new)
         result.rounds_kept += 1
         j = j_new

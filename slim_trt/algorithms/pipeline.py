@@ -114,7 +114,7 @@ def _compress_weight(W, H, act_norm, saliency, cfg: CompressConfig, rank, base, 
         L, R = fit_adapters(E, saliency, r, cfg, H, timer)
         if cfg.refit_rounds:
             res = refit(W, H, saliency, weight, mask, L, R, cfg, cfg.refit_rounds, timer)
-            weight, L, R, rounds = res.weight, res.lora_L, res.lora_R, res.rounds_kept
+            weight, L, R, rounds, mask = res.weight, res.lora_L, res.lora_R, res.rounds_kept, res.mask
             E = W - _as_float(weight)
         E = E - _as_float(L) @ _as_float(R)
     if cfg.sparsity_spec.kind == "none":
@@ -138,7 +138,7 @@ def _compress_lrc(W, H, act_norm, cfg: CompressConfig, act: ActErrorMoments, ran
         res = lrc_fit(W, system, cfg, weight, mask, r, cfg.refit_rounds)
     den = float(((W @ H) * W).sum())
     rel = [(j / den) ** 0.5 if den > 0 else 0.0 for j in res.objectives]
-    return CompressedWeight(weight=res.weight, mask=None if cfg.sparsity_spec.kind == "none" else mask,
+    return CompressedWeight(weight=res.weight, mask=None if cfg.sparsity_spec.kind == "none" else res.mask,
                             lora_L=res.lora_L, lora_R=res.lora_R, rel_error_base=rel[0], rel_error=rel[-1],
                             refit_rounds=res.rounds_kept)
 

@@ -70,6 +70,28 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
     return QuantizedTensor(q=qt.q * mask.to(torch.int8), scale=qt.scale, bits=bits, group_size=qt.group_size)
 
 
+def refit_base(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: CompressConfig,
+               scale: torch.Tensor | None = None) -> tuple[Factor, torch.Tensor]:
+    """A refit round's base for target T and its keep-mask: base_on_mask with `mask` (cfg.refit_mask "keep"), or
+    (cfg.refit_mask "reselect") SparseGPT's sweep choosing the mask again on T by its OBS criterion
+    w^2 / [H^-1]_jj^2, as the first sweep chose it on W. With adapters L R in the target, the mask is chosen for
+    what the base has to carry once the adapters hold the rest."""
+    if cfg.refit_mask != "reselect":
+        return base_on_mask(T, H, mask, cfg, scale), mask
+    T = T.detach().to(torch.float32)
+    bits = None if cfg.bits == 16 else cfg.bits
+    grid = grid_for(T, H, cfg)
+    W_new, keep, q, scale, zero = sweep(T, H, bits=bits, group_size=cfg.effective_group_size,
+                                        scale_method="slim" if cfg.quantizer == "slim" else "absmax",
+                                        sparsity=cfg.sparsity_spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
+                                        grid=grid, scale=None if bits is None or grid is not None else scale)
+    if grid is not None:
+        return grid.quantized(q, scale, zero), keep
+    if q is None:
+        return W_new, keep
+    return QuantizedTensor(q=q, scale=scale, bits=bits, group_size=cfg.effective_group_size), keep
+
+
 def fit_adapters(E: torch.Tensor, saliency: torch.Tensor, rank: int, cfg: CompressConfig,
                  H: torch.Tensor | None = None, timer=None) -> tuple[Factor, Factor]:
     """L, R for the error E by the config's low-rank method, quantized when the config asks for it.
@@ -111,6 +133,7 @@ class RefitResult:
     lora_R: Factor
     energies: list[float] = field(default_factory=list)  # tr(E H E^T) before round 1, then after each kept round
     rounds_kept: int = 0
+    mask: torch.Tensor | None = None  # the weight's keep-mask (a new one only with cfg.refit_mask "reselect")
 
 
 def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Factor, mask: torch.Tensor,
@@ -118,6 +141,8 @@ def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Fact
     """Up to `rounds` rounds of: base <- base_on_mask(W - L R), then (L, R) <- fit_adapters(W - base).
 
     The returned error is never above the input's, and the rank of the adapters never changes.
+    cfg.refit_mask "reselect": each round's sweep chooses the mask again on W - L R (refit_base); the result's
+    mask is that of the kept state.
     cfg.refit_scales "first": every round's base is rounded on the scales of `weight` (the first sweep's).
     cfg.refit_rounding "every": each round's adapters are rounded as the config stores them; the rounds stop at
     the first one that does not lower tr(E H E^T) (E = W - base - L R) and the previous state is kept.
@@ -134,19 +159,20 @@ def refit(W: torch.Tensor, H: torch.Tensor, saliency: torch.Tensor, weight: Fact
     if cfg.refit_rounding == "last" and cfg.quantize_adapters:
         return _refit_round_last(W, H, saliency, weight, mask, lora_L, lora_R, cfg, rounds, scale, timer)
     rank = int(as_float(lora_R).shape[0])
-    best = RefitResult(weight, lora_L, lora_R)
+    best = RefitResult(weight, lora_L, lora_R, mask=mask)
     err = output_energy(W - as_float(weight) - as_float(lora_L) @ as_float(lora_R), H)
     best.energies.append(err)
     for k in range(rounds):
         with phase(timer, f"refit_round_{k + 1}"):
             with phase(timer, "sweep"):
-                base = base_on_mask(W - as_float(best.lora_L) @ as_float(best.lora_R), H, mask, cfg, scale)
+                base, new_mask = refit_base(W - as_float(best.lora_L) @ as_float(best.lora_R), H, best.mask, cfg,
+                                            scale)
             E = W - as_float(base)
             L, R = fit_adapters(E, saliency, rank, cfg, H, timer)
             new_err = output_energy(E - as_float(L) @ as_float(R), H)
         if not new_err < err:
             break  # the next round would start from the same state and give the same answer
-        best.weight, best.lora_L, best.lora_R = base, L, R
+        best.weight, best.lora_L, best.lora_R, best.mask = base, L, R, new_mask
         best.energies.append(new_err)
         best.rounds_kept += 1
         err = new_err
@@ -158,21 +184,21 @@ def _refit_round_last(W, H, saliency, weight, mask, lora_L, lora_R, cfg: Compres
     """refit with cfg.refit_rounding "last": energies = [input's, final] (the final one only when it is kept)."""
     rank = int(as_float(lora_R).shape[0])
     first = output_energy(W - as_float(weight) - as_float(lora_L) @ as_float(lora_R), H)
-    best = RefitResult(weight, lora_L, lora_R, energies=[first])
+    best = RefitResult(weight, lora_L, lora_R, energies=[first], mask=mask)
     float_cfg = dataclasses.replace(cfg, quantize_adapters=False)
-    cur_base, cur_L, cur_R = weight, as_float(lora_L), as_float(lora_R)
+    cur_base, cur_L, cur_R, cur_mask = weight, as_float(lora_L), as_float(lora_R), mask
     err, kept, name = None, 0, None
     for k in range(rounds):
         name = f"refit_round_{k + 1}"
         with phase(timer, name):
             with phase(timer, "sweep"):
-                base = base_on_mask(W - cur_L @ cur_R, H, mask, cfg, scale)
+                base, new_mask = refit_base(W - cur_L @ cur_R, H, cur_mask, cfg, scale)
             E = W - as_float(base)
             L, R = fit_adapters(E, saliency, rank, float_cfg, H, timer)
             new_err = output_energy(E - L @ R, H)
         if err is not None and not new_err < err:
             break
-        cur_base, cur_L, cur_R, err, kept = base, L, R, new_err, kept + 1
+        cur_base, cur_L, cur_R, cur_mask, err, kept = base, L, R, new_mask, new_err, kept + 1
     if kept == 0:
         return best
     with phase(timer, name):
@@ -181,6 +207,6 @@ def _refit_round_last(W, H, saliency, weight, mask, lora_L, lora_R, cfg: Compres
             Lq, Rq = quantized_adapters(E, cur_L, cur_R, H, cfg)
         final = output_energy(E - as_float(Lq) @ as_float(Rq), H)
     if final < first:
-        best.weight, best.lora_L, best.lora_R, best.rounds_kept = cur_base, Lq, Rq, kept
+        best.weight, best.lora_L, best.lora_R, best.rounds_kept, best.mask = cur_base, Lq, Rq, kept, cur_mask
         best.energies.append(final)
     return best

@@ -204,6 +204,7 @@ def run_layerwise(
     device: torch.device | str | None = None,
     timer: PhaseTimer | None = None,
     weights=None,
+    transform: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
@@ -218,6 +219,9 @@ def run_layerwise(
     weights: a slim_trt.streaming.StreamedModel when the model's tensors are on the meta device: the tensors
     outside the blocks are read for the first forward pass, each block before its turn, and the block's
     compressed layers leave memory once on_block_done has saved them.
+    transform(i, block, linears, stats): may change the dense block into an equivalent one (a channel
+    permutation) from its first statistics, before the activation calibration; returns True when it did, and the
+    statistics are gathered again.
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -282,6 +286,13 @@ def run_layerwise(
         stats = new_stats()
         with phase(timer, "calibration_forward"):
             dense_out = gather(stats)
+        if transform is not None and linears:
+            with phase(timer, "permutation"):
+                changed = transform(i, block, linears, stats)
+            if changed:  # the block computes the same function (dense_out holds) with other weights
+                with phase(timer, "calibration_forward"):
+                    stats = new_stats()
+                    gather(stats)
         if act is not None and linears:
             with phase(timer, "act_calibration"):
                 if act.smooth is not None and act.smooth(i, block, linears, stats):

@@ -7,7 +7,7 @@ from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
-          "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
+          "refit_mask", "channel_permutation", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
           "bit_allocation")
 
 
@@ -83,6 +83,14 @@ def register(sub) -> None:
     p.add_argument("--refit-scales", default=None, choices=["first", "every"],
                    help="the refit rounds' SparseGPT sweeps round on the group scales the first sweep chose (first) "
                         "(faster) or search them again on W - L R (every) [default: every]")
+    p.add_argument("--refit-mask", default=None, choices=["keep", "reselect"],
+                   help="the refit rounds' SparseGPT sweeps keep the first sweep's 2:4 mask (keep) or choose it again "
+                        "on W - L R, the part the adapters leave to the base (reselect; a round is still kept only "
+                        "if the layer's error drops) [default: keep]")
+    p.add_argument("--channel-permutation", default=None, choices=["none", "mlp"],
+                   help="mlp: permute each block's MLP intermediate channels (gate/up output rows with down input "
+                        "columns; an equivalent network, nothing at run time) so that down_proj's 2:4 groups keep "
+                        "more saliency |W| ||x|| [default: none]")
     p.add_argument("--rank-allocation", default=None, choices=["uniform", "sensitivity"],
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
                         "their singular values leave [default: uniform]")

@@ -320,3 +320,50 @@ def test_the_new_refit_defaults_against_the_old_rounds(heavy, refit_layer):
         old = compress_weight(w, h, sal, sal, slim_2to4(**OLD_REFIT))
         assert new.rel_error <= bound * old.rel_error
         assert new.rel_error < new.rel_error_base == old.rel_error_base
+
+
+# Issue 23: refit sweeps that choose the 2:4 mask again on W - L R (refit_mask "reselect")
+
+def _is_2to4(mask: torch.Tensor) -> bool:
+    N, K = mask.shape
+    return bool((mask.reshape(N, K // 4, 4).sum(-1) == 2).all())
+
+
+def test_refit_mask_reselect_lowers_the_error_with_a_new_2to4_mask(layer):
+    """slim-2to4 on the shared correlated layer: keeping the first mask, one refit round is kept (relative output
+    error 0.0630 -> 0.01861); choosing the mask again on W - L R, two rounds are kept and the error ends at 0.01804,
+    with a valid 2:4 mask that differs from the first sweep's and a base that is zero off it."""
+    W, X, H = layer
+    s = X.norm(dim=0)
+    keep = compress_weight(W, H, s, s, slim_2to4())
+    new = compress_weight(W, H, s, s, slim_2to4(refit_mask="reselect"))
+    assert (keep.rel_error_base, keep.refit_rounds) == (pytest.approx(0.06301, abs=1e-5), 1)
+    assert keep.rel_error == pytest.approx(0.01861, abs=1e-5)
+    assert new.refit_rounds == 2 and new.rel_error == pytest.approx(0.01804, abs=1e-5)
+    first = compress_base(W, H, s, slim_2to4())[1]
+    assert torch.equal(keep.mask, first) and _is_2to4(new.mask)
+    assert 0.0 < float((new.mask != first).float().mean()) < 0.5
+    assert not as_float(new.weight)[~new.mask].any()
+
+
+@pytest.mark.parametrize("rounding", ["every", "last"])
+def test_refit_mask_reselect_never_raises_the_energy(rounding, heavy):
+    W, H, s = heavy
+    cfg = slim_2to4(refit_rounding=rounding, refit_mask="reselect")
+    weight, mask = compress_base(W, H, s, cfg)
+    r = rank_for(*W.shape, cfg.rank_ratio)
+    L, R = fit_adapters(W - as_float(weight), s, r, cfg, H)
+    res = refit(W, H, s, weight, mask, L, R, cfg, rounds=3)
+    assert all(b < a for a, b in zip(res.energies, res.energies[1:]))
+    assert _is_2to4(res.mask) and not as_float(res.weight)[~res.mask].any()
+    if res.rounds_kept == 0:
+        assert res.mask is mask
+
+
+def test_refit_mask_reselect_is_refused_without_a_sparsegpt_sweep():
+    from slim_trt.errors import SlimError
+
+    with pytest.raises(SlimError, match="--refit-mask reselect .* needs --pruner sparsegpt"):
+        paper(refit_mask="reselect")  # Wanda
+    with pytest.raises(SlimError, match="bad --refit-mask 'always'"):
+        slim_2to4(refit_mask="always")

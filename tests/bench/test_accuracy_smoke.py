@@ -6,6 +6,7 @@ failed row with its error, not dropped; row 12 is excluded.
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -221,7 +222,12 @@ def test_the_compress_defaults_are_the_best_one_shot_row():
     by_key = {r.key: r for r in bench.ROWS}
     assert results["best_one_shot"] == "42-gptq-dense-g128-hlora"
     assert CompressConfig(**by_key[results["best_one_shot"]].compress) == CompressConfig()
-    assert CompressConfig(**by_key[results["best_one_shot_2to4"]].compress) == CompressConfig(**PRESETS["slim-2to4"])
+    # Issue 23's options (refit_mask, channel_permutation) are measured as rows on the preset's recipe and turned
+    # on in the presets by the lead: up to them, the best 2:4 row is --preset slim-2to4.
+    best_2to4 = CompressConfig(**by_key[results["best_one_shot_2to4"]].compress)
+    issue23 = dict(refit_mask="keep", channel_permutation="none")
+    assert dataclasses.replace(best_2to4, **issue23) == \
+        dataclasses.replace(CompressConfig(**PRESETS["slim-2to4"]), **issue23)
     row56 = by_key["56-sgpt-slimq-hlora-gq4-r023-refit3-fast"]
     assert CompressConfig(**row56.compress) == \
         CompressConfig(**{**PRESETS["slim-2to4"], "refit_rounding": "last", "refit_scales": "first"})

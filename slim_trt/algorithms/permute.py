@@ -1,0 +1,104 @@
+"""Input-channel permutations that make N:M groups keep more of a weight's saliency (issue 23).
+
+An N:M mask keeps the n largest of each m consecutive input columns of every row. Which columns share a group is
+an accident of the channel order; where that order is free (the MLP's intermediate channels: gate/up output rows
+and down input columns permute together, exactly), a better order keeps more. The objective is the saliency an
+N:M mask can keep, sum over rows and groups of the n largest scores (Wanda's |W_ij| ||x_j|| as the score),
+maximised as Pool and Yu (NeurIPS 2021, NVIDIA apex ASP's permutation search) and RIA (ICLR 2024) do: a
+balanced start (every group gets channels from each importance band) and then swaps of one channel between two
+groups, kept when the objective rises.
+
+Pure: a score matrix in, a permutation out.
+"""
+from __future__ import annotations
+
+import torch
+
+# Elements of the swap tensor evaluated at once ([pairs, m*m swaps, 2 groups, N rows, m]): bounds the memory of
+# one search step on wide layers (about 256 MB in float32).
+_CHUNK_ELEMENTS = 64 * 2**20
+
+
+def nm_retained(score: torch.Tensor, n: int = 2, m: int = 4) -> float:
+    """Sum over rows and groups of m consecutive columns of the n largest scores: what an N:M mask keeps."""
+    N, K = score.shape
+    if K % m:
+        raise ValueError(f"N:M groups along K need K % m == 0, got K={K}, m={m}")
+    return float(score.reshape(N, K // m, m).topk(n, dim=-1).values.sum())
+
+
+def _kept(groups: torch.Tensor, n: int) -> torch.Tensor:
+    """groups [..., N, m] -> the kept score of each group, summed over rows: [...]."""
+    return groups.topk(n, dim=-1).values.sum(dim=(-1, -2))
+
+
+def _balanced_start(score: torch.Tensor, m: int) -> torch.Tensor:
+    """Channels sorted by total score, dealt to the groups in a snake order (group g gets ranks g, 2G - 1 - g,
+    2G + g, ...): every group holds one channel of each of the m importance bands, so two strong channels rarely
+    compete for the same group."""
+    K = score.shape[1]
+    G = K // m
+    order = torch.argsort(score.sum(0), descending=True, stable=True)
+    slots = torch.arange(K).reshape(m, G)  # band b, group g -> rank b * G + g
+    slots[1::2] = slots[1::2].flip(-1)
+    perm = torch.empty(K, dtype=torch.long)
+    perm.view(G, m)[:] = order[slots.T]  # group g's m channels, one from each band
+    return perm
+
+
+def nm_permutation(score: torch.Tensor, n: int = 2, m: int = 4, *, steps: int = 10, patience: int = 3,
+                   seed: int = 0) -> torch.Tensor:
+    """A permutation `perm` of the K input columns such that score[:, perm] keeps at least as much under an N:M
+    mask as score does (nm_retained), usually more.
+
+    Start from the better of the identity and the balanced start; then each step pairs the groups at random and,
+    for every pair, tries all m * m single-channel swaps between its two groups and applies the best one if it
+    raises the pair's kept score. Stops after `steps` steps, or `patience` steps in a row without a gain.
+    Deterministic for a given seed."""
+    score = score.detach().to(torch.float32)
+    N, K = score.shape
+    if K % m:
+        raise ValueError(f"N:M groups along K need K % m == 0, got K={K}, m={m}")
+    G = K // m
+    identity = torch.arange(K)
+    start = _balanced_start(score, m)
+    perm = start if nm_retained(score[:, start], n, m) > nm_retained(score, n, m) else identity
+    if G < 2:
+        return perm
+    gen = torch.Generator().manual_seed(seed)
+    # all m * m swaps (a in group A <-> b in group B) as index maps into the 2m columns [A | B]
+    swaps = []
+    for a in range(m):
+        for b in range(m):
+            idx = list(range(2 * m))
+            idx[a], idx[m + b] = m + b, a
+            swaps.append(idx)
+    swaps = torch.tensor(swaps)  # [m*m, 2m]
+    chunk = max(1, _CHUNK_ELEMENTS // (m * m * 2 * N * m))
+    idle = 0
+    for _ in range(steps):
+        order = torch.randperm(G, generator=gen)
+        pairs = order[: 2 * (G // 2)].reshape(-1, 2)  # [P, 2] group indices
+        cols = perm.view(G, m)
+        gained = False
+        for p0 in range(0, pairs.shape[0], chunk):
+            pr = pairs[p0:p0 + chunk]
+            both = torch.cat([cols[pr[:, 0]], cols[pr[:, 1]]], dim=1)  # [P, 2m] channel ids
+            S = score[:, both].permute(1, 0, 2)  # [P, N, 2m]
+            before = _kept(S.reshape(-1, N, 2, m).transpose(1, 2), n).sum(-1)  # [P]
+            cand = S[:, :, swaps]  # [P, N, m*m, 2m]
+            cand = cand.reshape(cand.shape[0], N, m * m, 2, m).permute(0, 2, 3, 1, 4)  # [P, m*m, 2, N, m]
+            after = _kept(cand, n).sum(-1)  # [P, m*m]
+            best, which = after.max(dim=1)
+            # a relative margin: float sums of equal sets may differ in the last bits
+            better = best > before * (1 + 1e-6)
+            if bool(better.any()):
+                gained = True
+                new = torch.gather(both, 1, swaps[which])  # [P, 2m]
+                rows = better.nonzero().flatten()
+                cols[pr[rows, 0]] = new[rows, :m]
+                cols[pr[rows, 1]] = new[rows, m:]
+        idle = 0 if gained else idle + 1
+        if idle >= patience:
+            break
+    return perm
