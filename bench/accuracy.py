@@ -211,6 +211,9 @@ ROWS: tuple[Row, ...] = (
         "(--channel-permutation mlp)", {**SLIM_2TO4, "channel_permutation": "mlp"}),
     Row(66, "w8a8-sgpt-lrc-smooth-permmlp", "row 31, MLP channels permuted for down_proj's 2:4 groups "
         "(--channel-permutation mlp)", {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5, "channel_permutation": "mlp"}),
+    Row(67, "w8a8-sgpt-lrc-smooth-remask-permmlp", "row 64 + MLP channels permuted for down_proj's 2:4 groups "
+        "(--refit-mask reselect --channel-permutation mlp)",
+        {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5, "refit_mask": "reselect", "channel_permutation": "mlp"}),
 )
 
 PEERS = {
