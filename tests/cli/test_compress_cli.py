@@ -214,26 +214,28 @@ def test_max_bits_lowers_the_ranks_and_says_so(tiny_model_dir, tmp_path, capsys)
     assert manifest["method"]["max_bits"] == 4.0
     assert manifest["summary"]["bits_per_param_with_adapters"] <= 4.0
     assert manifest["summary"]["rank_ratio"] < 0.23 and "to fit --max-bits 4" in err
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "free", *FAST, "--max-bits", "none"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "free", *FAST, "--preset", "int4-dense",
+                      "--max-bits", "none"], capsys)
     assert rc == 0, err
     free = json.loads((tmp_path / "free" / "slim_manifest.json").read_text())
     assert free["method"]["max_bits"] is None and free["summary"]["rank_ratio"] == 0.23
 
 
-def test_the_defaults_on_a_toy_model_keep_no_adapters_and_say_so(tiny_model_dir, tmp_path, capsys):
+def test_int4_dense_on_a_toy_model_keeps_no_adapters_and_says_so(tiny_model_dir, tmp_path, capsys):
     # 64-wide layers: rank 1 over the dense INT4 base is already past 4.5 bits/param, so no adapters (and a line
     # saying so); the base alone over the budget stays an error (exit 2, nothing written).
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST], capsys)
+    INT4 = ["--preset", "int4-dense"]
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST, *INT4], capsys)
     assert rc == 0, err
     s = json.loads((tmp_path / "ckpt" / "slim_manifest.json").read_text())["summary"]
     assert s["rank_ratio"] == 0 and s["bits_per_param_with_adapters"] == s["bits_per_param"] <= 4.5
     assert "no adapters: even rank 1 would take these layers past --max-bits 4.5" in err
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "over", *FAST, "--max-bits", "4.0"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "over", *FAST, *INT4, "--max-bits", "4.0"], capsys)
     assert rc == 2 and "--max-bits 4 cannot be met" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "over").exists()
     # sensitivity ranks share out a budget of zero: nothing to allocate, the same no-adapter model
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "sens", *FAST, "--rank-allocation", "sensitivity"],
-                     capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "sens", *FAST, *INT4, "--rank-allocation",
+                      "sensitivity"], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "sens" / "slim_manifest.json").read_text())["summary"]["rank_ratio"] == 0
     # LRC without adapters would leave the activation error uncorrected: refused, one line
