@@ -29,8 +29,8 @@ from harness import DEFAULT_CALIB, DEFAULT_DATA
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def decoder_linears(model) -> dict:
-    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in LINEARS}
+def decoder_linears(model, which=LINEARS) -> dict:
+    return {n: m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in which}
 
 
 def calibrate(model, windows, method: str) -> dict:
@@ -54,12 +54,12 @@ def calibrate(model, windows, method: str) -> dict:
     return {n: (act_scale(a, method), act_scale(b, method)) for n, (a, b) in hists.items()}
 
 
-def fake_quantized(model, scales: dict, inputs: bool, outputs: bool) -> list:
+def fake_quantized(model, scales: dict, inputs: bool, outputs: bool, which=LINEARS) -> list:
     """Forward hooks quantizing each decoder linear's input and/or output to INT8 (per tensor, static)."""
     from slim_trt.algorithms.actquant import fake_quant
 
     hooks = []
-    for name, lin in decoder_linears(model).items():
+    for name, lin in decoder_linears(model, which).items():
         s_in, s_out = scales[name]
         if inputs:
             hooks.append(lin.register_forward_pre_hook(lambda m, args, s=s_in: (fake_quant(args[0], s),)))
@@ -77,6 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--act-scale", default="mse", choices=["max", "percentile", "mse"])
     p.add_argument("--calib", default=str(DEFAULT_CALIB), metavar="FILE", help="calibration text")
     p.add_argument("--data", default=str(DEFAULT_DATA), metavar="FILE", help="evaluation text")
+    p.add_argument("--linears", default=",".join(LINEARS),
+                   help="which decoder linears get the quantizers [default: all seven]")
+    p.add_argument("--outputs-only", action="store_true", help="skip the input-quantized conditions")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
@@ -91,17 +94,25 @@ def main(argv=None) -> int:
     ev = harness.evaluation_windows(tok, args.data, args.seqlen, args.eval_windows)
     scales = calibrate(model, calib, args.act_scale)
     rows = {}
-    for label, inputs, outputs in (("dense", False, False), ("int8 inputs", True, False),
-                                   ("int8 outputs", False, True), ("int8 inputs + outputs", True, True)):
-        hooks = fake_quantized(model, scales, inputs, outputs)
+    which = tuple(x.strip() for x in args.linears.split(",") if x.strip())
+    if not which or set(which) - set(LINEARS):
+        p.error(f"--linears: choose among {', '.join(LINEARS)}")
+    conditions = [("dense", False, False), ("int8 inputs", True, False), ("int8 outputs", False, True),
+                  ("int8 inputs + outputs", True, True)]
+    if args.outputs_only:
+        conditions = [c for c in conditions if not c[1]]
+    for label, inputs, outputs in conditions:
+        hooks = fake_quantized(model, scales, inputs, outputs, which)
         rows[label] = perplexity(model, ev, batch_size=2)
         for h in hooks:
             h.remove()
         print(f"{label:24} perplexity {rows[label]:.3f} (x{rows[label] / rows['dense']:.4f} dense)", flush=True)
     out = {"model": args.model, "calib_windows": len(calib), "eval_windows": len(ev), "seqlen": args.seqlen,
-           "act_scale": args.act_scale, "linears": len(scales), "perplexity": rows,
+           "act_scale": args.act_scale, "quantized": list(which),
+           "linears": len(decoder_linears(model, which)), "perplexity": rows,
            "ratio_to_dense": {k: round(v / rows["dense"], 4) for k, v in rows.items()},
-           "outputs_over_inputs_only": round(rows["int8 inputs + outputs"] / rows["int8 inputs"], 4),
+           "outputs_over_inputs_only": (round(rows["int8 inputs + outputs"] / rows["int8 inputs"], 4)
+                                        if "int8 inputs" in rows else None),
            "seconds": round(time.time() - t0, 1), "loadavg": harness.loadavg()}
     print(json.dumps(out, indent=1))
     if args.json:
