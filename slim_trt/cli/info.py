@@ -36,7 +36,9 @@ def run(args) -> int:
     name = recipe["preset"]
     print(f"recipe       {'--preset ' + name if name else 'custom (no preset)'}"
           + (" (the default)" if recipe["default"] else "") + f": {recipe['description']}")
-    if not recipe["default"]:
+    if recipe["default"]:
+        print(f"             (the default because {recipe['why_default']})")
+    else:
         print(f"             (the default is --preset {recipe['default_preset']}: {recipe['why_default']})")
     print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",
           "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters", "refit_rounds",

@@ -63,6 +63,10 @@ def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_
     assert rc == 0, err
     method = json.loads((out / "slim_manifest.json").read_text())["method"]
     assert {k: method[k] for k in expect} == expect
+    if not flags:  # info names the default recipe and says why it is the default
+        rc, text, _ = run(["info", out], capsys)
+        assert rc == 0 and "recipe       --preset trt-int8-sparse (the default): SparseGPT 2:4, INT8" in text
+        assert "(the default because 2:4-sparse INT8 weights x INT8 activations" in text
 
 
 def test_help_teaches(capsys):
