@@ -65,7 +65,8 @@ def paper(**changes) -> dict:
 # The SparseGPT + GPTQ (group 128) base with 4-bit adapters: what issue 7's rows vary.
 SGPT = dict(pruner="sparsegpt", quantizer="gptq", group_size=128, quantize_adapters=True)
 # Row 18: H-LoRA r0.2 with GPTQ-rounded adapters; row 24: the best one-shot 2:4 recipe (the CompressConfig
-# defaults until issue 14; `--preset slim-2to4` since).
+# defaults until issue 14; `--preset slim-2to4` since). Row 31 is the defaults since issue 23, row 42 those of
+# issues 14-22 (`--preset int4-dense`).
 HLORA = paper(**SGPT, rank_ratio=0.2, lowrank="hessian", adapter_quantizer="gptq")
 # max_bits came after rows 24-26 were measured; it does not bind on this model's shapes (the ranks are the same:
 # tests/algorithms/test_rank_plan.py), so their stored configs carry it.
@@ -131,8 +132,9 @@ ROWS: tuple[Row, ...] = (
     Row(27, "w8a16-sgpt-hlora", "W8A16 2:4: SparseGPT INT8 per-channel + H-LoRA r0.23, 3 refits (reference)", W8A16),
     Row(28, "w8a8-sgpt-none", "W8A8 2:4, no adapters", {**W8A8, "lowrank": "none"}),
     Row(29, "w8a8-sgpt-hlora", "W8A8 2:4 + weight-only H-LoRA (row 27's recipe with INT8 activations)", W8A8),
-    Row(30, "w8a8-sgpt-lrc", "W8A8 2:4 + LRC adapters (--preset trt-int8-sparse)", {**W8A8, "lowrank": "lrc"}),
-    Row(31, "w8a8-sgpt-lrc-smooth", "row 30 + SmoothQuant alpha 0.5", {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5}),
+    Row(30, "w8a8-sgpt-lrc", "W8A8 2:4 + LRC adapters", {**W8A8, "lowrank": "lrc"}),
+    Row(31, "w8a8-sgpt-lrc-smooth", "row 30 + SmoothQuant alpha 0.5 (the defaults, --preset trt-int8-sparse)",
+        {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5}),
     Row(32, "w8a16-dense", "W8A16 dense: GPTQ INT8 per-channel, no adapters", W8_DENSE),
     Row(33, "w8a8-dense-none", "W8A8 dense, no adapters (MSE activation scales)", {**W8_DENSE, "act_bits": 8}),
     Row(34, "w8a8-dense-none-max", "row 33 with max activation scales", {**W8_DENSE, "act_bits": 8,
@@ -150,7 +152,7 @@ ROWS: tuple[Row, ...] = (
     # Issue 14: the reference a user would pick instead of any 2:4 recipe, dense INT4 GPTQ group 128 (4.125 bits),
     # and the best adapters on it within the 4.5-bit budget (max_bits lowers the rank until it fits).
     Row(41, "gptq-dense-g128", "dense INT4 GPTQ group 128, no sparsity, no adapters (4.125 bits)", GPTQ_DENSE),
-    Row(42, "gptq-dense-g128-hlora", "row 41 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits",
+    Row(42, "gptq-dense-g128-hlora", "row 41 + H-LoRA 4-bit adapters, 3 refits, within 4.5 bits (--preset int4-dense)",
         {**GPTQ_DENSE, "lowrank": "hessian", "rank_ratio": 0.23, "refit_rounds": 3}),
     # Issue 14, SpQR: groups of 16 with 3-bit bilevel statistics and zero points, fp16 outliers up to 1% of the
     # weights (32 bits each); dense unless named. Row 46 spends row 43's bits on adapters over row 41 instead.
@@ -295,7 +297,8 @@ def same_config(stored: dict, row: Row) -> bool:
 # CompressConfig fields added after results were stored, with the behaviour those results had (a stored config
 # without the field was made that way, whatever the field's default is today).
 LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uniform", "max_bits": None,
-          "refit_rounding": "every", "refit_scales": "every", "refit_mask": "keep", "channel_permutation": "none"}
+          "refit_rounding": "every", "refit_scales": "every", "act_bits": None, "smooth_alpha": None,
+          "refit_mask": "keep", "channel_permutation": "none"}
 
 
 def finetune_settings(row: Row) -> dict:
@@ -470,31 +473,50 @@ def w8a8_analysis(rows: dict) -> dict:
 
 
 BUDGET_BITS = 4.5  # issue 7: bits per parameter with adapters, averaged over the compressed linears
+# Issue 23: the reference a user who does not need 2:4 would pick (dense INT4 GPTQ g128, and with adapters within
+# 4.5 bits: `--preset int4-dense`), printed beside best_one_shot.
+DENSE_INT4_REFERENCE_ROWS = (41, 42)
 
 
 def best_rows(rows: dict) -> dict:
-    """best_one_shot / best_finetuned: the lowest-perplexity weight-only row of ours within BUDGET_BITS (adapters
-    counted, any sparsity pattern), without / with adapter fine-tuning; best_one_shot_2to4 the same among the
-    2:4 INT4 rows (what `--preset slim-2to4` follows). None when no row qualifies.
+    """The best row of each class, None when no row qualifies (our one-shot rows, no outlier tables):
 
-    Any pattern since issue 14: a W4A16 model gains no speed from 2:4 (TensorRT's INT4 is weight-only, ONNX
-    Runtime's MatMulNBits dense), so the rows are judged by perplexity at the same bits, dense ones included.
-    SpQR rows are not candidates: their fp16 outlier tables cost 1.2-12.9x a layer's time at run time
-    (bench/results/spqr_outliers.md), so they are a choice for size, not the defaults."""
-    def qualifies(r: dict, tuned: bool, two_to_four: bool) -> bool:
+    best_one_shot / best_finetuned (issue 23): the lowest perplexity among the 2:4 rows whose GEMMs TensorRT's
+    sparse INT8 tensor cores run (INT8 weights x INT8 activations, the defaults' class), without / with adapter
+    fine-tuning. INT8 2:4 stores 5 bits/param, so no bits budget applies.
+    best_one_shot_2to4 / best_finetuned_2to4: the same among the 2:4 INT4 weight-only rows within BUDGET_BITS
+    (adapters counted; what `--preset slim-2to4` follows).
+    dense_int4_reference: rows 41 and 42 (dense INT4, `--preset int4-dense` is row 42), the reference a user would
+    otherwise pick, printed beside best_one_shot.
+    SpQR rows are never candidates: their fp16 outlier tables cost 1.2-12.9x a layer's time at run time
+    (bench/results/spqr_outliers.md)."""
+    def kind(c: dict) -> str | None:
+        if c.get("sparsity") != "2:4" or c.get("quantizer") == "spqr":
+            return None
+        if c.get("bits") == 8 and c.get("act_bits") == 8:
+            return "w8a8-2to4"
+        if c.get("bits") == 4 and not c.get("act_bits"):
+            return "w4a16-2to4"
+        return None
+
+    def qualifies(r: dict, tuned: bool, cls: str) -> bool:
         c = r.get("config") or {}
-        return (r.get("status") == "ok" and c.get("method") == "slim_trt.compressor" and not c.get("act_bits")
-                and c.get("quantizer") != "spqr"
-                and r["bits_per_param_with_adapters"] <= BUDGET_BITS and ("finetune" in c) == tuned
-                and (not two_to_four or (c.get("sparsity") == "2:4" and c.get("bits") == 4)))
+        return (r.get("status") == "ok" and c.get("method") == "slim_trt.compressor" and kind(c) == cls
+                and ("finetune" in c) == tuned
+                and (cls != "w4a16-2to4" or r["bits_per_param_with_adapters"] <= BUDGET_BITS))
 
-    out = {"best_rule": f"lowest perplexity among slim-trt weight-only rows at <= {BUDGET_BITS} bits/param with "
-                        f"adapters, any sparsity, no outlier table (best_one_shot_2to4: 2:4 INT4 rows only); "
-                        f"best_finetuned among rows with adapter fine-tuning"}
-    for name, tuned, two_to_four in (("best_one_shot", False, False), ("best_finetuned", True, False),
-                                     ("best_one_shot_2to4", False, True)):
-        cands = [(r["perplexity"], k) for k, r in rows.items() if qualifies(r, tuned, two_to_four)]
+    out = {"best_rule": "best_one_shot: lowest perplexity among slim-trt one-shot 2:4 rows that TensorRT's sparse "
+                        "INT8 tensor cores run (INT8 weights x INT8 activations: the defaults' class), no outlier "
+                        "table; best_finetuned: the same with adapter fine-tuning; *_2to4: among 2:4 INT4 "
+                        f"weight-only rows at <= {BUDGET_BITS} bits/param with adapters; dense_int4_reference: "
+                        f"rows {', '.join(map(str, DENSE_INT4_REFERENCE_ROWS))}, the dense INT4 recipes a user "
+                        f"would otherwise pick"}
+    for name, tuned, cls in (("best_one_shot", False, "w8a8-2to4"), ("best_finetuned", True, "w8a8-2to4"),
+                             ("best_one_shot_2to4", False, "w4a16-2to4"), ("best_finetuned_2to4", True, "w4a16-2to4")):
+        cands = [(r["perplexity"], k) for k, r in rows.items() if qualifies(r, tuned, cls)]
         out[name] = min(cands)[1] if cands else None
+    out["dense_int4_reference"] = [k for k in rows if k.split("-", 1)[0] in map(str, DENSE_INT4_REFERENCE_ROWS)
+                                   and rows[k].get("status") == "ok"]
     return out
 
 
@@ -535,12 +557,23 @@ def markdown(results: dict) -> str:
                   + (", ".join(f"{k} {'met' if v else 'missed'}" for k, v in judged.items()) if judged else
                      "none judged yet (their rows: " + ", ".join(str(n) for n in W8A8_GOAL_ROWS) + ")")
                   + "."]
-    for name in ("best_one_shot", "best_one_shot_2to4", "best_finetuned"):
+    def described(key: str) -> str:
+        r = results["rows"][key]
+        return (f"row {key}, perplexity {r['perplexity']:.2f} (x{r['ratio_to_dense']:.3f} dense) at "
+                f"{r['bits_per_param_with_adapters']:.3f} bits/param with adapters")
+
+    if results.get("best_rule"):
+        lines += ["", f"Best rows ({results['best_rule']}):"]
+    for name in ("best_one_shot", "best_finetuned", "best_one_shot_2to4", "best_finetuned_2to4"):
         key = results.get(name)
         if key and key in results["rows"]:
-            r = results["rows"][key]
-            lines += ["", f"{name}: row {key}, perplexity {r['perplexity']:.2f} (x{r['ratio_to_dense']:.3f} dense) at "
-                          f"{r['bits_per_param_with_adapters']:.3f} bits/param with adapters."]
+            lines += ["", f"{name}: {described(key)}."]
+        if name == "best_one_shot":
+            refs = [k for k in results.get("dense_int4_reference") or [] if k in results["rows"]]
+            if refs:
+                lines += ["", "beside it, the dense INT4 reference a user would otherwise pick (no 2:4, weight-only "
+                              "INT4 in TensorRT; `--preset int4-dense` is row 42): "
+                              + "; ".join(described(k) for k in refs) + "."]
     lines += ["", f"Versions: {json.dumps(results.get('versions', {}))}", ""]
     return "\n".join(lines)
 

@@ -6,8 +6,8 @@ real LLaMA weights) is compressed on real calibration text: WikiText-2 validatio
 tokenizer (the cached one), with the token ids that occur renumbered 0..U-1 so the embedding holds U rows instead
 of 262144 (every distinct token keeps its own row). Two recipes per size: `slim-2to4` (the compress defaults when
 issue 15 set its goal, `--preset slim-2to4` since issue 14) and SparseGPT + GPTQ alone (the same, lowrank "none"),
-the comparison of issue 15's goal (the recipe <= 2.0x); and `defaults` (CompressConfig(): dense INT4 GPTQ + H-LoRA
-within 4.5 bits/param since issue 14).
+the comparison of issue 15's goal (the recipe <= 2.0x); and `int4-dense` (`--preset int4-dense`: dense INT4 GPTQ +
+H-LoRA within 4.5 bits/param, the compress defaults of issues 14-22).
 
 Per row: the time split by phase (the compressor's own timer), the total, peak RSS, the load average before and
 after. Per run: this CPU's fp32 GEMM rate on LLaMA-2-7B's block shapes. From the rows: the growth exponent of the
@@ -34,9 +34,10 @@ from slim_trt.errors import SlimError
 
 SIZES = (512, 1024, 2048, 4096)
 # CompressConfig keyword arguments, spelled out by the preset so the rows keep their meaning when the defaults move
-# `defaults` is CompressConfig() (issue 14 on: dense INT4 GPTQ + H-LoRA within 4.5 bits/param).
+# `int4-dense` is `--preset int4-dense` (dense INT4 GPTQ + H-LoRA within 4.5 bits/param: the compress defaults of
+# issues 14-22, when these rows were measured as `defaults`).
 RECIPES = {"sparsegpt-gptq": {**PRESETS["slim-2to4"], "lowrank": "none"}, "slim-2to4": PRESETS["slim-2to4"],
-           "defaults": {}}
+           "int4-dense": PRESETS["int4-dense"]}
 HEAD_DIM = 128  # LLaMA's
 LLAMA2_7B = {"hidden": 4096, "intermediate": 11008, "blocks": 32}
 # NVIDIA H100 SXM datasheet (dense, no sparsity): FP32 67 TFLOPS, TF32 tensor cores 495 TFLOPS. Peak rates: the
@@ -165,7 +166,8 @@ def markdown(data: dict) -> str:
            f"hidden rounded to 128, head dim {HEAD_DIM}; calibration {s['nsamples']} x {s['seqlen']} tokens of "
            f"{s['calib']} through the tokenizer {s['tokenizer']}. Recipes: `slim-2to4` = "
            f"`--preset slim-2to4` (the compress defaults until issue 14), `sparsegpt-gptq` = the same with lowrank "
-           f"none, `defaults` = CompressConfig() (dense INT4 GPTQ + H-LoRA since issue 14). Device cpu, fp32.", "",
+           f"none, `int4-dense` = `--preset int4-dense` (dense INT4 GPTQ + H-LoRA, the compress defaults of issues 14-22). "
+           f"Device cpu, fp32.", "",
            f"Machine: {m.get('cpu')}, {m.get('usable_cpus')} usable CPUs, {m.get('memory_gb')} GB; torch threads "
            f"per row below; shared with other jobs: the load average (1 min) is recorded before/after every row.",
            "", "Phase seconds:", "",
@@ -312,7 +314,7 @@ def run_row(row: Row, windows, vocab: int, args) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--rows", default="all", help="'all' or a comma list of numbers/names (512-slim-2to4, "
-                   "512-sparsegpt-gptq, 512-defaults, ...; three per size in that order) [default: all]")
+                   "512-sparsegpt-gptq, 512-int4-dense, ...; three per size in that order) [default: all]")
     p.add_argument("--calib", default=str(DEFAULT_CALIB), metavar="FILE", help="calibration text")
     p.add_argument("--nsamples", type=int, default=32, help="calibration windows [default: 32]")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window [default: 512]")

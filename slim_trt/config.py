@@ -1,8 +1,10 @@
 """Dataclass configs, validated on construction.
 
-The defaults are the most accurate one-shot recipe within 4.5 bits/param measured on Gemma 3 270M (bench row 42,
-issue 14): dense INT4 GPTQ with 4-bit H-LoRA adapters. The best 2:4 recipe is PRESETS["slim-2to4"] (row 24, the
-defaults before issue 14), the SLiM paper's exact recipe PRESETS["slim-paper"], W8A8 2:4 PRESETS["trt-int8-sparse"].
+The defaults are the W8A8 2:4 recipe (issue 23; PRESETS["trt-int8-sparse"], bench row 31): 2:4-sparse INT8 weights
+with INT8 activations and low-rank adapters, the math TensorRT's sparse INT8 tensor cores run on every NVIDIA GPU
+since Ampere and on Jetson Orin. INT4 is weight-only in TensorRT (no sparse kernel reads it), so dense INT4 is a
+preset, PRESETS["int4-dense"] (bench row 42, the defaults of issues 14-22); the best W4A16 2:4 recipe is
+PRESETS["slim-2to4"] (row 24), the SLiM paper's exact recipe PRESETS["slim-paper"].
 """
 from __future__ import annotations
 
@@ -83,28 +85,30 @@ class CompressConfig:
     group_size: 0 = one scale per tensor, -1 = one per output channel, G > 0 = one per G input columns.
     None picks the quantizer's default (per tensor for SLiM-Quant, 128 for AbsMax and GPTQ).
 
-    The defaults are bench row 42 (issue 14): dense INT4 GPTQ with group-128 scales, H-LoRA adapters of rank
-    0.23 rounded to 4 bits (round to nearest), 3 base/adapter refit rounds: 1.144x dense perplexity on Gemma 3
-    270M at 4.498 bits/param, the best one-shot row within 4.5 bits. max_bits keeps every model within 4.5
-    bits/param: the ranks are lowered until they fit (on Gemma 3 270M's dense INT4 base to 40 of 640, 16 for k/v).
-    Why not 2:4: TensorRT runs INT4 weight-only (no sparse kernel reads a 2:4 INT4 weight) and ONNX Runtime's
-    MatMulNBits is dense, so 2:4 buys a W4A16 model no speed, and its best recipe (row 24, `slim-2to4`) is 1.320x.
-    2:4 pays where sparse tensor cores run it: INT8 / FP16 math (`trt-int8-sparse`). Issue 15's cheaper refit
-    rounds (refit_rounding "last", refit_scales "first") gave 1.341x on row 24's recipe (row 56): options.
+    The defaults are DEFAULT_PRESET (issue 23), spelled out field by field below and equal to
+    PRESETS["trt-int8-sparse"] (a test holds them equal, and equal to bench row 64): SparseGPT 2:4 with per-channel
+    INT8 weights (SLiM-Quant clip per output channel in the OBS sweep), static per-tensor INT8 activations (MSE
+    scales) after SmoothQuant alpha 0.5, LRC adapters of rank 0.23 (fitted to the error of both quantizations, they
+    read the float activation) rounded to 4 bits by GPTQ, 3 base/adapter refit rounds whose sweeps choose the 2:4
+    mask again: 1.287x dense perplexity on Gemma 3 270M at 6.363 bits/param with adapters (bench row 64). Why this recipe: 2:4 x INT8 is what TensorRT's sparse INT8
+    tensor cores run (every NVIDIA GPU since Ampere, Jetson Orin); INT4 is weight-only in TensorRT, so 2:4 INT4 buys
+    no sparse math and dense INT4 + adapters (1.144x at 4.498 bits, row 42) is PRESETS["int4-dense"]. INT8 2:4 alone
+    stores 5 bits/param, so the defaults have no bits budget (max_bits None). Issue 15's cheaper refit rounds
+    (refit_rounding "last", refit_scales "first") gave 1.341x against 1.320x on row 24's recipe (row 56): options.
     """
 
-    sparsity: str = "none"
-    bits: int = 4
-    quantizer: str = "gptq"
-    group_size: int | None = 128
+    sparsity: str = "2:4"
+    bits: int = 8
+    quantizer: str = "slim"  # SLiM-Quant: the histogram-optimal clip, per output channel here
+    group_size: int | None = -1  # one INT8 scale per output channel: TensorRT's INT8 GEMMs take no groups
     pruner: str = "sparsegpt"  # with --sparsity N:M: SparseGPT's joint prune + quantize sweep
-    lowrank: str = "hessian"
+    lowrank: str = "lrc"  # adapters fitted to the error of both quantizations (algorithms/lrc.py)
     rank_ratio: float = 0.23
     rank_multiple: int = 1
     quantize_adapters: bool = True
     adapter_bits: int = 4
     adapter_group_size: int = 128
-    adapter_quantizer: str = "rtn"  # 4-bit adapters: "rtn" (round to nearest) or "gptq" (output-aware, with H)
+    adapter_quantizer: str = "gptq"  # 4-bit adapters: "gptq" (output-aware, with H) or "rtn" (round to nearest)
     skip_layers: tuple[str, ...] = ()
     percdamp: float = 0.01  # Hessian dampening for GPTQ / SparseGPT, as in the reference code
     blocksize: int = 128
@@ -120,7 +124,7 @@ class CompressConfig:
     # sweep chooses the mask again by SparseGPT's OBS criterion on its own target W - L R (for LRC the target
     # (W - L R) H_xq H_qq^-1 with H_qq, so the activation error is in view); a round is still kept only if the
     # layer's objective drops (algorithms/refit.py). SparseGPT 2:4 / unstructured only.
-    refit_mask: str = "keep"
+    refit_mask: str = "reselect"
     # channel_permutation (issue 23): "mlp" permutes each block's MLP intermediate channels (gate/up output rows
     # with down input columns, exact) so that down_proj's N:M groups keep more Wanda saliency
     # (calibration/permutation.py); "none" keeps the model's order.
@@ -128,14 +132,14 @@ class CompressConfig:
     rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
     # The model-wide budget of the compressed layers, adapters included (README "Bits per parameter"): when the
     # ranks from rank_ratio would exceed it, the ratio is lowered until they fit (algorithms.pipeline.plan_ranks).
-    max_bits: float | None = 4.5
+    max_bits: float | None = None  # INT8 2:4 stores 5 bits/param before adapters
     # W8A8 (issue 13): static symmetric per-tensor INT8 scales for every compressed linear's input, calibrated on
     # the calibration windows by act_scale_method; optional SmoothQuant migration (alpha) into the previous norm
     # or linear; lowrank "lrc" fits the adapters to the error of both quantizations (algorithms/lrc.py).
-    act_bits: int | None = None
+    act_bits: int | None = 8
     act_scale_method: str = "mse"
     act_percentile: float = 99.99
-    smooth_alpha: float | None = None
+    smooth_alpha: float | None = 0.5
     # SpQR (quantizer "spqr", issue 14): the largest share of each layer's kept weights stored as fp16 outliers.
     outlier_share: float = 0.01
     # Zero points (asymmetric min-max grids, algorithms/zeropoint.py): None = on at <= 3 bits, off above. A
@@ -217,7 +221,8 @@ class CompressConfig:
                             f"{self.blocksize}, e.g. 16 (the paper's)")
         if self.act_bits is not None:
             raise SlimError("--quantizer spqr is weight-only: its groups of 16 with zero points and its fp16 outliers "
-                            "have no INT8 GEMM form; drop --act-bits")
+                            "have no INT8 GEMM form; drop --act-bits 8 (in Python: act_bits=None, or start from "
+                            "PRESETS['int4-dense'])")
 
     def _check_act(self) -> None:
         if isinstance(self.act_bits, bool) or self.act_bits not in ACT_BITS:
@@ -239,7 +244,8 @@ class CompressConfig:
             return
         if self.bits != 8:
             raise SlimError(f"--act-bits 8 needs --bits 8: TensorRT runs INT8 x INT8 GEMMs; INT4 weights are "
-                            f"weight-only there and float weights take no INT8 input (got --bits {self.bits})")
+                            f"weight-only there and float weights take no INT8 input (got --bits {self.bits}); for "
+                            f"weight-only recipes start from --preset slim-2to4 or int4-dense (PRESETS in Python)")
         if self.effective_group_size not in (0, -1):
             raise SlimError(f"--act-bits 8 needs one weight scale per output channel (--group-size -1) or per "
                             f"tensor (0): TensorRT's INT8 GEMMs take no group-wise weight scales (got "
@@ -304,6 +310,8 @@ class CompressConfig:
     @staticmethod
     def from_dict(d: dict) -> "CompressConfig":
         names = {f.name for f in dataclasses.fields(CompressConfig)}
+        # Fields added later, with the behaviour a stored config without them had.
+        d = {"refit_mask": "keep", "channel_permutation": "none", **d}
         return CompressConfig(**{k: (tuple(v) if k == "skip_layers" else v) for k, v in d.items() if k in names})
 
     def fingerprint(self) -> str:
@@ -341,21 +349,74 @@ PRESETS: dict[str, dict] = {
                        zero_point=None, bit_allocation="uniform"),
     # The best one-shot 2:4 W4A16 recipe (bench row 24, the defaults until issue 14): SparseGPT 2:4 with group-128
     # SLiM-Quant scales chosen in the OBS sweep, H-LoRA rank 0.23 rounded to 4 bits by GPTQ, 3 refit rounds, within
-    # 4.5 bits/param: 1.320x dense on Gemma 3 270M. 2:4 INT4 runs weight-only in TensorRT (no sparse kernel).
+    # 4.5 bits/param: 1.320x dense on Gemma 3 270M; with the refit sweeps choosing the 2:4 mask again (issue 23)
+    # 1.298x (row 63). 2:4 INT4 runs weight-only in TensorRT (no sparse kernel).
     "slim-2to4": dict(sparsity="2:4", bits=4, quantizer="slim", group_size=128, pruner="sparsegpt",
                       lowrank="hessian", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                       adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128, refit_rounds=3,
-                      refit_rounding="every", refit_scales="every", refit_mask="keep", channel_permutation="none", rank_allocation="uniform", max_bits=4.5,
-                      act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
+                      refit_rounding="every", refit_scales="every", refit_mask="reselect", channel_permutation="none",
+                      rank_allocation="uniform", max_bits=4.5, act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
                       outlier_share=0.01, zero_point=None, bit_allocation="uniform"),
-    # W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue 13): SparseGPT 2:4 with per-channel INT8 weights,
-    # static per-tensor INT8 activations after SmoothQuant alpha 0.5, LRC adapters (they read the float activation)
-    # rounded to 4 bits: bench row 31, 1.298x dense on Gemma 3 270M (row 30, the same without smoothing, 1.409x).
-    # INT8 2:4 alone stores 5 bits/param, so this recipe has no bits budget of its own.
+    # The defaults (issue 23; CompressConfig() equals it). W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue
+    # 13): SparseGPT 2:4 with per-channel INT8 weights, static per-tensor INT8 activations after SmoothQuant alpha
+    # 0.5, LRC adapters (they read the float activation) rounded to 4 bits, the refit sweeps choosing the 2:4 mask
+    # again on LRC's target (issue 23): bench row 64, 1.287x dense on Gemma 3 270M (row 31 without reselection
+    # 1.298x, row 30 without smoothing 1.409x). INT8 2:4 alone stores 5 bits/param, so no bits budget.
     "trt-int8-sparse": dict(sparsity="2:4", bits=8, quantizer="slim", group_size=-1, pruner="sparsegpt",
                             lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                             adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
-                            refit_rounds=3, refit_rounding="every", refit_scales="every", refit_mask="keep", channel_permutation="none", rank_allocation="uniform",
+                            refit_rounds=3, refit_rounding="every", refit_scales="every", refit_mask="reselect",
+                            channel_permutation="none", rank_allocation="uniform",
                             act_bits=8, act_scale_method="mse", act_percentile=99.99, smooth_alpha=0.5, max_bits=None,
                             outlier_share=0.01, zero_point=None, bit_allocation="uniform"),
+    # Dense INT4 for TensorRT's weight-only INT4 GEMMs (the defaults of issues 14-22, bench row 42): GPTQ with
+    # group-128 scales, H-LoRA adapters of rank 0.23 rounded to nearest in 4 bits, 3 refit rounds, within 4.5
+    # bits/param (the ranks are lowered until they fit: 40 of 640 on Gemma 3 270M): 1.144x dense at 4.498 bits.
+    # No sparsity: TensorRT has no sparse kernel for INT4 weights.
+    "int4-dense": dict(sparsity="none", bits=4, quantizer="gptq", group_size=128, pruner="sparsegpt",
+                       lowrank="hessian", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
+                       adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=3,
+                       refit_rounding="every", refit_scales="every", refit_mask="keep",
+                       channel_permutation="none", rank_allocation="uniform", max_bits=4.5,
+                       act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
+                       outlier_share=0.01, zero_point=None, bit_allocation="uniform"),
 }
+
+# What CompressConfig() makes, and why (README "Which recipe", `compress --help`, `info`, demo.json say the same).
+DEFAULT_PRESET = "trt-int8-sparse"
+DEFAULT_REASON = ("2:4-sparse INT8 weights x INT8 activations is the math TensorRT's sparse INT8 tensor cores run "
+                  "on every NVIDIA GPU since Ampere and on Jetson Orin; INT4 is weight-only in TensorRT (no sparse "
+                  "kernel reads it), so dense INT4 is --preset int4-dense")
+
+
+def preset_name(config: CompressConfig) -> str | None:
+    """The preset whose recipe `config` is exactly (skip_layers aside), or None for a custom recipe."""
+    plain = dataclasses.replace(config, skip_layers=())
+    return next((name for name, kw in PRESETS.items() if CompressConfig(**kw) == plain), None)
+
+
+def describe(config: CompressConfig) -> str:
+    """One line naming what the recipe does, read from the config itself (the demo and `info` print it)."""
+    c = config
+    names = {"sparsegpt": "SparseGPT", "wanda": "Wanda", "magnitude": "magnitude", "slim": "SLiM-Quant",
+             "gptq": "GPTQ", "absmax": "AbsMax", "spqr": "SpQR"}
+    adapters = {"slim": "SLiM-LoRA", "hessian": "H-LoRA", "svd": "SVD", "lrc": "LRC"}
+    sparsity = "dense" if c.sparsity_spec.kind == "none" else f"{names[c.pruner]} {c.sparsity}"
+    g = c.effective_group_size
+    scales = "per output channel" if g == -1 else "per tensor" if g == 0 else f"groups of {g}"
+    weights = "float weights" if c.bits == 16 else f"INT{c.bits} {names[c.quantizer]} weights ({scales})"
+    parts = [sparsity, weights]
+    if c.act_bits:
+        acts = f"static per-tensor INT{c.act_bits} activations ({c.act_scale_method.upper()} scales)"
+        if c.smooth_alpha is not None:
+            acts += f" after SmoothQuant alpha {c.smooth_alpha:g}"
+        parts.append(acts)
+    if c.lowrank != "none":
+        rounding = f"rounded to {c.adapter_bits} bits by {c.adapter_quantizer.upper()}" if c.quantize_adapters \
+            else "in fp16"
+        parts.append(f"{adapters[c.lowrank]} adapters rank {c.rank_ratio:g} {rounding}")
+        if c.refit_rounds:
+            parts.append(f"{c.refit_rounds} refit rounds")
+    if c.max_bits is not None:
+        parts.append(f"within {c.max_bits:g} bits/param")
+    return ", ".join(parts)

@@ -1,6 +1,6 @@
 import pytest
 
-from slim_trt.config import PRESETS, CalibConfig, CompressConfig, Sparsity
+from slim_trt.config import DEFAULT_PRESET, PRESETS, CalibConfig, CompressConfig, Sparsity, describe, preset_name
 from slim_trt.errors import SlimError
 
 
@@ -18,12 +18,19 @@ def test_sparsity_parse_rejects(bad):
         Sparsity.parse(bad)
 
 
-def test_defaults_are_the_best_one_shot_recipe_and_the_presets_are_named_rows():
-    c = CompressConfig()  # bench row 42 (issue 14): dense GPTQ g128, H-LoRA r 0.23 (lowered to fit), RTN-rounded
-    assert (c.sparsity, c.bits, c.quantizer, c.lowrank, c.rank_ratio, c.quantize_adapters) == \
-        ("none", 4, "gptq", "hessian", 0.23, True)
-    assert c.effective_group_size == 128 and (c.refit_rounds, c.rank_allocation, c.max_bits) == (3, "uniform", 4.5)
-    assert c.adapter_quantizer == "rtn" and c.act_bits is None and not c.zero_points  # TensorRT's symmetric INT4
+def test_defaults_are_the_w8a8_2to4_recipe_and_the_presets_are_named_rows():
+    c = CompressConfig()  # issue 23: W8A8 2:4 (bench row 31), the recipe TensorRT's sparse INT8 tensor cores run
+    assert c == CompressConfig(**PRESETS["trt-int8-sparse"]) and DEFAULT_PRESET == "trt-int8-sparse"
+    assert (c.sparsity, c.bits, c.quantizer, c.pruner, c.lowrank, c.rank_ratio, c.quantize_adapters) == \
+        ("2:4", 8, "slim", "sparsegpt", "lrc", 0.23, True)
+    assert c.effective_group_size == -1 and (c.refit_rounds, c.rank_allocation, c.max_bits) == (3, "uniform", None)
+    assert (c.act_bits, c.act_scale_method, c.smooth_alpha, c.adapter_quantizer) == (8, "mse", 0.5, "gptq")
+    assert preset_name(c) == "trt-int8-sparse" and "SmoothQuant alpha 0.5" in describe(c)
+    assert preset_name(CompressConfig(refit_rounds=1)) is None  # a changed knob is a custom recipe
+    d = CompressConfig(**PRESETS["int4-dense"])  # row 42: the defaults of issues 14-22
+    assert (d.sparsity, d.bits, d.quantizer, d.lowrank, d.rank_ratio, d.adapter_quantizer, d.max_bits) == \
+        ("none", 4, "gptq", "hessian", 0.23, "rtn", 4.5)
+    assert d.effective_group_size == 128 and d.act_bits is None and not d.zero_points  # TensorRT's symmetric INT4
     assert CompressConfig(lowrank="none").refit_rounds == 0  # nothing to alternate with
     s = CompressConfig(**PRESETS["slim-2to4"])  # row 24: the defaults until issue 14
     assert (s.sparsity, s.quantizer, s.pruner, s.adapter_quantizer, s.effective_group_size) == \
@@ -32,13 +39,20 @@ def test_defaults_are_the_best_one_shot_recipe_and_the_presets_are_named_rows():
     assert (p.sparsity, p.bits, p.quantizer, p.pruner, p.lowrank, p.rank_ratio, p.quantize_adapters) == \
         ("2:4", 4, "slim", "wanda", "slim", 0.1, False)
     assert p.effective_group_size == 0 and CompressConfig(quantizer="slim", group_size=None).effective_group_size == 0
+    # a weight flag INT8 activations cannot take names the presets that take it
+    with pytest.raises(SlimError, match="--act-bits 8 needs --bits 8.*--preset slim-2to4 or int4-dense"):
+        CompressConfig(bits=4)
     # every knob is in each preset, so it keeps its meaning whatever the defaults become
     for preset in PRESETS.values():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
 
 
+WEIGHT_ONLY = dict(act_bits=None, smooth_alpha=None, lowrank="hessian")
+
+
 @pytest.mark.parametrize("kw", [dict(rank_ratio=0.0), dict(rank_ratio=1.0), dict(rank_ratio=-0.1), dict(bits=5),
-                                dict(bits=3, quantizer="slim", pruner="wanda"), dict(bit_allocation="slim-llm", bits=8),
+                                dict(bits=3, quantizer="slim", pruner="wanda", **WEIGHT_ONLY),
+                                dict(bit_allocation="slim-llm", bits=8, **WEIGHT_ONLY),
                                 dict(quantizer="awq"), dict(pruner="random"), dict(lowrank="qr"),
                                 dict(group_size=-2), dict(rank_multiple=0), dict(sparsity="3:2")])
 def test_config_rejects(kw):
@@ -68,8 +82,8 @@ def test_bad_refit_modes_are_refused_with_the_choices(kw, needle):
 
 
 def test_the_presets_keep_the_refit_rounds_they_were_measured_with():
-    for name in ("slim-2to4", "slim-paper", "trt-int8-sparse"):
+    for name in ("slim-2to4", "slim-paper", "trt-int8-sparse", "int4-dense"):
         cfg = CompressConfig(**PRESETS[name])
         assert (cfg.refit_rounding, cfg.refit_scales) == ("every", "every")
-    # the defaults too: row 42's rounds (row 56's cheaper ones measured 1.341x against 1.320x on row 24)
+    # the defaults too: row 31's rounds (row 56's cheaper ones measured 1.341x against 1.320x on row 24)
     assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("every", "every")

@@ -13,12 +13,13 @@ from slim_trt.algorithms.spqr import SpQRTensor
 from slim_trt.checkpoint import LAYERS_FILE, MANIFEST, load, load_layers, read_manifest, save
 from slim_trt.compressed_linear import compressed_layers
 from slim_trt.compressor import compress
-from slim_trt.config import CompressConfig
+from slim_trt.config import PRESETS, CompressConfig
 from slim_trt.errors import SlimError
 from tests.conftest import calib_windows, tiny_model
 
-SPQR_24_HLORA = CompressConfig(quantizer="spqr", bits=4, group_size=16, sparsity="2:4", lowrank="hessian",
-                               rank_ratio=0.1, refit_rounds=1, max_bits=None)
+SPQR_24_HLORA = CompressConfig(**{**PRESETS["int4-dense"], **dict(
+    quantizer="spqr", bits=4, group_size=16, sparsity="2:4", lowrank="hessian", rank_ratio=0.1, refit_rounds=1,
+    max_bits=None)})
 
 
 @pytest.fixture(scope="module")

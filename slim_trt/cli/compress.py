@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from ..config import DEFAULT_PRESET, PRESETS
 from .common import add_parser, eprint, print_json
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
@@ -14,32 +15,38 @@ _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "r
 def register(sub) -> None:
     p = add_parser(
         sub, "compress", "compress a Hugging Face causal LM one-shot with SLiM",
-        "Quantize (INT4/INT8, optionally 2-3 bits), optionally prune along K (2:4), and fit low-rank adapters\n"
-        "on the total error, one decoder block at a time on calibration text, each block fed by the compressed\n"
-        "ones before it. The defaults are the most accurate one-shot recipe within 4.5 bits/param measured on\n"
-        "Gemma 3 270M (1.14x dense perplexity at 4.50 bits/param): dense INT4 GPTQ (groups of 128), adapters\n"
-        "fitted with the full input covariance (H-LoRA) and rounded to 4 bits, then 3 rounds of re-fitting the\n"
-        "base to W - L R and the adapters to the new error; the rank is lowered until the budget holds.\n"
-        "No 2:4 by default: TensorRT runs INT4 weight-only, so no sparse kernel reads a 2:4 INT4 weight.\n"
+        "Quantize (INT8/INT4, optionally 2-3 bits), prune along K (2:4), and fit low-rank adapters on the total\n"
+        "error, one decoder block at a time on calibration text, each block fed by the compressed ones before it.\n"
+        "The defaults are --preset trt-int8-sparse (W8A8 2:4): SparseGPT 2:4 with INT8 weights per output\n"
+        "channel, static per-tensor INT8 activations after SmoothQuant alpha 0.5, LRC adapters (rank 0.23, they\n"
+        "read the float activation) rounded to 4 bits, 3 refit rounds; 1.30x dense perplexity on Gemma 3 270M at\n"
+        "6.36 bits/param. Why: 2:4 INT8 x INT8 is the math TensorRT's sparse INT8 tensor cores run on every NVIDIA\n"
+        "GPU since Ampere and on Jetson Orin; INT4 is weight-only in TensorRT (no sparse kernel reads it).\n"
+        "--preset int4-dense: dense INT4 GPTQ (groups of 128) + 4-bit H-LoRA within 4.5 bits/param (1.14x, the\n"
+        "defaults before issue 23; weight-only INT4 GEMMs, no sparse math).\n"
         "--preset slim-2to4: the best 2:4 W4A16 recipe (SparseGPT 2:4 with SLiM-Quant scales, 1.32x).\n"
-        "--preset trt-int8-sparse: W8A8 2:4 for TensorRT's sparse INT8 tensor cores (INT8 weights per output\n"
-        "channel, SmoothQuant alpha 0.5, static INT8 activation scales, LRC adapters on the float input; 1.30x).\n"
         "--preset slim-paper: the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA r 0.1).\n"
+        "Flags change the preset's recipe (the default's without --preset). Without --preset, weights that INT8\n"
+        "activations cannot multiply (--bits 2, 3, 4 or 16, --quantizer spqr, --bit-allocation slim-llm) start\n"
+        "from --preset slim-2to4, the weight-only 2:4 recipe: `--bits 4` alone is exactly --preset slim-2to4.\n"
+        "--act-bits none alone keeps the default's 2:4 INT8 weights and drops its activation parts (INT8\n"
+        "activations, SmoothQuant; LRC becomes H-LoRA): W8A16 2:4. --act-bits 8 with weight-only weights is refused.\n"
         "An interrupted run resumes when re-run unchanged.",
         "  slim-trt compress gemma3-270m -o out/gemma-slim --nsamples 32 --seqlen 512\n"
         "  slim-trt compress ./my-llama -o out/llama --preset slim-2to4 --calib data.txt\n"
-        "  slim-trt compress model.gguf -o out/m --sparsity unstructured:0.5 --quantize-adapters\n"
-        "  slim-trt compress gemma3-270m -o out/gemma-w8a8 --preset trt-int8-sparse --nsamples 32 --seqlen 512",
+        "  slim-trt compress ./my-llama -o out/llama-int4 --preset int4-dense\n"
+        "  slim-trt compress model.gguf -o out/m --preset int4-dense --sparsity unstructured:0.5",
     )
     p.add_argument("model", metavar="MODEL",
                    help="a local Hugging Face folder, a hub id, a .gguf file, or 'gemma3-270m' (the embedded default)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint folder to write")
-    p.add_argument("--preset", choices=["slim-2to4", "trt-int8-sparse", "slim-paper"], default=None,
-                   help="start from a named recipe; explicit flags still override it")
-    p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: none; 2:4 in the 2:4 presets]")
+    p.add_argument("--preset", choices=list(PRESETS), default=None,
+                   help=f"start from a named recipe; explicit flags still override it [default: {DEFAULT_PRESET}]")
+    p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4; none in --preset int4-dense]")
     p.add_argument("--bits", type=int, default=None, metavar="{2,3,4,8,16}",
                    help="weight bits (the average with --bit-allocation slim-llm); 2 and 3 bits use zero points and "
-                        "INT4 containers and need --quantizer gptq or spqr; 16 = no quantization [default: 4]")
+                        "INT4 containers and need --quantizer gptq or spqr; 16 = no quantization; without --preset, any but 8 "
+                        "starts from --preset slim-2to4 (weight-only) [default: 8; 4 in the INT4 presets]")
     p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
                    help="asymmetric min-max grids with an integer zero point per group [default: on at 2-3 bits and "
                         "with slim-llm, off at 4 (the symmetric INT4 grid, the only one TensorRT's INT4 takes)]")
@@ -49,31 +56,32 @@ def register(sub) -> None:
     p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq", "spqr"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
                         "sparsegpt; spqr = SpQR (GPTQ sweep, groups of 16 with 3-bit quantized scales and zero "
                         "points, fp16 outliers up to --outlier-share; with --sparsity 2:4 the mask comes first and "
-                        "outliers sit only at kept positions) [default: gptq; slim in the 2:4 presets]")
+                        "outliers sit only at kept positions) [default: slim; gptq in --preset int4-dense]")
     p.add_argument("--outlier-share", type=float, default=None, metavar="SHARE",
                    help="--quantizer spqr: the largest share of each layer's weights kept as fp16 outliers "
                         "(32 bits each in bits/param) [default: 0.01]")
     p.add_argument("--group-size", type=int, default=None,
-                   help="0 per tensor, -1 per channel, G groups along K [default: 128; 16 with --quantizer spqr]")
+                   help="0 per tensor, -1 per channel, G groups along K [default: -1 (INT8 GEMMs take no groups); 128 in the "
+                        "INT4 presets; 16 with --quantizer spqr]")
     p.add_argument("--pruner", default=None, choices=["wanda", "sparsegpt", "magnitude"], help="[default: sparsegpt]")
     p.add_argument("--lowrank", default=None, choices=["slim", "hessian", "svd", "lrc", "none"],
                    help="adapters: slim = SLiM-LoRA (diagonal saliency), hessian = the exact output-error optimum with "
                         "the full input covariance, svd = plain SVD, lrc = low-rank correction of weight and "
-                        "activation quantization (needs --act-bits 8), none [default: hessian]")
+                        "activation quantization (needs --act-bits 8), none [default: lrc; hessian in the weight-only presets]")
     p.add_argument("--rank-ratio", type=float, default=None, help="rank = ratio x min(d_in, d_out) [default: 0.23]")
     p.add_argument("--rank-multiple", type=int, default=None, help="round the rank up to a multiple [default: 1]")
     p.add_argument("--max-bits", type=_max_bits, default=None, metavar="BITS",
                    help="budget of the compressed layers in bits/param, adapters included (README 'Bits per "
                         "parameter'): when the ranks from --rank-ratio would exceed it, the ratio is lowered for "
-                        "the whole model until they fit; 'none' turns the budget off [default: 4.5; none with "
-                        "--preset slim-paper]")
+                        "the whole model until they fit; 'none' turns the budget off [default: none (INT8 2:4 stores 5 "
+                        "bits/param before adapters); 4.5 in --preset int4-dense and slim-2to4]")
     p.add_argument("--quantize-adapters", action=argparse.BooleanOptionalAction, default=None,
                    help="store the adapters in 4 bits (groups of 128); --no-quantize-adapters keeps fp16 "
                         "[default: on]")
     p.add_argument("--adapter-quantizer", default=None, choices=["gptq", "rtn"],
                    help="how 4-bit adapters are rounded: gptq = R by GPTQ with the layer's H, then L re-fitted to the "
                         "rounded R and rounded by GPTQ too (keeps nearly all the adapters' gain); rtn = round to "
-                        "nearest, as the SLiM paper [default: rtn; gptq in --preset slim-2to4 and trt-int8-sparse]")
+                        "nearest, as the SLiM paper [default: gptq; rtn in --preset int4-dense and slim-paper]")
     p.add_argument("--refit-rounds", type=int, default=None, metavar="N",
                    help="after the adapters, re-quantize the base from W - L R and re-fit the adapters, up to N "
                         "rounds, each kept only if the layer's output error drops [default: 3]")
@@ -86,7 +94,8 @@ def register(sub) -> None:
     p.add_argument("--refit-mask", default=None, choices=["keep", "reselect"],
                    help="the refit rounds' SparseGPT sweeps keep the first sweep's 2:4 mask (keep) or choose it again "
                         "on W - L R, the part the adapters leave to the base (reselect; a round is still kept only "
-                        "if the layer's error drops) [default: keep]")
+                        "if the layer's error drops) [default: reselect in the 2:4 SparseGPT recipes (rows 63, 64: 1.320x -> 1.298x, "
+                        "1.298x -> 1.287x dense on Gemma 3 270M), keep elsewhere]")
     p.add_argument("--channel-permutation", default=None, choices=["none", "mlp"],
                    help="mlp: permute each block's MLP intermediate channels (gate/up output rows with down input "
                         "columns; an equivalent network, nothing at run time) so that down_proj's 2:4 groups keep "
@@ -94,16 +103,17 @@ def register(sub) -> None:
     p.add_argument("--rank-allocation", default=None, choices=["uniform", "sensitivity"],
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
                         "their singular values leave [default: uniform]")
-    p.add_argument("--act-bits", type=int, default=None, metavar="8",
-                   help="quantize every compressed linear's input to INT8 with a static per-tensor scale calibrated "
-                        "on the calibration windows (W8A8; needs --bits 8 and --group-size -1 or 0) [default: off]")
+    p.add_argument("--act-bits", type=_act_bits, default=None, metavar="{8,none}",
+                   help="8: quantize every compressed linear's input to INT8 with a static per-tensor scale "
+                        "calibrated on the calibration windows (W8A8; needs --bits 8 and --group-size -1 or 0); "
+                        "none: weight-only [default: 8; none in the weight-only presets]")
     p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=["max", "percentile", "mse"],
                    help="activation scale estimator: max |x|, the 99.99th percentile of |x|, or the clip with the "
                         "least squared error [default: mse]")
     p.add_argument("--smooth-alpha", type=_number_or_none("a strength in [0, 1] (e.g. 0.5)"), default=None,
                    metavar="A", help="SmoothQuant: move activation outliers into the weights with strength A in "
-                        "[0, 1], folded into the previous norm or linear; 'none' turns it off [default: 0.5 with "
-                        "--act-bits 8 (1.409x -> 1.298x dense on Gemma 3 270M), else off]")
+                        "[0, 1], folded into the previous norm or linear; 'none' turns it off [default: 0.5 (1.409x -> "
+                        "1.298x dense on Gemma 3 270M); off in the weight-only presets]")
     p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                    help="fine-tune the adapters for N steps on the calibration windows before saving "
                         "(see slim-trt finetune)")
@@ -154,24 +164,70 @@ def _number_or_none(what: str):
 _max_bits = _number_or_none("a number of bits (e.g. 4.5)")
 
 
-def config_from_args(args):
-    from ..config import PRESETS, CompressConfig
+def _act_bits(text: str):
+    """8, or 'none' (weight-only); other numbers reach CompressConfig, which names the supported one."""
+    if text.strip().lower() == "none":
+        return "none"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give 8 (static INT8 activations) or none (weight-only)")
 
-    # `--act-bits 8` alone means the trt-int8-sparse recipe (W8A8 2:4, what TensorRT's sparse INT8 GEMMs take, with
-    # LRC adapters; INT8 2:4 stores 5 bits/param, so no bits budget), explicit flags on top of it. Flags that cannot
-    # combine with it are refused by CompressConfig.
-    preset = getattr(args, "preset", None) or ("trt-int8-sparse" if getattr(args, "act_bits", None) is not None else None)
-    values = dict(PRESETS[preset]) if preset else {}
+
+def weight_only_flags(args) -> list[str]:
+    """The flags given that ask for weights INT8 activations cannot multiply in TensorRT (weight-only GEMMs)."""
+    out = []
+    if getattr(args, "bits", None) not in (None, 8):
+        out.append(f"--bits {args.bits}")
+    if getattr(args, "quantizer", None) == "spqr":
+        out.append("--quantizer spqr")
+    if getattr(args, "bit_allocation", None) == "slim-llm":
+        out.append("--bit-allocation slim-llm")
+    return out
+
+
+def base_recipe(args) -> dict:
+    """The recipe the flags change: --preset's; without it the defaults (DEFAULT_PRESET), or, when the flags ask
+    for weight-only weights, slim-2to4 (the weight-only 2:4 recipe), or, for --act-bits none alone, the defaults
+    without their activation parts (W8A16 2:4 with H-LoRA adapters, bench row 27)."""
+    preset = getattr(args, "preset", None)
+    if preset:
+        return dict(PRESETS[preset])
+    if weight_only_flags(args):
+        return dict(PRESETS["slim-2to4"])
+    if getattr(args, "act_bits", None) == "none":
+        return {**PRESETS[DEFAULT_PRESET], "act_bits": None, "smooth_alpha": None, "lowrank": "hessian"}
+    return dict(PRESETS[DEFAULT_PRESET])
+
+
+def config_from_args(args):
+    from ..config import CompressConfig
+
+    # Explicit flags on top of the base recipe; flags that cannot combine are refused by CompressConfig in one line
+    # (e.g. --act-bits 8 --bits 4: TensorRT has no INT4 x INT8 GEMM).
+    values = base_recipe(args)
     for k in _FLAGS:
         v = getattr(args, k, None)
         if v is not None:
             values[k] = tuple(v) if k == "skip_layers" else v
     if values.get("quantizer") == "spqr" and getattr(args, "group_size", None) is None:
         values["group_size"] = 16  # SpQR's small groups (the paper's 16), over a preset's, unless --group-size says
-    for k in ("max_bits", "smooth_alpha"):
+    for k in ("max_bits", "smooth_alpha", "act_bits"):
         if values.get(k) == "none":
             values[k] = None
+    # The 2:4 recipes choose the mask again in their SparseGPT refit sweeps; flags that leave SparseGPT N:M (another
+    # pruner, no sparsity, SpQR) drop that part of the recipe unless --refit-mask asks for it (then refused).
+    if getattr(args, "refit_mask", None) is None and values.get("refit_mask") == "reselect" and not \
+            reselect_applies(values):
+        values["refit_mask"] = "keep"
     return CompressConfig(**values)
+
+
+def reselect_applies(values: dict) -> bool:
+    from ..config import Sparsity
+
+    return (values.get("pruner") == "sparsegpt" and values.get("quantizer") != "spqr"
+            and Sparsity.parse(values.get("sparsity", "2:4")).kind != "none")
 
 
 def finetune_config_from_args(args):

@@ -6,7 +6,10 @@ from .common import add_parser, print_json
 
 def register(sub) -> None:
     p = add_parser(sub, "info", "summarise a compressed checkpoint",
-                   "Print the method, the calibration, and per layer: shape, bits, sparsity, rank, error.",
+                   "Print the recipe (the preset it is, and whether that is the default), the method, the\n"
+                   "calibration, and per layer: shape, bits, sparsity, rank, error. The default recipe is --preset\n"
+                   "trt-int8-sparse (W8A8 2:4): 2:4-sparse INT8 weights x INT8 activations is the math TensorRT's\n"
+                   "sparse INT8 tensor cores run on every NVIDIA GPU since Ampere and on Jetson Orin.",
                    "  slim-trt info out/gemma-slim\n  slim-trt info out/gemma-slim --json -")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--json", default=None, metavar="FILE", help="write the manifest summary as JSON ('-' = stdout)")
@@ -20,15 +23,23 @@ def run(args) -> int:
     m = verify_checkpoint(args.checkpoint)
     stats = m.get("layer_stats", {})
     verified = f"{len(m['files'])} files and the manifest match their sha256"
+    recipe = recipe_of(m.get("method", {}))
     if args.json:
         print_json({k: m.get(k) for k in ("source_model", "architecture", "method", "calibration", "summary",
                                           "finetune")}
-                   | {"verified": verified,
+                   | {"verified": verified, "recipe": recipe,
                       "layers": {n: {**meta, **stats.get(n, {})} for n, meta in m["layers"].items()}}, args.json)
         return 0
     print(f"checkpoint   {args.checkpoint}  ({verified})")
     print(f"source       {m.get('source_model')}  ({m.get('architecture')})")
     meth = m.get("method", {})
+    name = recipe["preset"]
+    print(f"recipe       {'--preset ' + name if name else 'custom (no preset)'}"
+          + (" (the default)" if recipe["default"] else "") + f": {recipe['description']}")
+    if recipe["default"]:
+        print(f"             (the default because {recipe['why_default']})")
+    else:
+        print(f"             (the default is --preset {recipe['default_preset']}: {recipe['why_default']})")
     print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",
           "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters", "refit_rounds",
           "rank_allocation", "act_bits", "act_scale_method", "smooth_alpha")
@@ -52,3 +63,20 @@ def run(args) -> int:
         print(f"{s.get('compressed_layers')} layers, {s.get('bits_per_param')} bits/param "
               f"({s.get('bits_per_param_with_adapters')} with adapters), compressed in {s.get('seconds')} s")
     return 0
+
+
+def recipe_of(method: dict) -> dict:
+    """Which preset a checkpoint's method is, whether it is the default, and why the default is what it is."""
+    from ..config import DEFAULT_PRESET, DEFAULT_REASON, CompressConfig, describe, preset_name
+    from ..errors import SlimError
+
+    # A manifest without the W8A8 fields predates them: it was weight-only.
+    legacy = {"act_bits": None, "smooth_alpha": None}
+    try:
+        config = CompressConfig.from_dict({**legacy, **method})
+    except (SlimError, TypeError, ValueError):
+        return {"preset": None, "default": False, "description": "unreadable method", "default_preset": DEFAULT_PRESET,
+                "why_default": DEFAULT_REASON}
+    name = preset_name(config)
+    return {"preset": name, "default": name == DEFAULT_PRESET, "description": describe(config),
+            "default_preset": DEFAULT_PRESET, "why_default": DEFAULT_REASON}

@@ -12,7 +12,10 @@ def register(sub) -> None:
                    "opset, blocked axis, scale dtype), registered plugins, and report per GEMM whether the weight "
                    "is 2:4 along K and whether TensorRT can run it on 2:4 sparse tensor cores (INT8 x INT8, FP16, "
                    "FP8 where the GPU has it) or why not (INT4 weight-only, not 2:4, precision, shape), with the "
-                   "share of GEMM FLOPs of each class. Exit 1 on errors.",
+                   "share of GEMM FLOPs of each class; and per eligible INT8 GEMM its form: int8-in/int8-out "
+                   "(sparse INT8 tactics available) or int8-in/float-out (allowed, but TensorRT is reported to "
+                   "pick sparse INT8 kernels only with an INT8 output: expect dense; docs/tensorrt-sparsity.md). "
+                   "Exit 1 on errors.",
                    "  slim-trt lint export/gemma-slim/model.onnx\n"
                    "  slim-trt lint export/gemma-slim/model.onnx --target jetson-orin --json lint.json\n"
                    "  slim-trt lint export/gemma-slim/model.onnx --target trt11 --gpu hopper")

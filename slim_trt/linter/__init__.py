@@ -139,7 +139,7 @@ def format_report(report: LintReport, *, show_layers: bool = True) -> str:
         lines.append(f"{'LAYER':{w}}  {'K':>6}  {'N':>7}  {'WEIGHT':7}  {'INPUT':7}  {'2:4':3}  GFLOP/token  "
                      f"SPARSE TENSOR CORES")
         for x in report.layers:
-            sparse = x.sparse_math.upper() if x.sparse_eligible else x.sparse_class
+            sparse = f"{x.sparse_math.upper()} {x.sparse_form}" if x.sparse_eligible else x.sparse_class
             lines.append(f"{x.name:{w}}  {x.K:6d}  {x.N:7d}  {_short(x.dtype):7}  {_short(x.activation):7}  "
                          f"{'yes' if x.is_2to4 else 'no':3}  {x.flops / 1e9:11.6f}  {sparse}")
     s = report.summary

@@ -57,11 +57,17 @@ class LayerInfo:
     groups_violating: int
     flops: int  # multiply-adds x 2 per token
     activation: str = ""  # the input's precision: the quantized type behind an activation Q/DQ pair, else float
-    # Filled by slim_trt.linter.sparse: can TensorRT run this GEMM on 2:4 sparse tensor cores, and if not, why.
+    # The precision the result leaves in: the quantized type when every consumer of the GEMM's output (after an
+    # optional constant bias Add, which TensorRT fuses into the epilogue) is a QuantizeLinear to it, else float.
+    output: str = ""
+    # Filled by slim_trt.linter.sparse: can TensorRT run this GEMM on 2:4 sparse tensor cores, and if not, why;
+    # for an eligible one its form ("int8-in/int8-out", ...) and what TensorRT is expected to do with it.
     sparse_eligible: bool = False
     sparse_class: str = ""
     sparse_math: str | None = None
     sparse_reason: str = ""
+    sparse_form: str | None = None
+    sparse_expect: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -237,6 +243,20 @@ def _expand_zero_point(zp: np.ndarray, shape: tuple, axis: int, block: int) -> n
     return zp.reshape(-1, 1) if axis == 0 else zp.reshape(1, -1)
 
 
+def output_precision(v: GraphView, name: str) -> str:
+    """The precision a GEMM's result leaves in: the common quantized type of the QuantizeLinear nodes that consume
+    it (directly, or after an Add of a constant bias: the epilogue TensorRT fuses), else the compute type."""
+    uses = v.consumers.get(name, [])
+    if len(uses) == 1 and uses[0][0].op_type == "Add" and uses[0][0].domain in STANDARD_DOMAINS \
+            and any(v.is_constant(x) for x in uses[0][0].input):
+        uses = v.consumers.get(uses[0][0].output[0], [])
+    types = {quantize_output_type(v, n) if n.op_type == "QuantizeLinear" and n.domain in STANDARD_DOMAINS else None
+             for n, _ in uses}
+    if len(types) == 1 and None not in types:
+        return TYPE_NAME[types.pop()]
+    return TYPE_NAME[v.compute_type]
+
+
 def activation_precision(v: GraphView, name: str) -> str:
     """The precision a GEMM reads its activation in: the Q type behind a DequantizeLinear, a Cast's target type,
     or the model's compute type."""
@@ -270,7 +290,7 @@ def layers_and_sparsity(v: GraphView, expected_2to4: set[str] | None):
         else:
             violating = int(np.ceil(K / 4)) * N
         info = LayerInfo(n.name, const_name, int(K), int(N), dtype, violating == 0, violating, 2 * int(K) * int(N),
-                         activation=activation_precision(v, n.input[0]))
+                         activation=activation_precision(v, n.input[0]), output=output_precision(v, n.output[0]))
         layers.append(info)
         claims = (const_name in expected_2to4) if expected_2to4 is not None else (1.0 - nz.mean()) >= 0.5
         if claims and not info.is_2to4:

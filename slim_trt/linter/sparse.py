@@ -5,7 +5,9 @@ weight is eligible when the weight is 2:4 along K, the activation x weight preci
 maths (INT8 x INT8, FP16 x FP16, FP8 x FP8), the target GPU has tensor cores for that math, and K and N are
 multiples of the sparse tile. INT4 weights are weight-only (no sparse math). The first rule a GEMM breaks is
 its class. Eligible does not mean picked: TensorRT times the sparse kernel against the dense one at build time
-(`build.json` shows what it picked, next to this prediction).
+(`build.json` shows what it picked, next to this prediction), and an eligible INT8 GEMM has a form: int8-in/
+int8-out (an INT8 epilogue: sparse INT8 tactics are candidates) or int8-in/float-out (allowed, but TensorRT is
+reported to pick sparse INT8 tactics only with an INT8 epilogue), from the table's "epilogue" rules.
 """
 from __future__ import annotations
 
@@ -97,11 +99,21 @@ def classify(layer: LayerInfo, gpu: SparseGpu) -> tuple[str, str | None, str]:
     return "eligible", math, reason
 
 
+def epilogue(layer: LayerInfo, math: str) -> tuple[str, str, str]:
+    """(form, expectation, reason) of an eligible GEMM from the precision its result leaves in."""
+    forms = sparse_rules()["epilogue"]["forms"][math]
+    rule = forms.get(layer.output) or forms.get("float") or next(iter(forms.values()))
+    return rule["form"], rule["expect"], rule["reason"]
+
+
 def annotate(layers: list[LayerInfo], gpu: SparseGpu) -> None:
     for layer in layers:
         cls, math, reason = classify(layer, gpu)
         layer.sparse_eligible, layer.sparse_class, layer.sparse_math, layer.sparse_reason = \
             cls == "eligible", cls, math, reason
+        if cls == "eligible":
+            layer.sparse_form, layer.sparse_expect, why = epilogue(layer, math)
+            layer.sparse_reason = f"{reason}; {layer.sparse_form}: {why}"
 
 
 def dynamic_gemms(v: GraphView) -> list[str]:
@@ -139,11 +151,21 @@ def summarize(layers: list[LayerInfo], dynamic: list[str], gpu: SparseGpu) -> di
             line += f" ({', '.join(blocked)})"
         if small:
             line += f"; {small} of the eligible are narrower than {hint} and likely to run dense"
+    forms: dict[str, int] = {}
+    for x in eligible:
+        forms[x.sparse_form] = forms.get(x.sparse_form, 0) + 1
+    unlikely = [x for x in eligible if x.sparse_expect == "allowed-but-unlikely"]
+    if unlikely:
+        line += (f"; {len(unlikely)} of the eligible are {', '.join(sorted({x.sparse_form for x in unlikely}))} "
+                 f"(allowed, but TensorRT picks sparse INT8 tactics for INT8-out GEMMs: expect dense)")
     fraction = classes["eligible"]["flop_fraction"]
     line += f"; {100 * fraction:.1f}% of constant-weight GEMM FLOPs can run sparse"
     return {"gpu": gpu.name, "gpu_features": gpu.features, "line": line, "gemms": len(layers),
             "gemms_2to4": n_2to4, "eligible": len(eligible), "eligible_narrow": small,
             "flop_fraction_eligible": fraction,
             "math": {m: sum(x.sparse_math == m for x in eligible) for m in sparse_rules()["math"]},
+            "forms": forms, "sparse_tactics_available": sum(x.sparse_expect == "sparse-tactics-available"
+                                                            for x in eligible),
+            "allowed_but_unlikely": len(unlikely),
             "classes": classes, "dynamic_gemms": len(dynamic), "rules": "slim_trt/linter/tables/sparse_math.json"}
 

@@ -11,10 +11,10 @@ from slim_trt.algorithms.pipeline import compress_weight
 from slim_trt.config import PRESETS, CompressConfig
 
 
-@pytest.mark.parametrize("cfg", [CompressConfig(), slim_2to4(), CompressConfig(**PRESETS["slim-paper"]),
+@pytest.mark.parametrize("cfg", [CompressConfig(**PRESETS["int4-dense"]), slim_2to4(), CompressConfig(**PRESETS["slim-paper"]),
                                  slim_2to4(quantizer="gptq", pruner="wanda", sparsity="unstructured:0.5"),
                                  slim_2to4(group_size=0, refit_rounds=1)],
-                         ids=["default", "slim-2to4", "slim-paper", "gptq-wanda-unstructured", "per-tensor"])
+                         ids=["int4-dense", "slim-2to4", "slim-paper", "gptq-wanda-unstructured", "per-tensor"])
 def test_compress_weight_creates_nothing_off_the_input_device(cfg, correlated_inputs):
     X = correlated_inputs(k=64)
     W = torch.randn(48, 64, generator=torch.Generator().manual_seed(0))

@@ -25,6 +25,11 @@ QWEN25_05B = model_shapes(24, 896, 4864, 896, 128)
 SLIM_2TO4 = CompressConfig(**PRESETS["slim-2to4"])
 
 
+def int4_dense(**changes) -> CompressConfig:
+    """--preset int4-dense (bench row 42, the defaults of issues 14-22) with some knobs changed."""
+    return CompressConfig(**{**PRESETS["int4-dense"], **changes})
+
+
 def test_budget_does_not_bind_on_gemma_2to4_so_the_benchmarked_ranks_stay():
     ranks, ratio = plan_ranks(GEMMA3_270M, SLIM_2TO4)
     assert ratio == 0.23
@@ -33,11 +38,18 @@ def test_budget_does_not_bind_on_gemma_2to4_so_the_benchmarked_ranks_stay():
     assert ranks == plan_ranks(GEMMA3_270M, CompressConfig(**{**PRESETS["slim-2to4"], "max_bits": None}))[0]
 
 
-def test_the_dense_defaults_lower_the_rank_to_the_budget_on_gemma():
-    # Bench row 42 (the defaults): a dense INT4 base leaves 0.375 bits/param for the adapters, rank 40 of 640.
-    ranks, ratio = plan_ranks(GEMMA3_270M, CompressConfig())
+def test_int4_dense_lowers_the_rank_to_the_budget_on_gemma():
+    # Bench row 42 (--preset int4-dense): a dense INT4 base leaves 0.375 bits/param for the adapters, rank 40 of 640.
+    ranks, ratio = plan_ranks(GEMMA3_270M, int4_dense())
     assert ratio < 0.23 and sorted(set(ranks.values())) == [16, 40]
-    assert bits_per_param(GEMMA3_270M, ranks, CompressConfig()) == pytest.approx(4.4976, abs=1e-4)
+    assert bits_per_param(GEMMA3_270M, ranks, int4_dense()) == pytest.approx(4.4976, abs=1e-4)
+
+
+def test_the_w8a8_defaults_have_no_budget_so_the_benchmarked_ranks_stay():
+    # Bench row 31 (the defaults): INT8 2:4 stores 5.020 bits/param before adapters; rank 0.23 as measured.
+    ranks, ratio = plan_ranks(GEMMA3_270M, CompressConfig())
+    assert ratio == 0.23 and sorted(set(ranks.values())) == [59, 148]
+    assert bits_per_param(GEMMA3_270M, ranks, CompressConfig()) == pytest.approx(6.3629, abs=1e-4)
 
 
 def test_budget_binds_on_a_576_wide_llama():
@@ -51,9 +63,9 @@ def test_budget_binds_on_a_576_wide_llama():
 
 @pytest.mark.parametrize("shapes", [GEMMA3_270M, SMOLLM_135M, LLAMA2_7B, QWEN25_05B],
                          ids=["gemma3-270m", "smollm-135m", "llama2-7b", "qwen2.5-0.5b"])
-@pytest.mark.parametrize("recipe,budget", [("defaults", 4.5), ("slim-2to4", 4.5), ("slim-2to4", 4.0)])
+@pytest.mark.parametrize("recipe,budget", [("int4-dense", 4.5), ("slim-2to4", 4.5), ("slim-2to4", 4.0)])
 def test_the_budget_holds_on_every_shape(shapes, recipe, budget):
-    base = {} if recipe == "defaults" else PRESETS[recipe]
+    base = PRESETS[recipe]
     cfg = CompressConfig(**{**base, "max_bits": budget})
     ranks, ratio = plan_ranks(shapes, cfg)
     assert bits_per_param(shapes, ranks, cfg) <= budget
@@ -65,16 +77,16 @@ def test_the_budget_holds_on_every_shape(shapes, recipe, budget):
 
 def test_an_unreachable_budget_is_one_clear_error():
     with pytest.raises(SlimError, match="--max-bits 4.5 cannot be met"):
-        plan_ranks(GEMMA3_270M, CompressConfig(bits=8))
-    assert plan_ranks(GEMMA3_270M, CompressConfig(bits=8, lowrank="none"))[0]["layers.0.q_proj"] == 0
+        plan_ranks(GEMMA3_270M, int4_dense(bits=8))
+    assert plan_ranks(GEMMA3_270M, int4_dense(bits=8, lowrank="none"))[0]["layers.0.q_proj"] == 0
     assert PRESETS["slim-paper"]["max_bits"] is None  # the paper's recipe is 5.2 bits: no budget
 
 
-@pytest.mark.parametrize("cfg", [CompressConfig(), CompressConfig(**PRESETS["slim-paper"]),
-                                 CompressConfig(group_size=-1, quantizer="gptq", refit_rounds=0),
-                                 CompressConfig(sparsity="none", bits=8, lowrank="svd", max_bits=None, refit_rounds=0),
-                                 CompressConfig(bits=16, lowrank="none")],
-                         ids=["defaults", "paper", "per-channel", "int8-dense", "fp-noadapters"])
+@pytest.mark.parametrize("cfg", [int4_dense(), CompressConfig(**PRESETS["slim-paper"]),
+                                 int4_dense(group_size=-1, quantizer="gptq", refit_rounds=0),
+                                 int4_dense(bits=8, lowrank="svd", max_bits=None, refit_rounds=0),
+                                 int4_dense(bits=16, lowrank="none")],
+                         ids=["int4-dense", "paper", "per-channel", "int8-dense", "fp-noadapters"])
 def test_layer_bits_from_shapes_match_what_is_stored(cfg):
     torch.manual_seed(0)
     N, K = 48, 160  # K not a multiple of the group size
@@ -88,12 +100,12 @@ def test_layer_bits_from_shapes_match_what_is_stored(cfg):
     assert layer_bits(N, K, rank, cfg) == (stored["base_bits"], stored["adapter_bits"])
 
 
-def test_when_not_even_rank_1_fits_the_defaults_keep_no_adapters():
+def test_when_not_even_rank_1_fits_int4_dense_keeps_no_adapters():
     # A 64-wide toy model: rank 1 (padded to 2 in INT4, with its scales) costs ~0.5 bits/param over the dense
     # INT4 base, so lowering the ratio ends at no adapters rather than an error; the base alone fits.
     toy = model_shapes(2, 64, 176, 64, 32)
-    ranks, ratio = plan_ranks(toy, CompressConfig())
+    ranks, ratio = plan_ranks(toy, int4_dense())
     assert ratio == 0.0 and set(ranks.values()) == {0}
-    assert 4.125 < bits_per_param(toy, ranks, CompressConfig()) <= 4.5  # K = 64 < 128: one scale per 64 columns
+    assert 4.125 < bits_per_param(toy, ranks, int4_dense()) <= 4.5  # K = 64 < 128: one scale per 64 columns
     with pytest.raises(SlimError, match="without any adapters"):  # the base alone is over: refused as before
-        plan_ranks(toy, CompressConfig(max_bits=4.1))
+        plan_ranks(toy, int4_dense(max_bits=4.1))

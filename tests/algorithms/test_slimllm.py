@@ -64,10 +64,11 @@ def test_storage_bits_count_information_bits_as_planned():
     """storage_bits of a SliM-LLM layer = layer_bits from the shapes: N bits per weight on average, a 16-bit scale
     and an N-bit zero point per group (the groups' own widths sum to N per group)."""
     from slim_trt.algorithms.pipeline import CompressedWeight, layer_bits, storage_bits
-    from slim_trt.config import CompressConfig
+    from slim_trt.config import PRESETS, CompressConfig
 
     W, H = _skewed_layer()
-    cfg = CompressConfig(bits=3, quantizer="gptq", sparsity="none", lowrank="none", bit_allocation="slim-llm")
+    cfg = CompressConfig(**{**PRESETS["int4-dense"], **dict(bits=3, quantizer="gptq", sparsity="none", lowrank="none",
+                                                           bit_allocation="slim-llm")})
     qt = gptq_quantize(W, H, 3, 128, grid=slimllm_grid(W, H, 3, 128))
     assert qt.group_bits is not None
     cw = CompressedWeight(weight=qt, mask=None, lora_L=None, lora_R=None, rel_error_base=0.0, rel_error=0.0)

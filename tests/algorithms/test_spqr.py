@@ -13,7 +13,7 @@ from slim_trt.algorithms.prune import is_nm
 from slim_trt.algorithms.qtensor import expand_scale
 from slim_trt.algorithms.spqr import (OutlierTable, SpQRTensor, quantize_scales, quantize_zeros, spqr_bits_per_param,
                                       spqr_quantize)
-from slim_trt.config import CompressConfig
+from slim_trt.config import PRESETS, CompressConfig
 
 
 def planted_layer(N=256, K=512, seed=0):
@@ -108,7 +108,8 @@ def test_bits_formula_matches_the_paper_and_the_planner():
     N, K = 64, 128
     W, H = planted_layer(N, K, seed=3)
     qt = spqr_quantize(W, H, 3, outlier_share=0.01)
-    cfg = CompressConfig(quantizer="spqr", bits=3, group_size=16, sparsity="none", lowrank="none", max_bits=None)
+    cfg = CompressConfig(**{**PRESETS["int4-dense"], **dict(quantizer="spqr", bits=3, group_size=16, sparsity="none",
+                                                           lowrank="none", max_bits=None)})
     planned, _ = layer_bits(N, K, 0, cfg)
     budget = math.floor(0.01 * N * K)
     # The planner counts the nominal budget; the layer stores what it used (<= the budget).

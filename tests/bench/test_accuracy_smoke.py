@@ -195,46 +195,58 @@ def test_finetune_row_records_its_training(smoke_run, tmp_path):
     assert "finetune" not in one_shot["config"]
 
 
-def test_best_rows_follow_the_budget_and_the_finetuning_split():
+def test_best_rows_follow_the_classes_the_budget_and_the_finetuning_split():
     def row(ppl, storage, **cfg):
         return {"status": "ok", "perplexity": ppl, "bits_per_param_with_adapters": storage,
                 "config": {"method": "slim_trt.compressor", "sparsity": "2:4", "bits": 4, **cfg}}
 
+    w8a8 = dict(bits=8, act_bits=8)
     rows = {"a": row(50.0, 4.6), "b": row(60.0, 4.4), "c": row(55.0, 4.3, sparsity="unstructured:0.5"),
             "d": row(40.0, 4.4, finetune={"loss": "kd"}), "e": row(45.0, 16.0, bits=8),
             "f": {"status": "ok", "perplexity": 1.0, "bits_per_param_with_adapters": 4.1,
                   "config": {"library": "llmcompressor"}}}
-    rows["g"] = row(52.0, 4.4, sparsity="none", act_bits=8)  # W8A8 rows are judged on their own
-    rows["h"] = row(51.0, 4.4, sparsity="none", quantizer="spqr")  # outlier tables: not a default candidate
+    rows["g"] = row(30.0, 8.4, sparsity="none", **w8a8)  # dense W8A8: no sparse math, not a candidate
+    rows["h"] = row(31.0, 4.4, quantizer="spqr")  # outlier tables: not a default candidate
+    rows["i"] = row(58.0, 6.4, **w8a8)  # W8A8 2:4: the defaults' class, no bits budget
+    rows["j"] = row(57.0, 6.4, **w8a8, finetune={"loss": "kd"})
+    rows["41-gptq-dense-g128"] = row(20.0, 4.1, sparsity="none")  # dense INT4: the reference, never the best
+    rows["42-gptq-dense-g128-hlora"] = row(19.0, 4.5, sparsity="none")
     best = bench.best_rows(rows)
-    assert best["best_one_shot"] == "c" and best["best_finetuned"] == "d"  # any sparsity, ours only, weight-only
-    assert best["best_one_shot_2to4"] == "b"  # a (50.0) is over the budget
+    assert best["best_one_shot"] == "i" and best["best_finetuned"] == "j"
+    assert best["best_one_shot_2to4"] == "b" and best["best_finetuned_2to4"] == "d"  # a (50.0) is over the budget
+    assert best["dense_int4_reference"] == ["41-gptq-dense-g128", "42-gptq-dense-g128-hlora"]
     assert bench.best_rows({"a": rows["a"]})["best_one_shot"] is None
 
 
-def test_the_compress_defaults_are_the_best_one_shot_row():
+def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
     from slim_trt.config import PRESETS, CompressConfig
 
-    # Issue 14: the defaults follow best_one_shot in the committed results (row 42, dense GPTQ + H-LoRA), and
-    # --preset slim-2to4 follows best_one_shot_2to4 (row 24); row 56 (issue 15's cheaper refit rounds, 1.341x
-    # against 1.320x) is an option on row 24's recipe.
+    # Issue 23: the defaults are the W8A8 2:4 preset (row 64: row 31 + --refit-mask reselect), which best_one_shot (2:4 INT8 x INT8 rows) is in the
+    # committed results; --preset int4-dense is row 42 (the defaults of issues 14-22), printed beside it as the
+    # dense INT4 reference; --preset slim-2to4 follows best_one_shot_2to4 (row 24); row 56 (issue 15's cheaper
+    # refit rounds, 1.341x against 1.320x) is an option on row 24's recipe.
     results = json.loads((bench.BENCH / "results" / "accuracy_gemma3-270m.json").read_text())
     by_key = {r.key: r for r in bench.ROWS}
-    assert results["best_one_shot"] == "42-gptq-dense-g128-hlora"
-    assert CompressConfig(**by_key[results["best_one_shot"]].compress) == CompressConfig()
-    # Issue 23's options (refit_mask, channel_permutation) are measured as rows on the preset's recipe and turned
-    # on in the presets by the lead: up to them, the best 2:4 row is --preset slim-2to4.
-    best_2to4 = CompressConfig(**by_key[results["best_one_shot_2to4"]].compress)
-    issue23 = dict(refit_mask="keep", channel_permutation="none")
-    assert dataclasses.replace(best_2to4, **issue23) == \
-        dataclasses.replace(CompressConfig(**PRESETS["slim-2to4"]), **issue23)
+    by_number = {r.number: r for r in bench.ROWS}
+    # Issue 23's --refit-mask reselect won on both 2:4 recipes (rows 63, 64), so the presets turned it on.
+    assert CompressConfig(**by_number[64].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
+    assert results["best_one_shot"] == by_number[64].key
+    assert CompressConfig(**by_number[42].compress) == CompressConfig(**PRESETS["int4-dense"])
+    assert results["dense_int4_reference"] == [by_number[41].key, by_number[42].key]
+    assert results["best_one_shot_2to4"] == by_number[63].key
+    assert CompressConfig(**by_number[63].compress) == CompressConfig(**PRESETS["slim-2to4"])
     row56 = by_key["56-sgpt-slimq-hlora-gq4-r023-refit3-fast"]
     assert CompressConfig(**row56.compress) == \
-        CompressConfig(**{**PRESETS["slim-2to4"], "refit_rounding": "last", "refit_scales": "first"})
+        CompressConfig(**{**PRESETS["slim-2to4"], "refit_rounding": "last", "refit_scales": "first",
+                           "refit_mask": "keep"})
     assert CompressConfig(**by_key["7-slim-lora"].compress) == CompressConfig(**PRESETS["slim-paper"])
     # every preset spells out every knob, so it keeps its meaning whatever the defaults become
     for preset in PRESETS.values():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
+    # the report prints the dense INT4 reference beside best_one_shot
+    md = (bench.BENCH / "results" / "accuracy_gemma3-270m.md").read_text()
+    assert f"best_one_shot: row {by_number[31].key}, perplexity 56.51 (x1.298 dense)" in md
+    assert "beside it, the dense INT4 reference" in md and f"row {by_number[42].key}, perplexity 49.80" in md
 
 
 def test_the_w8a8_preset_is_the_smoothed_lrc_row():
@@ -290,11 +302,12 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
     from slim_trt.config import CompressConfig
 
     by_number = {r.number: r for r in bench.ROWS}
-    for flags, number in (([], 42), (["--preset", "slim-2to4"], 24), (["--quantizer", "spqr", "--bits", "3"], 47),
-                          (["--preset", "trt-int8-sparse"], 31),
-                          (["--preset", "trt-int8-sparse", "--smooth-alpha", "none"], 30),
-                          (["--act-bits", "8", "--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1"], 59),
-                          (["--act-bits", "8", "--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1",
-                            "--lowrank", "none"], 38)):
+    for flags, number in (([], 31), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 24),
+                          (["--bits", "4"], 24), (["--preset", "int4-dense", "--quantizer", "spqr", "--bits", "3"], 47),
+                          (["--preset", "trt-int8-sparse"], 31), (["--smooth-alpha", "none"], 30),
+                          (["--act-bits", "none"], 27),
+                          (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1"], 59),
+                          (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1", "--lowrank", "none"],
+                           38)):
         args = build_parser().parse_args(["compress", "MODEL", "-o", "OUT", *flags])
         assert config_from_args(args) == CompressConfig(**by_number[number].compress), (flags, number)

@@ -101,7 +101,7 @@ def test_derive_uses_the_measured_4096_block_and_no_ratio_without_its_baseline()
 
 def test_row_selection():
     assert [r.key for r in bench.select_rows("2,512-sparsegpt-gptq")] == ["512-slim-2to4", "512-sparsegpt-gptq"]
-    assert [r.key for r in bench.select_rows("11,3")] == ["4096-slim-2to4", "512-defaults"]
+    assert [r.key for r in bench.select_rows("11,3")] == ["4096-slim-2to4", "512-int4-dense"]
     assert len(bench.select_rows("all")) == 12
     with pytest.raises(SlimError, match="unknown row"):
         bench.select_rows("13")

@@ -22,26 +22,40 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
     assert s["bits_per_param_with_adapters"] > s["bits_per_param"]
     rc, text, _ = run(["info", out], capsys)
     assert rc == 0 and "model.layers.1.mlp.down_proj" in text and "2:4" in text
+    # info names the recipe, and says that it is not the default and what the default is
+    assert "recipe       --preset slim-2to4: SparseGPT 2:4, INT4 SLiM-Quant weights (groups of 128)" in text
+    assert "(the default is --preset trt-int8-sparse: 2:4-sparse INT8 weights x INT8 activations" in text
+    rc, text, _ = run(["info", out, "--json", "-"], capsys)
+    recipe = json.loads(text)["recipe"]
+    assert recipe["preset"] == "slim-2to4" and recipe["default"] is False and "Ampere" in recipe["why_default"]
     rc, text, _ = run(["eval", out, "--seqlen", "16", "--windows", "3"], capsys)
     assert rc == 0 and float(text.strip()) > 1.0
 
 
 @pytest.mark.parametrize("flags,expect", [
-    ([], dict(sparsity="none", quantizer="gptq", lowrank="hessian", rank_ratio=0.23, quantize_adapters=True,
-              adapter_quantizer="rtn", effective_group_size=128, refit_rounds=3, refit_rounding="every",
-              refit_scales="every", max_bits=4.5)),
+    ([], dict(sparsity="2:4", bits=8, pruner="sparsegpt", quantizer="slim", lowrank="lrc", rank_ratio=0.23,
+              quantize_adapters=True, adapter_quantizer="gptq", effective_group_size=-1, refit_rounds=3,
+              refit_rounding="every", refit_scales="every", max_bits=None, act_bits=8, smooth_alpha=0.5)),
+    (["--preset", "int4-dense"], dict(sparsity="none", quantizer="gptq", lowrank="hessian", rank_ratio=0.23,
+                                      quantize_adapters=True, adapter_quantizer="rtn", effective_group_size=128,
+                                      refit_rounds=3, max_bits=4.5, act_bits=None, smooth_alpha=None)),
     (["--preset", "slim-2to4"], dict(sparsity="2:4", pruner="sparsegpt", quantizer="slim", lowrank="hessian",
                                      rank_ratio=0.23, quantize_adapters=True, adapter_quantizer="gptq",
                                      effective_group_size=128, refit_rounds=3)),
     (["--refit-rounding", "last", "--refit-scales", "first"], dict(refit_rounding="last", refit_scales="first")),
     (["--preset", "slim-2to4", "--refit-mask", "reselect", "--channel-permutation", "mlp"],
      dict(sparsity="2:4", refit_mask="reselect", channel_permutation="mlp")),
-    ([], dict(refit_mask="keep", channel_permutation="none")),
+    ([], dict(refit_mask="reselect", channel_permutation="none")),  # the 2:4 presets reselect (rows 63, 64)
+    (["--pruner", "wanda"], dict(pruner="wanda", refit_mask="keep")),  # no SparseGPT sweep to reselect in
+    (["--sparsity", "none"], dict(sparsity="none", refit_mask="keep")),
+    (["--quantizer", "spqr"], dict(quantizer="spqr", refit_mask="keep")),
     (["--preset", "slim-paper"], dict(pruner="wanda", quantizer="slim", lowrank="slim", rank_ratio=0.1,
                                       quantize_adapters=False, effective_group_size=0, refit_rounds=0)),
     (["--preset", "slim-paper", "--quantize-adapters", "--lowrank", "hessian"],
      dict(pruner="wanda", lowrank="hessian", quantize_adapters=True, adapter_quantizer="rtn")),
     (["--no-quantize-adapters", "--adapter-quantizer", "rtn"], dict(quantize_adapters=False, adapter_quantizer="rtn")),
+    (["--act-bits", "none", "--refit-rounds", "0"],  # the default's weights, weight-only: W8A16 2:4 + H-LoRA
+     dict(sparsity="2:4", bits=8, effective_group_size=-1, lowrank="hessian", act_bits=None, smooth_alpha=None)),
     (["--preset", "trt-int8-sparse"], dict(bits=8, effective_group_size=-1, pruner="sparsegpt", lowrank="lrc",
                                            act_bits=8, act_scale_method="mse", smooth_alpha=0.5)),
     (["--act-bits", "8", "--smooth-alpha", "0.7", "--act-scale", "max", "--refit-rounds", "0"],
@@ -55,6 +69,10 @@ def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_
     assert rc == 0, err
     method = json.loads((out / "slim_manifest.json").read_text())["method"]
     assert {k: method[k] for k in expect} == expect
+    if not flags:  # info names the default recipe and says why it is the default
+        rc, text, _ = run(["info", out], capsys)
+        assert rc == 0 and "recipe       --preset trt-int8-sparse (the default): SparseGPT 2:4, INT8" in text
+        assert "(the default because 2:4-sparse INT8 weights x INT8 activations" in text
 
 
 def test_help_teaches(capsys):
@@ -63,6 +81,36 @@ def test_help_teaches(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--rank-ratio" in out and "examples:" in out and "gemma3-270m" in out
+    # which recipe is the default and why, and what --bits 4 alone means
+    assert "The defaults are --preset trt-int8-sparse (W8A8 2:4)" in out and "sparse INT8 tensor cores" in out
+    assert "`--bits 4` alone is exactly --preset slim-2to4" in out and "--preset int4-dense" in out
+
+
+@pytest.mark.parametrize("flags,preset", [
+    ([], "trt-int8-sparse"), (["--act-bits", "8"], "trt-int8-sparse"), (["--bits", "8"], "trt-int8-sparse"),
+    (["--bits", "4"], "slim-2to4"),  # INT4 weights are weight-only in TensorRT: the weight-only 2:4 recipe
+    (["--preset", "int4-dense"], "int4-dense"), (["--preset", "slim-2to4", "--bits", "4"], "slim-2to4"),
+])
+def test_flags_start_from_the_recipe_they_can_work_with(flags, preset):
+    from slim_trt.cli import build_parser
+    from slim_trt.cli.compress import config_from_args
+    from slim_trt.config import PRESETS, CompressConfig
+
+    args = build_parser().parse_args(["compress", "M", "-o", "O", *flags])
+    assert config_from_args(args) == CompressConfig(**PRESETS[preset])
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--bits", "4", "--act-bits", "8"], "--act-bits 8 needs --bits 8"),
+    (["--preset", "int4-dense", "--act-bits", "8"], "--act-bits 8 needs --bits 8"),
+    (["--quantizer", "spqr", "--act-bits", "8"], "--quantizer spqr is weight-only"),
+    (["--act-bits", "none", "--lowrank", "lrc"], "--lowrank lrc corrects the error of quantized activations"),
+    (["--bits", "4", "--smooth-alpha", "0.5"], "--smooth-alpha moves activation outliers"),
+])
+def test_flags_that_cannot_combine_are_one_line_exit_2(flags, message, tiny_model_dir, tmp_path, capsys):
+    rc, out, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST, *flags], capsys)
+    assert rc == 2 and message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "ckpt").exists()
 
 
 def _unsupported_model(tmp_path):
@@ -93,8 +141,8 @@ W8A8_FLAG_CASES = {
     "act_bits_4": ["--act-bits", "4"],
     "act_bits_int4_weights": ["--act-bits", "8", "--bits", "4"],
     "act_bits_group_scales": ["--act-bits", "8", "--group-size", "128"],
-    "lrc_without_act_bits": ["--lowrank", "lrc"],
-    "smooth_without_act_bits": ["--smooth-alpha", "0.5"],
+    "lrc_without_act_bits": ["--act-bits", "none", "--lowrank", "lrc"],
+    "smooth_without_act_bits": ["--act-bits", "none", "--smooth-alpha", "0.5"],
     "act_bits_paper_preset": ["--preset", "slim-paper", "--act-bits", "8"],
     "smooth_out_of_range": ["--act-bits", "8", "--smooth-alpha", "1.5"],
 }
@@ -176,26 +224,28 @@ def test_max_bits_lowers_the_ranks_and_says_so(tiny_model_dir, tmp_path, capsys)
     assert manifest["method"]["max_bits"] == 4.0
     assert manifest["summary"]["bits_per_param_with_adapters"] <= 4.0
     assert manifest["summary"]["rank_ratio"] < 0.23 and "to fit --max-bits 4" in err
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "free", *FAST, "--max-bits", "none"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "free", *FAST, "--preset", "int4-dense",
+                      "--max-bits", "none"], capsys)
     assert rc == 0, err
     free = json.loads((tmp_path / "free" / "slim_manifest.json").read_text())
     assert free["method"]["max_bits"] is None and free["summary"]["rank_ratio"] == 0.23
 
 
-def test_the_defaults_on_a_toy_model_keep_no_adapters_and_say_so(tiny_model_dir, tmp_path, capsys):
+def test_int4_dense_on_a_toy_model_keeps_no_adapters_and_says_so(tiny_model_dir, tmp_path, capsys):
     # 64-wide layers: rank 1 over the dense INT4 base is already past 4.5 bits/param, so no adapters (and a line
     # saying so); the base alone over the budget stays an error (exit 2, nothing written).
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST], capsys)
+    INT4 = ["--preset", "int4-dense"]
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST, *INT4], capsys)
     assert rc == 0, err
     s = json.loads((tmp_path / "ckpt" / "slim_manifest.json").read_text())["summary"]
     assert s["rank_ratio"] == 0 and s["bits_per_param_with_adapters"] == s["bits_per_param"] <= 4.5
     assert "no adapters: even rank 1 would take these layers past --max-bits 4.5" in err
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "over", *FAST, "--max-bits", "4.0"], capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "over", *FAST, *INT4, "--max-bits", "4.0"], capsys)
     assert rc == 2 and "--max-bits 4 cannot be met" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "over").exists()
     # sensitivity ranks share out a budget of zero: nothing to allocate, the same no-adapter model
-    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "sens", *FAST, "--rank-allocation", "sensitivity"],
-                     capsys)
+    rc, _, err = run(["compress", tiny_model_dir, "-o", tmp_path / "sens", *FAST, *INT4, "--rank-allocation",
+                      "sensitivity"], capsys)
     assert rc == 0, err
     assert json.loads((tmp_path / "sens" / "slim_manifest.json").read_text())["summary"]["rank_ratio"] == 0
     # LRC without adapters would leave the activation error uncorrected: refused, one line

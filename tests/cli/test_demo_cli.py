@@ -12,11 +12,16 @@ def test_demo_runs_compress_export_verify(tiny_model_dir, tmp_path, capsys):
     assert rc == 0, text
     result = json.loads((out / "demo.json").read_text())
     assert result["perplexity_compressed"] > 1 and result["perplexity_dense"] > 1
-    # the export defaults (an int8 head, int8 activations in MatMulNBits), verified with the limits for that rounding
-    assert result["verify"]["ok"] and result["verify"]["settings"]["int8_activations"]
-    assert result["verify"]["metrics"]["top1"] > 0.9
+    # the recipe is the compress defaults, named, described from the config and explained
+    recipe = result["recipe"]
+    assert recipe["preset"] == "trt-int8-sparse" and recipe["default"] is True
+    assert recipe["config"]["act_bits"] == 8 and recipe["config"]["sparsity"] == "2:4"
+    assert "SparseGPT 2:4, INT8" in recipe["description"] and "since Ampere" in recipe["why"]
+    assert result["verify"]["ok"]
     assert (out / "ckpt" / "slim_manifest.json").exists() and (out / "export" / "model.onnx").exists()
     assert "dense perplexity" in text
+    # every compressed GEMM (14) is eligible for sparse INT8 math on the default target
+    assert result["sparse"]["ok"] and result["sparse"]["eligible"] == 14
 
 
 def test_demo_lints_what_it_exported(tiny_model_dir, tmp_path, capsys):
@@ -26,8 +31,30 @@ def test_demo_lints_what_it_exported(tiny_model_dir, tmp_path, capsys):
     assert rc == 0
     lint = json.loads((out / "demo.json").read_text())["lint"]
     assert lint["ok"] and lint["target"] == "jetson-orin-jp6" and lint["summary"]["errors"] == 0
-    assert lint["summary"]["gemm_layers_2to4"] == 0 and lint["summary"]["gemm_layers"] >= 14  # the defaults are dense
-    assert "jetson-orin-jp6" in capsys.readouterr().err
+    assert lint["summary"]["gemm_layers_2to4"] == 14  # the defaults are 2:4 along K
+    assert lint["summary"]["sparse_tensor_cores"]["math"]["int8"] == 14  # ... and INT8 x INT8 on Jetson Orin
+    err = capsys.readouterr().err
+    assert "jetson-orin-jp6" in err and "sparse math on jetson-orin-jp6 (jetson-orin): 14 of" in err
+
+
+def test_demo_fails_when_no_gemm_can_run_sparse(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    import slim_trt.linter as linter
+
+    real = linter.lint
+
+    def dense_only(path, target="trt10", **kw):  # what an export without one sparse-eligible GEMM reports
+        rep = real(path, target=target, **kw)
+        rep.summary["sparse_tensor_cores"].update(eligible=0, flop_fraction_eligible=0.0)
+        return rep
+
+    monkeypatch.setattr(linter, "lint", dense_only)
+    out = tmp_path / "demo"
+    rc = main(["demo", "--model", str(tiny_model_dir), "--out", str(out), "--nsamples", "4", "--seqlen", "32",
+               "--eval-windows", "2"])
+    _, err = capsys.readouterr()
+    assert rc == 1 and "FAILED: sparse" in err and "none can run on sparse tensor cores" in err
+    sparse = json.loads((out / "demo.json").read_text())["sparse"]
+    assert (sparse["ok"], sparse["eligible"], sparse["flop_fraction_eligible"]) == (False, 0, 0.0)
 
 
 def test_demo_fails_loudly_when_lint_fails(tiny_model_dir, tmp_path, capsys, monkeypatch):

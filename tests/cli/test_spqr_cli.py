@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slim_trt.config import CompressConfig
+from slim_trt.config import PRESETS, CompressConfig
 from slim_trt.errors import SlimError
 from tests.conftest import run_cli as run
 
@@ -31,13 +31,16 @@ def test_bad_spqr_input_exits_2_with_one_line(flags, needle, tiny_model_dir, tmp
     assert "Traceback" not in err and not out.exists() and not (tmp_path / "out.partial").exists()
 
 
+INT4 = PRESETS["int4-dense"]  # the weight-only recipe these configs change (the defaults of issues 14-22)
+
+
 def test_bits_3_needs_a_sweep_that_rounds_zero_points():
     # 3-bit codes need zero points, which only the GPTQ / SparseGPT sweeps (and SpQR's own) round.
     with pytest.raises(SlimError, match="does not run"):
-        CompressConfig(bits=3, quantizer="absmax", sparsity="none", lowrank="none")
-    assert CompressConfig(bits=3, quantizer="spqr", group_size=16).zero_points is False  # SpQR's own grid
+        CompressConfig(**{**INT4, **dict(bits=3, quantizer="absmax", sparsity="none", lowrank="none")})
+    assert CompressConfig(**{**INT4, **dict(bits=3, quantizer="spqr", group_size=16)}).zero_points is False  # own
     with pytest.raises(SlimError, match="own zero points"):
-        CompressConfig(bits=3, quantizer="spqr", group_size=16, bit_allocation="slim-llm")
+        CompressConfig(**{**INT4, **dict(bits=3, quantizer="spqr", group_size=16, bit_allocation="slim-llm")})
 
 
 def test_spqr_defaults_to_groups_of_16_on_the_cli(tiny_model_dir, tmp_path, capsys):

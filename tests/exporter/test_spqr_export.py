@@ -11,7 +11,7 @@ from onnx import TensorProto
 
 from slim_trt.algorithms.spqr import spqr_quantize
 from slim_trt.compressor import compress
-from slim_trt.config import CompressConfig
+from slim_trt.config import PRESETS, CompressConfig
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.exporter.graph import GraphBuilder
 from slim_trt.exporter.linear import dequantized, emit_outliers
@@ -54,8 +54,9 @@ def test_every_outlier_form_computes_base_plus_outliers(form):
 @pytest.fixture(scope="module")
 def spqr_24_model():
     model = tiny_model("llama")
-    cfg = CompressConfig(quantizer="spqr", bits=4, group_size=16, sparsity="2:4", lowrank="hessian", rank_ratio=0.1,
-                         refit_rounds=0, max_bits=None)
+    cfg = CompressConfig(**{**PRESETS["int4-dense"], **dict(quantizer="spqr", bits=4, group_size=16, sparsity="2:4",
+                                                           lowrank="hessian", rank_ratio=0.1, refit_rounds=0,
+                                                           max_bits=None)})
     compress(model, cfg, calib_windows(n=4, seqlen=32), progress=False)
     return model
 

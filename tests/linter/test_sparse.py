@@ -32,19 +32,19 @@ def weight_2to4(k: int, n: int, seed: int = 0, dense: bool = False) -> np.ndarra
 
 
 def gemm_model(k: int, n: int, *, weight: str, act: str = "float", compute: str = "fp16", dense: bool = False,
-               second_input: bool = False):
+               second_input: bool = False, out: str = "float", bias: bool = False, float_use: bool = False):
     """One MatMul(x, W): weight "int4"/"int8" (behind DequantizeLinear), "fp8" (float8 behind DQ), or "float"
     (an initializer in the compute dtype); act "float" or an "int8"/"fp8" Q/DQ pair on the input."""
     ft = FLOAT[compute]
     x = helper.make_tensor_value_info("x", ft, ["batch", k])
-    out = helper.make_tensor_value_info("logits", ft, ["batch", n])
+    out_info = helper.make_tensor_value_info("logits", ft, ["batch", n])
     scale = helper.make_tensor("s", ft, [], [0.05])
     inits, nodes = [scale], []
     w = weight_2to4(k, n, dense=dense)
     if second_input:
         inputs = [x, helper.make_tensor_value_info("w", ft, [k, n])]
         nodes.append(helper.make_node("MatMul", ["x", "w"], ["logits"], name="mm"))
-        return helper.make_model(helper.make_graph(nodes, "g", inputs, [out], inits),
+        return helper.make_model(helper.make_graph(nodes, "g", inputs, [out_info], inits),
                                  opset_imports=[helper.make_opsetid("", 21)])
     if weight in ("int4", "int8"):
         inits.append(int_tensor("w", w.astype(np.int8), int(weight[3:])))
@@ -66,8 +66,24 @@ def gemm_model(k: int, n: int, *, weight: str, act: str = "float", compute: str 
         nodes += [helper.make_node("QuantizeLinear", ["x", "s", "zp"], ["xq"], name="q_x"),
                   helper.make_node("DequantizeLinear", ["xq", "s", "zp"], ["xd"], name="dq_x")]
         xname = "xd"
-    nodes.append(helper.make_node("MatMul", [xname, wname], ["logits"], name="mm"))
-    return helper.make_model(helper.make_graph(nodes, "g", [x], [out], inits),
+    # out "int8": the result (after an optional constant bias Add) goes through an INT8 Q/DQ pair (an output
+    # quantizer); float_use adds a second, float consumer of the GEMM's result beside it.
+    y = "y" if out == "int8" or bias else "logits"
+    nodes.append(helper.make_node("MatMul", [xname, wname], [y], name="mm"))
+    outputs = [out_info]
+    if bias:
+        inits.append(helper.make_tensor("b", ft, [n], np.zeros(n).astype(np.float32) if compute != "fp16"
+                                        else np.zeros(n, np.float16).view(np.uint16)))
+        nodes.append(helper.make_node("Add", [y, "b"], ["yb" if out == "int8" else "logits"], name="bias"))
+        y = "yb"
+    if out == "int8":
+        inits.append(helper.make_tensor("zo", TensorProto.INT8, [], [0]))
+        nodes += [helper.make_node("QuantizeLinear", [y, "s", "zo"], ["yq"], name="q_y"),
+                  helper.make_node("DequantizeLinear", ["yq", "s", "zo"], ["logits"], name="dq_y")]
+    if float_use:
+        nodes.append(helper.make_node("Relu", [y], ["side"], name="side"))
+        outputs.append(helper.make_tensor_value_info("side", ft, ["batch", n]))
+    return helper.make_model(helper.make_graph(nodes, "g", [x], outputs, inits),
                              opset_imports=[helper.make_opsetid("", 21)])
 
 
@@ -95,6 +111,27 @@ def test_one_gemm_per_rule(kw, target, cls, math, reason):
     assert (layer.sparse_class, layer.sparse_math, layer.sparse_eligible) == (cls, math, cls == "eligible")
     assert reason in layer.sparse_reason
     assert "narrower" not in layer.sparse_reason  # 256 x 512 is not below the size hint
+
+
+@pytest.mark.parametrize("kw,form,expect", [
+    (dict(), "int8-in/float-out", "allowed-but-unlikely"),  # dequantized to float: the dense-favourable epilogue
+    (dict(out="int8"), "int8-in/int8-out", "sparse-tactics-available"),  # an INT8 output quantizer
+    (dict(out="int8", bias=True), "int8-in/int8-out", "sparse-tactics-available"),  # the bias fuses first
+    (dict(bias=True), "int8-in/float-out", "allowed-but-unlikely"),
+    (dict(out="int8", float_use=True), "int8-in/float-out", "allowed-but-unlikely"),  # a float reader too
+])
+def test_an_int8_gemm_has_a_form_and_an_expectation(kw, form, expect):
+    r = lint(gemm_model(256, 512, weight="int8", act="int8", **kw), target="jetson-orin")
+    layer = only_layer(r)
+    assert (layer.sparse_class, layer.sparse_form, layer.sparse_expect) == ("eligible", form, expect)
+    assert layer.output == ("int8" if expect == "sparse-tactics-available" else "float16")
+    assert form in layer.sparse_reason
+    s = r.summary["sparse_tensor_cores"]
+    assert s["forms"] == {form: 1}
+    assert (s["sparse_tactics_available"], s["allowed_but_unlikely"]) == \
+        ((1, 0) if expect == "sparse-tactics-available" else (0, 1))
+    assert ("expect dense" in s["line"]) == (expect == "allowed-but-unlikely")
+    assert f"INT8 {form}" in format_report(r)
 
 
 def test_shape_rules_and_the_size_hint():
@@ -163,12 +200,18 @@ def test_w8a8_export_is_eligible_for_sparse_int8(exports):
     assert len(base) == 14 and all(x.activation == "int8" and x.sparse_math == "int8" for x in base)
     assert (s["eligible"], s["math"]["int8"], s["eligible_narrow"]) == (14, 14, 14)  # tiny model: all < 256
     assert s["flop_fraction_eligible"] == pytest.approx(sum(x.flops for x in base) / sum(x.flops for x in r.layers))
+    # the export quantizes GEMM inputs only: every base GEMM's result is read in float (adapter add, residual, SiLU)
+    assert all(x.output == "float16" and x.sparse_form == "int8-in/float-out" for x in base)
+    assert (s["forms"], s["sparse_tactics_available"], s["allowed_but_unlikely"]) == \
+        ({"int8-in/float-out": 14}, 0, 14)
     assert s["line"].startswith("sparse tensor cores (jetson-orin): 14 of 14 2:4 GEMMs eligible; 14 of the eligible "
-                                "are narrower than 256 and likely to run dense; 75.0%")
+                                "are narrower than 256 and likely to run dense; 14 of the eligible are "
+                                "int8-in/float-out (allowed, but TensorRT picks sparse INT8 tactics for INT8-out "
+                                "GEMMs: expect dense); 75.0%")
     text = format_report(r)
     assert s["line"] in text and "model.layers.0.mlp.up_proj/MatMul" in text
     row = next(line for line in text.splitlines() if line.startswith("model.layers.0.mlp.up_proj/MatMul "))
-    assert row.split()[-1] == "INT8" and row.split()[3:5] == ["int8", "int8"]
+    assert row.split()[-2:] == ["INT8", "int8-in/float-out"] and row.split()[3:5] == ["int8", "int8"]
 
 
 def test_lint_json_carries_the_prediction(exports, tmp_path, capsys):
@@ -180,6 +223,8 @@ def test_lint_json_carries_the_prediction(exports, tmp_path, capsys):
     assert data["summary"]["sparse_tensor_cores"]["eligible"] == 14
     row = next(x for x in data["layers"] if x["name"] == "model.layers.0.self_attn.q_proj/MatMul")
     assert (row["sparse_eligible"], row["sparse_class"], row["sparse_math"]) == (True, "eligible", "int8")
+    assert (row["output"], row["sparse_form"], row["sparse_expect"]) == \
+        ("float16", "int8-in/float-out", "allowed-but-unlikely")
 
 
 def test_ort_only_contrib_op_is_named():
