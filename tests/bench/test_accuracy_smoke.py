@@ -245,7 +245,7 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
     # the report prints the dense INT4 reference beside best_one_shot
     md = (bench.BENCH / "results" / "accuracy_gemma3-270m.md").read_text()
-    assert f"best_one_shot: row {by_number[31].key}, perplexity 56.51 (x1.298 dense)" in md
+    assert f"best_one_shot: row {by_number[64].key}, perplexity 56.04 (x1.287 dense)" in md
     assert "beside it, the dense INT4 reference" in md and f"row {by_number[42].key}, perplexity 49.80" in md
 
 
@@ -253,10 +253,11 @@ def test_the_w8a8_preset_is_the_smoothed_lrc_row():
     from slim_trt.config import PRESETS, CompressConfig
 
     by_number = {r.number: r for r in bench.ROWS}
-    assert CompressConfig(**by_number[31].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
-    # row 30 is the same recipe without SmoothQuant
-    assert CompressConfig(**by_number[30].compress) == \
-        CompressConfig(**{**PRESETS["trt-int8-sparse"], "smooth_alpha": None})
+    # row 64 is the preset; row 31 the same with the first mask kept, row 30 that without SmoothQuant
+    assert CompressConfig(**by_number[64].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
+    kept = {**PRESETS["trt-int8-sparse"], "refit_mask": "keep"}
+    assert CompressConfig(**by_number[31].compress) == CompressConfig(**kept)
+    assert CompressConfig(**by_number[30].compress) == CompressConfig(**{**kept, "smooth_alpha": None})
 
 
 def test_w8a8_rows_record_activation_scales_and_the_analysis(smoke_run, tmp_path):
@@ -302,10 +303,12 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
     from slim_trt.config import CompressConfig
 
     by_number = {r.number: r for r in bench.ROWS}
-    for flags, number in (([], 31), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 24),
-                          (["--bits", "4"], 24), (["--preset", "int4-dense", "--quantizer", "spqr", "--bits", "3"], 47),
-                          (["--preset", "trt-int8-sparse"], 31), (["--smooth-alpha", "none"], 30),
-                          (["--act-bits", "none"], 27),
+    keep = ["--refit-mask", "keep"]  # the rows measured before issue 23's mask reselection
+    for flags, number in (([], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 63),
+                          (["--bits", "4"], 63), (["--preset", "slim-2to4", *keep], 24),
+                          (["--preset", "int4-dense", "--quantizer", "spqr", "--bits", "3"], 47),
+                          (["--preset", "trt-int8-sparse"], 64), ([*keep], 31), (["--smooth-alpha", "none", *keep], 30),
+                          (["--act-bits", "none", *keep], 27),
                           (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1"], 59),
                           (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1", "--lowrank", "none"],
                            38)):
