@@ -381,7 +381,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     """
     from .calibration.data import calibration_windows, load_text
     from .models import check_seqlen, load_model
-    from .outputs import check_output
+    from .outputs import check_outputs
 
     config = config or CompressConfig()
     calib = calib or CalibConfig()
@@ -389,9 +389,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     partial = out.with_name(out.name + ".partial")
     # Everything that can be checked is checked before the compression starts, not after it.
     device = resolve_device(device)
-    if out.exists() and out.is_dir() and not force:
-        raise SlimError(f"output {out} already exists: pass --force to replace it, or choose another -o")
-    check_output(out, force)
+    check_outputs(folders={"-o": out}, inputs=[source, calib.source], force=force)
     if partial.exists() and not partial.is_dir():
         raise SlimError(f"{partial} (where compress keeps finished blocks) is a file: remove it or choose another -o")
     text = load_text(calib.source)
@@ -402,8 +400,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
         baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from
         streamed.check()
     else:
-        model, tok = load_model(source, trust_remote_code=trust_remote_code)
-        check_finite(model)
+        model, tok = load_model(source, trust_remote_code=trust_remote_code)  # the source gate, NaN/Inf included
         if whole_why:
             from .streaming import note
             note(whole_why, True)

@@ -219,6 +219,9 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
                             **({} if ort_accuracy_level is None else {"ort_accuracy_level": ort_accuracy_level}))
     ckpt = Path(source)
     from ..checkpoint import load, looks_like_checkpoint, read_manifest
+    from ..outputs import check_outputs
+
+    check_outputs(folders={"-o": out_dir}, inputs=[source], force=force)
 
     if (ckpt / "slim_manifest.json").is_file() or looks_like_checkpoint(ckpt):
         read_manifest(ckpt)  # a folder without its manifest, an edited manifest: one line before anything else
