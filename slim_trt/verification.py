@@ -232,9 +232,10 @@ def read_sidecar(onnx_path: Path) -> dict | None:
 def _check_onnx_path(onnx_path: str | Path) -> Path:
     import onnx
 
+    from .triton.export_info import check_onnx_file
+
     path = Path(onnx_path)
-    if not path.is_file():
-        raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
+    check_onnx_file(path)  # the export gate (as generate and deploy), or a parse check without a sidecar
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
@@ -421,10 +422,11 @@ def _reference_model(path: Path, reference: str | Path, meta: dict, ignore_manif
                             "`slim-trt compress`")
     from .checkpoint import read_manifest
 
-    read_manifest(ckpt)  # not a checkpoint, no manifest, an edited manifest: one line before anything else
+    manifest = read_manifest(ckpt)  # not a checkpoint, no manifest, an edited manifest: one line first
     expected = (meta.get("checkpoint") or {}).get("manifest_sha256")
-    actual = hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
-    if expected and expected != actual and not ignore_manifest:
+    actual = manifest["content_sha256"]  # what exports record; older ones recorded the file's bytes
+    same = expected in (actual, hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest())
+    if expected and not same and not ignore_manifest:
         raise SlimError(f"{path} was exported from another checkpoint (manifest sha256 {expected[:12]}..., "
                         f"{ckpt} has {actual[:12]}...): pass the checkpoint it was exported from, or "
                         f"--ignore-manifest")
