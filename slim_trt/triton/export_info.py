@@ -103,6 +103,8 @@ def check_onnx_file(onnx_path: str | Path) -> ExportInfo | None:
     if not path.is_file():
         raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
     sidecar = path.parent / MANIFEST
+    if sidecar.exists() and not sidecar.is_file():
+        return read_export(path.parent)  # names it: not a file
     if sidecar.exists():
         raw = read_json(sidecar, "re-run `slim-trt export`")
         if isinstance(raw, dict) and raw.get("model_file") == path.name:
