@@ -284,6 +284,18 @@ def model_folder(ref: str) -> Path | str:
     return ref
 
 
+def load_source_tokenizer(folder, trust_remote_code: bool = False):
+    """The tokenizer of a local model folder; one whole line naming the folder when it has none or a broken one
+    (transformers' own message runs over several lines)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, JSON and tokenizers errors on missing or damaged files
+        raise SlimError(f"{folder} has no usable tokenizer ({type(e).__name__}): copy the model's tokenizer files "
+                        f"(tokenizer.json, tokenizer_config.json, ...) into the folder") from None
+
+
 def load_model(ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Return (model in eval mode, tokenizer) for MODEL. Hub ids fail with a clear message when offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -299,7 +311,10 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_cod
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            use_safetensors=True, output_loading_info=True,
                                                            ignore_mismatched_sizes=True)
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tok = load_source_tokenizer(folder, trust_remote_code) if not hub else \
+            AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except SlimError:
+        raise
     except (OSError, ValueError, SafetensorError) as e:
         if hub:
             raise SlimError(f"could not download {ref!r} from the Hugging Face hub (it is unreachable from this "

@@ -278,7 +278,7 @@ def open_streamed(folder: Path, *, trust_remote_code: bool = False) -> tuple[Str
 
     from .calibration.families import decoder_blocks
     from .calibration.runner import _blocks_prefix
-    from .models import check_source_weights, check_weight_files
+    from .models import check_source_weights, check_weight_files, load_source_tokenizer
 
     folder = Path(folder)
     check_weight_files(folder)
@@ -286,7 +286,9 @@ def open_streamed(folder: Path, *, trust_remote_code: bool = False) -> tuple[Str
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_source_tokenizer(folder, trust_remote_code)
+    except SlimError:
+        raise
     except (OSError, ValueError) as e:
         raise SlimError(f"could not load the model in {folder}: {str(e).splitlines()[0]}")
     # from_config leaves tied weights (tie_word_embeddings) as two tensors until from_pretrained would tie them

@@ -229,6 +229,16 @@ def read_sidecar(onnx_path: Path) -> dict | None:
     return meta if meta.get("model_file") == onnx_path.name else None
 
 
+def _graph_dtype(path: Path) -> str:
+    """fp16, bf16 or fp32: the element type of the graph's logits output (the first output)."""
+    import onnx
+
+    outputs = onnx.load(str(path), load_external_data=False).graph.output
+    logits = next((o for o in outputs if o.name == "logits"), outputs[0] if outputs else None)
+    elem = logits.type.tensor_type.elem_type if logits is not None else onnx.TensorProto.FLOAT
+    return {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(elem, "fp32")
+
+
 def _check_onnx_path(onnx_path: str | Path) -> Path:
     import onnx
 
@@ -348,7 +358,9 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         with torch.no_grad():
             ppl_unquantized_head = _perplexity(model(input_ids=ids, use_cache=False).logits.float(), ids)
         apply_head_quantization(model, head)
-    dtype = meta.get("dtype", "fp32")
+    # Without its sidecar the export's precision is read from the graph (its logits' type): an fp16 export is
+    # held to the fp16 limits, not failed against the fp32 ones.
+    dtype = meta.get("dtype") or _graph_dtype(path)
     th = Thresholds.for_export(dtype, meta).replace(**(thresholds or {}))
     w8a8 = ref = None
     from .verify_w8a8 import act_scales

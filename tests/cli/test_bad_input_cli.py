@@ -252,3 +252,16 @@ def test_ctrl_c_while_the_parser_imports_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted_import)
     rc, out, err = run(["compress", "x"], capsys)
     assert rc == 130 and err == "slim-trt compress: interrupted\n"
+
+
+def test_a_source_without_a_tokenizer_is_one_whole_line(source, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(source, model)
+    for f in model.glob("tokenizer*"):
+        f.unlink()
+    (model / "special_tokens_map.json").unlink(missing_ok=True)
+    for extra in ([], ["--no-stream"]):
+        rc, _, err = run(["compress", model, "-o", tmp_path / "out", *FAST, *extra], capsys)
+        assert rc == 2 and one_error_line(err, "compress").endswith(
+            "has no usable tokenizer (ValueError): copy the model's tokenizer files (tokenizer.json, "
+            "tokenizer_config.json, ...) into the folder"), err
