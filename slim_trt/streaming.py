@@ -274,7 +274,7 @@ def open_streamed(folder: Path, *, trust_remote_code: bool = False) -> tuple[Str
     """The model in `folder` on the meta device with its tensors' locations, or (None, why not) when it cannot
     be streamed (then compress loads it whole)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from .calibration.families import decoder_blocks
     from .calibration.runner import _blocks_prefix

@@ -57,9 +57,10 @@ def read_export(folder: str | Path) -> ExportInfo:
     manifest = folder / MANIFEST
     if not folder.is_dir():
         raise SlimError(f"export folder {folder} does not exist: pass the folder written by `slim-trt export`")
+    if manifest.exists() and not manifest.is_file():
+        raise SlimError(f"{manifest} is not a file: pass the folder written by `slim-trt export`")
     if not manifest.is_file():
-        what = "is not a file" if manifest.exists() else "is missing"
-        raise SlimError(f"{manifest} {what}: pass the folder written by `slim-trt export`")
+        raise SlimError(f"{folder} has no {MANIFEST}: pass the folder written by `slim-trt export`")
     raw = read_json(manifest, "re-run `slim-trt export`")
     if not isinstance(raw, dict):
         raise SlimError(f"{manifest} is not a JSON object: re-run `slim-trt export`")

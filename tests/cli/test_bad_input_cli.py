@@ -265,3 +265,11 @@ def test_a_source_without_a_tokenizer_is_one_whole_line(source, tmp_path, capsys
         assert rc == 2 and one_error_line(err, "compress").endswith(
             "has no usable tokenizer (ValueError): copy the model's tokenizer files (tokenizer.json, "
             "tokenizer_config.json, ...) into the folder"), err
+
+
+def test_build_refuses_to_write_the_engine_over_its_model(tmp_path, capsys):
+    export = build_toy_export(tmp_path / "export")
+    before = (export / "model.onnx").read_bytes()
+    rc, _, err = run(["build", export / "model.onnx", "-o", export / "model.onnx", "--force"], capsys)
+    assert rc == 2 and "is the input" in one_error_line(err, "build")
+    assert (export / "model.onnx").read_bytes() == before
