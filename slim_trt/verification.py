@@ -239,13 +239,18 @@ def _graph_dtype(path: Path) -> str:
     return {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(elem, "fp32")
 
 
-def _check_onnx_path(onnx_path: str | Path) -> Path:
+def _check_onnx_path(onnx_path: str | Path, export_gate: bool = False) -> Path:
+    """export_gate: the user's export gets the gate generate and deploy use (verify's entry); verify_model also
+    runs on verify's own stripped copies in a temporary folder, which hold no tokenizer."""
     import onnx
 
     from .triton.export_info import check_onnx_file
 
     path = Path(onnx_path)
-    check_onnx_file(path)  # the export gate (as generate and deploy), or a parse check without a sidecar
+    if export_gate:
+        check_onnx_file(path)  # the export gate (as generate and deploy), or a parse check without a sidecar
+    if not path.is_file():
+        raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends
@@ -341,7 +346,7 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
     """
     from .calibration.data import SHIPPED_EVAL, eval_windows, load_text
 
-    path = _check_onnx_path(onnx_path)
+    path = _check_onnx_path(onnx_path, export_gate=True)
     if decode_steps < 0 or windows < 1 or seqlen < 2:
         raise SlimError("--windows must be >= 1, --seqlen >= 2 and --decode-steps >= 0")
     meta = read_sidecar(path) or {}
