@@ -85,11 +85,9 @@ def check_outputs(*, folders: Mapping[str, object] | None = None, files: Mapping
     output (one would overwrite the other)."""
     folders = {flag: p for flag, p in (folders or {}).items() if p is not None}
     files = {flag: p for flag, p in (files or {}).items() if p is not None and os.fspath(p) != "-"}
-    for flag, p in folders.items():
-        check_output(p, force, flag)
-    for flag, p in files.items():
-        check_output_file(p, flag)
-    outputs = [(flag, Path(p).resolve()) for flag, p in {**folders, **files}.items()]
+    # The most specific refusal first: a path without a name, then an output onto an input (even where it
+    # "already exists" too), then whether each can be written.
+    outputs = [(flag, _named(p, flag).resolve()) for flag, p in {**folders, **files}.items()]
     for p in inputs:
         if p is None or not Path(p).exists():
             continue
@@ -104,6 +102,10 @@ def check_outputs(*, folders: Mapping[str, object] | None = None, files: Mapping
             if _inside(out, other) or _inside(other, out):
                 raise SlimError(f"{flag} {out} and {other_flag} {other} overlap: one would overwrite the other; "
                                 f"give them separate paths")
+    for flag, p in folders.items():
+        check_output(p, force, flag)
+    for flag, p in files.items():
+        check_output_file(p, flag)
 
 
 def prepare_output(path: Path, force: bool) -> Path:

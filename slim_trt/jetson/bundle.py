@@ -146,8 +146,8 @@ def bundle_jetson(export_dir: str | Path, out: str | Path, config: JetsonConfig 
     from ..triton.export_info import read_export
 
     config = config or JetsonConfig()
+    info = read_export(export_dir)  # an input that is no export at all is named first
     check_outputs(folders={"-o": out}, inputs=[export_dir], force=config.overwrite)
-    info = read_export(export_dir)
     meta, onnx = info.raw, info.model_path
     profile = _jetson_profile(config.target)
     warnings = feature_warnings(meta, profile, sparsity=True)
