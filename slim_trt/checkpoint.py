@@ -331,14 +331,21 @@ def read_manifest(path: str | Path) -> dict:
             raise SlimError(f"{path} holds slim-trt files ({LAYERS_FILE}) but no {MANIFEST}: the checkpoint is "
                             f"incomplete or damaged and cannot be verified; re-run compress")
         raise SlimError(f"{path} is not a slim-trt checkpoint (no {MANIFEST}): run `slim-trt compress` first")
+    if not mf.is_file():
+        raise SlimError(f"{mf} is not a file (a folder or a special file): the checkpoint is damaged; re-run compress")
     try:
         manifest = json.loads(mf.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SlimError(f"{mf} is not valid JSON ({e}): the checkpoint is corrupt; re-run compress")
+    except OSError as e:
+        raise SlimError(f"cannot read {mf} ({e.strerror}): check its permissions, or re-run compress") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise SlimError(f"{mf} is not a slim-trt manifest")
     schema = manifest.get("schema_version")
-    if not isinstance(schema, int) or schema > SCHEMA_VERSION:
+    if not isinstance(schema, int) or isinstance(schema, bool):
+        raise SlimError(f"{mf} has schema_version {schema!r}, which is not a whole number: the manifest is damaged "
+                        f"or was edited; re-run compress")
+    if schema > SCHEMA_VERSION:
         raise SlimError(f"{path} was written by a newer slim-trt (schema {schema}): upgrade slim-trt")
     if schema < SCHEMA_VERSION:
         raise SlimError(f"{path} was written by an older slim-trt (checkpoint schema {schema}) whose checksums do "
@@ -363,8 +370,12 @@ def verify_checkpoint(path: str | Path) -> dict:
     if not isinstance(files, dict) or not {CONFIG_FILE, DENSE_FILE, LAYERS_FILE} <= set(files):
         raise SlimError(f"{path / MANIFEST} does not list the checkpoint's files: the checkpoint is corrupt; "
                         f"re-run compress")
+    root = path.resolve()
     for f, sha in files.items():
         p = path / f
+        if Path(f).is_absolute() or ".." in Path(f).parts or not p.resolve().is_relative_to(root):
+            raise SlimError(f"{path / MANIFEST} lists {f!r}, which is outside the checkpoint folder: the manifest "
+                            f"was edited; re-run compress")
         if not p.is_file():
             raise SlimError(f"checkpoint file {p} is missing: the checkpoint is incomplete; re-run compress")
         if file_sha256(p) != sha:

@@ -401,9 +401,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     finetune: a slim_trt.finetune.FinetuneConfig to fine-tune the adapters on the calibration windows right
     after compression, before saving (resumable too, from OUT.partial/finetune).
     """
-    from .calibration.data import calibration_windows, load_text
-    from .models import check_seqlen, load_model
-    from .outputs import check_output
+    from .calibration.resume import PartialLock
+    from .outputs import check_outputs
 
     config = config or CompressConfig()
     calib = calib or CalibConfig()
@@ -411,11 +410,29 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     partial = out.with_name(out.name + ".partial")
     # Everything that can be checked is checked before the compression starts, not after it.
     device = resolve_device(device)
-    if out.exists() and out.is_dir() and not force:
-        raise SlimError(f"output {out} already exists: pass --force to replace it, or choose another -o")
-    check_output(out, force)
-    if partial.exists() and not partial.is_dir():
-        raise SlimError(f"{partial} (where compress keeps finished blocks) is a file: remove it or choose another -o")
+    check_outputs(folders={"-o": out}, inputs=[source, calib.source], force=force)
+    lock = PartialLock(partial)  # one run per output: a second one is refused here, before any work
+    try:
+        return _compress_locked(source, out, partial, config, calib, force=force, progress=progress,
+                                trust_remote_code=trust_remote_code, finetune=finetune, device=device, stream=stream)
+    except SlimError:
+        # A user error will not go away on a re-run, so there is nothing worth resuming.
+        if lock.created:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        lock.release()
+
+
+def _compress_locked(source: str, out: Path, partial: Path, config: CompressConfig, calib: CalibConfig, *,
+                     force: bool, progress: bool, trust_remote_code: bool, finetune, device,
+                     stream: bool) -> tuple[Path, CompressReport]:
+    """compress_model's work, with OUT.partial locked for this run."""
+    from .calibration.data import calibration_windows, load_text
+    from .calibration.families import decoder_blocks
+    from .calibration.resume import check_partial_state
+    from .models import check_seqlen, load_model
+
     text = load_text(calib.source)
     streamed, whole_why = (_open_streamed(source, trust_remote_code, progress) if stream and finetune is None
                            else (None, None))
@@ -424,8 +441,7 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
         baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from
         streamed.check()
     else:
-        model, tok = load_model(source, trust_remote_code=trust_remote_code)
-        check_finite(model)
+        model, tok = load_model(source, trust_remote_code=trust_remote_code)  # the source gate, NaN/Inf included
         if whole_why:
             from .streaming import note
             note(whole_why, True)
@@ -433,35 +449,18 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     _check_divisible(model, config)
     # Distillation needs the dense model after compression has replaced the layers in place.
     teacher = copy.deepcopy(model) if finetune is not None and finetune.loss == "kd" else None
-    windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed)
+    # The layer-wise runner holds a block's inputs, dense outputs and new outputs in float32 (3 A in
+    # streaming.host_peak_bound): 12 bytes per calibration token and hidden unit, checked before they exist.
+    hidden = int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
+    windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed, bytes_per_token=12 * hidden)
     if streamed is not None:  # the memory bound's parts, predicted before the compression starts
         memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config))
     fp = _fingerprint(source, config, windows)
-    state_f = partial / "state.json"
-    if partial.exists():
-        try:
-            state = json.loads(state_f.read_text()) if state_f.exists() else {}
-        except (ValueError, UnicodeDecodeError):
-            state = {}
-        if not isinstance(state, dict) or state.get("fingerprint") != fp:
-            raise SlimError(f"{partial} holds an interrupted run with a different model, config or calibration "
-                            f"data (or its state.json is damaged): re-run that exact command to resume it, or "
-                            f"delete {partial} to start over")
-        if progress:
-            print(f"resuming from {partial}: {BlockStore(partial).count()} block(s) already compressed",
-                  file=sys.stderr)
-    created = not partial.exists()
-    if created:
-        partial.mkdir(parents=True)
-        state_f.write_text(json.dumps({"fingerprint": fp, "source": source, "config": config.to_dict()}))
-    try:
-        report = compress(model, config, windows, batch_size=calib.batch_size, progress=progress,
-                          resume_dir=partial, device=device, weights=streamed)
-    except SlimError:
-        # A user error will not go away on a re-run, so there is nothing worth resuming.
-        if created:
-            shutil.rmtree(partial, ignore_errors=True)
-        raise
+    if check_partial_state(partial, {"fingerprint": fp, "source": source, "config": config.to_dict()}) and progress:
+        done = BlockStore(partial).count(len(decoder_blocks(model)))
+        print(f"resuming from {partial}: {done} block(s) already compressed", file=sys.stderr)
+    report = compress(model, config, windows, batch_size=calib.batch_size, progress=progress,
+                      resume_dir=partial, device=device, weights=streamed)
     manifest_extra = {
         "source_model": source,
         "method": config.to_dict(),

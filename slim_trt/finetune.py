@@ -433,15 +433,15 @@ def finetune_checkpoint(ckpt: str | Path, out: str | Path, cfg: FinetuneConfig |
     from .checkpoint import load, read_manifest
     from .config import CalibConfig
     from .models import check_seqlen
-    from .outputs import check_output
+    from .outputs import check_output, check_outputs
 
     cfg = cfg or FinetuneConfig()
     CalibConfig(source=calib_source, nsamples=nsamples, seqlen=seqlen, seed=calib_seed)  # validates
     if eval_windows < 0:
         raise SlimError(f"bad --eval-windows {eval_windows}: give 0 (no evaluation) or more")
     ckpt, out = Path(ckpt), Path(out)
-    if out.resolve() == ckpt.resolve():
-        raise SlimError(f"the output {out} is the input checkpoint: write the fine-tuned model to another -o")
+    # is, contains or lies inside the checkpoint (or another input): refused before anything is read
+    check_outputs(folders={"-o": out}, inputs=[ckpt, calib_source, eval_source, teacher], force=force)
     manifest = read_manifest(ckpt)
     if not any(meta.get("rank") for meta in manifest["layers"].values()):
         raise SlimError(f"{ckpt} has no low-rank adapters to fine-tune (--lowrank none, or a --max-bits budget too "

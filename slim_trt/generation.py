@@ -44,6 +44,8 @@ class Generator:
     def __init__(self, export_dir: str | Path, *, threads: int = 0, fuse: bool = True, w8a8_form: str | None = None):
         from .triton.export_info import read_export
 
+        if threads < 0:
+            raise SlimError(f"bad --threads {threads}: give 0 (ONNX Runtime's default) or a positive count")
         self.info = read_export(export_dir)
         spec = self.info.spec
         if not self.info.python_servable:
@@ -61,7 +63,14 @@ class Generator:
         except Exception as e:  # onnxruntime raises its own types on broken files
             raise SlimError(f"ONNX Runtime cannot load {self.info.model_path}: {str(e).splitlines()[0][:300]}") \
                 from e
-        self.tokenizer = runtime.load_tokenizer(self.info.tokenizer_dir) if self.info.tokenizer_dir else None
+        self.tokenizer = None
+        if self.info.tokenizer_dir:
+            try:
+                self.tokenizer = runtime.load_tokenizer(self.info.tokenizer_dir)
+            except Exception as e:  # transformers/tokenizers raise many types on damaged files
+                raise SlimError(f"cannot load the tokenizer in {self.info.tokenizer_dir} ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0][:200] if str(e) else 'damaged files'}): re-run "
+                                f"`slim-trt export` or copy the export folder again") from None
         self.eos_token_ids = runtime.eos_ids(self.tokenizer, spec) if self.tokenizer else spec.eos_token_ids
 
     @property

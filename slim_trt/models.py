@@ -154,6 +154,108 @@ def check_loaded_weights(info: dict, folder) -> None:
                         f"to these weights")
 
 
+# Stored tensors a model recomputes from its config (rotary tables of older checkpoints): not weights.
+_RECOMPUTED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def check_config_values(config, folder) -> None:
+    """A NaN or infinite number in config.json (rms_norm_eps, rope_theta, ...) is the config's fault, not the
+    weights': named as such, before any weight is read."""
+    import math
+
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SlimError(f"{folder}: config.json has {key} = {value}: give it a finite number (the value the "
+                            f"model was trained with)")
+
+
+def check_source_weights(folder, model, *, files: dict | None = None, loading_info: dict | None = None) -> None:
+    """The gate every reader of a source model passes (compress streamed and --no-stream, eval, a dense export):
+    the weights in `folder` and the model its config.json builds (`model`, on any device, the meta device
+    included) must match tensor for tensor, or the model that runs is not the one in the folder:
+      - every stored tensor is used (a tensor the config does not use, such as the layers past
+        num_hidden_layers, is refused, not dropped);
+      - every parameter the config needs is stored (a tied alias is read through its source);
+      - a head the config ties to the embedding (tie_word_embeddings) is not also stored with other values
+        (streamed and whole loads would disagree about which one runs).
+    files: stored tensor name -> shard (read from the folder when not given). loading_info: from_pretrained's,
+    for weights whose names transformers renames on load (then its unexpected/missing keys decide)."""
+    from .streaming import _shard_index, _tied_aliases, stored_name
+
+    folder = Path(folder)
+    check_config_values(model.config, folder)
+    if files is None:
+        files = _shard_index(folder)
+    tied = _config_tied_aliases(model) or _tied_aliases(model)
+    params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    used, missing, stored_aliases = set(), [], {}
+    for key in model.state_dict(keep_vars=True):
+        name = stored_name(model, key, files)
+        if name is None:
+            if key in params and key not in tied:
+                missing.append(key)
+            continue
+        used.add(name)
+        if key in tied:
+            stored_aliases[key] = name
+    renamed = bool(missing) and loading_info is not None and not loading_info.get("missing_keys")
+    if renamed:  # transformers mapped the stored names itself: its own account of them decides
+        unused, missing, stored_aliases = sorted(loading_info.get("unexpected_keys") or ()), [], {}
+    else:
+        unused = sorted(n for n in set(files) - used if not n.endswith(_RECOMPUTED_SUFFIXES))
+    if unused:
+        raise SlimError(f"{folder}: the weights hold {len(unused)} tensor(s) that the model config.json "
+                        f"describes does not use (e.g. {', '.join(unused[:3])}): config.json does not belong to these weights "
+                        f"(check num_hidden_layers and the architecture) or the file has extra tensors; fix "
+                        f"config.json or use the config the weights were saved with")
+    if missing:
+        raise SlimError(f"{folder}: the weights lack {len(missing)} tensor(s) the config needs (e.g. "
+                        f"{', '.join(missing[:3])}): the folder is incomplete or its config.json does not belong "
+                        f"to these weights")
+    for alias, name in stored_aliases.items():
+        source = stored_name(model, tied[alias], files)
+        if source is not None and not _same_stored_tensor(files, name, source):
+            raise SlimError(f"{folder}: config.json ties {alias} to {tied[alias]} (tie_word_embeddings), but the "
+                            f"weights store {name} with other values: set tie_word_embeddings to false in "
+                            f"config.json if the head is its own, or remove {name} from the weights")
+
+
+def _config_tied_aliases(model) -> dict[str, str]:
+    """alias -> source of the weights the config ties, from a meta-device copy of the model (a whole model that
+    from_pretrained loaded from weights with their own head is left untied, so it cannot tell)."""
+    from .streaming import _tied_aliases
+
+    if not any(p.is_meta for p in model.parameters()):
+        try:
+            from accelerate import init_empty_weights
+            from transformers import AutoModelForCausalLM
+
+            with init_empty_weights():
+                meta = AutoModelForCausalLM.from_config(model.config)
+            meta.tie_weights()
+        except Exception:  # a model class from_config cannot rebuild (remote code): the model's own ties
+            return {}
+        return _tied_aliases(meta)
+    return _tied_aliases(model)
+
+
+def _same_stored_tensor(files: dict, a: str, b: str, rows: int = 4096) -> bool:
+    """Whether two stored tensors hold the same values, compared a slice of rows at a time."""
+    from safetensors import safe_open
+
+    with safe_open(str(files[a]), framework="pt") as fa, safe_open(str(files[b]), framework="pt") as fb:
+        sa, sb = fa.get_slice(a), fb.get_slice(b)
+        if sa.get_shape() != sb.get_shape():
+            return False
+        n = sa.get_shape()[0] if sa.get_shape() else 1
+        for start in range(0, n, rows):
+            pa = sa[start:start + rows] if sa.get_shape() else sa[:]
+            pb = sb[start:start + rows] if sb.get_shape() else sb[:]
+            if not torch.equal(pa.to(torch.float32), pb.to(torch.float32)):
+                return False
+    return True
+
+
 def max_positions(config) -> int | None:
     """The longest sequence the model's position encoding covers (max_position_embeddings), if it says."""
     config = config.get_text_config() if hasattr(config, "get_text_config") else config
@@ -182,6 +284,18 @@ def model_folder(ref: str) -> Path | str:
     return ref
 
 
+def load_source_tokenizer(folder, trust_remote_code: bool = False):
+    """The tokenizer of a local model folder; one whole line naming the folder when it has none or a broken one
+    (transformers' own message runs over several lines)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as e:  # OSError, ValueError, JSON and tokenizers errors on missing or damaged files
+        raise SlimError(f"{folder} has no usable tokenizer ({type(e).__name__}): copy the model's tokenizer files "
+                        f"(tokenizer.json, tokenizer_config.json, ...) into the folder") from None
+
+
 def load_model(ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """Return (model in eval mode, tokenizer) for MODEL. Hub ids fail with a clear message when offline."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -197,7 +311,10 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_cod
         model, info = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code,
                                                            use_safetensors=True, output_loading_info=True,
                                                            ignore_mismatched_sizes=True)
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tok = load_source_tokenizer(folder, trust_remote_code) if not hub else \
+            AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except SlimError:
+        raise
     except (OSError, ValueError, SafetensorError) as e:
         if hub:
             raise SlimError(f"could not download {ref!r} from the Hugging Face hub (it is unreachable from this "
@@ -205,4 +322,15 @@ def load_model(ref: str, *, dtype: torch.dtype = torch.float32, trust_remote_cod
                             f"hub is reachable and pass the local folder")
         raise SlimError(f"could not load the model in {folder}: {str(e).splitlines()[0]}")
     check_loaded_weights(info, folder)
+    if hub:  # the downloaded files are transformers' to find: its own account of the names decides
+        unexpected = sorted(info.get("unexpected_keys") or ())
+        if unexpected:
+            raise SlimError(f"{ref}: the weights hold {len(unexpected)} tensor(s) its config does not use (e.g. "
+                            f"{', '.join(unexpected[:3])}): the model's config does not belong to its weights")
+        check_config_values(model.config, ref)
+    else:
+        check_source_weights(Path(folder), model, loading_info=info)
+    from .compressor import check_finite
+
+    check_finite(model)  # NaN/Inf weights: refused for every reader (eval, export), not only compress
     return model.eval(), tok

@@ -39,6 +39,18 @@ def resolve_device(text: str | torch.device | None) -> torch.device:
     raise SlimError(f"bad --device {text!r}: choose {DEVICE_CHOICES}")
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process without swapping (Linux MemAvailable; None where unknown)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def available_cores() -> int:
     """The CPU cores this process may run on (its affinity mask: what a container or taskset gives it)."""
     try:

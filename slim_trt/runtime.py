@@ -403,6 +403,11 @@ def check_feeds(spec: DecoderSpec, feeds: dict[str, np.ndarray]) -> None:
     if ids.size and (ids.min() < 0 or ids.max() >= spec.vocab_size):
         raise RequestError(f"input_ids must be in [0, {spec.vocab_size}), got values in "
                            f"[{int(ids.min())}, {int(ids.max())}]")
+    pos = feeds.get("position_ids") if spec.uses_position_ids else None
+    if pos is not None and pos.size and (pos.min() < 0 or pos.max() >= spec.max_position_embeddings):
+        # Out of range positions index past the rotary / learned tables: other logits, no error from the graph
+        raise RequestError(f"position_ids must be in [0, {spec.max_position_embeddings}), got values in "
+                           f"[{int(pos.min())}, {int(pos.max())}]")
 
 
 @dataclass(frozen=True)

@@ -199,14 +199,27 @@ def _shard_index(folder: Path) -> dict[str, Path]:
     if index.exists():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as e:
+            files = {name: folder / f for name, f in weight_map.items()}
+        except (ValueError, KeyError, TypeError, OSError) as e:
             raise SlimError(f"{index} is not a safetensors index ({e}): download or save the model again")
-        return {name: folder / f for name, f in weight_map.items()}
+        for f in sorted(set(files.values())):
+            if not f.is_file():
+                raise SlimError(f"{index} names {f.name}, which is missing: download or save the model again")
+        return files
     out = {}
     for f in sorted(folder.glob("*.safetensors")):
         with safe_open(str(f), framework="pt") as handle:
             out.update({name: f for name in handle.keys()})
     return out
+
+
+def stored_name(model: nn.Module, key: str, files) -> str | None:
+    """The name under which the model's state-dict `key` is stored in `files` (as it is, without or with the
+    model's base prefix: what from_pretrained accepts too), or None."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    candidates = [key, key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None,
+                  f"{prefix}.{key}" if prefix else None]
+    return next((c for c in candidates if c and c in files), None)
 
 
 def _entries(folder: Path, model: nn.Module, files: dict[str, Path],
@@ -216,7 +229,6 @@ def _entries(folder: Path, model: nn.Module, files: dict[str, Path],
     loads the model whole)."""
     from safetensors import safe_open
 
-    prefix = getattr(model, "base_model_prefix", "") or ""
     params = {name for name, _ in model.named_parameters(remove_duplicate=False)}
     entries, missing = {}, []
     handles: dict[Path, object] = {}
@@ -224,9 +236,7 @@ def _entries(folder: Path, model: nn.Module, files: dict[str, Path],
         for key, t in model.state_dict(keep_vars=True).items():
             if key in tied:
                 continue
-            candidates = [key, key[len(prefix) + 1:] if prefix and key.startswith(prefix + ".") else None,
-                          f"{prefix}.{key}" if prefix else None]
-            name = next((c for c in candidates if c and c in files), None)
+            name = stored_name(model, key, files)
             if name is None:
                 if key in params:
                     missing.append(key)
@@ -264,11 +274,11 @@ def open_streamed(folder: Path, *, trust_remote_code: bool = False) -> tuple[Str
     """The model in `folder` on the meta device with its tensors' locations, or (None, why not) when it cannot
     be streamed (then compress loads it whole)."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     from .calibration.families import decoder_blocks
     from .calibration.runner import _blocks_prefix
-    from .models import check_weight_files
+    from .models import check_source_weights, check_weight_files, load_source_tokenizer
 
     folder = Path(folder)
     check_weight_files(folder)
@@ -276,7 +286,9 @@ def open_streamed(folder: Path, *, trust_remote_code: bool = False) -> tuple[Str
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         with init_empty_weights():
             model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        tokenizer = load_source_tokenizer(folder, trust_remote_code)
+    except SlimError:
+        raise
     except (OSError, ValueError) as e:
         raise SlimError(f"could not load the model in {folder}: {str(e).splitlines()[0]}")
     # from_config leaves tied weights (tie_word_embeddings) as two tensors until from_pretrained would tie them
@@ -286,9 +298,11 @@ def open_streamed(folder: Path, *, trust_remote_code: bool = False) -> tuple[Str
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
     tied = _tied_aliases(model)
-    entries, why_not = _entries(folder, model, _shard_index(folder), tied)
+    files = _shard_index(folder)
+    entries, why_not = _entries(folder, model, files, tied)
     if why_not is not None:
         return None, why_not
+    check_source_weights(folder, model, files=files)
     outer = [k for k in entries if not k.startswith(prefix)]
     return StreamedModel(folder, model.eval(), entries, tied, prefix, outer_keys=outer, tokenizer=tokenizer), None
 

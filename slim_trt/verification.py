@@ -229,10 +229,26 @@ def read_sidecar(onnx_path: Path) -> dict | None:
     return meta if meta.get("model_file") == onnx_path.name else None
 
 
-def _check_onnx_path(onnx_path: str | Path) -> Path:
+def _graph_dtype(path: Path) -> str:
+    """fp16, bf16 or fp32: the element type of the graph's logits output (the first output)."""
     import onnx
 
+    outputs = onnx.load(str(path), load_external_data=False).graph.output
+    logits = next((o for o in outputs if o.name == "logits"), outputs[0] if outputs else None)
+    elem = logits.type.tensor_type.elem_type if logits is not None else onnx.TensorProto.FLOAT
+    return {onnx.TensorProto.FLOAT16: "fp16", onnx.TensorProto.BFLOAT16: "bf16"}.get(elem, "fp32")
+
+
+def _check_onnx_path(onnx_path: str | Path, export_gate: bool = False) -> Path:
+    """export_gate: the user's export gets the gate generate and deploy use (verify's entry); verify_model also
+    runs on verify's own stripped copies in a temporary folder, which hold no tokenizer."""
+    import onnx
+
+    from .triton.export_info import check_onnx_file
+
     path = Path(onnx_path)
+    if export_gate:
+        check_onnx_file(path)  # the export gate (as generate and deploy), or a parse check without a sidecar
     if not path.is_file():
         raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
     try:
@@ -334,7 +350,7 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
     """
     from .calibration.data import SHIPPED_EVAL, eval_windows, load_text
 
-    path = _check_onnx_path(onnx_path)
+    path = _check_onnx_path(onnx_path, export_gate=True)
     if decode_steps < 0 or windows < 1 or seqlen < 2:
         raise SlimError("--windows must be >= 1, --seqlen >= 2 and --decode-steps >= 0")
     meta = read_sidecar(path) or {}
@@ -351,7 +367,9 @@ def verify(onnx_path: str | Path, reference: str | Path, *, text: str | None = N
         with torch.no_grad():
             ppl_unquantized_head = _perplexity(model(input_ids=ids, use_cache=False).logits.float(), ids)
         apply_head_quantization(model, head)
-    dtype = meta.get("dtype", "fp32")
+    # Without its sidecar the export's precision is read from the graph (its logits' type): an fp16 export is
+    # held to the fp16 limits, not failed against the fp32 ones.
+    dtype = meta.get("dtype") or _graph_dtype(path)
     th = Thresholds.for_export(dtype, meta).replace(**(thresholds or {}))
     w8a8 = ref = None
     from .verify_w8a8 import act_scales
@@ -426,10 +444,11 @@ def _reference_model(path: Path, reference: str | Path, meta: dict, ignore_manif
                             "`slim-trt compress`")
     from .checkpoint import read_manifest
 
-    read_manifest(ckpt)  # not a checkpoint, no manifest, an edited manifest: one line before anything else
+    manifest = read_manifest(ckpt)  # not a checkpoint, no manifest, an edited manifest: one line first
     expected = (meta.get("checkpoint") or {}).get("manifest_sha256")
-    actual = hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
-    if expected and expected != actual and not ignore_manifest:
+    actual = manifest["content_sha256"]  # what exports record; older ones recorded the file's bytes
+    same = expected in (actual, hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest())
+    if expected and not same and not ignore_manifest:
         raise SlimError(f"{path} was exported from another checkpoint (manifest sha256 {expected[:12]}..., "
                         f"{ckpt} has {actual[:12]}...): pass the checkpoint it was exported from, or "
                         f"--ignore-manifest")

@@ -19,6 +19,23 @@ def _flip(path, where=-5):
     path.write_bytes(bytes(data))
 
 
+def _manifest_dir(p):
+    (p / MANIFEST).unlink()
+    (p / MANIFEST).mkdir()
+
+
+def _files_outside(p):
+    """A manifest whose `files` names a file beside the checkpoint, with its digest recomputed (issue 25)."""
+    from slim_trt.checkpoint import file_sha256, with_digest
+
+    outside = p.parent / "outside.json"
+    outside.write_text("{}")
+    m = json.loads((p / MANIFEST).read_text())
+    m.pop("content_sha256")
+    m["files"]["../outside.json"] = file_sha256(outside)
+    (p / MANIFEST).write_text(json.dumps(with_digest(m)))
+
+
 def _first_layer(m):
     return m["layers"][next(iter(m["layers"]))]
 
@@ -49,6 +66,10 @@ TAMPER = {
     "extra_tokenizer_file": (lambda p: (p / "special_tokens_map.json").write_text('{"bos_token": "<eos>"}'),
                              "is not part of the checkpoint"),
     "no_manifest": (lambda p: (p / MANIFEST).unlink(), "no slim_manifest.json: the checkpoint is incomplete"),
+    "manifest_dir": (_manifest_dir, "slim_manifest.json is not a file"),
+    "manifest_files_outside": (_files_outside, "'../outside.json', which is outside the checkpoint folder"),
+    "schema_string": (lambda p: edit_json(p / MANIFEST, lambda m: m.update(schema_version="2")),
+                      "schema_version '2', which is not a whole number"),
     "older_schema": (lambda p: edit_json(p / MANIFEST, lambda m: (m.update(schema_version=1),
                                                                    m.pop("content_sha256"))),
                      "older slim-trt (checkpoint schema 1)"),

@@ -158,7 +158,18 @@ CORRUPT_BLOCK = {
         (d / "block_0000.json").read_text().replace('"rank": ', '"rank": 1', 1)),
     "record not JSON": lambda d: (d / "block_0000.json").write_text("{"),
     "record missing": lambda d: (d / "block_0000.json").unlink(),
+    # Issue 25: without its digest an edited group_size failed every re-run with a RuntimeError traceback
+    "record without its digest": lambda d: _edit_record_without_digest(d / "block_0000.json"),
 }
+
+
+def _edit_record_without_digest(path):
+    record = json.loads(path.read_text())
+    del record["content_sha256"]
+    for meta in record["layers"].values():
+        meta["group_size"] = 7
+    record["skipped"] = ["model.layers.0.evil"]
+    path.write_text(json.dumps(record))
 
 
 def test_a_corrupt_block_in_the_partial_folder_is_dropped_and_recomputed(tiny_model_dir, tmp_path, monkeypatch):
@@ -181,24 +192,45 @@ def test_a_corrupt_block_in_the_partial_folder_is_dropped_and_recomputed(tiny_mo
         assert not partial.exists(), kind
         assert torch.equal(slim_trt.load(out)(x).logits, ref(x).logits), kind
 
-    # a block saved by the previous slim-trt (no checksums of its own, its tensors' only) is still resumed from
-    import warnings
 
-    import slim_trt.compressor as C
 
-    partial = tmp_path / "legacy.partial"
-    shutil.copytree(tmp_path / "cut.partial", partial)
-    record = json.loads((partial / "block_0000.json").read_text())
-    del record["content_sha256"], record["file_sha256"]
-    (partial / "block_0000.json").write_text(json.dumps(record))
-    real, compressed = C.compress_linear, []
-    monkeypatch.setattr(C, "compress_linear", lambda name, *a, **k: compressed.append(name) or real(name, *a, **k))
-    with warnings.catch_warnings(record=True) as seen:
-        warnings.simplefilter("always")
-        compress_model(str(tiny_model_dir), tmp_path / "legacy", cfg, calib, progress=False)
-    assert not [w for w in seen if "corrupt" in str(w.message)]
-    assert compressed and all(name.startswith("model.layers.1.") for name in compressed)  # block 0 was restored
-    assert torch.equal(slim_trt.load(tmp_path / "legacy")(x).logits, ref(x).logits)
+def test_the_partial_folder_takes_one_run_at_a_time_and_checks_its_state(tiny_model_dir, tmp_path, monkeypatch):
+    """Issue 25: two runs to one -o shared OUT.partial (the second died with a SafetensorError traceback); a
+    state.json that is a folder gave IsADirectoryError; junk block files were counted as resumed blocks."""
+    import subprocess
+    import sys
+
+    import shutil
+
+    from slim_trt.calibration.resume import BlockStore, PartialLock
+
+    cfg, calib = slim_2to4(refit_rounds=0), CalibConfig(nsamples=2, seqlen=16)
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from slim_trt.calibration.resume import "
+                               "PartialLock; PartialLock(sys.argv[1]); print('locked', flush=True); time.sleep(60)",
+                               str(partial)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        with pytest.raises(SlimError, match=rf"{partial} is in use by another compress run \(pid {holder.pid}\)"):
+            compress_model(str(tiny_model_dir), out, cfg, calib, progress=False)
+        assert partial.is_dir()  # the other run's folder is left alone
+    finally:
+        holder.kill()
+        holder.wait()
+    # its lock file still names the dead run: stale, taken over
+    assert (partial / "lock").read_text().strip() == str(holder.pid)
+    lock = PartialLock(partial)
+    assert (partial / "lock").read_text().strip() == str(__import__("os").getpid())
+    lock.release()
+
+    (partial / "state.json").mkdir()
+    (partial / "block_0009.json").write_text("{}")
+    with pytest.raises(SlimError, match="state.json is missing or damaged"):
+        compress_model(str(tiny_model_dir), out, cfg, calib, progress=False)
+    assert BlockStore(partial).count(2) == 0
+    shutil.rmtree(partial)
+    compress_model(str(tiny_model_dir), out, cfg, calib, progress=False)
+    assert not partial.exists() and (out / "slim_manifest.json").is_file()
 
 
 W8A8 = CompressConfig(**PRESETS["trt-int8-sparse"])

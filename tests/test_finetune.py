@@ -272,7 +272,7 @@ def test_compress_with_finetune_steps(tiny_model_dir, tmp_path, capsys):
     ("exists", "--force"),
     ("lr", "bad --lr"),
     ("steps", "bad --steps"),
-    ("same", "is the input checkpoint"),
+    ("same", "is the input"),  # outputs.check_outputs (issue 25), before "already exists"
     ("state", "different"),
 ])
 def test_bad_input_exits_2_with_one_line(case, needle, ckpt, tiny_model_dir, tmp_path, capsys):

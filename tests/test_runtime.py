@@ -151,6 +151,10 @@ def test_check_feeds_accepts_a_consistent_request(decoder):
      "past_key_values.0.key has size 3 on axis 1, expected 2"),
     (lambda f: f.update({"past_key_values.1.value": np.zeros((1, 2, 1, 4), np.float32)}), "past length 1"),
     (lambda f: f.update(position_ids=np.zeros((1, 2), np.int64)), "position_ids has shape"),
+    # issue 25: out-of-range positions changed the logits without an error (Triton answered 200)
+    (lambda f: f.update(position_ids=np.full(f["position_ids"].shape, 100000, np.int64)),
+     r"position_ids must be in \[0, "),
+    (lambda f: f.update(position_ids=np.full(f["position_ids"].shape, -3, np.int64)), r"position_ids must be in"),
 ])
 def test_check_feeds_names_the_problem(decoder, change, message):
     feeds = feeds_for(decoder.spec)

@@ -87,16 +87,41 @@ def _with_bos(chunk: torch.Tensor, bos: int | None) -> torch.Tensor:
     return torch.cat([torch.tensor([bos], dtype=torch.long), chunk[:-1]])
 
 
-def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
-    """`nsamples` random windows of `seqlen` tokens (BOS first when the tokenizer has one), as GPTQ/SLiM sample."""
+def calibration_windows(tokenizer, text: str, nsamples: int, seqlen: int, seed: int = 0,
+                        bytes_per_token: int = 0) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens (BOS first when the tokenizer has one), as GPTQ/SLiM sample.
+
+    Refused up front: more windows than the text has start positions (they could only repeat), and, with
+    bytes_per_token (what the run holds per calibration token), windows whose data would not fit the memory the
+    machine has available."""
     ids = tokenize(tokenizer, text)
     if ids.numel() <= seqlen:
         raise SlimError(f"the calibration text has only {ids.numel()} tokens, fewer than --seqlen {seqlen}: "
                         f"use more text or a smaller --seqlen")
+    starts = ids.numel() - seqlen
+    if nsamples > starts:
+        raise SlimError(f"--nsamples {nsamples} is more windows than the calibration text has ({ids.numel()} tokens "
+                        f"give {starts} distinct windows of --seqlen {seqlen}): use --nsamples <= {starts}, or more "
+                        f"text with --calib FILE")
+    check_calibration_memory(nsamples, seqlen, bytes_per_token)
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, ids.numel() - seqlen, (nsamples,), generator=g)
     bos = _bos(tokenizer)
     return torch.stack([_with_bos(ids[s:s + seqlen], bos) for s in starts.tolist()])
+
+
+def check_calibration_memory(nsamples: int, seqlen: int, bytes_per_token: int) -> None:
+    """Refuse calibration data larger than the memory available now (one line instead of a run that grows until
+    the kernel kills it, or std::bad_alloc)."""
+    from ..resources import available_memory_bytes
+
+    need = nsamples * seqlen * bytes_per_token
+    have = available_memory_bytes()
+    if bytes_per_token and have is not None and need > have:
+        most = max(1, have // (seqlen * bytes_per_token))
+        raise SlimError(f"--nsamples {nsamples} x --seqlen {seqlen} needs {need / 2**30:.1f} GiB for the calibration "
+                        f"activations alone, more than the {have / 2**30:.1f} GiB this machine has available: use "
+                        f"--nsamples <= {most} (or a smaller --seqlen)")
 
 
 def eval_windows(tokenizer, text: str, seqlen: int, limit: int | None = None) -> torch.Tensor:

@@ -4,13 +4,18 @@ Each block is two files: block_NNNN.safetensors (its compressed layers) and bloc
 entries, the report's per-layer record, the safetensors file's sha256 and the JSON's own content checksum). A block
 whose other tensors changed too (norms that absorbed SmoothQuant scales) keeps its whole state in a third file,
 block_NNNN.dense.safetensors, whose sha256 the JSON also holds.
-A block that fails any check (a flipped byte, a truncated file, a half-written pair) is dropped with a warning
-and compressed again: blocks are computed deterministically from the blocks before them, so the recomputed block
-is the one that was lost and the blocks after it stay valid.
+A block that fails any check (a flipped byte, a truncated file, a half-written pair, a record without its own
+checksum) is dropped with a warning and compressed again: blocks are computed deterministically from the blocks
+before them, so the recomputed block is the one that was lost and the blocks after it stay valid.
+
+open_partial is the gate of the folder as a whole: one run at a time (a lock file naming the run's PID, held with
+flock, so a run that died leaves no lock behind), and its state.json (which run the blocks belong to) checked.
 """
 from __future__ import annotations
 
 import json
+import os
+import re
 import warnings
 from pathlib import Path
 
@@ -83,10 +88,11 @@ class BlockStore:
             raise SlimError(f"{meta.name} is not valid JSON ({e})") from None
         if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
             raise SlimError(f"{meta.name} is not a block record")
-        # A record of an earlier slim-trt has no checksums of its own; its tensors' still hold (load_layers).
-        if DIGEST_KEY in record and not digest_ok(record):
-            raise SlimError(f"{meta.name} does not match its checksum")
-        if DIGEST_KEY in record and file_sha256(tensors) != record.get("file_sha256"):
+        # Every record this slim-trt writes carries its own checksum: one without it was edited (its group sizes,
+        # infos or skipped layers could be anything), so it is damaged like any other.
+        if not digest_ok(record):
+            raise SlimError(f"{meta.name} has no {DIGEST_KEY} or does not match it")
+        if file_sha256(tensors) != record.get("file_sha256"):
             raise SlimError(f"{tensors.name} does not match its checksum")
         if "dense_sha256" in record:
             dense_file = self._dense_file(index)
@@ -108,5 +114,69 @@ class BlockStore:
                             f"run; re-run the same command to compute it again") from None
         return t, record
 
-    def count(self) -> int:
-        return len(list(self.folder.glob("block_*.json")))
+    def count(self, blocks: int | None = None) -> int:
+        """Blocks with both files saved (of the first `blocks`, when given: stray files do not count)."""
+        found = {int(m.group(1)) for f in self.folder.glob("block_*.json")
+                 if (m := re.fullmatch(r"block_(\d{4})\.json", f.name))}
+        return sum(1 for i in found if (blocks is None or i < blocks) and self._files(i)[0].is_file())
+
+
+LOCK = "lock"
+STATE = "state.json"
+
+
+class PartialLock:
+    """The lock of one OUT.partial folder, held until release() or the process ends."""
+
+    def __init__(self, folder: Path):
+        import fcntl
+
+        self.folder = Path(folder)
+        if self.folder.exists() and not self.folder.is_dir():
+            raise SlimError(f"{folder} (where compress keeps finished blocks) is a file: remove it or choose another "
+                            f"-o")
+        self._fd = None
+        self.created = not self.folder.exists() or not any(f.name != LOCK for f in self.folder.iterdir())
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / LOCK
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise SlimError(f"cannot create the lock {path} ({e.strerror}): remove it, or choose another -o") from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(self._fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(self._fd)
+            raise SlimError(f"{self.folder} is in use by another compress run (pid {holder}) writing the same -o: wait "
+                            f"for it to finish or stop it, or choose another -o") from None
+        # The lock is ours (a PID left by a run that died is stale: flock died with it): name this run.
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def check_partial_state(folder: Path, state: dict) -> bool:
+    """Check that the blocks in the (locked) OUT.partial belong to `state` (the run's fingerprint, source and
+    config), writing it when the folder holds no run yet. True when an interrupted run is resumed. SlimError when
+    the folder belongs to another run or its state.json is damaged (not a file, not JSON, missing beside blocks)."""
+    folder = Path(folder)
+    state_f = folder / STATE
+    if not state_f.exists() and not any(folder.glob("block_*")):  # new, or stopped before its state was written
+        tmp = state_f.with_name(STATE + ".tmp")
+        tmp.write_text(json.dumps(state))
+        tmp.replace(state_f)
+        return False
+    try:
+        found = json.loads(state_f.read_text(encoding="utf-8")) if state_f.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        found = None
+    if not isinstance(found, dict) or found.get("fingerprint") != state.get("fingerprint"):
+        raise SlimError(f"{folder} holds an interrupted run with a different model, config or calibration data "
+                        f"(or its {STATE} is missing or damaged): re-run that exact command to resume it, or "
+                        f"delete {folder} to start over")
+    return True

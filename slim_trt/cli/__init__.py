@@ -64,15 +64,57 @@ def _quiet_libraries() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    watch = _InterruptWatch()
     try:
         try:
-            return _run(argv)
+            rc = _run(argv)
         finally:
             sys.stdout.flush()  # a reader that went away shows up here at the latest (also after --help)
     except BrokenPipeError:
         # The reader of our output stopped early (`slim-trt lint ... | head`): end quietly, as cat does.
         _discard_stdout()
         return 141  # 128 + SIGPIPE, what a shell reports for a writer whose reader went away
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own run (while modules import, while parsing)
+        rc = _interrupted(argv)
+    finally:
+        watch.restore()
+    if watch.seen and rc == 0:
+        # A Ctrl-C that raised inside a finalizer is printed as "Exception ignored" and lost: the run went on,
+        # but the user asked it to stop, so it does not end as a success.
+        rc = _interrupted(argv)
+    return rc
+
+
+class _InterruptWatch:
+    """Remembers that SIGINT arrived (and still raises KeyboardInterrupt as Python's own handler does)."""
+
+    def __init__(self):
+        import signal
+        import threading
+
+        self.seen = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not where Ctrl-C is ignored
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.seen = True
+        raise KeyboardInterrupt
+
+    def restore(self) -> None:
+        import signal
+
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+
+
+def _interrupted(argv) -> int:
+    words = sys.argv[1:] if argv is None else argv
+    command = next((w for w in words if w in COMMANDS), None)
+    print(f"slim-trt{' ' + command if command else ''}: interrupted", file=sys.stderr)
+    return 130
 
 
 def _run(argv: list[str] | None) -> int:
@@ -88,8 +130,7 @@ def _run(argv: list[str] | None) -> int:
         print(f"slim-trt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"slim-trt {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted([args.command])
     return int(rc or 0)
 
 

@@ -27,8 +27,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..outputs import check_outputs
     from ..trt.runtime import bench, format_bench
 
+    check_outputs(files={"--json": args.json}, inputs=[args.engine, args.compare])
     result = bench(args.engine, compare=args.compare, plugins=args.plugins, batch=args.batch,
                    prompt_len=args.prompt_len, context_len=args.context_len, iterations=args.iterations,
                    warmup=args.warmup)

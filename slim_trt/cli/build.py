@@ -68,6 +68,14 @@ def run(args) -> int:
         raise SlimError("give the model to build: slim-trt build MODEL.onnx [-o engines/NAME.plan]")
     if not args.output:
         args.output = str(Path("engines") / f"{Path(args.model).resolve().parent.name}.plan")
+    from ..outputs import check_outputs
+    from .common import onnx_inputs
+
+    # -o's folder is created by the build, so only its overlap with the inputs is checked here
+    check_outputs(files={"--json": args.json}, inputs=onnx_inputs(args.model))
+    if Path(args.output).resolve() in {p.resolve() for p in onnx_inputs(args.model)}:
+        raise SlimError(f"-o {args.output} is the input {args.model}: write the engine to another file, e.g. "
+                        f"engines/NAME.plan")
     from ..trt.builder import build
 
     report = build(args.model, args.output, target=args.target, sparsity=args.sparsity, batch=args.batch,

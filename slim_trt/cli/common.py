@@ -32,6 +32,15 @@ def print_json(obj, path: str | None = None) -> None:
         print(text)
 
 
+def onnx_inputs(onnx_path) -> list:
+    """An ONNX model's files as inputs of check_outputs: the model, its external data and the export sidecar
+    beside it (an output may sit in the same folder, as the README's examples write --save-inputs there)."""
+    from pathlib import Path
+
+    p = Path(onnx_path)
+    return [p, p.with_name(p.name + ".data"), p.with_name("slim_export.json")]
+
+
 def eprint(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 

@@ -253,7 +253,10 @@ def finetune_config_from_args(args):
 def run(args) -> int:
     from ..compressor import compress_model
     from ..config import CalibConfig
+    from ..outputs import check_outputs
 
+    check_outputs(folders={"-o": args.output}, files={"--json": args.json}, inputs=[args.model, args.calib],
+                  force=args.force)
     cfg = config_from_args(args)
     calib = CalibConfig(source=args.calib, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed,
                         batch_size=args.batch_size)

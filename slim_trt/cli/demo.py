@@ -50,6 +50,9 @@ def run(args) -> int:
     from ..evaluate import perplexity
     from ..models import load_model
 
+    from ..outputs import check_outputs
+
+    check_outputs(folders={"--out": args.out}, inputs=[args.model], force=True)  # demo replaces --out by design
     out = Path(args.out)
     t0 = time.time()
     eprint(f"[1/5] loading {args.model} ...")

@@ -46,8 +46,11 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
+    from ..outputs import check_outputs
     from ..triton import DeployConfig, deploy
 
+    check_outputs(folders={"-o": args.output}, inputs=[args.export_dir, args.engine, args.ort_op_library,
+                                                       args.trt_plugin_library], force=args.force)
     config = DeployConfig(name=args.name, engine=args.engine, device=args.device, instances=args.instances,
                           max_batch_size=args.max_batch_size, trt_accelerator=args.trt_accelerator,
                           ort_op_library=args.ort_op_library, trt_plugin_library=args.trt_plugin_library,

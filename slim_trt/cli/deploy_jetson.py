@@ -37,7 +37,9 @@ def run(args) -> int:
     import sys
 
     from ..jetson import JetsonConfig, LintRefused, bundle_jetson
+    from ..outputs import check_outputs
 
+    check_outputs(folders={"-o": args.output}, inputs=[args.export_dir], force=args.force)
     config = JetsonConfig(target=args.target, batch=args.batch, seq=args.seq, past=args.past,
                           workspace_gb=args.workspace_gb, memory_gb=args.memory_gb, overwrite=args.force)
     try:

@@ -37,7 +37,9 @@ def run(args) -> int:
     from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text, parse_window_count
     from ..evaluate import perplexity
     from ..models import check_seqlen
+    from ..outputs import check_outputs
 
+    check_outputs(files={"--json": args.json}, inputs=[args.model, args.data])
     limit = parse_window_count(args.windows)
     text = load_text(args.data, default=SHIPPED_EVAL)
     model, tok = load_any(args.model)

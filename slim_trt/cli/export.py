@@ -60,13 +60,14 @@ def run(args) -> int:
     from pathlib import Path
 
     from ..exporter import MODEL_FILE, SIDECAR, export
-    from ..outputs import check_output
+    from ..outputs import check_outputs
     from .common import print_json
 
     t0 = time.perf_counter()
     if args.out is None:
         args.out = str(Path("export") / Path(args.checkpoint).resolve().name)
-    check_output(Path(args.out), args.force)  # before loading and exporting, not after
+    # before loading and exporting, not after
+    check_outputs(folders={"-o": args.out}, files={"--json": args.json}, inputs=[args.checkpoint], force=args.force)
     meta = export(args.checkpoint, args.out, dtype=args.dtype, with_cache=not args.no_cache, lowrank=args.lowrank,
                   act_quant=args.act_quant, external_data=True if args.external_data else None, head=args.head,
                   ort_accuracy_level=args.ort_accuracy_level, force=args.force, outliers=args.outliers,

@@ -50,7 +50,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..finetune import FinetuneConfig, finetune_checkpoint
+    from ..outputs import check_outputs
 
+    check_outputs(folders={"-o": args.output}, files={"--json": args.json},
+                  inputs=[args.checkpoint, args.calib, args.eval_data, args.teacher], force=args.force)
     cfg = FinetuneConfig(steps=args.steps, minutes=args.minutes, lr=args.lr, schedule=args.schedule,
                          warmup_steps=args.warmup_steps, batch_size=args.batch_size,
                          micro_batch_size=args.micro_batch_size, max_grad_norm=args.max_grad_norm, seed=args.seed,

@@ -58,7 +58,9 @@ class _Live:
 def run(args) -> int:
     from ..errors import SlimError
     from ..generation import Generator
+    from ..outputs import check_outputs
 
+    check_outputs(files={"--json": args.json}, inputs=[args.export])
     if args.batch < 1:
         raise SlimError(f"bad --batch {args.batch}: it must be >= 1")
     if args.max_new_tokens < 1:

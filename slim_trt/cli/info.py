@@ -18,7 +18,9 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..checkpoint import verify_checkpoint
+    from ..outputs import check_outputs
 
+    check_outputs(files={"--json": args.json}, inputs=[args.checkpoint])
     # What info prints is what load() would load: the manifest's own checksum and every file's are verified.
     m = verify_checkpoint(args.checkpoint)
     stats = m.get("layer_stats", {})

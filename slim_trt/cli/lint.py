@@ -33,8 +33,10 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..linter import format_report, lint
-    from .common import print_json
+    from ..outputs import check_outputs
+    from .common import onnx_inputs, print_json
 
+    check_outputs(files={"--json": args.json}, inputs=onnx_inputs(args.onnx))
     report = lint(args.onnx, target=args.target, gpu=args.gpu)
     if args.json != "-":
         print(format_report(report, show_layers=not args.quiet))

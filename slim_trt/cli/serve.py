@@ -27,6 +27,9 @@ def run(args) -> int:
     from ..triton import TritonServer
     from ..triton.server import ServerError
 
+    from ..outputs import check_outputs
+
+    check_outputs(files={"--log-file": args.log_file}, inputs=[args.repo])
     for port, flag in ((args.http_port, "--http-port"), (args.grpc_port, "--grpc-port")):
         if not 0 <= port < 65536:
             from ..errors import SlimError

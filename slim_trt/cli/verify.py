@@ -43,9 +43,12 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
+    from ..outputs import check_outputs
     from ..verification import format_report, verify
-    from .common import print_json
+    from .common import onnx_inputs, print_json
 
+    check_outputs(files={"--json": args.json, "--save-inputs": args.save_inputs, "--save-outputs": args.save_outputs},
+                  inputs=[*onnx_inputs(args.onnx), args.reference, args.text])
     thresholds = {"max_abs": args.max_abs, "mean_abs": args.mean_abs, "cosine_min": args.min_cosine,
                   "top1_min": args.min_top1, "ppl_rel_max": args.max_ppl_rel}
     report = verify(args.onnx, args.reference, text=args.text, windows=args.windows, seqlen=args.seqlen,

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -181,7 +180,11 @@ def stored_act_scales(model: nn.Module) -> dict[str, float]:
 
 
 def manifest_sha256(ckpt: Path) -> str:
-    return hashlib.sha256((ckpt / "slim_manifest.json").read_bytes()).hexdigest()
+    """The checkpoint's identity: its manifest's content digest (content_sha256), which re-indenting the manifest
+    does not change (exports before issue 25 recorded the file's bytes; verify accepts both)."""
+    from ..checkpoint import DIGEST_KEY, read_manifest
+
+    return read_manifest(ckpt)[DIGEST_KEY]
 
 
 def has_tokenizer(folder: Path) -> bool:
@@ -219,6 +222,9 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
                             **({} if ort_accuracy_level is None else {"ort_accuracy_level": ort_accuracy_level}))
     ckpt = Path(source)
     from ..checkpoint import load, looks_like_checkpoint, read_manifest
+    from ..outputs import check_outputs
+
+    check_outputs(folders={"-o": out_dir}, inputs=[source], force=force)
 
     if (ckpt / "slim_manifest.json").is_file() or looks_like_checkpoint(ckpt):
         read_manifest(ckpt)  # a folder without its manifest, an edited manifest: one line before anything else

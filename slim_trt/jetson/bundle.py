@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import SlimError
-from ..outputs import commit_output, prepare_output
+from ..outputs import check_outputs, commit_output, prepare_output
 from ..trt.memory import GB, MemoryEstimate, estimate_memory
 from ..trt.plugins import required_plugins
 from ..trt.shapes import Range, ShapeRanges, input_profiles, shape_ranges
@@ -146,7 +146,8 @@ def bundle_jetson(export_dir: str | Path, out: str | Path, config: JetsonConfig 
     from ..triton.export_info import read_export
 
     config = config or JetsonConfig()
-    info = read_export(export_dir)
+    info = read_export(export_dir)  # an input that is no export at all is named first
+    check_outputs(folders={"-o": out}, inputs=[export_dir], force=config.overwrite)
     meta, onnx = info.raw, info.model_path
     profile = _jetson_profile(config.target)
     warnings = feature_warnings(meta, profile, sparsity=True)

@@ -53,9 +53,10 @@ class LintReport:
 def _load(model_or_path) -> tuple[onnx.ModelProto, str, Path | None]:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, "<in-memory model>", None
+    from ..triton.export_info import check_onnx_file
+
     path = Path(model_or_path)
-    if not path.is_file():
-        raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
+    check_onnx_file(path)  # the export gate (sidecar, external data inside the folder, tokenizer) or a parse check
     try:
         model = onnx.load(str(path))
     except Exception as e:  # protobuf raises DecodeError / RuntimeWarning-like errors on non-ONNX bytes
@@ -68,8 +69,10 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str, Path | None]:
 def _expected_2to4(path: Path | None, sidecar: dict | None) -> set[str] | None:
     """Weights the export says are 2:4 (from slim_export.json), or None to fall back on the 50%-zeros heuristic."""
     if sidecar is None and path is not None and (path.parent / "slim_export.json").is_file():
-        meta = json.loads((path.parent / "slim_export.json").read_text())
-        if meta.get("model_file") == path.name:
+        from ..triton.export_info import read_json
+
+        meta = read_json(path.parent / "slim_export.json", "re-run `slim-trt export`")
+        if isinstance(meta, dict) and meta.get("model_file") == path.name:
             sidecar = meta
     if sidecar is None:
         return None

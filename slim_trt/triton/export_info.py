@@ -1,4 +1,9 @@
-"""Read and check an export folder (model.onnx + slim_export.json + tokenizer/) before deploying it."""
+"""Read and check an export folder (model.onnx + slim_export.json + tokenizer/): read_export is the one gate every
+reader of an export passes (generate, deploy triton, deploy jetson, and lint/verify when the model has its sidecar).
+It refuses, with one line: a sidecar that is not a JSON object of this schema, a model.onnx that does not parse
+(truncated, empty, not ONNX), external data stored outside the folder (a location with '..' or an absolute path,
+or a symlink leading out: deploy would link that file into the repository), and tokenizer files that are not
+valid JSON."""
 from __future__ import annotations
 
 import json
@@ -52,13 +57,13 @@ def read_export(folder: str | Path) -> ExportInfo:
     manifest = folder / MANIFEST
     if not folder.is_dir():
         raise SlimError(f"export folder {folder} does not exist: pass the folder written by `slim-trt export`")
+    if manifest.exists() and not manifest.is_file():
+        raise SlimError(f"{manifest} is not a file: pass the folder written by `slim-trt export`")
     if not manifest.is_file():
         raise SlimError(f"{folder} has no {MANIFEST}: pass the folder written by `slim-trt export`")
-    try:
-        raw = json.loads(manifest.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimError(f"{manifest} is not valid JSON ({e.msg} at line {e.lineno}): re-run `slim-trt export`") \
-            from None
+    raw = read_json(manifest, "re-run `slim-trt export`")
+    if not isinstance(raw, dict):
+        raise SlimError(f"{manifest} is not a JSON object: re-run `slim-trt export`")
     if raw.get("schema_version") != 1:
         raise SlimError(f"{manifest} has schema_version {raw.get('schema_version')!r}, this slim-trt reads 1: "
                         "re-export with this version of slim-trt")
@@ -71,13 +76,62 @@ def read_export(folder: str | Path) -> ExportInfo:
     if raw.get("lowrank") not in LOWRANKS:
         raise SlimError(f"{manifest}: lowrank {raw.get('lowrank')!r} is not one of {', '.join(LOWRANKS)}")
     info = ExportInfo(folder=folder, spec=spec, raw=raw)
+    _check_inside(folder, folder / spec.model_file, manifest)
+    if not info.model_path.is_file():
+        raise SlimError(f"{info.model_path} is missing (named by {manifest}): copy the whole export folder")
     for path in info.model_files:
+        _check_inside(folder, path, info.model_path)
         if not path.is_file():
-            raise SlimError(f"{path} is missing (named by {manifest}): copy the whole export folder")
-    if info.tokenizer_dir is not None and not info.tokenizer_dir.is_dir():
-        raise SlimError(f"tokenizer folder {info.tokenizer_dir} is missing (named by {manifest}): copy the whole "
-                        "export folder")
+            raise SlimError(f"{path} is missing (named by {info.model_path.name}): copy the whole export folder")
+    if info.tokenizer_dir is not None:
+        _check_inside(folder, info.tokenizer_dir, manifest)
+        if not info.tokenizer_dir.is_dir():
+            raise SlimError(f"tokenizer folder {info.tokenizer_dir} is missing (named by {manifest}): copy the whole "
+                            "export folder")
+        for f in sorted(info.tokenizer_dir.glob("*.json")):
+            read_json(f, "re-run `slim-trt export` or copy the export folder again")
     return info
+
+
+def check_onnx_file(onnx_path: str | Path) -> ExportInfo | None:
+    """The gate of a model.onnx given as a file (lint, verify): read_export on its folder when its sidecar beside it
+    describes it (the same checks as generate and deploy), else a parse check of the file alone."""
+    path = Path(onnx_path)
+    if path.is_dir():
+        hint = f": give the model.onnx inside it ({path / 'model.onnx'})" if (path / "model.onnx").is_file() else \
+            ": give the model.onnx written by `slim-trt export`"
+        raise SlimError(f"{path} is a folder{hint}")
+    if not path.is_file():
+        raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
+    sidecar = path.parent / MANIFEST
+    if sidecar.exists() and not sidecar.is_file():
+        return read_export(path.parent)  # names it: not a file
+    if sidecar.exists():
+        raw = read_json(sidecar, "re-run `slim-trt export`")
+        if isinstance(raw, dict) and raw.get("model_file") == path.name:
+            return read_export(path.parent)
+    load_onnx_graph(path)
+    return None
+
+
+def read_json(path: Path, fix: str):
+    """A JSON file's content; SlimError naming the file when it cannot be read or parsed."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise SlimError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}): {fix}") from None
+    except UnicodeDecodeError:
+        raise SlimError(f"{path} is not valid JSON (not UTF-8 text): {fix}") from None
+    except OSError as e:
+        raise SlimError(f"cannot read {path} ({e.strerror}): {fix}") from None
+
+
+def _check_inside(folder: Path, path: Path, named_by: Path) -> None:
+    """A file an export names must be inside the export folder, also after following symlinks."""
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise SlimError(f"{named_by} refers to {path}, which is outside the export folder {folder} (an absolute "
+                        f"path, '..' or a symlink): an export keeps its files inside its folder; re-run "
+                        f"`slim-trt export`")
 
 
 def _external_data_files(model_path: Path) -> list[str]:
@@ -86,7 +140,7 @@ def _external_data_files(model_path: Path) -> list[str]:
 
     if not model_path.is_file():
         return []
-    model = onnx.load(str(model_path), load_external_data=False)
+    model = load_onnx_graph(model_path)
     names: set[str] = set()
     for tensor in _all_initializers(model.graph):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -94,6 +148,20 @@ def _external_data_files(model_path: Path) -> list[str]:
                 if entry.key == "location":
                     names.add(entry.value)
     return sorted(names)
+
+
+def load_onnx_graph(path: Path):
+    """The ONNX model at `path` without its external data; SlimError when it does not parse or has no graph."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends
+        raise SlimError(f"{path} is not an ONNX file ({type(e).__name__}: truncated or corrupt): re-run "
+                        f"`slim-trt export` or copy the file again") from None
+    if not model.graph.node:
+        raise SlimError(f"{path} is not an ONNX model (empty graph): re-run `slim-trt export` or copy the file again")
+    return model
 
 
 def _all_initializers(graph):

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlimError
-from ..outputs import commit_output, prepare_output
+from ..outputs import check_outputs, commit_output, prepare_output
 from . import configs
 from .export_info import ExportInfo, read_export
 
@@ -84,7 +84,9 @@ def deploy(export_dir: str | os.PathLike, repo: str | os.PathLike, config: Deplo
            **overrides) -> DeployResult:
     """Write a Triton model repository for `export_dir` to `repo`. Keyword overrides set DeployConfig fields."""
     config = dataclasses.replace(config or DeployConfig(), **overrides)
-    info = read_export(export_dir)
+    info = read_export(export_dir)  # an input that is no export at all is named first
+    check_outputs(folders={"-o": repo}, inputs=[export_dir, config.engine, config.ort_op_library,
+                                                config.trt_plugin_library], force=config.overwrite)
     repo = Path(repo).resolve()
     _check_inputs(info, config, repo)
     tmp = prepare_output(repo, config.overwrite)

@@ -180,8 +180,9 @@ def test_bad_input_exits_2_with_one_line(case, needle, tiny_model_dir, tmp_path,
         extra = ["--calib", tmp_path / "empty.txt"]
     elif case == "nan":
         model = _nan_model(tmp_path)
-    elif case == "exists":
+    elif case == "exists":  # a non-empty folder; an empty one is fine, as for export (issue 25)
         out.mkdir()
+        (out / "old.txt").write_text("x")
     elif case == "bad_sparsity":
         extra = ["--sparsity", "half"]
     extra = W8A8_FLAG_CASES.get(case, extra)

@@ -33,9 +33,10 @@ def test_export_writes_model_sidecar_and_tokenizer(ckpt, tmp_path, capsys):
 
 
 def test_export_bad_inputs(ckpt, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()  # (an -o inside the input folder is refused first: issue 25)
     cases = [
         (["export", tmp_path / "missing", "-o", tmp_path / "o"], "does not exist"),
-        (["export", tmp_path, "-o", tmp_path / "o"], "not a slim-trt checkpoint"),
+        (["export", tmp_path / "empty", "-o", tmp_path / "o"], "not a slim-trt checkpoint"),
         (["export", ckpt, "-o", tmp_path / "o", "--dtype", "int3"], "bad --dtype"),
         (["export", ckpt, "-o", tmp_path / "o", "--lowrank", "fused"], "bad --lowrank"),
         (["export", ckpt, "-o", tmp_path / "o", "--act-quant", "int4"], "bad --act-quant"),

@@ -176,3 +176,39 @@ def test_readme_commands_paste_into_a_shell_with_a_space_in_the_path(tmp_path):
         "tritonserver", f"--model-repository={repo}", f"--backend-config=tensorrt,plugins={plugin}"]
     assert shlex.split(next(x for x in lines if x.startswith("LD_PRELOAD"))) == [
         f"LD_PRELOAD={plugin}", "tritonserver", f"--model-repository={repo}"]
+
+
+def _external_export(tmp_path, name):
+    export = tmp_path / name
+    build_toy_export(export, tokenizer=False)
+    onnx.save(toy_model(), str(export / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
+              size_threshold=0)
+    return export
+
+
+def _relocate(export, location):
+    model = onnx.load(str(export / "model.onnx"), load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save(model, str(export / "model.onnx"))
+
+
+def test_external_data_outside_the_export_folder_is_refused(tmp_path):
+    """Issue 25: deploy triton accepted locations outside the folder and hard-linked a symlinked
+    model.onnx.data (to /etc/passwd) into every model of the repository; it now passes the same gate as
+    generate, lint, verify and deploy jetson."""
+    outside = tmp_path / "secret.txt"
+    outside.write_bytes(b"x" * 4096)
+    cases = {
+        "dotdot": lambda e: _relocate(e, "../secret.txt"),
+        "absolute": lambda e: _relocate(e, str(outside)),
+        "symlink": lambda e: ((e / "model.onnx.data").unlink(), (e / "model.onnx.data").symlink_to(outside)),
+    }
+    for name, tamper in cases.items():
+        export = _external_export(tmp_path, name)
+        tamper(export)
+        with pytest.raises(SlimError, match="which is outside the export folder"):
+            deploy(export, tmp_path / f"repo-{name}")
+        assert not (tmp_path / f"repo-{name}").exists()
