@@ -26,9 +26,10 @@ weights, never a float copy). Three forms of an export need help to reach the sa
 
 - Every W8A8 linear `MatMul(DequantizeLinear(QuantizeLinear(x, s, int8 0)), DequantizeLinear(int8 W [K, N]))`
   becomes QuantizeLinear(x, s, uint8 128) -> com.microsoft MatMulIntegerToFloat, one per input x and scale (q/k/v,
-  gate/up share it, then a Split), in fp32 even in an fp16 graph (Cast at the boundaries): the integer GEMM whose
-  operand types the caller picks from the CPU (W8A8_FORMS: ONNX Runtime's own fusion hands AVX2-only CPUs a kernel
-  that saturates). q_u8 = q_s8 + 128 over the same clamp range, so the integers are the graph's, exactly.
+  gate/up share it, then a Split): the integer GEMM whose operand types the caller picks from the CPU (W8A8_FORMS:
+  ONNX Runtime's own fusion hands AVX2-only CPUs a kernel that saturates). q_u8 = q_s8 + 128 over the same clamp
+  range, so the integers are the graph's, exactly. An fp16 graph with W8A8 linears is first widened to fp32 as a
+  whole (_upcast_fp16: ONNX Runtime's CPU kernels are fp32), so everything below applies to it as to an fp32 graph.
 
 The last five only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
