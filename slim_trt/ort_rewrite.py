@@ -26,9 +26,10 @@ weights, never a float copy). Three forms of an export need help to reach the sa
 
 - Every W8A8 linear `MatMul(DequantizeLinear(QuantizeLinear(x, s, int8 0)), DequantizeLinear(int8 W [K, N]))`
   becomes QuantizeLinear(x, s, uint8 128) -> com.microsoft MatMulIntegerToFloat, one per input x and scale (q/k/v,
-  gate/up share it, then a Split), in fp32 even in an fp16 graph (Cast at the boundaries): the integer GEMM whose
-  operand types the caller picks from the CPU (W8A8_FORMS: ONNX Runtime's own fusion hands AVX2-only CPUs a kernel
-  that saturates). q_u8 = q_s8 + 128 over the same clamp range, so the integers are the graph's, exactly.
+  gate/up share it, then a Split): the integer GEMM whose operand types the caller picks from the CPU (W8A8_FORMS:
+  ONNX Runtime's own fusion hands AVX2-only CPUs a kernel that saturates). q_u8 = q_s8 + 128 over the same clamp
+  range, so the integers are the graph's, exactly. An fp16 graph with W8A8 linears is first widened to fp32 as a
+  whole (_upcast_fp16: ONNX Runtime's CPU kernels are fp32), so everything below applies to it as to an fp32 graph.
 
 The last five only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
@@ -522,6 +523,108 @@ def _fuse_w8a8(g: _Graph, form: str) -> dict[str, int]:
     return counts
 
 
+def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
+    """{tensor name: element type} of every tensor of `model`'s main graph, from ONNX shape inference run on its
+    structure only (the initializers' types and shapes, not their data)."""
+    g = model.graph
+    shell = helper.make_graph(list(g.node), g.name, list(g.input) + [
+        helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in g.initializer],
+        list(g.output))
+    shell_model = helper.make_model(shell, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(shell_model, strict_mode=False).graph
+    return {v.name: v.type.tensor_type.elem_type for v in
+            list(inferred.input) + list(inferred.value_info) + list(inferred.output)}
+
+
+FLOAT_TYPES = (TensorProto.FLOAT16, TensorProto.FLOAT)
+
+
+def _has_w8a8(g: _Graph) -> bool:
+    """Whether some MatMul reads DequantizeLinear(QuantizeLinear(x)): activations quantized by the graph."""
+    for n in g.g.node:
+        dq = g.producer.get(n.input[0]) if n.op_type == "MatMul" else None
+        if dq is not None and dq.op_type == "DequantizeLinear" and \
+                getattr(g.producer.get(dq.input[0]), "op_type", None) == "QuantizeLinear":
+            return True
+    return False
+
+
+def _upcast_fp16(model: onnx.ModelProto) -> int:
+    """An fp16 graph computed in fp32, in place: fp16 initializers and constants widened (exactly), Casts to fp16
+    turned into Casts to fp32 and the ones that now change nothing (float to float) dropped, the graph's fp16 inputs
+    and outputs kept as they are with a Cast at each. ONNX Runtime's CPU provider has fp32 kernels for everything
+    (MatMulNBits, MatMulIntegerToFloat, SimplifiedLayerNormalization) and few for fp16: without this an fp16 export
+    runs as Casts around each fp32 kernel (554 of them on Gemma 3 270M W8A8). Returns how many tensors were
+    widened (initializers, constants, inputs, outputs); 0 = nothing to do (no fp16, or a subgraph inside)."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0
+    if not any(t.data_type == TensorProto.FLOAT16 for t in g.initializer) and not any(
+            v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in list(g.input) + list(g.output)):
+        return 0
+    types = _elem_types(model)
+    widened = 0
+    for i, t in enumerate(g.initializer):
+        if t.data_type == TensorProto.FLOAT16:
+            g.initializer[i].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float32), t.name))
+            widened += 1
+    alias: dict[str, str] = {}  # output of a dropped float-to-float Cast -> its input
+    nodes = []
+    for n in g.node:
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.TENSOR and a.t.data_type == TensorProto.FLOAT16:
+                a.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(a.t).astype(np.float32), a.t.name))
+                widened += 1
+            elif a.name in ("to", "dtype") and a.type == onnx.AttributeProto.INT and a.i == TensorProto.FLOAT16:
+                a.i = TensorProto.FLOAT
+        if n.op_type == "Cast" and n.domain in ("", "ai.onnx") and _attr(n, "to", 0) == TensorProto.FLOAT \
+                and types.get(n.input[0]) in FLOAT_TYPES:
+            alias[n.output[0]] = n.input[0]
+            continue
+        nodes.append(n)
+    head, tail = [], []
+    names = {x for n in nodes for x in list(n.input) + list(n.output)} | {t.name for t in g.initializer}
+    for v in g.input:
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            wide = unique_name(names, f"{v.name}/fp32")
+            head.append(helper.make_node("Cast", [v.name], [wide], name=unique_name(names, f"{v.name}/Cast_fp32"),
+                                         to=TensorProto.FLOAT))
+            alias[v.name] = wide
+            widened += 1
+
+    def resolve(x: str) -> str:
+        while x in alias:
+            x = alias[x]
+        return x
+
+    for n in nodes:
+        for i, x in enumerate(n.input):
+            n.input[i] = resolve(x)
+    for v in g.output:
+        src = resolve(v.name)
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            tail.append(helper.make_node("Cast", [src], [v.name], name=unique_name(names, f"{v.name}/Cast_fp16"),
+                                         to=TensorProto.FLOAT16))
+            widened += 1
+        elif src != v.name:
+            tail.append(helper.make_node("Identity", [src], [v.name], name=unique_name(names, f"{v.name}/Identity")))
+    # A graph output whose producer now also feeds it internally keeps its name: rename the producer's output.
+    produced = {o for n in nodes for o in n.output}
+    for c in tail:
+        if c.op_type == "Cast" and c.input[0] == c.output[0] and c.output[0] in produced:
+            wide = unique_name(names, f"{c.output[0]}/fp32")
+            for n in nodes:
+                n.output[:] = [wide if o == c.output[0] else o for o in n.output]
+                n.input[:] = [wide if x == c.output[0] else x for x in n.input]
+            c.input[0] = wide
+    del g.node[:]
+    g.node.extend(head + nodes + tail)
+    for v in g.value_info:
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT16:
+            v.type.tensor_type.elem_type = TensorProto.FLOAT
+    return widened
+
+
 def _only_reader(g: _Graph, name: str, op_type: str):
     """The single node reading `name` when it is an `op_type` (and `name` is no graph output), else None."""
     uses = g.consumers.get(name, [])
@@ -608,15 +711,18 @@ def needs_rewrite(model: onnx.ModelProto) -> bool:
 
 
 def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level: int = 4,
-                    share_inputs: bool = True, w8a8_form: str = "u8u8") -> tuple[onnx.ModelProto, dict]:
+                    share_inputs: bool = True, w8a8_form: str = "u8u8",
+                    upcast_fp16: bool | None = None) -> tuple[onnx.ModelProto, dict]:
     """A rewritten copy of `model` (see the module doc) and counts of what changed. accuracy_level: the session's
     `session.qdq_matmulnbits_accuracy_level`, which the MatMulNBits nodes built here follow too. share_inputs=False:
     one MatMulNBits per quantized linear, none shared (for comparison). w8a8_form: the integer GEMM's operand types
-    for W8A8 linears (W8A8_FORMS; the caller picks it from the CPU, runtime.cpu_choice)."""
+    for W8A8 linears (W8A8_FORMS; the caller picks it from the CPU, runtime.cpu_choice). upcast_fp16: compute an
+    fp16 graph in fp32 (_upcast_fp16); None = when it has W8A8 linears (weight-only fp16 graphs keep ONNX Runtime's
+    own fp16 Q/DQ fusion)."""
     m = onnx.ModelProto()
     m.CopyFrom(model)
     counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0,
-              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0}
+              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0, "fp16_widened": 0}
     if w8a8_form not in W8A8_FORMS:
         raise ValueError(f"unknown W8A8 form {w8a8_form!r}: choose one of {', '.join(W8A8_FORMS)}")
     g = _Graph(m)
@@ -626,11 +732,14 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level
             counts["lowrank_expanded"] += 1
     if fuse:
         g.finish()
+        g = _Graph(m)
+        if _compute_type(g) == TensorProto.FLOAT16 and (upcast_fp16 if upcast_fp16 is not None else _has_w8a8(g)):
+            counts["fp16_widened"] = _upcast_fp16(m)
         g = _Graph(m)  # the expanded low-rank factors are ordinary linears from here on
         counts.update(_fuse_w8a8(g, w8a8_form))
         g.finish()
         g = _Graph(m)
-        compute = _compute_type(g)
+        compute = TensorProto.FLOAT if counts["fp16_widened"] else _compute_type(g)
         for n in list(m.graph.node):
             if n.op_type == "DequantizeLinear" and g.dq_of(n.output[0]) is not None:
                 for k, v in _fuse_quantized_table(g, n, compute, accuracy_level).items():

@@ -308,8 +308,8 @@ def make_session(model_path: str | os.PathLike, spec: DecoderSpec | None = None,
 
 
 def kernel_counts(optimized_model_path: str | os.PathLike) -> dict:
-    """What ONNX Runtime runs, from the optimized graph a session wrote: node counts by op type, and the
-    DequantizeLinear nodes left unfused (each with the ops it feeds)."""
+    """What ONNX Runtime runs, from the optimized graph a session wrote: node counts by op type, the float type its
+    constants have (compute_dtype), and the DequantizeLinear nodes left unfused (each with the ops it feeds)."""
     import onnx
 
     model = onnx.load(str(optimized_model_path), load_external_data=False)
@@ -322,7 +322,11 @@ def kernel_counts(optimized_model_path: str | os.PathLike) -> dict:
             readers.setdefault(x, []).append(n.op_type)
     unfused = {n.name: sorted(set(readers.get(n.output[0], []))) for n in model.graph.node
                if n.op_type == "DequantizeLinear"}
-    return {"ops": dict(sorted(counts.items())), "matmul_nbits": counts.get("MatMulNBits", 0),
+    from onnx import TensorProto
+
+    # fp16 when the session keeps fp16 numbers; an fp16 W8A8 export is widened to fp32 in memory (ort_rewrite)
+    compute = "fp16" if any(t.data_type == TensorProto.FLOAT16 for t in model.graph.initializer) else "fp32"
+    return {"ops": dict(sorted(counts.items())), "compute_dtype": compute, "matmul_nbits": counts.get("MatMulNBits", 0),
             "gather_block_quantized": counts.get("GatherBlockQuantized", 0),
             "matmul_integer_to_float": counts.get("MatMulIntegerToFloat", 0), "unfused_dequantize": unfused}
 

@@ -482,6 +482,9 @@ def format_report(report: VerifyReport) -> str:
         lines.append("ONNX Runtime quantizes activations to int8 on the fly (MatMulNBits accuracy level 4 or an 8-bit "
                      "head): the default limits allow for that rounding")
     k = s.get("kernels")
+    if k and s.get("dtype") == "fp16" and k.get("compute_dtype") == "fp32":
+        lines.append("ONNX Runtime computes this fp16 export in fp32: the graph is widened in memory (fp16 weights "
+                     "and scales are exact in fp32; inputs and outputs stay fp16), as its CPU kernels are fp32")
     cpu = s.get("cpu")
     if cpu:
         line = f"CPU: {' '.join(cpu['cpu_features'])}"
