@@ -220,7 +220,7 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
 def channel_transform(config: CompressConfig, report: "CompressReport"):
     """The runner's transform step for config.channel_permutation (None when off): permute each block's MLP
     channels for its N:M groups; the kept saliency shares go to report.permutation."""
-    if config.channel_permutation == "none":
+    if not config.permutes_channels:
         return None
     from .calibration.permutation import permute_mlp
 
@@ -323,7 +323,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
         if store is not None:
             skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
             # the block's norms absorbed SmoothQuant scales, or its channels were permuted: keep its whole state
-            smoothed = config.smooth_alpha is not None or config.channel_permutation != "none"
+            smoothed = config.smooth_alpha is not None or config.permutes_channels
             with timer.phase("save"):
                 store.save(res.index, {n: model.get_submodule(n) for n in res.layers},
                            {"infos": res.layers, "skipped": skipped, "block": entry},

@@ -76,7 +76,7 @@ def refit_base(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Compre
     (cfg.refit_mask "reselect") SparseGPT's sweep choosing the mask again on T by its OBS criterion
     w^2 / [H^-1]_jj^2, as the first sweep chose it on W. With adapters L R in the target, the mask is chosen for
     what the base has to carry once the adapters hold the rest."""
-    if cfg.refit_mask != "reselect":
+    if not cfg.reselects_mask:  # keep, or no SparseGPT sweep to choose the mask again in
         return base_on_mask(T, H, mask, cfg, scale), mask
     T = T.detach().to(torch.float32)
     bits = None if cfg.bits == 16 else cfg.bits

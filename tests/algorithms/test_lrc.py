@@ -94,7 +94,7 @@ def test_base_target_lowers_the_error_of_the_unquantized_base(quantized_layer):
 
 def test_lrc_fit_rounds_never_raise_the_objective(quantized_layer):
     W, X, Xq, H, act, _ = quantized_layer
-    cfg = dataclasses.replace(W8A8, rank_ratio=0.1)
+    cfg = dataclasses.replace(W8A8, rank_ratio=0.1, refit_mask="keep")  # the mask holds (reselect: its own test)
     weight, mask = compress_base(base_target(W, None, H, act), act.H_qq, X.norm(dim=0), cfg)
     res = lrc_fit(W, LRCSystem(H, act), cfg, weight, mask, rank=13, rounds=3)
     j = res.objectives
@@ -139,7 +139,7 @@ def test_lrc_refit_mask_reselect_lowers_the_objective(quantized_layer):
 
     W, X, Xq, H, moments, _ = quantized_layer
     s = X.norm(dim=0)
-    keep = compress_weight(W, H, s, s, W8A8, act=moments)
+    keep = compress_weight(W, H, s, s, dataclasses.replace(W8A8, refit_mask="keep"), act=moments)
     new = compress_weight(W, H, s, s, dataclasses.replace(W8A8, refit_mask="reselect"), act=moments)
     assert keep.rel_error == pytest.approx(0.01304, abs=1e-5) and new.rel_error == pytest.approx(0.01284, abs=1e-5)
     assert (keep.refit_rounds, new.refit_rounds) == (3, 3)

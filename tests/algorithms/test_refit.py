@@ -220,7 +220,7 @@ def test_sensitivity_ranks_with_the_default_h_lora():
 # Issue 15: the cheaper refit rounds (refit_rounding "last", refit_scales "first") and the old ones behind flags
 # ---------------------------------------------------------------------------------------------------------------
 
-OLD_REFIT = dict(refit_rounding="every", refit_scales="every")
+OLD_REFIT = dict(refit_rounding="every", refit_scales="every", refit_mask="keep")
 
 
 @pytest.fixture(scope="module")
@@ -335,7 +335,7 @@ def test_refit_mask_reselect_lowers_the_error_with_a_new_2to4_mask(layer):
     with a valid 2:4 mask that differs from the first sweep's and a base that is zero off it."""
     W, X, H = layer
     s = X.norm(dim=0)
-    keep = compress_weight(W, H, s, s, slim_2to4())
+    keep = compress_weight(W, H, s, s, slim_2to4(refit_mask="keep"))
     new = compress_weight(W, H, s, s, slim_2to4(refit_mask="reselect"))
     assert (keep.rel_error_base, keep.refit_rounds) == (pytest.approx(0.06301, abs=1e-5), 1)
     assert keep.rel_error == pytest.approx(0.01861, abs=1e-5)
@@ -360,10 +360,19 @@ def test_refit_mask_reselect_never_raises_the_energy(rounding, heavy):
         assert res.mask is mask
 
 
-def test_refit_mask_reselect_is_refused_without_a_sparsegpt_sweep():
+def test_refit_mask_reselect_applies_only_to_sparsegpt_sweeps_and_the_cli_refuses_it_elsewhere():
+    from slim_trt.cli import build_parser
+    from slim_trt.cli.compress import config_from_args
     from slim_trt.errors import SlimError
 
+    assert slim_2to4().reselects_mask and not paper(refit_mask="reselect").reselects_mask  # Wanda: no sweep
+    assert not slim_2to4(quantizer="spqr").reselects_mask and not slim_2to4(sparsity="none").reselects_mask
+
+    def cli(*flags):
+        return config_from_args(build_parser().parse_args(["compress", "M", "-o", "O", *flags]))
+
+    assert cli("--pruner", "wanda").refit_mask == "keep"  # the preset's reselect drops out with the sweep
     with pytest.raises(SlimError, match="--refit-mask reselect .* needs --pruner sparsegpt"):
-        paper(refit_mask="reselect")  # Wanda
+        cli("--pruner", "wanda", "--refit-mask", "reselect")
     with pytest.raises(SlimError, match="bad --refit-mask 'always'"):
         slim_2to4(refit_mask="always")

@@ -228,9 +228,10 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
     results = json.loads((bench.BENCH / "results" / "accuracy_gemma3-270m.json").read_text())
     by_key = {r.key: r for r in bench.ROWS}
     by_number = {r.number: r for r in bench.ROWS}
-    # Issue 23's --refit-mask reselect won on both 2:4 recipes (rows 63, 64), so the presets turned it on.
-    assert CompressConfig(**by_number[64].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
-    assert results["best_one_shot"] == by_number[64].key
+    # Issue 23's --refit-mask reselect won on both 2:4 recipes (rows 63, 64) and the MLP permutation on top of it on
+    # the W8A8 one (row 67), so the presets turned them on.
+    assert CompressConfig(**by_number[67].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
+    assert results["best_one_shot"] == by_number[67].key
     assert CompressConfig(**by_number[42].compress) == CompressConfig(**PRESETS["int4-dense"])
     assert results["dense_int4_reference"] == [by_number[41].key, by_number[42].key]
     assert results["best_one_shot_2to4"] == by_number[63].key
@@ -245,7 +246,7 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
     # the report prints the dense INT4 reference beside best_one_shot
     md = (bench.BENCH / "results" / "accuracy_gemma3-270m.md").read_text()
-    assert f"best_one_shot: row {by_number[64].key}, perplexity 56.04 (x1.287 dense)" in md
+    assert f"best_one_shot: row {by_number[67].key}, perplexity 53.65 (x1.232 dense)" in md
     assert "beside it, the dense INT4 reference" in md and f"row {by_number[42].key}, perplexity 49.80" in md
 
 
@@ -253,9 +254,12 @@ def test_the_w8a8_preset_is_the_smoothed_lrc_row():
     from slim_trt.config import PRESETS, CompressConfig
 
     by_number = {r.number: r for r in bench.ROWS}
-    # row 64 is the preset; row 31 the same with the first mask kept, row 30 that without SmoothQuant
-    assert CompressConfig(**by_number[64].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
-    kept = {**PRESETS["trt-int8-sparse"], "refit_mask": "keep"}
+    # row 67 is the preset; row 64 the same without the permutation, row 31 that with the first mask kept, row 30
+    # that without SmoothQuant
+    assert CompressConfig(**by_number[67].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
+    unpermuted = {**PRESETS["trt-int8-sparse"], "channel_permutation": "none"}
+    assert CompressConfig(**by_number[64].compress) == CompressConfig(**unpermuted)
+    kept = {**unpermuted, "refit_mask": "keep"}
     assert CompressConfig(**by_number[31].compress) == CompressConfig(**kept)
     assert CompressConfig(**by_number[30].compress) == CompressConfig(**{**kept, "smooth_alpha": None})
 
@@ -303,11 +307,11 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
     from slim_trt.config import CompressConfig
 
     by_number = {r.number: r for r in bench.ROWS}
-    keep = ["--refit-mask", "keep"]  # the rows measured before issue 23's mask reselection
-    for flags, number in (([], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 63),
+    keep = ["--refit-mask", "keep", "--channel-permutation", "none"]  # rows measured before issue 23's options
+    for flags, number in (([], 67), (["--channel-permutation", "none"], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 63),
                           (["--bits", "4"], 63), (["--preset", "slim-2to4", *keep], 24),
                           (["--preset", "int4-dense", "--quantizer", "spqr", "--bits", "3"], 47),
-                          (["--preset", "trt-int8-sparse"], 64), ([*keep], 31), (["--smooth-alpha", "none", *keep], 30),
+                          (["--preset", "trt-int8-sparse"], 67), ([*keep], 31), (["--smooth-alpha", "none", *keep], 30),
                           (["--act-bits", "none", *keep], 27),
                           (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1"], 59),
                           (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1", "--lowrank", "none"],

@@ -45,7 +45,8 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
     (["--refit-rounding", "last", "--refit-scales", "first"], dict(refit_rounding="last", refit_scales="first")),
     (["--preset", "slim-2to4", "--refit-mask", "reselect", "--channel-permutation", "mlp"],
      dict(sparsity="2:4", refit_mask="reselect", channel_permutation="mlp")),
-    ([], dict(refit_mask="reselect", channel_permutation="none")),  # the 2:4 presets reselect (rows 63, 64)
+    ([], dict(refit_mask="reselect", channel_permutation="mlp")),  # the W8A8 2:4 preset (row 67)
+    (["--sparsity", "unstructured:0.5"], dict(channel_permutation="none")),  # no N:M groups to arrange
     (["--pruner", "wanda"], dict(pruner="wanda", refit_mask="keep")),  # no SparseGPT sweep to reselect in
     (["--sparsity", "none"], dict(sparsity="none", refit_mask="keep")),
     (["--quantizer", "spqr"], dict(quantizer="spqr", refit_mask="keep")),
