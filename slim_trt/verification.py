@@ -242,22 +242,14 @@ def _graph_dtype(path: Path) -> str:
 def _check_onnx_path(onnx_path: str | Path, export_gate: bool = False) -> Path:
     """export_gate: the user's export gets the gate generate and deploy use (verify's entry); verify_model also
     runs on verify's own stripped copies in a temporary folder, which hold no tokenizer."""
-    import onnx
-
-    from .triton.export_info import check_onnx_file
+    from .triton.export_info import check_onnx_file, load_onnx_graph
 
     path = Path(onnx_path)
     if export_gate:
         check_onnx_file(path)  # the export gate (as generate and deploy), or a parse check without a sidecar
     if not path.is_file():
         raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends
-        raise SlimError(f"{path} is not an ONNX file ({type(e).__name__}): give the model.onnx written by "
-                        f"`slim-trt export`") from e
-    if not model.graph.node:
-        raise SlimError(f"{path} is not an ONNX model (empty graph): give the model.onnx written by `slim-trt export`")
+    load_onnx_graph(path)  # parses, with a graph: one line otherwise
     return path
 
 
