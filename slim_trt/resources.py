@@ -39,16 +39,21 @@ def resolve_device(text: str | torch.device | None) -> torch.device:
     raise SlimError(f"bad --device {text!r}: choose {DEVICE_CHOICES}")
 
 
-def available_memory_bytes() -> int | None:
-    """Memory the system can give this process without swapping (Linux MemAvailable; None where unknown)."""
+def proc_kib_field(path: str, key: str) -> int | None:
+    """Bytes of a "Key:  N kB" line of a Linux /proc file (None where the file or the line is missing)."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def available_memory_bytes() -> int | None:
+    """Memory the system can give this process without swapping (Linux MemAvailable; None where unknown)."""
+    return proc_kib_field("/proc/meminfo", "MemAvailable")
 
 
 def available_cores() -> int:

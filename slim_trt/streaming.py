@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from .errors import SlimError
+from .resources import proc_kib_field
 
 # The largest piece of a tensor read at once (and so the most a safetensors memory map holds in this process).
 SLICE_BYTES = 64 << 20
@@ -345,13 +346,9 @@ def peak_rss_bytes() -> int:
     """This process's peak resident memory (the kernel's VmHWM). Unlike getrusage's ru_maxrss it does not carry
     the memory of the parent this process was forked from over exec (a CLI started from a large Python process
     would report that parent's size); ru_maxrss where /proc is not available."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
+    peak = proc_kib_field("/proc/self/status", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

@@ -246,7 +246,8 @@ def _check_onnx_path(onnx_path: str | Path, export_gate: bool = False) -> Path:
 
     path = Path(onnx_path)
     if export_gate:
-        check_onnx_file(path)  # the export gate (as generate and deploy), or a parse check without a sidecar
+        check_onnx_file(path)  # the export gate (as generate and deploy): it parses the file once
+        return path
     if not path.is_file():
         raise SlimError(f"{path} does not exist: give the model.onnx written by `slim-trt export`")
     load_onnx_graph(path)  # parses, with a graph: one line otherwise

@@ -202,6 +202,8 @@ def base_recipe(args) -> dict:
 
 
 def config_from_args(args):
+    import dataclasses
+
     from ..config import CompressConfig
 
     # Explicit flags on top of the base recipe; flags that cannot combine are refused by CompressConfig in one line
@@ -226,14 +228,14 @@ def config_from_args(args):
             raise SlimError("--refit-mask reselect chooses the mask again in the refit rounds' SparseGPT sweeps: it "
                             "needs --pruner sparsegpt with a sparsity (2:4) and a quantizer other than spqr; drop it "
                             "or use --refit-mask keep")
-        cfg = CompressConfig(**{**values, "refit_mask": "keep"})
+        cfg = dataclasses.replace(cfg, refit_mask="keep")
     if cfg.channel_permutation != "none" and not cfg.permutes_channels:
         if getattr(args, "channel_permutation", None) not in (None, "none"):
             from ..errors import SlimError
 
             raise SlimError("--channel-permutation arranges channels for N:M groups: it needs --sparsity N:M (e.g. "
                             "2:4); drop it for dense or unstructured sparsity")
-        cfg = CompressConfig(**{**values, "refit_mask": cfg.refit_mask, "channel_permutation": "none"})
+        cfg = dataclasses.replace(cfg, channel_permutation="none")
     return cfg
 
 

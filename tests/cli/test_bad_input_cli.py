@@ -11,19 +11,8 @@ import pytest
 import torch
 
 from tests.cli.test_integrity_cli import FAST, one_error_line
-from tests.conftest import run_cli as run, save_tiny_model
-from tests.exporter.conftest import save_compressed_checkpoint
+from tests.conftest import run_cli as run
 from tests.triton.toy_export import build_toy_export
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("src") / "tiny-llama", "llama")
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return save_compressed_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", "llama")
 
 
 def _snapshot(folder):

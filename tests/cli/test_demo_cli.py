@@ -37,41 +37,41 @@ def test_demo_lints_what_it_exported(tiny_model_dir, tmp_path, capsys):
     assert "jetson-orin-jp6" in err and "sparse math on jetson-orin-jp6 (jetson-orin): 14 of" in err
 
 
-def test_demo_fails_when_no_gemm_can_run_sparse(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def _demo_with_lint_report(changed, tiny_model_dir, tmp_path, capsys, monkeypatch):
+    """Run the tiny demo with the lint report altered by `changed(report)`: (exit code, stderr, demo.json)."""
     import slim_trt.linter as linter
 
     real = linter.lint
 
-    def dense_only(path, target="trt10", **kw):  # what an export without one sparse-eligible GEMM reports
+    def altered(path, target="trt10", **kw):
         rep = real(path, target=target, **kw)
-        rep.summary["sparse_tensor_cores"].update(eligible=0, flop_fraction_eligible=0.0)
+        changed(rep)
         return rep
 
-    monkeypatch.setattr(linter, "lint", dense_only)
+    monkeypatch.setattr(linter, "lint", altered)
     out = tmp_path / "demo"
     rc = main(["demo", "--model", str(tiny_model_dir), "--out", str(out), "--nsamples", "4", "--seqlen", "32",
                "--eval-windows", "2"])
     _, err = capsys.readouterr()
+    return rc, err, json.loads((out / "demo.json").read_text())
+
+
+def test_demo_fails_when_no_gemm_can_run_sparse(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    def dense_only(rep):  # what an export without one sparse-eligible GEMM reports
+        rep.summary["sparse_tensor_cores"].update(eligible=0, flop_fraction_eligible=0.0)
+
+    rc, err, demo = _demo_with_lint_report(dense_only, tiny_model_dir, tmp_path, capsys, monkeypatch)
     assert rc == 1 and "FAILED: sparse" in err and "none can run on sparse tensor cores" in err
-    sparse = json.loads((out / "demo.json").read_text())["sparse"]
+    sparse = demo["sparse"]
     assert (sparse["ok"], sparse["eligible"], sparse["flop_fraction_eligible"]) == (False, 0, 0.0)
 
 
 def test_demo_fails_loudly_when_lint_fails(tiny_model_dir, tmp_path, capsys, monkeypatch):
-    import slim_trt.linter as linter
     from slim_trt.linter import Finding
 
-    real = linter.lint
-
-    def failing(path, target="trt10", **kw):
-        rep = real(path, target=target, **kw)
+    def failing(rep):
         rep.findings.append(Finding("error", "int4", "some/node", "an INT4 rule this export breaks"))
-        return rep
 
-    monkeypatch.setattr(linter, "lint", failing)
-    out = tmp_path / "demo"
-    rc = main(["demo", "--model", str(tiny_model_dir), "--out", str(out), "--nsamples", "4", "--seqlen", "32",
-               "--eval-windows", "2"])
-    _, err = capsys.readouterr()
+    rc, err, demo = _demo_with_lint_report(failing, tiny_model_dir, tmp_path, capsys, monkeypatch)
     assert rc == 1 and "FAILED: lint" in err
-    assert json.loads((out / "demo.json").read_text())["lint"]["ok"] is False
+    assert demo["lint"]["ok"] is False

@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from tests.conftest import run_cli as run, save_tiny_model, tiny_model, tiny_tokenizer
-from tests.exporter.conftest import save_compressed_checkpoint
 from tests.tampering import TAMPER, tampered
 
 FAST = ["--nsamples", "2", "--seqlen", "16", "-q", "--refit-rounds", "0"]
@@ -23,16 +22,6 @@ def one_error_line(err: str, command: str) -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"slim-trt {command}: error: "), err
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def good(tmp_path_factory):
-    return save_compressed_checkpoint(tmp_path_factory.mktemp("ckpt") / "ckpt", "llama")
-
-
-@pytest.fixture(scope="module")
-def source(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("src") / "tiny-llama", "llama")
 
 
 # ---------------------------------------------------------------- tampered checkpoints: info, eval, export
