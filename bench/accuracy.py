@@ -32,7 +32,7 @@ import harness
 from harness import (BENCH, DEFAULT_CALIB, DEFAULT_DATA, fmt as _fmt, model_tag, peak_rss_gb, portable_path,
                      reset_peak_rss, versions)
 
-from slim_trt.calibration.data import parse_window_count
+from slim_trt.data.windows import parse_window_count
 from slim_trt.errors import SlimError
 
 DENSE_BITS = 16.0  # the dense reference is deployed in fp16/bf16
@@ -265,7 +265,7 @@ def row_config(row: Row) -> dict:
     from slim_trt.config import CompressConfig
 
     if row.compress is not None:
-        out = {"method": "slim_trt.compressor", **CompressConfig(**row.compress).to_dict()}
+        out = {"method": "slim_trt.compression.compressor", **CompressConfig(**row.compress).to_dict()}
         if row.finetune is not None:
             out["finetune"] = finetune_settings(row)
         return out
@@ -303,7 +303,7 @@ LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uni
 
 def finetune_settings(row: Row) -> dict:
     """The row's fine-tuning as recorded: every FinetuneConfig field (defaults filled in) plus "windows"."""
-    from slim_trt.finetune import FinetuneConfig
+    from slim_trt.compression.finetune import FinetuneConfig
 
     kw = {k: v for k, v in row.finetune.items() if k != "windows"}
     return {**FinetuneConfig(**kw).to_dict(), "windows": row.finetune.get("windows", 32)}
@@ -315,11 +315,11 @@ def finetune_settings(row: Row) -> dict:
 
 def score(model, windows, reference_top1, batch_size: int = 4) -> dict:
     """Perplexity of `model` over every predicted token, and its top-1 agreement with precomputed reference
-    top-1 predictions [n, seqlen - 1]. The same numbers as slim_trt.evaluate.compare, without re-running the
+    top-1 predictions [n, seqlen - 1]. The same numbers as slim_trt.verification.perplexity.compare, without re-running the
     dense model for every row (its logits over a 262k vocabulary are half the cost of each evaluation)."""
     import torch
 
-    from slim_trt.evaluate import window_logits
+    from slim_trt.verification.perplexity import window_logits
 
     nll, agree, count, offset = 0.0, 0, 0, 0
     for batch, logits in window_logits(model, windows, batch_size):
@@ -338,7 +338,7 @@ def reference_pass(model, windows, batch_size: int = 4):
     """(perplexity, top-1 predictions [n, seqlen - 1]) of the dense model."""
     import torch
 
-    from slim_trt.evaluate import window_logits
+    from slim_trt.verification.perplexity import window_logits
 
     nll, count, tops = 0.0, 0, []
     for batch, logits in window_logits(model, windows, batch_size):
@@ -501,7 +501,7 @@ def best_rows(rows: dict) -> dict:
 
     def qualifies(r: dict, tuned: bool, cls: str) -> bool:
         c = r.get("config") or {}
-        return (r.get("status") == "ok" and c.get("method") == "slim_trt.compressor" and kind(c) == cls
+        return (r.get("status") == "ok" and c.get("method") == "slim_trt.compression.compressor" and kind(c) == cls
                 and ("finetune" in c) == tuned
                 and (cls != "w4a16-2to4" or r["bits_per_param_with_adapters"] <= BUDGET_BITS))
 
@@ -653,7 +653,7 @@ class Context:
 
 
 def run_ours(row: Row, ctx: Context) -> dict:
-    from slim_trt.compressor import compress
+    from slim_trt.compression.compressor import compress
     from slim_trt.config import CompressConfig
 
     model = copy.deepcopy(ctx.dense)  # compress works in place; the dense copy stays in memory
@@ -682,8 +682,8 @@ def run_ours(row: Row, ctx: Context) -> dict:
 def run_finetune(row: Row, ctx: Context, model) -> dict:
     """Fine-tune the compressed model's adapters in place (teacher: the dense model); the loss curve goes next to
     the results as finetune_<row key>.png."""
-    from slim_trt.calibration.data import calibration_windows, load_text
-    from slim_trt.finetune import FinetuneConfig, finetune, save_loss_curve
+    from slim_trt.data.windows import calibration_windows, load_text
+    from slim_trt.compression.finetune import FinetuneConfig, finetune, save_loss_curve
 
     st = finetune_settings(row)
     cfg = FinetuneConfig(**{k: v for k, v in st.items() if k != "windows"})
@@ -710,7 +710,7 @@ def run_peer(row: Row, ctx: Context, venv_dir: Path, timeout: float) -> dict:
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from slim_trt.calibration.families import block_linears, decoder_blocks
+    from slim_trt.compression.calibration.families import block_linears, decoder_blocks
 
     py = peer_python(venv_dir, row.peer)
     req = BENCH / "peers" / f"requirements-{row.peer}.txt"
@@ -786,8 +786,8 @@ def _peer_report(out: Path) -> dict | None:
 def prepare(args, settings: Settings) -> Context:
     import torch
 
-    from slim_trt.calibration.data import calibration_windows, load_text
-    from slim_trt.models import load_model, model_folder
+    from slim_trt.data.windows import calibration_windows, load_text
+    from slim_trt.models.source import load_model, model_folder
 
     t0 = time.time()
     dense, tok = load_model(settings.model)

@@ -105,7 +105,7 @@ def check_text_files(**files: str) -> None:
 def evaluation_windows(tokenizer, data: str, seqlen: int, windows: int | None):
     """The evaluation windows every row of every benchmark scores: the first `windows` non-overlapping windows of
     `seqlen` tokens of the text file (all of them when None), BOS first. LongTensor [n, seqlen]."""
-    from slim_trt.calibration.data import eval_windows, load_text
+    from slim_trt.data.windows import eval_windows, load_text
 
     return eval_windows(tokenizer, load_text(data), seqlen, windows)
 

@@ -83,9 +83,9 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
 
-    from slim_trt.calibration.data import calibration_windows, load_text
-    from slim_trt.evaluate import perplexity
-    from slim_trt.models import load_model
+    from slim_trt.data.windows import calibration_windows, load_text
+    from slim_trt.verification.perplexity import perplexity
+    from slim_trt.models.source import load_model
 
     t0 = time.time()
     model, tok = load_model(args.model)

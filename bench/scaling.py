@@ -268,8 +268,8 @@ def calibration_ids(calib: str, nsamples: int, seqlen: int, seed: int):
     import torch
     from transformers import AutoTokenizer
 
-    from slim_trt.calibration.data import calibration_windows, load_text
-    from slim_trt.models import model_folder
+    from slim_trt.data.windows import calibration_windows, load_text
+    from slim_trt.models.source import model_folder
 
     tok = AutoTokenizer.from_pretrained(model_folder("gemma3-270m"))
     windows = calibration_windows(tok, load_text(calib), nsamples, seqlen, seed)
@@ -292,7 +292,7 @@ def synthetic_block(hidden: int, vocab: int, seqlen: int, seed: int):
 def run_row(row: Row, windows, vocab: int, args) -> dict:
     import torch
 
-    from slim_trt.compressor import compress
+    from slim_trt.compression.compressor import compress
     from slim_trt.config import CompressConfig
 
     model = synthetic_block(row.hidden, vocab, windows.shape[1], args.seed)

@@ -41,7 +41,7 @@ PROMPTS = [
 
 
 def local_reference(export: Path, prompts: list[str], max_new_tokens: int, threads: int) -> dict:
-    from slim_trt.generation import Generator
+    from slim_trt.runtime.generation import Generator
 
     t0 = time.perf_counter()
     gen = Generator(export, threads=threads)

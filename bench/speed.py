@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py, wh
 import harness
 from harness import BENCH, DEFAULT_DATA, REPO, fmt
 
-from slim_trt.calibration.data import parse_window_count
+from slim_trt.data.windows import parse_window_count
 from slim_trt.errors import SlimError
 
 
@@ -120,7 +120,7 @@ class Context:
 def settings_of(args) -> dict:
     """What every row shares. The text is named by its file name and content hash, so a run from another
     checkout (or a worktree) resumes the same results."""
-    from slim_trt.checkpoint import file_sha256
+    from slim_trt.checkpoint.format import file_sha256
 
     return {"model": args.model, "data": Path(args.data).name, "data_sha256": file_sha256(Path(args.data))[:16],
             "seqlen": args.seqlen,
@@ -134,7 +134,7 @@ def prepare_context(args) -> Context:
     import numpy as np
     from transformers import AutoTokenizer
 
-    from slim_trt.models import model_folder
+    from slim_trt.models.source import model_folder
 
     folder = Path(model_folder(args.model))
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -248,7 +248,7 @@ def build_ortgenai(row: Row, ctx: Context) -> dict:
 
 
 def llamacpp_model(row: Row, ctx: Context) -> dict:
-    from slim_trt.models import EMBEDDED_DEFAULT, _embedded_gguf
+    from slim_trt.models.source import EMBEDDED_DEFAULT, _embedded_gguf
 
     peer_python(row, ctx)
     if ctx.args.model != EMBEDDED_DEFAULT:
@@ -383,8 +383,8 @@ def reference_perplexities(ctx: Context) -> dict:
     import numpy as np
     import torch
 
-    from slim_trt.evaluate import perplexity
-    from slim_trt.models import load_model
+    from slim_trt.verification.perplexity import perplexity
+    from slim_trt.models.source import load_model
 
     windows = torch.from_numpy(np.load(ctx.windows_npy))
     out = {}

@@ -3,7 +3,7 @@ the same code the Triton models run) and greedy decoding through its KV cache, b
 
     python bench/speed_slim.py REQUEST.json RESULT.json      (protocol: bench/peers/_speed.py)
 
-It imports only slim_trt.runtime (numpy + onnxruntime; onnx for the `plugin` form's rewrite), so the peak RSS is
+It imports only slim_trt.runtime.decoder (numpy + onnxruntime; onnx for the `plugin` form's rewrite), so the peak RSS is
 the runtime's, not torch's.
 """
 from __future__ import annotations
@@ -21,7 +21,7 @@ class SlimOnnx(_speed.Engine):
     max_batch = 64
 
     def __init__(self, req: dict):
-        from slim_trt import runtime
+        from slim_trt.runtime import decoder as runtime
 
         self.runtime = runtime
         # fuse=False: the graph's plain arithmetic (INT4 weights dequantized to float at load), for comparison

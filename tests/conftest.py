@@ -69,7 +69,7 @@ def tiny_tokenizer(vocab_size: int = 256):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from slim_trt.calibration.data import SHIPPED_CALIB, shipped_text
+    from slim_trt.data.windows import SHIPPED_CALIB, shipped_text
 
     specials = ["<unk>", "<bos>", "<eos>", "<pad>"]
     words = Counter(shipped_text(SHIPPED_CALIB).split()).most_common(vocab_size - len(specials))

@@ -26,7 +26,7 @@ def _manifest_dir(p):
 
 def _files_outside(p):
     """A manifest whose `files` names a file beside the checkpoint, with its digest recomputed (issue 25)."""
-    from slim_trt.checkpoint import file_sha256, with_digest
+    from slim_trt.checkpoint.format import file_sha256, with_digest
 
     outside = p.parent / "outside.json"
     outside.write_text("{}")

@@ -7,7 +7,7 @@ API = ["compress", "compress_model", "load", "save", "compressed_layers", "expor
 
 
 def test_public_api_names_are_callables():
-    for mod in ("slim_trt.compressor", "slim_trt.checkpoint", "slim_trt.exporter", "slim_trt.verification",
+    for mod in ("slim_trt.compression.compressor", "slim_trt.checkpoint.format", "slim_trt.exporter", "slim_trt.verification.ort_vs_torch",
                 "slim_trt.linter", "slim_trt.trt", "slim_trt.triton"):
         importlib.import_module(mod)
     for name in API:

@@ -3,6 +3,8 @@
 Each subcommand lives in its own module with a `register(subparsers)` function; modules import heavy
 libraries only inside the function that runs the command, so a missing optional backend (TensorRT,
 tritonserver) breaks only its own subcommand and `--help` stays fast.
+
+The top floor: may import every room below it.
 """
 from __future__ import annotations
 

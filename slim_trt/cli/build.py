@@ -43,7 +43,7 @@ def register(sub) -> None:
 def _list_targets() -> int:
     from pathlib import Path
 
-    from ..trt.targets import SHIPPED_DIR, list_targets, load_target
+    from ..targets.profile import SHIPPED_DIR, list_targets, load_target
 
     print(f"{'TARGET':<13} {'COMPUTE':<8} {'INT4':>5} {'FP8':>4} {'FP4':>4} {'2:4':>4} {'MEM GB':>7}  "
           f"{'LINT':<15}  FILE")

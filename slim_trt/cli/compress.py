@@ -249,7 +249,7 @@ def finetune_config_from_args(args):
             raise SlimError("--finetune-loss needs --finetune-steps N and/or --finetune-minutes M (how long to "
                             "fine-tune)")
         return None
-    from ..finetune import FinetuneConfig
+    from ..compression.finetune import FinetuneConfig
 
     kw = {"seed": args.seed, "minutes": minutes}
     if steps is not None:
@@ -260,7 +260,7 @@ def finetune_config_from_args(args):
 
 
 def run(args) -> int:
-    from ..compressor import compress_model
+    from ..compression.compressor import compress_model
     from ..config import CalibConfig
     from ..outputs import check_outputs
 
@@ -298,7 +298,7 @@ def run(args) -> int:
         eprint(f"kept dense: {', '.join(s['skipped_layers'])}")
     ft = None
     if ft_cfg is not None:
-        from ..checkpoint import read_manifest
+        from ..checkpoint.format import read_manifest
 
         ft = {k: v for k, v in read_manifest(out)["finetune"].items() if k != "losses"}
         eprint(f"fine-tuned the adapters: {ft['steps']} steps in {ft['seconds']:.1f} s, loss {ft['initial_loss']} -> "

@@ -44,11 +44,11 @@ def run(args) -> int:
     from pathlib import Path
 
     import slim_trt
-    from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text
-    from ..compressor import compress_model, peak_rss_gb
+    from ..data.windows import SHIPPED_EVAL, eval_windows, load_text
+    from ..compression.compressor import compress_model, peak_rss_gb
     from ..config import DEFAULT_PRESET, DEFAULT_REASON, CalibConfig, CompressConfig, describe
-    from ..evaluate import perplexity
-    from ..models import load_model
+    from ..verification.perplexity import perplexity
+    from ..models.source import load_model
 
     from ..outputs import check_outputs
 
@@ -84,7 +84,7 @@ def run(args) -> int:
         result["onnx_bytes"] = sum(f.stat().st_size for f in (out / "export").glob("model.onnx*"))
         eprint(f"      {out / 'export'}: {result['onnx_bytes'] / 2**20:.1f} MiB in {result['export_seconds']:.0f} s")
         eprint("[4/5] verifying ONNX Runtime against PyTorch (prefill + decode through the KV cache) ...")
-        from ..verification import format_report
+        from ..verification.ort_vs_torch import format_report
 
         rep = slim_trt.verify(out / "export" / "model.onnx", reference=ckpt)
         print(format_report(rep))

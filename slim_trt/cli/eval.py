@@ -25,8 +25,8 @@ def load_any(ref: str):
 
     from transformers import AutoTokenizer
 
-    from ..checkpoint import load, looks_like_checkpoint
-    from ..models import load_model
+    from ..checkpoint.format import load, looks_like_checkpoint
+    from ..models.source import load_model
 
     if looks_like_checkpoint(Path(ref)):
         return load(ref), AutoTokenizer.from_pretrained(ref)  # load verified every file, the tokenizer's too
@@ -34,9 +34,9 @@ def load_any(ref: str):
 
 
 def run(args) -> int:
-    from ..calibration.data import SHIPPED_EVAL, eval_windows, load_text, parse_window_count
-    from ..evaluate import perplexity
-    from ..models import check_seqlen
+    from ..data.windows import SHIPPED_EVAL, eval_windows, load_text, parse_window_count
+    from ..verification.perplexity import perplexity
+    from ..models.source import check_seqlen
     from ..outputs import check_outputs
 
     check_outputs(files={"--json": args.json}, inputs=[args.model, args.data])

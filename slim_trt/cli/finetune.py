@@ -49,7 +49,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..finetune import FinetuneConfig, finetune_checkpoint
+    from ..compression.finetune import FinetuneConfig, finetune_checkpoint
     from ..outputs import check_outputs
 
     check_outputs(folders={"-o": args.output}, files={"--json": args.json},

@@ -57,7 +57,7 @@ class _Live:
 
 def run(args) -> int:
     from ..errors import SlimError
-    from ..generation import Generator
+    from ..runtime.generation import Generator
     from ..outputs import check_outputs
 
     check_outputs(files={"--json": args.json}, inputs=[args.export])

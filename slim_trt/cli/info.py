@@ -17,7 +17,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checkpoint import verify_checkpoint
+    from ..checkpoint.format import verify_checkpoint
     from ..outputs import check_outputs
 
     check_outputs(files={"--json": args.json}, inputs=[args.checkpoint])

@@ -1,9 +1,8 @@
 """slim-trt lint model.onnx [--target trt10|trt11|jetson-orin-jp6|GPU-PROFILE] [--gpu GPU-PROFILE]"""
 from __future__ import annotations
 
+from ..targets.profile import LINT_TABLES as TARGETS  # data only: no linter import for --help
 from .common import add_parser
-
-TARGETS = ("trt10", "trt11", "jetson-orin-jp6")  # kept in step with slim_trt.linter.tables.TARGETS (tested)
 
 
 def register(sub) -> None:

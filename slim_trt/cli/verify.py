@@ -44,7 +44,7 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..outputs import check_outputs
-    from ..verification import format_report, verify
+    from ..verification.ort_vs_torch import format_report, verify
     from .common import onnx_inputs, print_json
 
     check_outputs(files={"--json": args.json, "--save-inputs": args.save_inputs, "--save-outputs": args.save_outputs},

@@ -2,6 +2,9 @@
 
     export_model(model, out_dir, options=ExportOptions(...))   an in-memory model
     export(ckpt_path, out_dir, dtype=..., lowrank=..., ...)    a checkpoint folder written by `slim-trt compress`
+
+May import: models, checkpoint, runtime (the ONNX tensor helpers, DecoderSpec), data, algorithms and the root
+helpers. Reading an export back is slim_trt.runtime.export_folder.
 """
 from __future__ import annotations
 

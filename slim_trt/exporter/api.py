@@ -174,7 +174,7 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
 
 def stored_act_scales(model: nn.Module) -> dict[str, float]:
     """{layer name: activation scale} of the compressed layers that quantize their input (W8A8 checkpoints)."""
-    from ..compressed_linear import compressed_layers
+    from ..checkpoint.compressed_linear import compressed_layers
 
     return {n: m.act_scale for n, m in compressed_layers(model) if m.act_scale is not None}
 
@@ -182,7 +182,7 @@ def stored_act_scales(model: nn.Module) -> dict[str, float]:
 def manifest_sha256(ckpt: Path) -> str:
     """The checkpoint's identity: its manifest's content digest (content_sha256), which re-indenting the manifest
     does not change (exports before issue 25 recorded the file's bytes; verify accepts both)."""
-    from ..checkpoint import DIGEST_KEY, read_manifest
+    from ..checkpoint.format import DIGEST_KEY, read_manifest
 
     return read_manifest(ckpt)[DIGEST_KEY]
 
@@ -198,7 +198,7 @@ def _calibration_windows(tokenizer_dir: Path | None, n: int = 8, seqlen: int = 1
                         "save the checkpoint with its tokenizer")
     from transformers import AutoTokenizer
 
-    from ..calibration.data import calibration_windows, load_text
+    from ..data.windows import calibration_windows, load_text
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     return calibration_windows(tok, load_text(None), nsamples=n, seqlen=seqlen)
@@ -221,7 +221,7 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
                             outliers=outliers, zero_points=zero_points,
                             **({} if ort_accuracy_level is None else {"ort_accuracy_level": ort_accuracy_level}))
     ckpt = Path(source)
-    from ..checkpoint import load, looks_like_checkpoint, read_manifest
+    from ..checkpoint.format import load, looks_like_checkpoint, read_manifest
     from ..outputs import check_outputs
 
     check_outputs(folders={"-o": out_dir}, inputs=[source], force=force)
@@ -233,7 +233,7 @@ def export(source: str | Path, out_dir: str | Path, *, dtype: str = "fp16", with
         tok = ckpt if has_tokenizer(ckpt) else None
         provenance = dict(checkpoint_path=str(ckpt.resolve()), manifest_sha256=manifest_sha256(ckpt))
     else:
-        from ..models import load_model, model_folder, resolve
+        from ..models.source import load_model, model_folder, resolve
 
         if ckpt.is_dir() and not (ckpt / "config.json").is_file():
             raise SlimError(f"{ckpt} is not a slim-trt checkpoint (no slim_manifest.json) nor a Hugging Face model "

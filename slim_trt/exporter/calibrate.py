@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..compressed_linear import compressed_layers
+from ..checkpoint.compressed_linear import compressed_layers
 
 
 @torch.no_grad()

@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from onnx import TensorProto, helper
 
-from ..ort_rewrite import int_initializer as int_tensor  # noqa: F401 - the exporter's integer initializers
-from ..ort_rewrite import pack_int4  # noqa: F401
-from ..ort_rewrite import unique_name
+from ..runtime.ort_rewrite import int_initializer as int_tensor  # noqa: F401 - the exporter's integer initializers
+from ..runtime.ort_rewrite import pack_int4  # noqa: F401
+from ..runtime.ort_rewrite import unique_name
 
 ONNX_FLOAT = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16, "bf16": TensorProto.BFLOAT16}
 TORCH_FLOAT = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

@@ -5,7 +5,7 @@ read whole at every generated token by the head). Symmetric, zero-point free, ro
   int4  blocks of 128 consecutive hidden columns (one scale per vocabulary row and block)
   int8  one scale per vocabulary row (TensorRT's INT8 DequantizeLinear has no blocked form, see slim_trt/linter)
 
-Graph forms (the file is the TensorRT contract; ONNX Runtime gets its kernels through slim_trt.ort_rewrite):
+Graph forms (the file is the TensorRT contract; ONNX Runtime gets its kernels through slim_trt.runtime.ort_rewrite):
   embedding    Gather(DequantizeLinear(E_q [V, H]), input_ids)
   tied head    MatMul(h, Transpose(DequantizeLinear(E_q)))     the same E_q, stored once
   untied head  MatMul(h, DequantizeLinear(W_q [H, V], axis 0))  like every compressed linear

@@ -16,7 +16,7 @@ from torch import nn
 from ..algorithms.qtensor import QuantizedTensor
 from ..algorithms.spqr import SpQRTensor
 from ..algorithms.zeropoint import signed_codes
-from ..compressed_linear import CompressedLinear
+from ..checkpoint.compressed_linear import CompressedLinear
 from ..errors import SlimError
 from .graph import GraphBuilder, int_tensor, tensor_from_torch, uint_tensor
 from .options import DEFAULT_OUTLIER_FORM, OUTLIER_FORMS

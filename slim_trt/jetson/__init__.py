@@ -3,6 +3,8 @@
     bundle_jetson(export_dir, bundle_dir, JetsonConfig(target="jetson-orin")) -> JetsonBundle
 
 See slim_trt/jetson/bundle.py for the layout; nothing here imports TensorRT.
+
+May import: trt (build settings, no TensorRT), linter, runtime, targets, checkpoint and the root helpers.
 """
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ from ..outputs import check_outputs, commit_output, prepare_output
 from ..trt.memory import GB, MemoryEstimate, estimate_memory
 from ..trt.plugins import required_plugins
 from ..trt.shapes import Range, ShapeRanges, input_profiles, shape_ranges
-from ..trt.targets import TargetProfile, load_target
+from ..targets.profile import TargetProfile, load_target
 from . import scripts
 from .readme import bundle_readme
 
@@ -141,9 +141,9 @@ def _cuda_architectures(profile: TargetProfile) -> str:
 
 def bundle_jetson(export_dir: str | Path, out: str | Path, config: JetsonConfig | None = None) -> JetsonBundle:
     """Check `export_dir` for the Jetson target and write the bundle folder `out` (see the module docstring)."""
-    from ..checkpoint import file_sha256 as _sha256
+    from ..checkpoint.format import file_sha256 as _sha256
     from ..trt.builder import feature_warnings
-    from ..triton.export_info import read_export
+    from ..runtime.export_folder import read_export
 
     config = config or JetsonConfig()
     info = read_export(export_dir)  # an input that is no export at all is named first

@@ -7,6 +7,8 @@
 The TensorRT builder calls lint() before building and stops on errors. Support lists live as data in
 slim_trt/linter/tables/<target>.json; which GEMMs can run on 2:4 sparse tensor cores, per GPU, in
 tables/sparse_math.json (summary["sparse_tensor_cores"], and per layer in report.layers).
+
+May import: exporter (the plugin's name), runtime (the export gate), targets (GPU profiles) and the root helpers.
 """
 from __future__ import annotations
 
@@ -53,7 +55,7 @@ class LintReport:
 def _load(model_or_path) -> tuple[onnx.ModelProto, str, Path | None]:
     if isinstance(model_or_path, onnx.ModelProto):
         return model_or_path, "<in-memory model>", None
-    from ..triton.export_info import check_onnx_file
+    from ..runtime.export_folder import check_onnx_file
 
     path = Path(model_or_path)
     check_onnx_file(path)  # the export gate (sidecar, external data inside the folder, tokenizer) or a parse check
@@ -69,7 +71,7 @@ def _load(model_or_path) -> tuple[onnx.ModelProto, str, Path | None]:
 def _expected_2to4(path: Path | None, sidecar: dict | None) -> set[str] | None:
     """Weights the export says are 2:4 (from slim_export.json), or None to fall back on the 50%-zeros heuristic."""
     if sidecar is None and path is not None and (path.parent / "slim_export.json").is_file():
-        from ..triton.export_info import read_json
+        from ..runtime.export_folder import read_json
 
         meta = read_json(path.parent / "slim_export.json", "re-run `slim-trt export`")
         if isinstance(meta, dict) and meta.get("model_file") == path.name:
@@ -84,7 +86,7 @@ def resolve_target(target, gpu=None) -> tuple[str, object]:
     a GPU target profile (name such as jetson-orin, path to a .json, or a TargetProfile)."""
     if isinstance(target, str) and target in TARGETS:
         return target, gpu_for(target, gpu)
-    from ..trt.targets import TargetProfile, list_targets, load_target
+    from ..targets.profile import TargetProfile, list_targets, load_target
 
     if isinstance(target, TargetProfile):
         profile = target

@@ -56,7 +56,7 @@ def gpu_for(table: str, gpu=None) -> SparseGpu:
     if gpu is None:
         return SparseGpu.generic()
     if isinstance(gpu, str):
-        from ..trt.targets import load_target
+        from ..targets.profile import load_target
 
         gpu = load_target(gpu)
     return SparseGpu.from_profile(gpu)

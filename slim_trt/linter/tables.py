@@ -6,8 +6,9 @@ from functools import lru_cache
 from importlib.resources import files
 
 from ..errors import SlimError
+from ..targets.profile import LINT_TABLES
 
-TARGETS = ("trt10", "trt11", "jetson-orin-jp6")
+TARGETS = LINT_TABLES  # the targets room holds the table names, so profiles can name them without the linter
 
 
 @lru_cache(maxsize=None)

@@ -6,14 +6,16 @@
     local_generate(export_dir, prompt, max_new_tokens)      the same decode loop, in this process (the reference)
 
 Client helpers for the generated models are in slim_trt.triton.client (needs tritonclient).
+
+May import: runtime (the decode loop the models run, the export gate) and the root helpers.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from .export_info import ExportInfo, read_export
+from ..runtime.export_folder import ExportInfo, read_export
 from .repository import DeployConfig, DeployResult, deploy, read_repository
-from ..runtime import RequestError, Sampling
+from ..runtime.decoder import RequestError, Sampling
 from .server import ServerError, TritonInstall, TritonServer, find_tritonserver
 
 __all__ = ["DeployConfig", "DeployResult", "ExportInfo", "RequestError", "Sampling", "ServerError",
@@ -24,7 +26,7 @@ __all__ = ["DeployConfig", "DeployResult", "ExportInfo", "RequestError", "Sampli
 def local_generate(export_dir: str | Path, prompt: str, max_new_tokens: int = 32,
                    sampling: Sampling | None = None, threads: int = 0) -> tuple[str, list[int]]:
     """Generate with ONNX Runtime in this process, exactly as the NAME_generate model does in the server."""
-    from .. import runtime
+    from ..runtime import decoder as runtime
 
     info = read_export(export_dir)
     if info.tokenizer_dir is None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import MissingDependencyError
-from ..runtime import GENERATE_INPUTS as _REQUEST_FIELDS, DecoderSpec, TensorSpec
+from ..runtime.decoder import GENERATE_INPUTS as _REQUEST_FIELDS, DecoderSpec, TensorSpec
 
 # numpy dtype names (slim_export.json) -> Triton data types.
 TRITON_DTYPES = {

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..runtime import DecoderSpec
+from ..runtime.decoder import DecoderSpec
 
 _ROLE = {
     "onnx": "the exported ONNX in ONNX Runtime (python backend); same inputs and outputs as model.onnx",

@@ -24,14 +24,14 @@ from pathlib import Path
 from ..errors import SlimError
 from ..outputs import check_outputs, commit_output, prepare_output
 from . import configs
-from .export_info import ExportInfo, read_export
+from ..runtime.export_folder import ExportInfo, read_export
 
 REPOSITORY_MANIFEST = "slim_repository.json"
 GENERATE_VIA = ("local", "onnx", "ort", "trt")
 _MODELS_DIR = Path(__file__).parent / "triton_models"
 # The runtime the python-backend models import (slim_runtime), and the graph rewrite it applies for ONNX Runtime.
-_RUNTIME = Path(__file__).parent.parent / "runtime.py"
-_ORT_REWRITE = Path(__file__).parent.parent / "ort_rewrite.py"
+_RUNTIME = Path(__file__).parent.parent / "runtime" / "decoder.py"
+_ORT_REWRITE = Path(__file__).parent.parent / "runtime" / "ort_rewrite.py"
 
 
 @dataclass(frozen=True)

@@ -10,23 +10,14 @@ with ctypes: no extra Python package, and no CUDA context is kept.
 from __future__ import annotations
 
 import ctypes
-import re
 import sys
-from dataclasses import dataclass
 
 from ..errors import MissingDependencyError
+from ..targets.profile import GpuInfo, parse_version  # noqa: F401 - slim_trt.trt.GpuInfo
 
 SUPPORTED_MAJORS = (10, 11)
 INSTALL_HINT = ("install it with `pip install slim-trt[trt]` on a machine with an NVIDIA GPU "
                 "(on Jetson, TensorRT comes with JetPack)")
-
-
-def parse_version(text: str) -> tuple[int, ...]:
-    """'10.13.3.9' -> (10, 13, 3, 9); 'TensorRT 11.1' -> (11, 1)."""
-    m = re.search(r"(\d+(?:\.\d+)*)", str(text))
-    if not m:
-        raise ValueError(f"not a version: {text!r}")
-    return tuple(int(p) for p in m.group(1).split("."))
 
 
 def check_tensorrt_version(version: str) -> tuple[int, ...]:
@@ -56,22 +47,6 @@ def import_tensorrt():
         raise TensorRTNotInstalled(f"TensorRT is not installed (import tensorrt failed): {INSTALL_HINT}") from e
     check_tensorrt_version(trt.__version__)
     return trt
-
-
-@dataclass(frozen=True)
-class GpuInfo:
-    index: int
-    name: str
-    compute_capability: tuple[int, int]
-    total_memory_bytes: int
-
-    @property
-    def cc(self) -> str:
-        return f"{self.compute_capability[0]}.{self.compute_capability[1]}"
-
-    def to_dict(self) -> dict:
-        return {"index": self.index, "name": self.name, "compute_capability": self.cc,
-                "memory_gb": round(self.total_memory_bytes / 2**30, 2)}
 
 
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75

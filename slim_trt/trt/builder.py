@@ -25,7 +25,7 @@ from .plugins import required_plugins, resolve_plugins
 from .report import BuildReport, make_report
 from .memory import estimate_memory
 from .shapes import ShapeRanges, input_profiles, io_from_onnx, read_sidecar, shape_ranges
-from .targets import TargetProfile, check_target, load_target, target_for_gpu
+from ..targets.profile import TargetProfile, check_target, load_target, target_for_gpu
 
 GB = 2**30
 

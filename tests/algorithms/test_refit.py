@@ -14,7 +14,7 @@ from slim_trt.algorithms.pipeline import (allocate_ranks, compress_base, compres
 from slim_trt.algorithms.qtensor import QuantizedTensor
 from slim_trt.algorithms.quantize import slim_quant_scale
 from slim_trt.algorithms.refit import as_float, base_on_mask, fit_adapters, refit
-from slim_trt.compressor import compress
+from slim_trt.compression.compressor import compress
 from slim_trt.config import PRESETS, CompressConfig
 from tests.conftest import slim_2to4, calib_windows, tiny_model
 

@@ -110,7 +110,7 @@ def test_rerun_skips_finished_rows_and_refuses_other_settings(smoke_run, capsys)
 
 
 def test_score_matches_slim_trt_compare():
-    from slim_trt.evaluate import compare
+    from slim_trt.verification.perplexity import compare
 
     dense, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -198,7 +198,7 @@ def test_finetune_row_records_its_training(smoke_run, tmp_path):
 def test_best_rows_follow_the_classes_the_budget_and_the_finetuning_split():
     def row(ppl, storage, **cfg):
         return {"status": "ok", "perplexity": ppl, "bits_per_param_with_adapters": storage,
-                "config": {"method": "slim_trt.compressor", "sparsity": "2:4", "bits": 4, **cfg}}
+                "config": {"method": "slim_trt.compression.compressor", "sparsity": "2:4", "bits": 4, **cfg}}
 
     w8a8 = dict(bits=8, act_bits=8)
     rows = {"a": row(50.0, 4.6), "b": row(60.0, 4.4), "c": row(55.0, 4.3, sparsity="unstructured:0.5"),

@@ -135,12 +135,12 @@ def _output_file_cases(tmp_path, source, good, export):
 
 @pytest.mark.parametrize("bad", ["missing_parent", "directory"])
 def test_output_files_are_checked_before_any_work(source, good, tmp_path, capsys, monkeypatch, bad):
-    import slim_trt.checkpoint
-    import slim_trt.models
+    import slim_trt.checkpoint.format
+    import slim_trt.models.source
 
     export = build_toy_export(tmp_path / "export")
-    monkeypatch.setattr(slim_trt.models, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
-    monkeypatch.setattr(slim_trt.checkpoint, "verify_checkpoint", lambda *a, **k: pytest.fail("read a checkpoint"))
+    monkeypatch.setattr(slim_trt.models.source, "load_model", lambda *a, **k: pytest.fail("loaded a model first"))
+    monkeypatch.setattr(slim_trt.checkpoint.format, "verify_checkpoint", lambda *a, **k: pytest.fail("read a checkpoint"))
     target = tmp_path / "no" / "such" / "r.json" if bad == "missing_parent" else tmp_path / "adir"
     (tmp_path / "adir").mkdir()
     for command, args, flag in _output_file_cases(tmp_path, source, good, export):
@@ -196,7 +196,7 @@ def test_generate_refuses_negative_threads(tmp_path, capsys):
 
 # ---------------------------------------------------------------- --nsamples bounded up front
 def test_nsamples_beyond_the_text_or_the_memory_is_refused_before_the_run(source, tmp_path, capsys, monkeypatch):
-    import slim_trt.compressor as C
+    import slim_trt.compression.compressor as C
     import slim_trt.resources
 
     monkeypatch.setattr(C, "compress", lambda *a, **k: pytest.fail("compression started"))

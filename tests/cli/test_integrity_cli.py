@@ -114,7 +114,7 @@ def test_compress_and_eval_refuse_a_broken_source_model(source, tmp_path, capsys
 @pytest.mark.parametrize("tensor", ["model.norm.weight", "model.embed_tokens.weight",
                                     "model.layers.1.input_layernorm.weight", "lm_head.weight"])
 def test_compress_refuses_nan_or_inf_in_any_weight(tmp_path, capsys, tensor, monkeypatch):
-    import slim_trt.compressor as C
+    import slim_trt.compression.compressor as C
 
     m = tiny_model("llama")
     with torch.no_grad():
@@ -130,11 +130,11 @@ def test_compress_refuses_nan_or_inf_in_any_weight(tmp_path, capsys, tensor, mon
 
 # ---------------------------------------------------------------- outputs checked up front
 def test_compress_to_an_existing_file_fails_before_anything_runs(source, tmp_path, capsys, monkeypatch):
-    import slim_trt.models
+    import slim_trt.models.source
 
     target = tmp_path / "model.bin"
     target.write_text("not a folder")
-    monkeypatch.setattr(slim_trt.models, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
+    monkeypatch.setattr(slim_trt.models.source, "load_model", lambda *a, **k: pytest.fail("loaded the model first"))
     rc, _, err = run(["compress", source, "-o", target, "--force", *FAST], capsys)
     assert rc == 2 and "exists and is not a folder" in one_error_line(err, "compress")
     assert target.read_text() == "not a folder" and sorted(p.name for p in tmp_path.iterdir()) == ["model.bin"]

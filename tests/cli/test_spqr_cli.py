@@ -52,7 +52,7 @@ def test_spqr_defaults_to_groups_of_16_on_the_cli(tiny_model_dir, tmp_path, caps
     assert s["config"]["effective_group_size"] == 16 and s["config"]["outlier_share"] == 0.01
     # 3 + 6/16 + 64/256 per weight + 32 per outlier (<= 1%): between 3.625 and 3.945 on every layer
     assert 3.625 < s["bits_per_param"] <= 3.945
-    from slim_trt.checkpoint import read_manifest
+    from slim_trt.checkpoint.format import read_manifest
 
     stats = read_manifest(out)["layer_stats"]
     assert len(stats) == 14

@@ -22,7 +22,7 @@ def test_compress_export_verify_lint(tiny_model_dir, tmp_path, capsys):
     rc, text, err = run(["verify", exp / "model.onnx", "--reference", ckpt, "--seqlen", "20"], capsys)
     assert rc == 0 and "PASSED" in text, text + err
     # the report names the CPU features that decided the session and the W8A8 GEMM form they chose
-    from slim_trt.runtime import cpu_choice
+    from slim_trt.runtime.decoder import cpu_choice
 
     choice = cpu_choice()
     assert f"CPU: {' '.join(choice.features)}; W8A8 GEMMs: " in text and f"as {choice.w8a8_form} (" in text, text

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from slim_trt.algorithms.qtensor import INT_RANGE, QuantizedTensor
-from slim_trt.compressed_linear import CompressedLinear, compressed_layers
+from slim_trt.checkpoint.compressed_linear import CompressedLinear, compressed_layers
 from tests.conftest import tiny_model
 
 
@@ -86,7 +86,7 @@ def w8a8_model(family: str = "llama", **kw) -> nn.Module:
 
 def save_compressed_checkpoint(path, family: str = "llama", w8a8: bool = False, **kw):
     """A tiny compressed model saved as a slim-trt checkpoint folder with a tokenizer (what `compress` writes)."""
-    from slim_trt.checkpoint import save
+    from slim_trt.checkpoint.format import save
     from tests.conftest import tiny_tokenizer
 
     model = (w8a8_model if w8a8 else compressed_model)(family, **kw)

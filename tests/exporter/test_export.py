@@ -9,12 +9,12 @@ import pytest
 import torch
 from onnx import TensorProto, numpy_helper
 
-from slim_trt.compressed_linear import compressed_layers
+from slim_trt.checkpoint.compressed_linear import compressed_layers
 from slim_trt.errors import SlimError
 from slim_trt.exporter import LOWRANK_PLUGIN, ExportOptions, export_model
-from slim_trt.exporter.ort_runtime import session
-from slim_trt.runtime import kernel_counts
-from slim_trt.verification import run_onnx
+from slim_trt.runtime.export_session import session
+from slim_trt.runtime.decoder import kernel_counts
+from slim_trt.verification.compare import run_onnx
 from tests.conftest import tiny_model, tiny_tokenizer
 from tests.exporter.conftest import EXACT, compressed_model
 

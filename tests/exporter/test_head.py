@@ -11,9 +11,9 @@ from onnx import TensorProto
 
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.exporter.head import apply_head_quantization, quantize_table
-from slim_trt.exporter.ort_runtime import session
-from slim_trt.runtime import kernel_counts
-from slim_trt.verification import run_onnx
+from slim_trt.runtime.export_session import session
+from slim_trt.runtime.decoder import kernel_counts
+from slim_trt.verification.compare import run_onnx
 from tests.exporter.conftest import compressed_model
 
 FP32_TOL = 2e-4

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from slim_trt.exporter import ExportOptions, export_model
-from slim_trt.exporter.ort_runtime import low_rank_add, session
-from slim_trt.ort_rewrite import for_onnxruntime
-from slim_trt.verification import run_onnx
+from slim_trt.runtime.export_session import low_rank_add, session
+from slim_trt.runtime.ort_rewrite import for_onnxruntime
+from slim_trt.verification.compare import run_onnx
 from tests.exporter.conftest import compressed_model
 
 

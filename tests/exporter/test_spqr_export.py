@@ -10,14 +10,14 @@ import torch
 from onnx import TensorProto
 
 from slim_trt.algorithms.spqr import spqr_quantize
-from slim_trt.compressor import compress
+from slim_trt.compression.compressor import compress
 from slim_trt.config import PRESETS, CompressConfig
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.exporter.graph import GraphBuilder
 from slim_trt.exporter.linear import dequantized, emit_outliers
 from slim_trt.exporter.options import IR_VERSION, OPSET, OUTLIER_FORMS
 from slim_trt.linter import lint
-from slim_trt.verification import verify_model
+from slim_trt.verification.ort_vs_torch import verify_model
 from tests.algorithms.test_spqr import planted_layer
 from tests.conftest import calib_windows, tiny_model
 from tests.exporter.conftest import EXACT

@@ -8,12 +8,12 @@ import onnx
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from slim_trt.compressed_linear import compressed_layers
+from slim_trt.checkpoint.compressed_linear import compressed_layers
 from slim_trt.errors import SlimError
 from slim_trt.exporter import ExportOptions, export, export_model
 from slim_trt.linter import format_report, lint
-from slim_trt.verification import Thresholds, verify, verify_model
-from slim_trt.verification import format_report as verify_text
+from slim_trt.verification.ort_vs_torch import Thresholds, verify, verify_model
+from slim_trt.verification.ort_vs_torch import format_report as verify_text
 from tests.conftest import run_cli
 from tests.exporter.conftest import EXACT, save_compressed_checkpoint, w8a8_model
 from tests.exporter.test_export import _ids

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 import pytest
 
-from slim_trt.compressed_linear import compressed_layers
+from slim_trt.checkpoint.compressed_linear import compressed_layers
 from slim_trt.errors import SlimError
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.jetson import JetsonConfig, LintRefused, bundle_jetson

@@ -6,7 +6,7 @@ import pytest
 
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.linter import TARGETS, format_report, lint
-from slim_trt.ort_rewrite import for_onnxruntime
+from slim_trt.runtime.ort_rewrite import for_onnxruntime
 from tests.exporter.conftest import compressed_model
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from slim_trt.compressed_linear import compressed_layers
+from slim_trt.checkpoint.compressed_linear import compressed_layers
 from slim_trt.errors import SlimError
 from slim_trt.exporter import ExportOptions, export_model
 from slim_trt.exporter.graph import int_tensor

@@ -8,7 +8,7 @@ import pytest
 pytest.importorskip("tritonclient.grpc", reason="configs are built with tritonclient's model_config_pb2")
 
 from slim_trt.triton import configs, read_export  # noqa: E402
-from slim_trt.runtime import DecoderSpec  # noqa: E402
+from slim_trt.runtime.decoder import DecoderSpec  # noqa: E402
 from tests.triton.toy_export import HEAD_DIM, KV_HEADS, VOCAB, build_toy_export  # noqa: E402
 
 

@@ -25,7 +25,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from slim_trt.triton import Sampling, TritonServer, deploy, local_generate  # noqa: E402
 from slim_trt.triton import client as tc  # noqa: E402
-from slim_trt import runtime as rt  # noqa: E402
+from slim_trt.runtime import decoder as rt  # noqa: E402
 from slim_trt.triton.server import processes_in_group  # noqa: E402
 
 

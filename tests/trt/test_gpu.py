@@ -51,7 +51,7 @@ def test_build_reports(engines):
 
 @pytest.mark.parametrize("name", ["sparse", "dense"])
 def test_engine_matches_onnxruntime(engines, tiny_exports, name):
-    from slim_trt.trt import verify_engine
+    from slim_trt.verification.engine import verify_engine
 
     folder, _ = engines
     result = verify_engine(tiny_exports["decomposed"], folder / f"{name}.plan", windows=1, seqlen=16, decode_steps=3)
@@ -71,7 +71,8 @@ def test_bench_side_by_side(engines):
 
 
 def test_plugin_export_builds_and_matches_onnxruntime(tiny_exports, plugin_library, tmp_path):
-    from slim_trt.trt import build, verify_engine
+    from slim_trt.trt import build
+    from slim_trt.verification.engine import verify_engine
 
     report = build(tiny_exports["plugin"], tmp_path / "plugin.plan", plugins=[str(plugin_library)], **SHAPES)
     assert report.options["plugins"] == [str(plugin_library)]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from slim_trt.exporter.linear import LOWRANK_PLUGIN
-from slim_trt.exporter.ort_runtime import low_rank_add
+from slim_trt.runtime.export_session import low_rank_add
 from slim_trt.trt import lowrank_ref as ref
 from tests.trt.conftest import PLUGIN_DIR
 

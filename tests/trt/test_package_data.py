@@ -60,8 +60,8 @@ def run_installed(target: Path, cwd: Path, code: str) -> str:
 def test_wheel_contains_the_target_profiles(installed_wheel):
     wheel, _ = installed_wheel
     names = zipfile.ZipFile(wheel).namelist()
-    assert sorted(n for n in names if n.startswith("slim_trt/trt/profiles/")) == \
-        [f"slim_trt/trt/profiles/{t}.json" for t in SHIPPED]
+    assert sorted(n for n in names if n.startswith("slim_trt/targets/profiles/")) == \
+        [f"slim_trt/targets/profiles/{t}.json" for t in SHIPPED]
     assert {"slim_trt/linter/tables/trt10.json", "slim_trt/linter/tables/sparse_math.json"} <= set(names)
     plugin = sorted(p.name for p in (REPO / "plugins" / "lowrank_add").iterdir() if p.is_file())
     assert sorted(n.rsplit("/", 1)[1] for n in names if n.startswith("slim_trt/jetson/lowrank_add/")) == plugin
@@ -71,7 +71,7 @@ def test_installed_wheel_finds_its_profiles(installed_wheel, tmp_path):
     _, target = installed_wheel
     out = run_installed(target, tmp_path, (
         "import json, slim_trt\n"
-        "from slim_trt.trt.targets import list_targets, load_target\n"
+        "from slim_trt.targets.profile import list_targets, load_target\n"
         "print(json.dumps({'package': slim_trt.__file__, 'targets': list_targets(),\n"
         "                  'orin': load_target('jetson-orin').memory_budget_gb,\n"
         "                  'source': load_target('hopper').source}))\n"))

@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 
 from slim_trt.errors import SlimError
-from slim_trt.trt.runtime import bench_shapes, engine_checks, format_bench, latency_stats
-from slim_trt.verification import Thresholds
+from slim_trt.trt.runtime import bench_shapes, format_bench, latency_stats
+from slim_trt.verification.engine import engine_checks
+from slim_trt.verification.compare import Thresholds
 
 IO = {  # {input: (min, opt, max)} as an engine built with --batch 1,1,4 --seq 1,128,512 --past 0,256,1024 has
     "input_ids": ((1, 1), (1, 128), (4, 512)),

@@ -6,7 +6,7 @@ import pytest
 from slim_trt.cli import main
 from slim_trt.errors import SlimError
 from slim_trt.trt.shapes import Range, ShapeRanges, input_profiles, kv_cache_bytes, shape_ranges
-from slim_trt.trt.targets import load_target
+from slim_trt.targets.profile import load_target
 
 META = {  # the relevant part of a slim_export.json (2 layers, 2 KV heads of 16)
     "with_cache": True, "max_position_embeddings": 4096,

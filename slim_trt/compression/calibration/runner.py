@@ -1,0 +1,378 @@
+"""The layer-by-layer calibration loop.
+
+Only one decoder block's activations are held at a time: the calibration windows are run up to block 0 once,
+then for each block we (1) run the dense block to collect per-linear input statistics, (2) let a callback
+compress its linears, (3) run the compressed block to produce the next block's inputs. So every block sees the
+outputs of the compressed blocks before it, as in SparseGPT/SLiM.
+
+The arguments a block receives besides the hidden states (rotary cos/sin, causal or sliding-window masks,
+position ids) depend only on the batch shape, so they are recorded once per batch size from a real forward pass
+instead of being rebuilt per architecture.
+"""
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...errors import SlimError
+from ...resources import block_bytes, check_fits
+from ...timing import PhaseTimer, phase
+from .families import block_linears, decoder_blocks
+
+
+@dataclass
+class LinearStats:
+    """Running statistics of one linear layer's inputs over the calibration tokens."""
+
+    hessian: torch.Tensor | None = None  # 2/n * sum x x^T, as in the GPTQ reference
+    nsamples: int = 0
+    sq_sum: torch.Tensor | None = None  # sum over tokens of x^2, per input channel
+    ntokens: int = 0
+    # Activation quantization (W8A8), when the runner is given an ActCalibration: the first pass also collects
+    # the |x| histogram and each channel's max |x|; once act_scale is set, a second pass collects the moments of
+    # the quantization error e = Q(x) - x with x (algorithms/lrc.py), from which H_qq and H_xq follow.
+    collect_act: bool = False
+    abs_hist: Any = None  # algorithms.actquant.AbsHistogram
+    channel_absmax: torch.Tensor | None = None  # [K]
+    act_scale: float | None = None
+    act_bits: int = 8
+    act_moments: Any = None  # algorithms.lrc.ActErrorMoments
+    act_nsamples: int = 0
+
+    def add(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
+        from ...algorithms.gptq import accumulate_hessian
+
+        x, xtx, sq = (shared or InputProducts())(x)
+        self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x, xtx)
+        self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
+        self.ntokens += x.shape[0]
+        if self.collect_act:
+            from ...algorithms.actquant import accumulate_abs_histogram
+
+            self.abs_hist = accumulate_abs_histogram(self.abs_hist, x)
+            cmax = x.abs().amax(0)
+            self.channel_absmax = cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+
+    def add_quantized(self, x: torch.Tensor) -> None:
+        """Second pass: fold x and its fake-quantized copy (with act_scale) into the error moments."""
+        from ...algorithms.actquant import fake_quant
+        from ...algorithms.lrc import accumulate_error_moments
+
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+        self.act_moments, self.act_nsamples = accumulate_error_moments(
+            self.act_moments, self.act_nsamples, x, fake_quant(x, self.act_scale, self.act_bits))
+
+    @property
+    def act_norm(self) -> torch.Tensor:
+        """L2 norm of each input channel over all tokens (Wanda's ||X_j||)."""
+        return self.sq_sum.sqrt()
+
+    @property
+    def saliency(self) -> torch.Tensor:
+        """SLiM-LoRA's per-channel saliency: the reference code uses the channel's L2 norm (only ratios matter)."""
+        return self.act_norm
+
+
+class _NonFinite(Exception):
+    pass
+
+
+class InputProducts:
+    """The per-batch products a layer input contributes to its statistics (float32 rows, X^T X, sum of x^2),
+    computed once per input tensor: q/k/v (gate/up) read the very same tensor, so they share them and get the
+    values each would compute alone. Holds the last input only (one batch's activation)."""
+
+    def __init__(self) -> None:
+        self._x: torch.Tensor | None = None
+        self._products: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if x is not self._x:
+            X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
+            if not torch.isfinite(X).all():
+                raise _NonFinite()
+            self._x, self._products = x, (X, X.T @ X, (X * X).sum(0))
+        return self._products
+
+
+class _Stop(Exception):
+    pass
+
+
+@dataclass
+class ActCalibration:
+    """What the runner does for quantized activations (W8A8): `scale(stats)` gives a linear's activation scale
+    from its first-pass statistics; `smooth(i, block, linears, stats)` may migrate activation outliers into the
+    weights (SmoothQuant) and returns True when it changed the block, which is then measured again."""
+
+    bits: int
+    scale: Callable[[LinearStats], float]
+    smooth: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None
+
+
+@dataclass
+class BlockResult:
+    index: int
+    layers: dict[str, dict] = field(default_factory=dict)  # per-linear info from the callback
+    output_rel_error: float = 0.0  # ||Y_compressed - Y_dense|| / ||Y_dense|| of the block output
+
+
+def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return list(windows.split(batch_size))
+
+
+@torch.no_grad()
+def _record_block_kwargs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> list[dict]:
+    """One forward pass on `batch` that records the keyword arguments every block receives."""
+    recorded: list[dict] = [None] * len(blocks)  # type: ignore[list-item]
+
+    def stand_in(i: int):
+        # The arguments depend on the batch shape only, so each block is replaced by one that records them and
+        # passes its input on: no block runs (a streamed model's blocks are not even in memory).
+        def forward(*args, **kwargs):
+            recorded[i] = dict(kwargs)
+            if i == len(blocks) - 1:
+                raise _Stop
+            return args[0] if args else kwargs["hidden_states"]
+        return forward
+
+    for i, blk in enumerate(blocks):
+        blk.forward = stand_in(i)
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        for blk in blocks:
+            del blk.forward
+    for kw in recorded:
+        kw.pop("past_key_values", None)
+        kw["use_cache"] = False
+    return recorded
+
+
+@torch.no_grad()
+def _block0_inputs(model: nn.Module, blocks: nn.ModuleList, batch: torch.Tensor) -> torch.Tensor:
+    """Hidden states entering block 0 for one batch (the forward stops there)."""
+    out: list[torch.Tensor] = []
+
+    def hook(_mod, args, kwargs):
+        out.append((args[0] if args else kwargs["hidden_states"]).detach())
+        raise _Stop
+
+    h = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        model(input_ids=batch, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        h.remove()
+    return out[0]
+
+
+def _run_block(block: nn.Module, inputs: list[torch.Tensor], kwargs_for: Callable[[int], dict]) -> list[torch.Tensor]:
+    outs = []
+    for x in inputs:
+        y = block(x, **kwargs_for(x.shape[0]))
+        outs.append(y[0] if isinstance(y, tuple) else y)
+    return outs
+
+
+def _rel(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    num = sum(float((x - y).pow(2).sum()) for x, y in zip(a, b))
+    den = sum(float(y.pow(2).sum()) for y in b)
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
+@torch.no_grad()
+def run_layerwise(
+    model: nn.Module,
+    windows: torch.Tensor,
+    compress_block: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], dict[str, dict]],
+    *,
+    batch_size: int = 8,
+    skip: Callable[[str], bool] = lambda name: False,
+    restore_block: Callable[[int, nn.Module], bool] = lambda i, block: False,
+    on_block_done: Callable[[BlockResult], None] = lambda r: None,
+    progress: Iterable | None = None,
+    act: ActCalibration | None = None,
+    device: torch.device | str | None = None,
+    timer: PhaseTimer | None = None,
+    weights=None,
+    transform: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None,
+) -> list[BlockResult]:
+    """Compress `model` block by block.
+
+    compress_block(i, block, linears, stats) replaces the given linears inside `block` and returns per-layer info.
+    restore_block(i, block) may put an earlier run's compressed layers into `block` and return True (resume);
+    the block then only runs forward to produce the next block's inputs.
+    act: calibrate static activation scales (and optionally smooth) before compress_block sees the statistics:
+    one more forward pass of the dense block (two with smoothing).
+    device: where each block runs and is compressed (None: where the model is). The model stays where it is;
+    each block moves there with the calibration activations, and back once it is compressed, before the next.
+    timer: charged with the phases calibration_forward, hessian, act_calibration, compress, block_output, load.
+    weights: a slim_trt.compression.streaming.StreamedModel when the model's tensors are on the meta device: the tensors
+    outside the blocks are read for the first forward pass, each block before its turn, and the block's
+    compressed layers leave memory once on_block_done has saved them.
+    transform(i, block, linears, stats): may change the dense block into an equivalent one (a channel
+    permutation) from its first statistics, before the activation calibration; returns True when it did, and the
+    statistics are gathered again.
+    """
+    blocks = decoder_blocks(model)
+    prefix = _blocks_prefix(model, blocks)
+    batches = _batches(windows, batch_size)
+    home = weights.home if weights is not None else next(model.parameters()).device
+    device = home if device is None else torch.device(device)
+    if weights is not None:
+        with phase(timer, "load"):
+            weights.load_outer()
+    with phase(timer, "calibration_forward"):
+        kw_cache = {b.shape[0]: _to(_record_block_kwargs(model, blocks, b), device) for b in batches}
+        hidden = [_block0_inputs(model, blocks, b).to(device) for b in batches]
+    if weights is not None:
+        weights.release_outer()
+        weights.kw_cache_bytes = _tensor_bytes(kw_cache)
+
+    def kwargs_for(i: int):
+        return lambda bsz: kw_cache[bsz][i]
+
+    results: list[BlockResult] = []
+    indices = range(len(blocks)) if progress is None else progress
+    for i in indices:
+        block = blocks[i]
+        res = BlockResult(index=i)
+        if weights is not None:
+            with phase(timer, "load"):
+                weights.load_block(i)
+        if restore_block(i, block):
+            with phase(timer, "block_output"):
+                hidden = _run_block(block.to(device), hidden, kwargs_for(i))
+                block.to(home)
+            if weights is not None:
+                weights.release_block(i, block)
+            results.append(res)
+            continue
+        linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
+        check_fits(block_bytes(block, hidden, [m.in_features for m in linears.values()]), device,
+                   f"compressing block {prefix}{i}")
+        block.to(device)
+
+        def run_hooked(adders: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
+            """The block's forward with each linear's input passed to adders[name]."""
+            handles = [linears[n].register_forward_hook(_stats_hook(f, timer)) for n, f in adders.items()]
+            try:
+                return _run_block(block, hidden, kwargs_for(i))
+            except _NonFinite:
+                raise SlimError(f"NaN or Inf in the activations entering block {prefix}{i}: the model or the "
+                                f"calibration text is broken (check the source weights; try another dtype)")
+            finally:
+                for h in handles:
+                    h.remove()
+
+        def new_stats() -> dict[str, LinearStats]:
+            return {n: LinearStats(collect_act=act is not None) for n in linears}
+
+        def gather(stats: dict[str, LinearStats]) -> list[torch.Tensor]:
+            shared = InputProducts()
+            out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
+            _share_equal_hessians(stats)
+            return out
+
+        stats = new_stats()
+        with phase(timer, "calibration_forward"):
+            dense_out = gather(stats)
+        if transform is not None and linears:
+            with phase(timer, "permutation"):
+                changed = transform(i, block, linears, stats)
+            if changed:  # the block computes the same function (dense_out holds) with other weights
+                with phase(timer, "calibration_forward"):
+                    stats = new_stats()
+                    gather(stats)
+        if act is not None and linears:
+            with phase(timer, "act_calibration"):
+                if act.smooth is not None and act.smooth(i, block, linears, stats):
+                    # The smoothed block computes the same function (dense_out holds), on rescaled inputs.
+                    stats = new_stats()
+                    gather(stats)
+                for st in stats.values():
+                    st.act_scale, st.act_bits = act.scale(st), act.bits
+                run_hooked({n: st.add_quantized for n, st in stats.items()})
+        with phase(timer, "compress"):
+            res.layers = compress_block(i, block, linears, stats)
+        with phase(timer, "block_output"):
+            hidden = _run_block(block, hidden, kwargs_for(i))
+            if not all(torch.isfinite(h).all() for h in hidden):
+                raise SlimError(f"NaN or Inf in the outputs of compressed block {prefix}{i}")
+            res.output_rel_error = _rel(hidden, dense_out)
+            del dense_out
+            block.to(home)
+        results.append(res)
+        on_block_done(res)
+        if weights is not None:
+            weights.release_block(i, block)
+    return results
+
+
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in nested tuples, lists and dicts, each distinct tensor once."""
+    seen: set = set()
+
+    def walk(o) -> int:
+        if isinstance(o, torch.Tensor):
+            key = (o.untyped_storage().data_ptr(), o.storage_offset(), tuple(o.shape))
+            if key in seen:
+                return 0
+            seen.add(key)
+            return o.numel() * o.element_size()
+        if isinstance(o, (tuple, list)):
+            return sum(walk(x) for x in o)
+        if isinstance(o, dict):
+            return sum(walk(x) for x in o.values())
+        return 0
+
+    return walk(obj)
+
+
+def _to(obj, device: torch.device):
+    """The block keyword arguments (tensors, possibly in tuples, lists or dicts) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to(o, device) for o in obj)
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _share_equal_hessians(stats: dict[str, LinearStats]) -> None:
+    """Layers whose statistics came out equal (they read the same input) hold one H: the memory is counted
+    once and the factorisations of H (algorithms/memo.py) are computed once for all of them."""
+    seen: list[torch.Tensor] = []
+    for st in stats.values():
+        H = st.hessian
+        if H is None:
+            continue
+        same = next((G for G in seen if G.shape == H.shape and torch.equal(G, H)), None)
+        if same is None:
+            seen.append(H)
+        else:
+            st.hessian = same
+
+
+def _stats_hook(add: Callable[[torch.Tensor], None], timer: PhaseTimer | None = None):
+    def hook(_mod, args, _out):
+        with phase(timer, "hessian"):
+            add(args[0])
+    return hook
+
+
+def _blocks_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
+    for name, mod in model.named_modules():
+        if mod is blocks:
+            return name + "."
+    return ""
