@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 
 from .errors import SlimError
@@ -28,6 +29,7 @@ BITS = (2, 3, 4, 8, 16)  # 16 means "no weight quantization" (the weights keep t
 SPQR_BITS = (2, 3, 4)  # SpQR's asymmetric codes (zero points) in INT4 containers (algorithms/spqr.py)
 # Per-group bit widths (issue 14): uniform, or SliM-LLM's salience-driven N-1 / N / N+1 around --bits N.
 BIT_ALLOCATIONS = ("uniform", "slim-llm")
+SPQR_GROUP_SIZE = 16  # SpQR's groups along K (the paper's), what --quantizer spqr picks unless --group-size says
 ACT_BITS = (None, 8)  # None: weight-only (activations stay float); 8: static per-tensor INT8 activations
 ACT_SCALE_METHODS = ("max", "percentile", "mse")  # see algorithms/actquant.py
 
@@ -211,9 +213,9 @@ class CompressConfig:
         g = self.effective_group_size
         if g < 1 or self.blocksize % g:
             raise SlimError(f"bad --group-size {g} for --quantizer spqr: give groups along K that divide "
-                            f"{self.blocksize}, e.g. 16 (the paper's)")
+                            f"{self.blocksize}, e.g. {SPQR_GROUP_SIZE} (the paper's)")
         if self.act_bits is not None:
-            raise SlimError("--quantizer spqr is weight-only: its groups of 16 with zero points and its fp16 outliers "
+            raise SlimError(f"--quantizer spqr is weight-only: its groups of {g} with zero points and its fp16 outliers "
                             "have no INT8 GEMM form; drop --act-bits 8 (in Python: act_bits=None, or start from "
                             "PRESETS['int4-dense'])")
 
@@ -292,7 +294,7 @@ class CompressConfig:
     def effective_group_size(self) -> int:
         if self.group_size is not None:
             return self.group_size
-        return 0 if self.quantizer == "slim" else 16 if self.quantizer == "spqr" else 128
+        return 0 if self.quantizer == "slim" else SPQR_GROUP_SIZE if self.quantizer == "spqr" else 128
 
     @property
     def reselects_mask(self) -> bool:
@@ -343,6 +345,60 @@ class CalibConfig:
             raise SlimError(f"bad --seqlen {self.seqlen}: it must be >= 8")
         if self.batch_size < 1:
             raise SlimError(f"bad batch size {self.batch_size}: it must be >= 1")
+
+
+FINETUNE_SCHEDULES = ("cosine", "constant")
+FINETUNE_LOSSES = ("ce", "kd")
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """How `slim-trt finetune` (compression/finetune.py) trains the adapters; the CLI's defaults are these."""
+
+    steps: int = 100  # optimizer steps (the schedule's length)
+    minutes: float | None = None  # stop earlier when this much wall time has passed in this run
+    lr: float = 1e-4
+    schedule: str = "cosine"  # after the warmup: cosine decay to 0 at `steps`, or constant
+    warmup_steps: int = 5
+    batch_size: int = 8  # windows per optimizer step
+    micro_batch_size: int = 1  # windows per forward/backward (gradient accumulation up to batch_size)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0  # 0 = no clipping
+    seed: int = 0
+    save_every: int = 10  # steps between resumable states
+    # "ce": next-token cross-entropy on the text (SLiM's recipe). "kd": KL divergence from the dense model's
+    # next-token distribution (distillation): every position gives a full 262k-way target instead of one token,
+    # which is what a CPU budget of a few hundred windows needs.
+    loss: str = "ce"
+
+    def __post_init__(self) -> None:
+        def whole(name: str, v, lo: int) -> None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise SlimError(f"bad --{name.replace('_', '-')} {v!r}: give a whole number >= {lo}")
+
+        whole("steps", self.steps, 1)
+        whole("warmup_steps", self.warmup_steps, 0)
+        whole("batch_size", self.batch_size, 1)
+        whole("micro_batch_size", self.micro_batch_size, 1)
+        whole("save_every", self.save_every, 1)
+        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
+            raise SlimError(f"bad --minutes {self.minutes}: give a positive number of minutes")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SlimError(f"bad --lr {self.lr}: give a positive learning rate, e.g. 1e-4")
+        if self.loss not in FINETUNE_LOSSES:
+            raise SlimError(f"bad --loss {self.loss!r}: choose one of {', '.join(FINETUNE_LOSSES)}")
+        if self.schedule not in FINETUNE_SCHEDULES:
+            raise SlimError(f"bad --schedule {self.schedule!r}: choose one of {', '.join(FINETUNE_SCHEDULES)}")
+        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
+            raise SlimError("bad weight decay or gradient clipping: both must be >= 0")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def trajectory_fingerprint(self) -> str:
+        """What decides the adapters a run ends with: everything but the time budget and the save interval."""
+        d = {k: v for k, v in self.to_dict().items() if k not in ("minutes", "save_every")}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 PRESETS: dict[str, dict] = {
@@ -396,6 +452,28 @@ DEFAULT_PRESET = "trt-int8-sparse"
 DEFAULT_REASON = ("2:4-sparse INT8 weights x INT8 activations is the math TensorRT's sparse INT8 tensor cores run "
                   "on every NVIDIA GPU since Ampere and on Jetson Orin; INT4 is weight-only in TensorRT (no sparse "
                   "kernel reads it), so dense INT4 is --preset int4-dense")
+
+# What each preset measured (bench/accuracy.py on Gemma 3 270M, WikiText-2 test, 32 x 512 windows): the bench row,
+# perplexity x dense and bits/param with adapters. `compress --help` quotes them; tests/test_config.py holds them
+# equal to bench/results/accuracy_gemma3-270m.json.
+PRESET_RESULTS: dict[str, tuple[int, float, float]] = {
+    "slim-paper": (7, 5.836, 5.228),
+    "slim-2to4": (63, 1.298, 4.468),
+    "trt-int8-sparse": (67, 1.232, 6.363),
+    "int4-dense": (42, 1.144, 4.498),
+}
+
+
+def measured(preset: str) -> str:
+    """'1.232x dense perplexity at 6.363 bits/param on Gemma 3 270M (bench row 67)', from PRESET_RESULTS."""
+    row, ratio, bits = PRESET_RESULTS[preset]
+    return f"{ratio:.3f}x dense perplexity at {bits:.3f} bits/param on Gemma 3 270M (bench row {row})"
+
+
+def recipe_label(config: CompressConfig) -> str:
+    """The short name of a recipe's math, read from the config: 'W8A8 2:4', 'W4A16 dense', 'W4A16 unstructured:0.5'."""
+    s = config.sparsity_spec
+    return f"W{config.bits}A{config.act_bits or 16} {'dense' if s.kind == 'none' else s}"
 
 
 def preset_name(config: CompressConfig) -> str | None:

@@ -87,3 +87,22 @@ def test_the_presets_keep_the_refit_rounds_they_were_measured_with():
         assert (cfg.refit_rounding, cfg.refit_scales) == ("every", "every")
     # the defaults too: row 31's rounds (row 56's cheaper ones measured 1.341x against 1.320x on row 24)
     assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("every", "every")
+
+
+def test_preset_results_are_the_bench_rows_and_labels_come_from_the_config():
+    import json
+    from pathlib import Path
+
+    from slim_trt.config import PRESET_RESULTS, measured, recipe_label
+
+    rows = {r["number"]: r for r in json.loads((Path(__file__).parents[1] / "bench" / "results" /
+                                                "accuracy_gemma3-270m.json").read_text())["rows"].values()}
+    assert set(PRESET_RESULTS) == set(PRESETS)
+    for name, (row, ratio, bits) in PRESET_RESULTS.items():  # what `compress --help` quotes is what the bench wrote
+        assert (round(rows[row]["ratio_to_dense"], 3), round(rows[row]["bits_per_param_with_adapters"], 3)) == \
+            (ratio, bits), name
+    assert measured("trt-int8-sparse") == "1.232x dense perplexity at 6.363 bits/param on Gemma 3 270M (bench row 67)"
+    assert [recipe_label(CompressConfig(**PRESETS[n])) for n in ("trt-int8-sparse", "slim-2to4", "int4-dense")] == \
+        ["W8A8 2:4", "W4A16 2:4", "W4A16 dense"]
+    assert recipe_label(CompressConfig(**{**PRESETS["int4-dense"], "sparsity": "unstructured:0.5"})) == \
+        "W4A16 unstructured:0.5"

@@ -20,12 +20,15 @@ COMMANDS = ("compress", "info", "eval", "finetune", "demo", "export", "verify", 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..config import DEFAULT_PRESET, recipe_label
+    from .recipes import default_recipe
+
     parser = argparse.ArgumentParser(
         prog="slim-trt",
         description=(
-            "Compress a Hugging Face causal LM one-shot (quantize, optionally 2:4-prune, fit low-rank adapters: SLiM and beyond), "
-            "export it to ONNX with Q/DQ nodes, verify it in ONNX Runtime, lint it for TensorRT, build TensorRT "
-            "engines on sparse tensor cores and deploy them behind Triton."
+            "Compress a Hugging Face causal LM one-shot (quantize, prune along K, fit low-rank adapters: SLiM and "
+            f"beyond; by default --preset {DEFAULT_PRESET}, {recipe_label(default_recipe())}), export it to ONNX with Q/DQ nodes, verify it in ONNX Runtime, "
+            "lint it for TensorRT, build TensorRT engines on sparse tensor cores and deploy them behind Triton."
         ),
         epilog="Typical flow: slim-trt compress MODEL -o ckpt/ ; slim-trt export ckpt/ -o export/NAME/ ; "
         "slim-trt verify export/NAME/model.onnx --reference ckpt/ ; slim-trt lint export/NAME/model.onnx",

@@ -13,7 +13,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "[default" in text or action.default in (None, False) or action.default is argparse.SUPPRESS:
+        # `is`, not `in (None, False)`: a default of 0 equals False and would be left out.
+        if "[default" in text or action.default is None or action.default is False or \
+                action.default is argparse.SUPPRESS:
             return text
         return super()._get_help_string(action)
 

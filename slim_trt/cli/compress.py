@@ -3,35 +3,43 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_PRESET, PRESETS
+from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, CHANNEL_PERMUTATIONS, DEFAULT_PRESET,
+                      LOWRANKS, PRESETS, PRUNERS, QUANTIZERS, RANK_ALLOCATIONS, REFIT_MASKS, REFIT_ROUNDINGS,
+                      REFIT_SCALES, SPQR_GROUP_SIZE, FINETUNE_LOSSES, CalibConfig, CompressConfig, FinetuneConfig,
+                      describe, recipe_label)
 from .common import add_parser, eprint, print_json
+from .recipes import default_line, default_recipe, default_text, fill, presets_paragraphs
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
           "refit_mask", "channel_permutation", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
           "bit_allocation")
+# Without --preset, flags that ask for weights INT8 activations cannot multiply start from this weight-only recipe,
+# and --act-bits none alone turns these parts of the defaults off (W8A16 with H-LoRA adapters, bench row 27).
+WEIGHT_ONLY_PRESET = "slim-2to4"
+WEIGHT_ONLY_PARTS = {"act_bits": None, "smooth_alpha": None, "lowrank": "hessian"}
+# 2:4 recipes whose refit sweeps choose the mask again / whose MLP channels are permuted drop that part when flags
+# leave what it needs (config_from_args).
+_RESELECT_RULE = "keep when the flags leave SparseGPT N:M"
+_PERMUTE_RULE = "none when the flags leave N:M sparsity"
 
 
 def register(sub) -> None:
+    d, calib, ft = default_recipe(), CalibConfig(), FinetuneConfig()
+    act_none = CompressConfig(**{**PRESETS[DEFAULT_PRESET], **WEIGHT_ONLY_PARTS})
     p = add_parser(
         sub, "compress", "compress a Hugging Face causal LM one-shot with SLiM",
-        "Quantize (INT8/INT4, optionally 2-3 bits), prune along K (2:4), and fit low-rank adapters on the total\n"
-        "error, one decoder block at a time on calibration text, each block fed by the compressed ones before it.\n"
-        "The defaults are --preset trt-int8-sparse (W8A8 2:4): SparseGPT 2:4 with INT8 weights per output\n"
-        "channel, static per-tensor INT8 activations after SmoothQuant alpha 0.5, LRC adapters (rank 0.23, they\n"
-        "read the float activation) rounded to 4 bits, 3 refit rounds choosing the 2:4 mask again, MLP channels\n"
-        "permuted for down_proj's 2:4 groups; 1.23x dense perplexity on Gemma 3 270M at 6.36 bits/param. Why: 2:4 INT8 x INT8 is the math TensorRT's sparse INT8 tensor cores run on every NVIDIA\n"
-        "GPU since Ampere and on Jetson Orin; INT4 is weight-only in TensorRT (no sparse kernel reads it).\n"
-        "--preset int4-dense: dense INT4 GPTQ (groups of 128) + 4-bit H-LoRA within 4.5 bits/param (1.14x, the\n"
-        "defaults before issue 23; weight-only INT4 GEMMs, no sparse math).\n"
-        "--preset slim-2to4: the best 2:4 W4A16 recipe (SparseGPT 2:4 with SLiM-Quant scales, 1.30x).\n"
-        "--preset slim-paper: the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA r 0.1).\n"
-        "Flags change the preset's recipe (the default's without --preset). Without --preset, weights that INT8\n"
-        "activations cannot multiply (--bits 2, 3, 4 or 16, --quantizer spqr, --bit-allocation slim-llm) start\n"
-        "from --preset slim-2to4, the weight-only 2:4 recipe: `--bits 4` alone is exactly --preset slim-2to4.\n"
-        "--act-bits none alone keeps the default's 2:4 INT8 weights and drops its activation parts (INT8\n"
-        "activations, SmoothQuant; LRC becomes H-LoRA): W8A16 2:4. --act-bits 8 with weight-only weights is refused.\n"
-        "An interrupted run resumes when re-run unchanged.",
+        fill("Quantize (INT8/INT4, optionally 2-3 bits), prune along K (2:4), and fit low-rank adapters on the total "
+             "error, one decoder block at a time on calibration text, each block fed by the compressed ones before "
+             "it.",
+             *presets_paragraphs(),
+             f"Flags change the preset's recipe (the default's without --preset). Without --preset, weights that INT8 "
+             f"activations cannot multiply (--bits 2, 3, 4 or 16, --quantizer spqr, --bit-allocation slim-llm) start "
+             f"from --preset {WEIGHT_ONLY_PRESET}, the weight-only recipe: `--bits "
+             f"{PRESETS[WEIGHT_ONLY_PRESET]['bits']}` alone is exactly --preset {WEIGHT_ONLY_PRESET}. --act-bits none "
+             f"alone keeps the default's weights and drops its activation parts ({recipe_label(act_none)}: "
+             f"{describe(act_none)}). --act-bits 8 with weight-only weights is refused.",
+             "An interrupted run resumes when re-run unchanged."),
         "  slim-trt compress gemma3-270m -o out/gemma-slim --nsamples 32 --seqlen 512\n"
         "  slim-trt compress ./my-llama -o out/llama --preset slim-2to4 --calib data.txt\n"
         "  slim-trt compress ./my-llama -o out/llama-int4 --preset int4-dense\n"
@@ -42,97 +50,108 @@ def register(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="checkpoint folder to write")
     p.add_argument("--preset", choices=list(PRESETS), default=None,
                    help=f"start from a named recipe; explicit flags still override it [default: {DEFAULT_PRESET}]")
-    p.add_argument("--sparsity", default=None, help="2:4, N:M, unstructured:RATIO or none [default: 2:4; none in --preset int4-dense]")
+    p.add_argument("--sparsity", default=None,
+                   help=f"2:4, N:M, unstructured:RATIO or none {default_text('sparsity')}")
     p.add_argument("--bits", type=int, default=None, metavar="{2,3,4,8,16}",
                    help="weight bits (the average with --bit-allocation slim-llm); 2 and 3 bits use zero points and "
-                        "INT4 containers and need --quantizer gptq or spqr; 16 = no quantization; without --preset, any but 8 "
-                        "starts from --preset slim-2to4 (weight-only) [default: 8; 4 in the INT4 presets]")
+                        "INT4 containers and need --quantizer gptq or spqr; 16 = no quantization; without --preset, "
+                        f"any but 8 starts from --preset {WEIGHT_ONLY_PRESET} (weight-only) "
+                        f"{default_text('bits')}")
     p.add_argument("--zero-point", action=argparse.BooleanOptionalAction, default=None,
-                   help="asymmetric min-max grids with an integer zero point per group [default: on at 2-3 bits and "
-                        "with slim-llm, off at 4 (the symmetric INT4 grid, the only one TensorRT's INT4 takes)]")
-    p.add_argument("--bit-allocation", default=None, choices=["uniform", "slim-llm"],
+                   help="asymmetric min-max grids with an integer zero point per group "
+                        + default_text("zero_point", {None: "on at 2-3 bits and with slim-llm, off at 4: the "
+                                                            "symmetric INT4 grid, the only one TensorRT's INT4 takes"},
+                                       none="auto"))
+    p.add_argument("--bit-allocation", default=None, choices=BIT_ALLOCATIONS,
                    help="slim-llm: SliM-LLM's salience-driven N-1 / N / N+1 bits per group of 128 columns around "
-                        "--bits N (2, 3 or 4), with salience-weighted clip calibration [default: uniform]")
-    p.add_argument("--quantizer", default=None, choices=["slim", "absmax", "gptq", "spqr"], help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
-                        "sparsegpt; spqr = SpQR (GPTQ sweep, groups of 16 with 3-bit quantized scales and zero "
-                        "points, fp16 outliers up to --outlier-share; with --sparsity 2:4 the mask comes first and "
-                        "outliers sit only at kept positions) [default: slim; gptq in --preset int4-dense]")
+                        "--bits N (2, 3 or 4), with salience-weighted clip calibration "
+                        + default_text("bit_allocation"))
+    p.add_argument("--quantizer", default=None, choices=QUANTIZERS,
+                   help="slim = SLiM-Quant (histogram-optimal clip per group), in the SparseGPT sweep when --pruner "
+                        f"sparsegpt; spqr = SpQR (GPTQ sweep, groups of {SPQR_GROUP_SIZE} with 3-bit quantized scales "
+                        "and zero points, fp16 outliers up to --outlier-share; with --sparsity 2:4 the mask comes "
+                        "first and outliers sit only at kept positions) " + default_text("quantizer"))
     p.add_argument("--outlier-share", type=float, default=None, metavar="SHARE",
                    help="--quantizer spqr: the largest share of each layer's weights kept as fp16 outliers "
-                        "(32 bits each in bits/param) [default: 0.01]")
+                        "(32 bits each in bits/param) " + default_text("outlier_share"))
     p.add_argument("--group-size", type=int, default=None,
-                   help="0 per tensor, -1 per channel, G groups along K [default: -1 (INT8 GEMMs take no groups); 128 in the "
-                        "INT4 presets; 16 with --quantizer spqr]")
-    p.add_argument("--pruner", default=None, choices=["wanda", "sparsegpt", "magnitude"], help="[default: sparsegpt]")
-    p.add_argument("--lowrank", default=None, choices=["slim", "hessian", "svd", "lrc", "none"],
+                   help="0 per tensor, -1 per channel, G groups along K "
+                        + default_text("group_size", {-1: "INT8 GEMMs take no groups"},
+                                       then=f"{SPQR_GROUP_SIZE} with --quantizer spqr"))
+    p.add_argument("--pruner", default=None, choices=PRUNERS, help=default_text("pruner"))
+    p.add_argument("--lowrank", default=None, choices=LOWRANKS,
                    help="adapters: slim = SLiM-LoRA (diagonal saliency), hessian = the exact output-error optimum with "
                         "the full input covariance, svd = plain SVD, lrc = low-rank correction of weight and "
-                        "activation quantization (needs --act-bits 8), none [default: lrc; hessian in the weight-only presets]")
-    p.add_argument("--rank-ratio", type=float, default=None, help="rank = ratio x min(d_in, d_out) [default: 0.23]")
-    p.add_argument("--rank-multiple", type=int, default=None, help="round the rank up to a multiple [default: 1]")
+                        "activation quantization (needs --act-bits 8), none " + default_text("lowrank"))
+    p.add_argument("--rank-ratio", type=float, default=None,
+                   help="rank = ratio x min(d_in, d_out) " + default_text("rank_ratio"))
+    p.add_argument("--rank-multiple", type=int, default=None,
+                   help="round the rank up to a multiple " + default_text("rank_multiple"))
     p.add_argument("--max-bits", type=_max_bits, default=None, metavar="BITS",
                    help="budget of the compressed layers in bits/param, adapters included (README 'Bits per "
                         "parameter'): when the ranks from --rank-ratio would exceed it, the ratio is lowered for "
-                        "the whole model until they fit; 'none' turns the budget off [default: none (INT8 2:4 stores 5 "
-                        "bits/param before adapters); 4.5 in --preset int4-dense and slim-2to4]")
+                        "the whole model until they fit; 'none' turns the budget off (INT8 2:4 stores 5 bits/param "
+                        "before adapters) " + default_text("max_bits"))
     p.add_argument("--quantize-adapters", action=argparse.BooleanOptionalAction, default=None,
-                   help="store the adapters in 4 bits (groups of 128); --no-quantize-adapters keeps fp16 "
-                        "[default: on]")
-    p.add_argument("--adapter-quantizer", default=None, choices=["gptq", "rtn"],
-                   help="how 4-bit adapters are rounded: gptq = R by GPTQ with the layer's H, then L re-fitted to the "
-                        "rounded R and rounded by GPTQ too (keeps nearly all the adapters' gain); rtn = round to "
-                        "nearest, as the SLiM paper [default: gptq; rtn in --preset int4-dense and slim-paper]")
+                   help=f"store the adapters in {d.adapter_bits} bits (groups of {d.adapter_group_size}); "
+                        f"--no-quantize-adapters keeps fp16 " + default_text("quantize_adapters"))
+    p.add_argument("--adapter-quantizer", default=None, choices=ADAPTER_QUANTIZERS,
+                   help=f"how {d.adapter_bits}-bit adapters are rounded: gptq = R by GPTQ with the layer's H, then L "
+                        "re-fitted to the rounded R and rounded by GPTQ too (keeps nearly all the adapters' gain); rtn "
+                        "= round to nearest, as the SLiM paper " + default_text("adapter_quantizer"))
     p.add_argument("--refit-rounds", type=int, default=None, metavar="N",
                    help="after the adapters, re-quantize the base from W - L R and re-fit the adapters, up to N "
-                        "rounds, each kept only if the layer's output error drops [default: 3]")
-    p.add_argument("--refit-rounding", default=None, choices=["last", "every"],
-                   help="when the refit rounds round the 4-bit adapters: last = float adapters between rounds, "
-                        "rounded once at the end (faster; bench row 56: 1.341x dense against row 24's 1.320x); every = in every round [default: every]")
-    p.add_argument("--refit-scales", default=None, choices=["first", "every"],
+                        "rounds, each kept only if the layer's output error drops " + default_text("refit_rounds"))
+    p.add_argument("--refit-rounding", default=None, choices=REFIT_ROUNDINGS,
+                   help=f"when the refit rounds round the {d.adapter_bits}-bit adapters: last = float adapters "
+                        "between rounds, rounded once at the end (faster; bench row 56: 1.341x dense against row "
+                        "24's 1.320x); every = in every round " + default_text("refit_rounding"))
+    p.add_argument("--refit-scales", default=None, choices=REFIT_SCALES,
                    help="the refit rounds' SparseGPT sweeps round on the group scales the first sweep chose (first) "
-                        "(faster) or search them again on W - L R (every) [default: every]")
-    p.add_argument("--refit-mask", default=None, choices=["keep", "reselect"],
+                        "(faster) or search them again on W - L R (every) " + default_text("refit_scales"))
+    p.add_argument("--refit-mask", default=None, choices=REFIT_MASKS,
                    help="the refit rounds' SparseGPT sweeps keep the first sweep's 2:4 mask (keep) or choose it again "
                         "on W - L R, the part the adapters leave to the base (reselect; a round is still kept only "
-                        "if the layer's error drops) [default: reselect in the 2:4 SparseGPT recipes (rows 63, 64: 1.320x -> 1.298x, "
-                        "1.298x -> 1.287x dense on Gemma 3 270M), keep elsewhere]")
-    p.add_argument("--channel-permutation", default=None, choices=["none", "mlp"],
+                        "if the layer's error drops; rows 63, 64: 1.320x -> 1.298x, 1.298x -> 1.287x dense on Gemma 3 "
+                        "270M) " + default_text("refit_mask", then=_RESELECT_RULE))
+    p.add_argument("--channel-permutation", default=None, choices=CHANNEL_PERMUTATIONS,
                    help="mlp: permute each block's MLP intermediate channels (gate/up output rows with down input "
                         "columns; an equivalent network, nothing at run time) so that down_proj's 2:4 groups keep "
-                        "more saliency |W| ||x|| [default: mlp in the W8A8 2:4 recipe (row 67: 1.287x -> 1.232x dense on "
-                        "Gemma 3 270M), none elsewhere]")
-    p.add_argument("--rank-allocation", default=None, choices=["uniform", "sensitivity"],
+                        "more saliency |W| ||x|| (row 67: 1.287x -> 1.232x dense on Gemma 3 270M) "
+                        + default_text("channel_permutation", then=_PERMUTE_RULE))
+    p.add_argument("--rank-allocation", default=None, choices=RANK_ALLOCATIONS,
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
-                        "their singular values leave [default: uniform]")
+                        "their singular values leave " + default_text("rank_allocation"))
     p.add_argument("--act-bits", type=_act_bits, default=None, metavar="{8,none}",
                    help="8: quantize every compressed linear's input to INT8 with a static per-tensor scale "
                         "calibrated on the calibration windows (W8A8; needs --bits 8 and --group-size -1 or 0); "
-                        "none: weight-only [default: 8; none in the weight-only presets]")
-    p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=["max", "percentile", "mse"],
+                        "none: weight-only " + default_text("act_bits"))
+    p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=ACT_SCALE_METHODS,
                    help="activation scale estimator: max |x|, the 99.99th percentile of |x|, or the clip with the "
-                        "least squared error [default: mse]")
+                        "least squared error " + default_text("act_scale_method"))
     p.add_argument("--smooth-alpha", type=_number_or_none("a strength in [0, 1] (e.g. 0.5)"), default=None,
                    metavar="A", help="SmoothQuant: move activation outliers into the weights with strength A in "
-                        "[0, 1], folded into the previous norm or linear; 'none' turns it off [default: 0.5 (1.409x -> "
-                        "1.298x dense on Gemma 3 270M); off in the weight-only presets]")
+                        "[0, 1], folded into the previous norm or linear; 'none' turns it off (alpha 0.5 on the 2:4 "
+                        "W8A8 recipe, rows 30, 31: 1.409x -> 1.298x dense on Gemma 3 270M) "
+                        + default_text("smooth_alpha"))
     p.add_argument("--finetune-steps", type=int, default=None, metavar="N",
                    help="fine-tune the adapters for N steps on the calibration windows before saving "
                         "(see slim-trt finetune)")
     p.add_argument("--finetune-minutes", type=float, default=None, metavar="M",
                    help="fine-tune the adapters for at most M minutes (the schedule still spans --finetune-steps, "
-                        "default 100; whichever ends first)")
-    p.add_argument("--finetune-loss", choices=["ce", "kd"], default=None,
+                        f"default {ft.steps}; whichever ends first)")
+    p.add_argument("--finetune-loss", choices=FINETUNE_LOSSES, default=None,
                    help="loss of the fine-tuning: ce (next-token cross-entropy) or kd (distil the dense model) "
-                        "[default: ce]")
+                        f"[default: {ft.loss}]")
     p.add_argument("--skip", dest="skip_layers", action="append", default=None, metavar="PATTERN",
                    help="keep matching layers dense (glob on the full name, e.g. '*.down_proj'); repeatable")
     p.add_argument("--calib", default=None, metavar="FILE",
                    help="calibration text file (or a HF dataset name when the hub is reachable) "
                         "[default: the shipped WikiText-2 validation excerpt]")
-    p.add_argument("--nsamples", type=int, default=128, help="calibration windows")
-    p.add_argument("--seqlen", type=int, default=2048, help="tokens per calibration window")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward pass")
+    p.add_argument("--nsamples", type=int, default=calib.nsamples, help="calibration windows")
+    p.add_argument("--seqlen", type=int, default=calib.seqlen, help="tokens per calibration window")
+    p.add_argument("--seed", type=int, default=calib.seed, help="which calibration windows are drawn")
+    p.add_argument("--batch-size", type=int, default=calib.batch_size, help="windows per forward pass")
     p.add_argument("--device", default="auto", metavar="DEVICE",
                    help="where each decoder block is compressed: auto (a CUDA GPU when torch sees one, else the "
                         "CPU), cpu, cuda or cuda:N; the model stays in host memory. One device per run: blocks are "
@@ -189,15 +208,15 @@ def weight_only_flags(args) -> list[str]:
 
 def base_recipe(args) -> dict:
     """The recipe the flags change: --preset's; without it the defaults (DEFAULT_PRESET), or, when the flags ask
-    for weight-only weights, slim-2to4 (the weight-only 2:4 recipe), or, for --act-bits none alone, the defaults
-    without their activation parts (W8A16 2:4 with H-LoRA adapters, bench row 27)."""
+    for weight-only weights, WEIGHT_ONLY_PRESET (the weight-only 2:4 recipe), or, for --act-bits none alone, the
+    defaults without their activation parts (WEIGHT_ONLY_PARTS: W8A16 2:4 with H-LoRA adapters, bench row 27)."""
     preset = getattr(args, "preset", None)
     if preset:
         return dict(PRESETS[preset])
     if weight_only_flags(args):
-        return dict(PRESETS["slim-2to4"])
+        return dict(PRESETS[WEIGHT_ONLY_PRESET])
     if getattr(args, "act_bits", None) == "none":
-        return {**PRESETS[DEFAULT_PRESET], "act_bits": None, "smooth_alpha": None, "lowrank": "hessian"}
+        return {**PRESETS[DEFAULT_PRESET], **WEIGHT_ONLY_PARTS}
     return dict(PRESETS[DEFAULT_PRESET])
 
 
@@ -214,7 +233,7 @@ def config_from_args(args):
         if v is not None:
             values[k] = tuple(v) if k == "skip_layers" else v
     if values.get("quantizer") == "spqr" and getattr(args, "group_size", None) is None:
-        values["group_size"] = 16  # SpQR's small groups (the paper's 16), over a preset's, unless --group-size says
+        values["group_size"] = SPQR_GROUP_SIZE  # SpQR's small groups, over a preset's, unless --group-size says
     for k in ("max_bits", "smooth_alpha", "act_bits"):
         if values.get(k) == "none":
             values[k] = None

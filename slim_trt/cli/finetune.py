@@ -1,6 +1,7 @@
 """slim-trt finetune CKPT -o OUT"""
 from __future__ import annotations
 
+from ..config import FINETUNE_LOSSES, FINETUNE_SCHEDULES, FinetuneConfig
 from .common import add_parser, eprint, print_json
 
 
@@ -23,21 +24,23 @@ def register(sub) -> None:
                    help="training text [default: the shipped WikiText-2 validation excerpt]")
     p.add_argument("--nsamples", type=int, default=128, help="training windows")
     p.add_argument("--seqlen", type=int, default=512, help="tokens per window")
-    p.add_argument("--steps", type=int, default=100, help="optimizer steps (the schedule's length)")
-    p.add_argument("--minutes", type=float, default=None, help="stop after this much wall time (then save)")
-    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate")
-    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine", help="after the warmup")
-    p.add_argument("--warmup-steps", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8, help="windows per optimizer step")
-    p.add_argument("--micro-batch-size", type=int, default=1, help="windows per forward/backward pass")
-    p.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0 = off)")
-    p.add_argument("--loss", choices=["ce", "kd"], default="ce",
+    ft = FinetuneConfig()  # the defaults of every training knob below
+    p.add_argument("--steps", type=int, default=ft.steps, help="optimizer steps (the schedule's length)")
+    p.add_argument("--minutes", type=float, default=ft.minutes, help="stop after this much wall time (then save)")
+    p.add_argument("--lr", type=float, default=ft.lr, help="peak learning rate")
+    p.add_argument("--schedule", choices=FINETUNE_SCHEDULES, default=ft.schedule, help="after the warmup")
+    p.add_argument("--warmup-steps", type=int, default=ft.warmup_steps, help="steps of linear warmup to --lr")
+    p.add_argument("--batch-size", type=int, default=ft.batch_size, help="windows per optimizer step")
+    p.add_argument("--micro-batch-size", type=int, default=ft.micro_batch_size,
+                   help="windows per forward/backward pass")
+    p.add_argument("--max-grad-norm", type=float, default=ft.max_grad_norm, help="gradient clipping (0 = off)")
+    p.add_argument("--loss", choices=FINETUNE_LOSSES, default=ft.loss,
                    help="ce: next-token cross-entropy (SLiM's recipe); kd: distil the dense model's next-token "
-                        "distribution (KL), which learns more per window [default: ce]")
+                        "distribution (KL), which learns more per window")
     p.add_argument("--teacher", default=None, metavar="MODEL",
                    help="the dense model for --loss kd [default: the checkpoint's source model]")
-    p.add_argument("--seed", type=int, default=0, help="window sampling and batch order")
-    p.add_argument("--save-every", type=int, default=10, help="steps between resumable states")
+    p.add_argument("--seed", type=int, default=ft.seed, help="window sampling and batch order")
+    p.add_argument("--save-every", type=int, default=ft.save_every, help="steps between resumable states")
     p.add_argument("--state", default=None, metavar="DIR", help="resumable state folder [default: OUT.partial]")
     p.add_argument("--eval-data", default=None, metavar="FILE",
                    help="held-out text for perplexity before/after [default: the shipped WikiText-2 test excerpt]")

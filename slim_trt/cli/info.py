@@ -1,15 +1,16 @@
 """slim-trt info CKPT"""
 from __future__ import annotations
 
+from ..config import DEFAULT_REASON
 from .common import add_parser, print_json
+from .recipes import default_line, fill
 
 
 def register(sub) -> None:
     p = add_parser(sub, "info", "summarise a compressed checkpoint",
-                   "Print the recipe (the preset it is, and whether that is the default), the method, the\n"
-                   "calibration, and per layer: shape, bits, sparsity, rank, error. The default recipe is --preset\n"
-                   "trt-int8-sparse (W8A8 2:4): 2:4-sparse INT8 weights x INT8 activations is the math TensorRT's\n"
-                   "sparse INT8 tensor cores run on every NVIDIA GPU since Ampere and on Jetson Orin.",
+                   fill("Print the recipe (the preset it is, and whether that is the default), the method, the "
+                        "calibration, and per layer: shape, bits, sparsity, rank, error. The default recipe is "
+                        f"{default_line()}: {DEFAULT_REASON}."),
                    "  slim-trt info out/gemma-slim\n  slim-trt info out/gemma-slim --json -")
     p.add_argument("checkpoint", metavar="CKPT")
     p.add_argument("--json", default=None, metavar="FILE", help="write the manifest summary as JSON ('-' = stdout)")

@@ -1,25 +1,26 @@
 """slim-trt lint model.onnx [--target trt10|trt11|jetson-orin-jp6|GPU-PROFILE] [--gpu GPU-PROFILE]"""
 from __future__ import annotations
 
-from ..targets.profile import LINT_TABLES as TARGETS  # data only: no linter import for --help
+from ..targets.profile import DEFAULT_LINT_TARGET, LINT_TABLES as TARGETS  # data only: no linter import for --help
 from .common import add_parser
+from .recipes import fill
 
 
 def register(sub) -> None:
     p = add_parser(sub, "lint", "check an ONNX file against TensorRT's parser rules (CPU only)",
-                   "Check op support for the target TensorRT, the Q/DQ rules (zero points, INT4 on MatMul weights, "
+                   fill("Check op support for the target TensorRT, the Q/DQ rules (zero points, INT4 on MatMul weights, "
                    "opset, blocked axis, scale dtype), registered plugins, and report per GEMM whether the weight "
                    "is 2:4 along K and whether TensorRT can run it on 2:4 sparse tensor cores (INT8 x INT8, FP16, "
                    "FP8 where the GPU has it) or why not (INT4 weight-only, not 2:4, precision, shape), with the "
                    "share of GEMM FLOPs of each class; and per eligible INT8 GEMM its form: int8-in/int8-out "
                    "(sparse INT8 tactics available) or int8-in/float-out (allowed, but TensorRT is reported to "
                    "pick sparse INT8 kernels only with an INT8 output: expect dense; docs/tensorrt-sparsity.md). "
-                   "Exit 1 on errors.",
+                   "Exit 1 on errors."),
                    "  slim-trt lint export/gemma-slim/model.onnx\n"
                    "  slim-trt lint export/gemma-slim/model.onnx --target jetson-orin --json lint.json\n"
                    "  slim-trt lint export/gemma-slim/model.onnx --target trt11 --gpu hopper")
     p.add_argument("onnx", metavar="MODEL.onnx")
-    p.add_argument("--target", default="trt10",
+    p.add_argument("--target", default=DEFAULT_LINT_TARGET,
                    help=f"a TensorRT table ({', '.join(TARGETS)}) or a GPU profile (ampere, ada, hopper, jetson-orin, "
                         f"jetson-thor, yours, or a .json path: its TensorRT table and its GPU)")
     p.add_argument("--gpu", default=None, metavar="PROFILE",

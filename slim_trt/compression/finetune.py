@@ -15,7 +15,6 @@ and config continues from there and ends with the same adapters as an uninterrup
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
@@ -31,60 +30,11 @@ import torch
 from torch import nn
 
 from ..checkpoint.compressed_linear import CompressedLinear, compressed_layers
+from ..config import FinetuneConfig  # a dataclass config like the others (re-exported here for callers)
 from ..errors import SlimError
 
-SCHEDULES = ("cosine", "constant")
-LOSSES = ("ce", "kd")
 LOSS_LABELS = {"ce": "next-token cross-entropy (nats/token)", "kd": "KL(dense || compressed) (nats/token)"}
 LOSS_CURVE = "finetune_loss.png"
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    steps: int = 100  # optimizer steps (the schedule's length)
-    minutes: float | None = None  # stop earlier when this much wall time has passed in this run
-    lr: float = 1e-4
-    schedule: str = "cosine"  # after the warmup: cosine decay to 0 at `steps`, or constant
-    warmup_steps: int = 5
-    batch_size: int = 8  # windows per optimizer step
-    micro_batch_size: int = 1  # windows per forward/backward (gradient accumulation up to batch_size)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0  # 0 = no clipping
-    seed: int = 0
-    save_every: int = 10  # steps between resumable states
-    # "ce": next-token cross-entropy on the text (SLiM's recipe). "kd": KL divergence from the dense model's
-    # next-token distribution (distillation): every position gives a full 262k-way target instead of one token,
-    # which is what a CPU budget of a few hundred windows needs.
-    loss: str = "ce"
-
-    def __post_init__(self) -> None:
-        def whole(name: str, v, lo: int) -> None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise SlimError(f"bad --{name.replace('_', '-')} {v!r}: give a whole number >= {lo}")
-
-        whole("steps", self.steps, 1)
-        whole("warmup_steps", self.warmup_steps, 0)
-        whole("batch_size", self.batch_size, 1)
-        whole("micro_batch_size", self.micro_batch_size, 1)
-        whole("save_every", self.save_every, 1)
-        if self.minutes is not None and not (math.isfinite(self.minutes) and self.minutes > 0):
-            raise SlimError(f"bad --minutes {self.minutes}: give a positive number of minutes")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SlimError(f"bad --lr {self.lr}: give a positive learning rate, e.g. 1e-4")
-        if self.loss not in LOSSES:
-            raise SlimError(f"bad --loss {self.loss!r}: choose one of {', '.join(LOSSES)}")
-        if self.schedule not in SCHEDULES:
-            raise SlimError(f"bad --schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if not (self.weight_decay >= 0 and self.max_grad_norm >= 0):
-            raise SlimError("bad weight decay or gradient clipping: both must be >= 0")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def trajectory_fingerprint(self) -> str:
-        """What decides the adapters a run ends with: everything but the time budget and the save interval."""
-        d = {k: v for k, v in self.to_dict().items() if k not in ("minutes", "save_every")}
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -19,6 +19,7 @@ from pathlib import Path
 import onnx
 
 from ..errors import SlimError
+from ..targets.profile import DEFAULT_LINT_TARGET
 from .model import GraphView
 from .quantized_tables import check_quantized_tables
 from .rules import Finding, LayerInfo, check_opset, check_ops, check_plugins, check_qdq, layers_and_sparsity
@@ -99,7 +100,7 @@ def resolve_target(target, gpu=None) -> tuple[str, object]:
     return profile.lint_target, gpu_for(profile.lint_target, gpu if gpu is not None else profile)
 
 
-def lint(onnx_path_or_model, target="trt10", *, sidecar: dict | None = None, gpu=None) -> LintReport:
+def lint(onnx_path_or_model, target=DEFAULT_LINT_TARGET, *, sidecar: dict | None = None, gpu=None) -> LintReport:
     """Check a model (path or ModelProto) against `target`: a TensorRT table ("trt10", "trt11",
     "jetson-orin-jp6") or a GPU profile ("jetson-orin", "hopper", ...; its lint table and its GPU features).
     `gpu` (a profile name or TargetProfile) sets the GPU of the sparse tensor-core prediction explicitly."""

@@ -27,6 +27,7 @@ SHAPE_AXES = ("batch", "sequence", "past_sequence")
 PLATFORMS = ("datacenter", "workstation", "jetson")
 # The linter's TensorRT tables (slim_trt/linter/tables/NAME.json): a profile's lint target names one of them.
 LINT_TABLES = ("trt10", "trt11", "jetson-orin-jp6")
+DEFAULT_LINT_TARGET = "trt10"  # what `slim-trt lint`, lint() and the demo check against when not told
 
 
 def parse_version(text: str) -> tuple[int, ...]:

@@ -76,7 +76,8 @@ def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_
         assert "(the default because 2:4-sparse INT8 weights x INT8 activations" in text
 
 
-def test_help_teaches(capsys):
+def test_help_teaches(capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "2000")  # the description is wrapped to the terminal: one line per paragraph
     with pytest.raises(SystemExit) as e:
         main(["compress", "--help"])
     assert e.value.code == 0
