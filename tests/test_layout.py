@@ -176,3 +176,20 @@ def test_public_api_names_resolve(name):
     import slim_trt
 
     assert callable(getattr(slim_trt, name))
+
+
+def test_the_design_page_draws_the_same_floors():
+    """docs/design.md's rooms table names each room on the floor FLOORS gives it (a room table that drifts from
+    the code fails here)."""
+    import re
+
+    page = (PACKAGE.parent / "docs" / "design.md").read_text()
+    drawn = {}
+    for line in page.splitlines():
+        m = re.match(r"\| (\d+)(?:-(\d+))? \| (.+?) \|", line)
+        if m:
+            lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+            names = [n.rstrip("/").removesuffix(".py") for n in re.findall(r"`([^`]+)`", m.group(3))]
+            for i, name in enumerate(names):
+                drawn[name] = min(lo + i, hi) if hi > lo else lo
+    assert drawn == {name: i for i, names in enumerate(FLOORS) for name in names}

@@ -175,8 +175,10 @@ def _all_initializers(graph):
                 yield from _all_initializers(sub)
 
 
-def read_sidecar(onnx_path: Path) -> dict | None:
-    """slim_export.json beside the model, or None when no export sidecar describes this file."""
+def read_sidecar(onnx_path: str | Path) -> dict | None:
+    """slim_export.json beside the model, or None when no export sidecar describes this file (none there, or
+    one naming another model file)."""
+    onnx_path = Path(onnx_path)
     p = onnx_path.parent / SIDECAR
     if not p.is_file():
         return None
@@ -184,4 +186,4 @@ def read_sidecar(onnx_path: Path) -> dict | None:
         meta = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise SlimError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}): re-run `slim-trt export`") from None
-    return meta if meta.get("model_file") == onnx_path.name else None
+    return meta if meta.get("model_file", onnx_path.name) == onnx_path.name else None

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlimError
+from ..runtime.export_folder import read_sidecar
 from .backend import GpuInfo, TensorRTNotInstalled, import_tensorrt, parse_version, require_gpu
 from .plugins import required_plugins, resolve_plugins
 from .report import BuildReport, make_report
 from .memory import estimate_memory
-from .shapes import ShapeRanges, input_profiles, io_from_onnx, read_sidecar, shape_ranges
+from .shapes import ShapeRanges, input_profiles, io_from_onnx, shape_ranges
 from ..targets.profile import TargetProfile, check_target, load_target, target_for_gpu
 
 GB = 2**30

@@ -7,13 +7,11 @@ sequence + past_sequence. Pure functions, no TensorRT.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SlimError
 
-SIDECAR = "slim_export.json"
 AXES = ("batch", "sequence", "past_sequence", "total_sequence")
 
 
@@ -79,20 +77,6 @@ class ShapeRanges:
                                                       floor=0))
         except KeyError as e:
             raise SlimError(f"a shape profile needs 'batch' and 'sequence' ranges (missing {e})") from None
-
-
-def read_sidecar(onnx_path: str | Path) -> dict | None:
-    """slim_export.json beside the model, or None for an ONNX file that did not come from `slim-trt export`."""
-    p = Path(onnx_path).parent / SIDECAR
-    if not p.is_file():
-        return None
-    try:
-        meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise SlimError(f"{p} is not valid JSON ({e.msg}): re-run `slim-trt export`") from None
-    if meta.get("model_file", Path(onnx_path).name) != Path(onnx_path).name:
-        return None
-    return meta
 
 
 def io_from_onnx(onnx_path: str | Path) -> dict:

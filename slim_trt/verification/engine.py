@@ -14,7 +14,7 @@ import numpy as np
 from ..errors import SlimError
 from ..trt.backend import import_tensorrt, require_gpu
 from ..trt.runtime import _load_engine, engine_plugins
-from ..trt.shapes import read_sidecar
+from ..runtime.export_folder import read_sidecar
 from .compare import Thresholds, compare_logits, run_onnx
 
 
