@@ -133,7 +133,7 @@ class CompressConfig:
     # (calibration/permutation.py); "none" keeps the model's order.
     channel_permutation: str = "mlp"
     rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
-    # The model-wide budget of the compressed layers, adapters included (README "Bits per parameter"): when the
+    # The model-wide budget of the compressed layers, adapters included (docs/recipes.md, "Bits per parameter"): when the
     # ranks from rank_ratio would exceed it, the ratio is lowered until they fit (algorithms.pipeline.plan_ranks).
     max_bits: float | None = None  # INT8 2:4 stores 5 bits/param before adapters
     # W8A8 (issue 13): static symmetric per-tensor INT8 scales for every compressed linear's input, calibrated on

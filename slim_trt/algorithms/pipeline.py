@@ -222,7 +222,7 @@ def plan_block_ranks(weights: dict[str, torch.Tensor], bases: dict[str, Quantize
 
 
 def storage_bits(cw: CompressedWeight, sparsity_kind: str, n: int = 2, m: int = 4) -> dict:
-    """Bits the deployed layer stores, counted exactly (see README "Bits per parameter").
+    """Bits the deployed layer stores, counted exactly (see docs/recipes.md, "Bits per parameter").
 
     base: kept values x bits + sparsity metadata (N:M: ceil(log2 m) bits per kept value, as NVIDIA's 2:4 format
     stores a 2-bit index per kept value; unstructured: a 1-bit mask per weight) + 16-bit scales (+ one zero point
@@ -300,7 +300,7 @@ def layer_bits(N: int, K: int, rank: int, cfg: CompressConfig) -> tuple[int, int
 
 
 def bits_per_param(shapes: dict[str, tuple[int, int]], ranks: dict[str, int], cfg: CompressConfig) -> float:
-    """Bits per parameter of the compressed layers (adapters included), as the README's formula counts them."""
+    """Bits per parameter of the compressed layers (adapters included), as the formula in docs/recipes.md counts them."""
     total = sum(sum(layer_bits(N, K, ranks.get(n, 0), cfg)) for n, (N, K) in shapes.items())
     params = sum(N * K for N, K in shapes.values())
     return total / params if params else 0.0

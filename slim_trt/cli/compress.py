@@ -88,8 +88,8 @@ def register(sub) -> None:
     p.add_argument("--rank-multiple", type=int, default=None,
                    help="round the rank up to a multiple " + default_text("rank_multiple"))
     p.add_argument("--max-bits", type=_max_bits, default=None, metavar="BITS",
-                   help="budget of the compressed layers in bits/param, adapters included (README 'Bits per "
-                        "parameter'): when the ranks from --rank-ratio would exceed it, the ratio is lowered for "
+                   help="budget of the compressed layers in bits/param, adapters included (docs/recipes.md "
+                        "'Bits per parameter'): when the ranks from --rank-ratio would exceed it, the ratio is lowered for "
                         "the whole model until they fit; 'none' turns the budget off (INT8 2:4 stores 5 bits/param "
                         "before adapters) " + default_text("max_bits"))
     p.add_argument("--quantize-adapters", action=argparse.BooleanOptionalAction, default=None,
@@ -159,8 +159,8 @@ def register(sub) -> None:
                         "fit the GPU is refused with the bytes it needs and the bytes free) [default: auto]")
     p.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="read one decoder block at a time from the safetensors files, in their stored dtype, and "
-                        "keep only its compressed result: host memory holds about one block, not the model (README "
-                        "'Memory'); the checkpoint is bit-identical to --no-stream, which loads the whole model in "
+                        "keep only its compressed result: host memory holds about one block, not the model (docs/"
+                        "compression.md, 'Memory'); the checkpoint is bit-identical to --no-stream, which loads the whole model in "
                         "float32. Hub ids and --finetune-* load the model whole [default: on]")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
     p.add_argument("--trust-remote-code", action="store_true", help="allow model code from the model folder/hub")
@@ -299,7 +299,7 @@ def run(args) -> int:
                                  stream=args.stream)
     s = report.summary()
     device_mem = "" if s["peak_device_gb"] is None else f", peak {s['device']} memory {s['peak_device_gb']:.2f} GB"
-    if s.get("peak_host_bytes_bound"):  # a streamed run states its bound (README 'Memory')
+    if s.get("peak_host_bytes_bound"):  # a streamed run states its bound (docs/compression.md, 'Memory')
         device_mem = f" (streamed; bound {s['peak_host_bytes_bound'] / 2**30:.2f} GB){device_mem}"
     eprint(f"wrote {out}: {s['compressed_layers']} layers in {s['seconds']:.1f} s on {s['device']} "
            f"({s['threads']} threads), peak host memory {s['peak_rss_gb']:.2f} GB{device_mem}, "

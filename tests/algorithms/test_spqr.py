@@ -32,7 +32,7 @@ def layer():
 
 
 def paper_bits(qt) -> float:
-    """Bits per parameter of one dense layer as storage_bits counts them (the README formula)."""
+    """Bits per parameter of one dense layer as storage_bits counts them (the formula in docs/recipes.md)."""
     cw = CompressedWeight(weight=qt, mask=None, lora_L=None, lora_R=None, rel_error_base=0.0, rel_error=0.0)
     s = storage_bits(cw, "none")
     return s["base_bits"] / s["params"]

@@ -166,7 +166,7 @@ def test_peak_host_memory_stays_within_the_stated_bound(tmp_path):
     reports) minus its baseline stays within host_peak_bound, which is below the model in float32: the test
     fails if the model were ever held whole in float32. A cheap recipe (dense INT4, no adapters: --preset int4-dense,
     what this test measured before issue 23) keeps it short: with the issue-14 defaults the same model peaked 138 MB
-    over its baseline against a bound of 181 MB (README). (The W8A8 defaults exceed the stated bound on this model:
+    over its baseline against a bound of 181 MB (the formula in docs/compression.md). (The W8A8 defaults exceed the stated bound on this model:
     a known gap of the bound, reported in issue 23's work.)"""
     params = _memory_model(tmp_path / "model")
     out, summary_file = tmp_path / "out", tmp_path / "summary.json"
