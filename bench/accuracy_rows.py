@@ -44,50 +44,56 @@ class Row:
 
 def load_rows(path: Path = ROWS_FILE) -> tuple[tuple[Row, ...], dict]:
     """(rows, peers) from the rows file; a row the file cannot describe is a SlimError naming it."""
-    from slim_trt.config import CompressConfig
-
+    path = Path(path)
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SlimError(f"{path}: cannot read the accuracy rows ({e}); fix the file (it is JSON)") from None
-    groups, peers, finetunes = data.get("groups", {}), data.get("peers", {}), data.get("finetunes", {})
     recipes = {name: _recipe(name, data.get("recipes", {}), path) for name in data.get("recipes", {})}
-    rows, seen = [], set()
+    rows: list[Row] = []
     for spec in data.get("rows", []):
         where = f"{path.name}: row {spec.get('number')} {spec.get('name')!r}"
-        unknown = set(spec) - _ROW_KEYS
-        if unknown:
-            raise SlimError(f"{where} has unknown fields {sorted(unknown)}: use {sorted(_ROW_KEYS)}")
-        if not isinstance(spec.get("number"), int) or not spec.get("name") or not spec.get("label"):
-            raise SlimError(f"{where} needs an integer number, a name and a label")
-        if spec["number"] in seen or spec["name"] in {r.name for r in rows}:
+        row = _row(spec, where, data, recipes)
+        if any(r.number == row.number or r.name == row.name for r in rows):
             raise SlimError(f"{where}: number or name already used by another row (rows are never renumbered)")
-        seen.add(spec["number"])
-        if spec.get("group") not in groups:
-            raise SlimError(f"{where}: group {spec.get('group')!r} is not one of the file's groups ({', '.join(groups)})")
-        kinds = [k for k in ("dense", "peer", "recipe") if spec.get(k)]
-        if len(kinds) != 1:
-            raise SlimError(f"{where} needs exactly one of dense, peer, recipe (it has {kinds or 'none'})")
-        compress = finetune = None
-        if spec.get("peer") and spec["peer"] not in peers:
-            raise SlimError(f"{where}: unknown peer {spec['peer']!r} ({', '.join(peers)})")
-        if spec.get("recipe"):
-            if spec["recipe"] not in recipes:
-                raise SlimError(f"{where}: unknown recipe {spec['recipe']!r} ({', '.join(recipes)})")
-            compress = {**recipes[spec["recipe"]], **spec.get("set", {})}
-            try:  # checked now, not when the run reaches the row
-                CompressConfig(**compress)
-            except (TypeError, SlimError) as e:
-                raise SlimError(f"{where}: its recipe is not a CompressConfig ({e})") from None
-            if spec.get("finetune"):
-                if spec["finetune"] not in finetunes:
-                    raise SlimError(f"{where}: unknown finetune {spec['finetune']!r} ({', '.join(finetunes)})")
-                finetune = dict(finetunes[spec["finetune"]]["set"])
-        elif spec.get("set") or spec.get("finetune"):
+        rows.append(row)
+    return tuple(rows), data.get("peers", {})
+
+
+def _row(spec: dict, where: str, data: dict, recipes: dict) -> Row:
+    """One row of the file, its recipe resolved and checked as a CompressConfig now (not when a run reaches it)."""
+    from slim_trt.config import CompressConfig
+
+    groups, peers, finetunes = data.get("groups", {}), data.get("peers", {}), data.get("finetunes", {})
+    unknown = set(spec) - _ROW_KEYS
+    if unknown:
+        raise SlimError(f"{where} has unknown fields {sorted(unknown)}: use {sorted(_ROW_KEYS)}")
+    if not isinstance(spec.get("number"), int) or not spec.get("name") or not spec.get("label"):
+        raise SlimError(f"{where} needs an integer number, a name and a label")
+    if spec.get("group") not in groups:
+        raise SlimError(f"{where}: group {spec.get('group')!r} is not one of the file's groups ({', '.join(groups)})")
+    kinds = [k for k in ("dense", "peer", "recipe") if spec.get(k)]
+    if len(kinds) != 1:
+        raise SlimError(f"{where} needs exactly one of dense, peer, recipe (it has {kinds or 'none'})")
+    if spec.get("peer") and spec["peer"] not in peers:
+        raise SlimError(f"{where}: unknown peer {spec['peer']!r} ({', '.join(peers)})")
+    if not spec.get("recipe"):
+        if spec.get("set") or spec.get("finetune"):
             raise SlimError(f"{where}: set and finetune apply to a recipe row only")
-        rows.append(Row(spec["number"], spec["name"], spec["label"], compress=compress, peer=spec.get("peer"),
-                        finetune=finetune, group=spec["group"]))
-    return tuple(rows), peers
+        return Row(spec["number"], spec["name"], spec["label"], peer=spec.get("peer"), group=spec["group"])
+    if spec["recipe"] not in recipes:
+        raise SlimError(f"{where}: unknown recipe {spec['recipe']!r} ({', '.join(recipes)})")
+    compress = {**recipes[spec["recipe"]], **spec.get("set", {})}
+    try:
+        CompressConfig(**compress)
+    except (TypeError, SlimError) as e:
+        raise SlimError(f"{where}: its recipe is not a CompressConfig ({e})") from None
+    finetune = None
+    if spec.get("finetune"):
+        if spec["finetune"] not in finetunes:
+            raise SlimError(f"{where}: unknown finetune {spec['finetune']!r} ({', '.join(finetunes)})")
+        finetune = dict(finetunes[spec["finetune"]]["set"])
+    return Row(spec["number"], spec["name"], spec["label"], compress=compress, finetune=finetune, group=spec["group"])
 
 
 def _recipe(name: str, recipes: dict, path: Path, chain: tuple = ()) -> dict:

@@ -1,6 +1,6 @@
 """What the benchmarks in bench/ share: paths, row selection, the machine and its load, versions, the evaluation
-windows, peak RSS, the peer libraries' venvs (bench/.venv-<peer>) and their logs, and the results file (JSON + Markdown + PNG, rewritten atomically after every row so that an
-interrupted run resumes where it stopped).
+windows, peak RSS, the peer libraries' venvs (bench/.venv-<peer>) and their logs, and the results file (JSON +
+Markdown + PNG, rewritten atomically after every row so that an interrupted run resumes where it stopped).
 """
 from __future__ import annotations
 

@@ -77,8 +77,8 @@ def test_a_new_row_is_a_data_change(tmp_path):
 @pytest.mark.parametrize("changes, message", [
     (dict(rows=lambda rows: rows[1].update(recipe="nope")), "row 2 'magnitude-absmax': unknown recipe 'nope'"),
     (dict(rows=lambda rows: rows[1].update(bits=8)), "row 2 'magnitude-absmax' has unknown fields ['bits']"),
-    (dict(rows=lambda rows: rows[1]["set"].update(bitz=8)), "row 2 'magnitude-absmax': its recipe is not a CompressConfig"),
-    (dict(rows=lambda rows: rows[1]["set"].update(bits=5)), "row 2 'magnitude-absmax': its recipe is not a CompressConfig"),
+    (dict(rows=lambda rows: rows[1]["set"].update(bitz=8)), "row 2 'magnitude-absmax': its recipe is not a Compr"),
+    (dict(rows=lambda rows: rows[1]["set"].update(bits=5)), "row 2 'magnitude-absmax': its recipe is not a Compr"),
     (dict(rows=lambda rows: rows[2].update(number=2)), "row 2 'wanda-absmax': number or name already used"),
     (dict(rows=lambda rows: rows[1].update(group="issue-99")), "group 'issue-99' is not one of the file's groups"),
     (dict(rows=lambda rows: rows[1].update(peer="modelopt")), "needs exactly one of dense, peer, recipe"),
