@@ -24,12 +24,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py, when run as a script
 import harness
-from accuracy_report import Results
-from accuracy_rows import ROWS, select_rows
-from accuracy_run import Settings, prepare, run_row
 from harness import BENCH, DEFAULT_CALIB, DEFAULT_DATA, model_tag, portable_path, versions
 
 from slim_trt.data.windows import parse_window_count
+from slim_trt.errors import SlimError
+
+try:  # the rows file is read (and checked) on import: a row it cannot describe is one line, not a traceback
+    from accuracy_report import Results
+    from accuracy_rows import ROWS, select_rows
+    from accuracy_run import Settings, prepare, run_row
+except SlimError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:

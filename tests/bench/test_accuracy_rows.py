@@ -3,6 +3,9 @@ CompressConfig or the presets), and a row the file cannot describe is one clear 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -97,3 +100,18 @@ def test_a_file_that_is_not_json_says_so(tmp_path):
     (tmp_path / "rows.json").write_text("{not json")
     with pytest.raises(SlimError, match="cannot read the accuracy rows"):
         accuracy_rows.load_rows(tmp_path / "rows.json")
+
+
+def test_the_command_says_what_is_wrong_with_the_rows_file_in_one_line(tmp_path):
+    """bench/accuracy.py reads the rows on start: a bad row is one line on stderr and exit code 2, no traceback."""
+    bench = tmp_path / "bench"
+    bench.mkdir()
+    for f in ("accuracy.py", "accuracy_rows.py", "accuracy_run.py", "accuracy_report.py", "harness.py"):
+        shutil.copy(REPO / "bench" / f, bench / f)
+    _write(tmp_path, rows=lambda rows: rows[3].update(recipe="nope")).rename(bench / "accuracy_rows.json")
+    r = subprocess.run([sys.executable, str(bench / "accuracy.py"), "--rows", "1"], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == [
+        "error: accuracy_rows.json: row 4 'sparsegpt-gptq': unknown recipe 'nope' (paper, sgpt, hlora, slim-2to4, "
+        "w8a16, w8a8, w8-dense, gptq-dense, spqr-dense, slimllm)"]
