@@ -1,6 +1,6 @@
 """What the benchmarks in bench/ share: paths, row selection, the machine and its load, versions, the evaluation
-windows, peak RSS, and the results file (JSON + Markdown + PNG, rewritten atomically after every row so that an
-interrupted run resumes where it stopped).
+windows, peak RSS, the peer libraries' venvs (bench/.venv-<peer>) and their logs, and the results file (JSON +
+Markdown + PNG, rewritten atomically after every row so that an interrupted run resumes where it stopped).
 """
 from __future__ import annotations
 
@@ -174,6 +174,58 @@ def versions(*packages: str) -> dict:
            "slim_trt": ver("slim-trt") or ver("slim_trt"), "slim_trt_commit": commit}
     out.update({p: ver(p) for p in packages})
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Peers: other libraries run in their own venvs (bench/.venv-<peer>, from bench/peers/requirements-<peer>.txt)
+
+
+class RowFailed(Exception):
+    """A row that could not be measured: `error` goes into the row's record, with the log's last lines and the
+    worker's own report when there is one."""
+
+    def __init__(self, error: str, log_tail: str | None = None, report: dict | None = None):
+        super().__init__(error)
+        self.error, self.log_tail, self.report = error, log_tail, report
+
+
+def venv_python(venv_dir: Path | str, peer: str) -> Path:
+    """Where the Python of the peer's venv under `venv_dir` is (whether or not it exists)."""
+    return Path(venv_dir) / f".venv-{peer}" / "bin" / "python"
+
+
+def peer_python(venv_dir: Path | str, peer: str, make_target: str) -> Path:
+    """The Python of the peer's venv under `venv_dir`; RowFailed saying how to make it when it is not there."""
+    py = venv_python(venv_dir, peer)
+    if not py.exists():
+        req = BENCH / "peers" / f"requirements-{peer}.txt"
+        raise RowFailed(f"no venv for {peer} at {py.parent.parent}: create it with `make {make_target}` "
+                        f"(python3 -m venv {py.parent.parent} && {py} -m pip install -r {req})")
+    return py
+
+
+def peer_env() -> dict:
+    """A peer's environment: offline (everything it reads is on disk already), none of this checkout's modules."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+            "PYTHONPATH": ""}
+
+
+def venv_version(py: Path, package: str) -> str | None:
+    """`package`'s version in the venv of the interpreter `py`, read without importing it (None if absent)."""
+    try:
+        r = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version({package!r}))"],
+                           capture_output=True, text=True, timeout=60, check=False)
+        return r.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def log_tail(log: Path, n: int = 15) -> str:
+    """The last `n` lines of a log ("" when it cannot be read)."""
+    try:
+        return "\n".join(Path(log).read_text(errors="replace").strip().splitlines()[-n:])
+    except OSError:
+        return ""
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/harness.py, when run as a script
 import harness
-from harness import BENCH, DEFAULT_DATA, REPO, fmt
+from harness import BENCH, DEFAULT_DATA, REPO, RowFailed, fmt
 
 from slim_trt.data.windows import parse_window_count
 from slim_trt.errors import SlimError
@@ -166,12 +166,6 @@ def prepare_context(args) -> Context:
 # Models under test: built once into --work, rebuilt when their recipe changes
 
 
-class RowFailed(Exception):
-    def __init__(self, error: str, log_tail: str | None = None):
-        super().__init__(error)
-        self.error, self.log_tail = error, log_tail
-
-
 def _stamped(folder: Path, stamp: dict) -> bool:
     f = folder.with_name(folder.name + ".stamp.json")
     return folder.is_dir() and f.is_file() and json.loads(f.read_text()) == stamp
@@ -212,19 +206,17 @@ def export_facts(folder: Path) -> dict:
 
 
 def peer_python(row: Row, ctx: Context) -> Path:
-    py = Path(ctx.args.peer_venvs) / f".venv-{row.peer}" / "bin" / "python"
-    if not py.exists():
-        req = BENCH / "peers" / f"requirements-{row.peer}.txt"
-        raise RowFailed(f"no venv for {row.peer} at {py.parent.parent}: create it with `make bench-peers-speed` "
-                        f"(python3 -m venv {py.parent.parent} && {py} -m pip install -r {req})")
-    return py
+    return harness.peer_python(ctx.args.peer_venvs, row.peer, "bench-peers-speed")
 
 
 def build_ortgenai(row: Row, ctx: Context) -> dict:
     """onnxruntime-genai's model builder, INT4 for the CPU, on the same HF folder (its own defaults)."""
     py = peer_python(row, ctx)
     out = ctx.work / "ortgenai-int4"
-    stamp = row_config(row) | {"model_folder": str(ctx.model_folder), "venv": _venv_versions(py, row.peer)}
+    package = PEERS[row.peer]["package"]
+    version = harness.venv_version(py, package)
+    stamp = row_config(row) | {"model_folder": str(ctx.model_folder),
+                               "venv": f"{package}=={version}" if version else None}
     if _stamped(out, stamp):
         return {"folder": str(out), "built_s": None}
     tmp = out.with_name(out.name + ".partial")
@@ -236,9 +228,9 @@ def build_ortgenai(row: Row, ctx: Context) -> dict:
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "w") as f:
-        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=_peer_env(), check=False).returncode
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=harness.peer_env(), check=False).returncode
     if rc != 0:
-        tail = _tail(log)
+        tail = harness.log_tail(log)
         raise RowFailed(f"the onnxruntime-genai builder failed (exit {rc}): {tail.splitlines()[-1] if tail else ''}",
                         tail)
     shutil.rmtree(out, ignore_errors=True)
@@ -282,31 +274,10 @@ def model_files(row: Row, model: dict) -> list[Path]:
 # Workers
 
 
-def _peer_env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": ""}
-
-
-def _tail(log: Path, n: int = 15) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").strip().splitlines()[-n:])
-    except OSError:
-        return ""
-
-
-def _venv_versions(py: Path, peer: str) -> str | None:
-    try:
-        r = subprocess.run([str(py), "-m", "pip", "freeze", "--all"], capture_output=True, text=True, timeout=120,
-                           check=False)
-        pkg = PEERS[peer]["package"]
-        return next((line for line in r.stdout.splitlines() if line.lower().startswith(pkg)), None)
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def worker_command(row: Row, ctx: Context) -> tuple[list[str], dict]:
     if row.export is not None:
         return [sys.executable, str(BENCH / "speed_slim.py")], {**os.environ, "PYTHONPATH": str(REPO)}
-    return [str(peer_python(row, ctx)), str(BENCH / "peers" / f"speed_{row.peer}.py")], _peer_env()
+    return [str(peer_python(row, ctx)), str(BENCH / "peers" / f"speed_{row.peer}.py")], harness.peer_env()
 
 
 def run_worker(row: Row, ctx: Context, model: dict, mode: str, tag: str) -> dict:
@@ -335,8 +306,8 @@ def run_worker(row: Row, ctx: Context, model: dict, mode: str, tag: str) -> dict
         result = json.loads(res.read_text()) if res.exists() else None
     if result is None or result.get("status") != "ok":
         err = (result or {}).get("error") or (f"timed out after {args.timeout:.0f} s" if wall >= args.timeout
-                                              else f"exit code {proc.returncode}: {_tail(log, 1)}")
-        raise RowFailed(err, (result or {}).get("traceback") or _tail(log))
+                                              else f"exit code {proc.returncode}: {harness.log_tail(log, 1)}")
+        raise RowFailed(err, (result or {}).get("traceback") or harness.log_tail(log))
     return {**result, "peak_rss_mb": round(result["peak_rss_mb"], 1), "wall_s": round(wall, 2),
             "loadavg_before": load_before, "loadavg_after": harness.loadavg(),
             "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0))}

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from slim_trt.errors import SlimError
 from tests.conftest import save_tiny_model, tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,7 +33,9 @@ def _load_bench():
     return mod
 
 
-bench = _load_bench()
+bench = _load_bench()  # the entry point (its CLI); the rows, the runner and the report are modules beside it
+accuracy_rows, accuracy_run, accuracy_report, harness = (sys.modules[m] for m in ("accuracy_rows", "accuracy_run",
+                                                                                   "accuracy_report", "harness"))
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +54,7 @@ def smoke_run(tmp_path_factory):
 def test_every_row_runs_and_has_every_field(smoke_run):
     _, path = smoke_run
     data = json.loads(path.read_text())
-    assert [k for k in data["rows"]] == [r.key for r in bench.ROWS[:11]]
+    assert [k for k in data["rows"]] == [r.key for r in accuracy_rows.ROWS[:11]]
     for key, row in data["rows"].items():
         missing = [f for f in ROW_FIELDS if f not in row]
         assert not missing, f"{key} lacks {missing}"
@@ -115,8 +118,8 @@ def test_score_matches_slim_trt_compare():
     dense, other = tiny_model("llama", seed=0), tiny_model("llama", seed=1)
     windows = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
     ref = compare(other, dense, windows, batch_size=2)
-    dense_ppl, top1 = bench.reference_pass(dense, windows, batch_size=2)
-    got = bench.score(other, windows, top1, batch_size=2)
+    dense_ppl, top1 = accuracy_run.reference_pass(dense, windows, batch_size=2)
+    got = accuracy_run.score(other, windows, top1, batch_size=2)
     assert dense_ppl == pytest.approx(ref["reference_perplexity"], rel=1e-6)
     assert got["perplexity"] == pytest.approx(ref["perplexity"], rel=1e-6)
     assert got["top1_agreement"] == ref["top1_agreement"] and got["tokens"] == ref["tokens"]
@@ -131,49 +134,49 @@ def test_weight_pattern_check_counts_violations_and_levels():
     q = q * keep.reshape(N, K).float()
     scale = torch.rand(N, K // 128, generator=g).repeat_interleave(128, dim=1) + 0.1
     W = q * scale
-    c = bench.check_weight_pattern(W)
+    c = accuracy_run.check_weight_pattern(W)
     assert c["nm_violations"] == 0 and c["groups_over_levels"] == 0 and c["max_levels_per_group"] <= 16
     prescale = torch.rand(K, generator=g) + 0.5  # an AWQ-style per-channel scale folded into the weight
-    c = bench.check_weight_pattern(W * prescale, prescale=prescale)
+    c = accuracy_run.check_weight_pattern(W * prescale, prescale=prescale)
     assert c["groups_over_levels"] == 0
-    assert bench.check_weight_pattern(W * prescale)["groups_over_levels"] > 0
+    assert accuracy_run.check_weight_pattern(W * prescale)["groups_over_levels"] > 0
     W2 = W.clone()
     W2[0, 2], W2[3, 7] = 0.123, 0.456  # two groups of 4 with 3 non-zeros, and off-grid values
-    c = bench.check_weight_pattern(W2)
+    c = accuracy_run.check_weight_pattern(W2)
     assert c["nm_violations"] == 2 and c["max_levels_per_group"] >= 17
 
 
 def test_peer_bits_use_the_storage_formula():
-    b = bench.peer_storage_bits(640, 2048, is_nm=True, prescale=False)
+    b = accuracy_run.peer_storage_bits(640, 2048, is_nm=True, prescale=False)
     assert b["base_bits"] == 640 * 2048 // 2 * (4 + 2) + 640 * 16 * 16
-    dense = bench.peer_storage_bits(640, 2048, is_nm=False, prescale=True)
+    dense = accuracy_run.peer_storage_bits(640, 2048, is_nm=False, prescale=True)
     assert dense["base_bits"] == 640 * 2048 * 4 + 640 * 16 * 16 + 16 * 2048
 
 
 def test_row_selection():
-    assert [r.number for r in bench.select_rows("7,dense,slim-lora")] == [7, 1]
+    assert [r.number for r in accuracy_rows.select_rows("7,dense,slim-lora")] == [7, 1]
     # every row, each number once (rows are added by several issues at once: no fixed count here)
-    assert [r.number for r in bench.select_rows("all")] == [r.number for r in bench.ROWS]
-    assert len({r.number for r in bench.ROWS}) == len(bench.ROWS) >= 50
-    assert {24, 41, 44, 49, 56, 57, 58} <= {r.number for r in bench.ROWS}
-    assert [r.number for r in bench.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
-    with pytest.raises(bench.SlimError):
-        bench.select_rows("99")
+    assert [r.number for r in accuracy_rows.select_rows("all")] == [r.number for r in accuracy_rows.ROWS]
+    assert len({r.number for r in accuracy_rows.ROWS}) == len(accuracy_rows.ROWS) >= 50
+    assert {24, 41, 44, 49, 56, 57, 58} <= {r.number for r in accuracy_rows.ROWS}
+    assert [r.number for r in accuracy_rows.select_rows("18,sgpt-gptq-hlora-q4-r02")] == [18, 16]
+    with pytest.raises(SlimError):
+        accuracy_rows.select_rows("99")
 
 
 def test_stored_config_matches_when_new_fields_keep_their_defaults():
-    row = next(r for r in bench.ROWS if r.name == "slim-lora")
-    stored = bench.row_config(row)
+    row = next(r for r in accuracy_rows.ROWS if r.name == "slim-lora")
+    stored = accuracy_rows.row_config(row)
     # written before refit_rounds and rank_allocation existed (their defaults keep the old behaviour)
     older = {k: v for k, v in stored.items() if k not in ("refit_rounds", "rank_allocation")}
-    assert bench.same_config(stored, row) and bench.same_config(older, row)
-    assert not bench.same_config({**stored, "bits": 8}, row)
-    assert not bench.same_config(stored, next(r for r in bench.ROWS if r.name == "slim-lora-q4-adapters"))
+    assert accuracy_rows.same_config(stored, row) and accuracy_rows.same_config(older, row)
+    assert not accuracy_rows.same_config({**stored, "bits": 8}, row)
+    assert not accuracy_rows.same_config(stored, next(r for r in accuracy_rows.ROWS if r.name == "slim-lora-q4-adapters"))
     # stored before adapter_quantizer existed: those adapters were rounded to nearest
-    row16 = next(r for r in bench.ROWS if r.number == 16)
-    old16 = {k: v for k, v in bench.row_config(row16).items() if k != "adapter_quantizer"}
-    assert bench.same_config(old16, row16)
-    assert not bench.same_config(old16, next(r for r in bench.ROWS if r.number == 18))
+    row16 = next(r for r in accuracy_rows.ROWS if r.number == 16)
+    old16 = {k: v for k, v in accuracy_rows.row_config(row16).items() if k != "adapter_quantizer"}
+    assert accuracy_rows.same_config(old16, row16)
+    assert not accuracy_rows.same_config(old16, next(r for r in accuracy_rows.ROWS if r.number == 18))
 
 
 def test_finetune_row_records_its_training(smoke_run, tmp_path):
@@ -198,7 +201,7 @@ def test_finetune_row_records_its_training(smoke_run, tmp_path):
 def test_best_rows_follow_the_classes_the_budget_and_the_finetuning_split():
     def row(ppl, storage, **cfg):
         return {"status": "ok", "perplexity": ppl, "bits_per_param_with_adapters": storage,
-                "config": {"method": "slim_trt.compression.compressor", "sparsity": "2:4", "bits": 4, **cfg}}
+                "config": {"method": accuracy_rows.OUR_METHOD, "sparsity": "2:4", "bits": 4, **cfg}}
 
     w8a8 = dict(bits=8, act_bits=8)
     rows = {"a": row(50.0, 4.6), "b": row(60.0, 4.4), "c": row(55.0, 4.3, sparsity="unstructured:0.5"),
@@ -211,11 +214,11 @@ def test_best_rows_follow_the_classes_the_budget_and_the_finetuning_split():
     rows["j"] = row(57.0, 6.4, **w8a8, finetune={"loss": "kd"})
     rows["41-gptq-dense-g128"] = row(20.0, 4.1, sparsity="none")  # dense INT4: the reference, never the best
     rows["42-gptq-dense-g128-hlora"] = row(19.0, 4.5, sparsity="none")
-    best = bench.best_rows(rows)
+    best = accuracy_report.best_rows(rows)
     assert best["best_one_shot"] == "i" and best["best_finetuned"] == "j"
     assert best["best_one_shot_2to4"] == "b" and best["best_finetuned_2to4"] == "d"  # a (50.0) is over the budget
     assert best["dense_int4_reference"] == ["41-gptq-dense-g128", "42-gptq-dense-g128-hlora"]
-    assert bench.best_rows({"a": rows["a"]})["best_one_shot"] is None
+    assert accuracy_report.best_rows({"a": rows["a"]})["best_one_shot"] is None
 
 
 def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
@@ -225,9 +228,9 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
     # committed results; --preset int4-dense is row 42 (the defaults of issues 14-22), printed beside it as the
     # dense INT4 reference; --preset slim-2to4 follows best_one_shot_2to4 (row 24); row 56 (issue 15's cheaper
     # refit rounds, 1.341x against 1.320x) is an option on row 24's recipe.
-    results = json.loads((bench.BENCH / "results" / "accuracy_gemma3-270m.json").read_text())
-    by_key = {r.key: r for r in bench.ROWS}
-    by_number = {r.number: r for r in bench.ROWS}
+    results = json.loads((harness.BENCH / "results" / "accuracy_gemma3-270m.json").read_text())
+    by_key = {r.key: r for r in accuracy_rows.ROWS}
+    by_number = {r.number: r for r in accuracy_rows.ROWS}
     # Issue 23's --refit-mask reselect won on both 2:4 recipes (rows 63, 64) and the MLP permutation on top of it on
     # the W8A8 one (row 67), so the presets turned them on.
     assert CompressConfig(**by_number[67].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
@@ -245,7 +248,7 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
     for preset in PRESETS.values():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
     # the report prints the dense INT4 reference beside best_one_shot
-    md = (bench.BENCH / "results" / "accuracy_gemma3-270m.md").read_text()
+    md = (harness.BENCH / "results" / "accuracy_gemma3-270m.md").read_text()
     assert f"best_one_shot: row {by_number[67].key}, perplexity 53.65 (x1.232 dense)" in md
     assert "beside it, the dense INT4 reference" in md and f"row {by_number[42].key}, perplexity 49.80" in md
 
@@ -253,7 +256,7 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
 def test_the_w8a8_preset_is_the_smoothed_lrc_row():
     from slim_trt.config import PRESETS, CompressConfig
 
-    by_number = {r.number: r for r in bench.ROWS}
+    by_number = {r.number: r for r in accuracy_rows.ROWS}
     # row 67 is the preset; row 64 the same without the permutation, row 31 that with the first mask kept, row 30
     # that without SmoothQuant
     assert CompressConfig(**by_number[67].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
@@ -292,11 +295,11 @@ def test_rows_record_the_load_and_unjudged_goals_name_their_rows(smoke_run):
     data = json.loads(path.read_text())
     r = data["rows"]["2-magnitude-absmax"]
     assert len(r["loadavg_start"]) == 3 and len(r["loadavg_end"]) == 3
-    assert bench.row_load(r) == f"{r['loadavg_start'][0]:.1f}-{r['loadavg_end'][0]:.1f}"
-    assert bench.row_load({}) == "-"  # rows measured before the load was recorded
+    assert accuracy_report.row_load(r) == f"{r['loadavg_start'][0]:.1f}-{r['loadavg_end'][0]:.1f}"
+    assert accuracy_report.row_load({}) == "-"  # rows measured before the load was recorded
     only_dense_rows = {k: {"status": "ok", "perplexity": v} for k, v in
                        (("1-dense", 43.5), ("32-w8a16-dense", 43.7), ("33-w8a8-dense-none", 51.6))}
-    md = bench.markdown({**data, "rows": data["rows"], "w8a8": bench.w8a8_analysis(only_dense_rows)})
+    md = accuracy_report.markdown({**data, "rows": data["rows"], "w8a8": accuracy_report.w8a8_analysis(only_dense_rows)})
     assert "dense_none_over_dense 1.1862" in md and "none judged yet (their rows: 1, 27, 31, 38, 59)" in md
 
 
@@ -306,7 +309,7 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
     from slim_trt.cli.compress import config_from_args
     from slim_trt.config import CompressConfig
 
-    by_number = {r.number: r for r in bench.ROWS}
+    by_number = {r.number: r for r in accuracy_rows.ROWS}
     keep = ["--refit-mask", "keep", "--channel-permutation", "none"]  # rows measured before issue 23's options
     for flags, number in (([], 67), (["--channel-permutation", "none"], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 63),
                           (["--bits", "4"], 63), (["--preset", "slim-2to4", *keep], 24),
