@@ -216,6 +216,20 @@ ROWS: tuple[Row, ...] = (
     Row(67, "w8a8-sgpt-lrc-smooth-remask-permmlp", "row 64 + MLP channels permuted for down_proj's 2:4 groups "
         "(--refit-mask reselect --channel-permutation mlp)",
         {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5, "refit_mask": "reselect", "channel_permutation": "mlp"}),
+    # --- issue 24: FP8 E4M3 (Hopper, Ada, Jetson Thor) -------------------------------------------------------------
+    # Row 68 is --preset trt-fp8-sparse (row 67's recipe with FP8 weights, absmax/448 per output channel, and static
+    # per-tensor FP8 activations); row 69 the same without adapters; row 70 FP8 dense (round to nearest, no
+    # adapters), the FP8 reference.
+    Row(68, "fp8-sgpt-lrc-smooth-remask-permmlp", "row 67 in FP8 E4M3: weights and activations (--preset "
+        "trt-fp8-sparse)", {**W8A8, "lowrank": "lrc", "smooth_alpha": 0.5, "refit_mask": "reselect",
+                           "channel_permutation": "mlp", "weight_format": "fp8", "act_format": "fp8"}),
+    Row(69, "fp8-sgpt-none-smooth-remask-permmlp", "row 68 without adapters (FP8 2:4 alone)",
+        {**W8A8, "lowrank": "none", "smooth_alpha": 0.5, "refit_mask": "reselect", "channel_permutation": "mlp",
+         "weight_format": "fp8", "act_format": "fp8"}),
+    Row(70, "fp8-dense-smooth", "FP8 E4M3 dense W8A8 (round to nearest, SmoothQuant alpha 0.5, no adapters): the "
+        "FP8 reference", {**W8A8, "sparsity": "none", "lowrank": "none", "smooth_alpha": 0.5,
+                          "weight_format": "fp8", "act_format": "fp8"}),
+    # --- end of issue 24 -----------------------------------------------------------------------------------------
 )
 
 PEERS = {

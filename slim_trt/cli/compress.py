@@ -9,7 +9,7 @@ from .common import add_parser, eprint, print_json
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
           "refit_mask", "channel_permutation", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
-          "bit_allocation")
+          "bit_allocation", "weight_format", "act_format")
 
 
 def register(sub) -> None:
@@ -26,6 +26,8 @@ def register(sub) -> None:
         "defaults before issue 23; weight-only INT4 GEMMs, no sparse math).\n"
         "--preset slim-2to4: the best 2:4 W4A16 recipe (SparseGPT 2:4 with SLiM-Quant scales, 1.30x).\n"
         "--preset slim-paper: the SLiM paper's exact recipe (Wanda, per-tensor SLiM-Quant, SLiM-LoRA r 0.1).\n"
+        "--preset trt-fp8-sparse: the same 2:4 recipe in FP8 E4M3 (weights and activations) for Hopper, Ada\n"
+        "and Jetson Thor (docs/fp8.md).\n"
         "Flags change the preset's recipe (the default's without --preset). Without --preset, weights that INT8\n"
         "activations cannot multiply (--bits 2, 3, 4 or 16, --quantizer spqr, --bit-allocation slim-llm) start\n"
         "from --preset slim-2to4, the weight-only 2:4 recipe: `--bits 4` alone is exactly --preset slim-2to4.\n"
@@ -108,6 +110,13 @@ def register(sub) -> None:
                    help="8: quantize every compressed linear's input to INT8 with a static per-tensor scale "
                         "calibrated on the calibration windows (W8A8; needs --bits 8 and --group-size -1 or 0); "
                         "none: weight-only [default: 8; none in the weight-only presets]")
+    p.add_argument("--weight-format", default=None, choices=["int", "fp8"],
+                   help="number format of the 8-bit weights: int (INT8) or fp8 (FP8 E4M3, absmax/448 per output "
+                        "channel; Hopper, Ada, Jetson Thor); fp8 needs --act-format fp8 [default: int; fp8 in "
+                        "--preset trt-fp8-sparse]")
+    p.add_argument("--act-format", default=None, choices=["int", "fp8"],
+                   help="number format of the static per-tensor activations: int (INT8) or fp8 (FP8 E4M3) "
+                        "[default: int; fp8 in --preset trt-fp8-sparse]")
     p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=["max", "percentile", "mse"],
                    help="activation scale estimator: max |x|, the 99.99th percentile of |x|, or the clip with the "
                         "least squared error [default: mse]")
