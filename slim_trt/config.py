@@ -250,7 +250,7 @@ class CompressConfig:
                             f"weight-only recipes start from --preset slim-2to4 or int4-dense (PRESETS in Python)")
         if self.effective_group_size not in (0, -1):
             raise SlimError(f"--act-bits 8 needs one weight scale per output channel (--group-size -1) or per "
-                            f"tensor (0): TensorRT's INT8 GEMMs take no group-wise weight scales (got "
+                            f"tensor (0): TensorRT's INT8 and FP8 GEMMs take no group-wise weight scales (got "
                             f"--group-size {self.effective_group_size})")
         if self.lowrank == "lrc" and self.rank_allocation != "uniform":
             raise SlimError("--rank-allocation sensitivity does not support --lowrank lrc: use uniform ranks")

@@ -87,3 +87,30 @@ def test_the_presets_keep_the_refit_rounds_they_were_measured_with():
         assert (cfg.refit_rounding, cfg.refit_scales) == ("every", "every")
     # the defaults too: row 31's rounds (row 56's cheaper ones measured 1.341x against 1.320x on row 24)
     assert (CompressConfig().refit_rounding, CompressConfig().refit_scales) == ("every", "every")
+
+
+def test_fp8_preset_is_the_int8_recipe_in_fp8():
+    """trt-fp8-sparse (issue 24) = trt-int8-sparse with FP8 E4M3 weights and activations, nothing else changed."""
+    fp8, int8 = PRESETS["trt-fp8-sparse"], PRESETS["trt-int8-sparse"]
+    assert {k for k in fp8 if fp8[k] != int8[k]} == {"weight_format", "act_format"}
+    c = CompressConfig(**fp8)
+    assert (c.weight_format, c.act_format, c.scale_method) == ("fp8", "fp8", "fp8")
+    assert preset_name(c) == "trt-fp8-sparse" and CompressConfig().scale_method == "slim"
+    assert "FP8 E4M3 weights (absmax/448 per output channel)" in describe(c)
+    assert "static per-tensor FP8 E4M3 activations" in describe(c)
+    assert CompressConfig.from_dict(c.to_dict()) == c
+    # a config stored before issue 24 (no format fields) reads back as INT8
+    old = {k: v for k, v in CompressConfig().to_dict().items() if k not in ("weight_format", "act_format")}
+    assert CompressConfig.from_dict(old) == CompressConfig()
+
+
+@pytest.mark.parametrize("kw,needle", [
+    (dict(weight_format="fp8"), "FP8 needs FP8 weights and FP8 activations together"),
+    (dict(act_format="fp8"), "FP8 needs FP8 weights and FP8 activations together"),
+    (dict(weight_format="fp8", act_format="fp8", group_size=128), "one weight scale per output channel"),
+    (dict(weight_format="fp8", act_format="fp8", pruner="wanda", refit_mask="keep"), "--pruner sparsegpt"),
+    (dict(weight_format="fp4"), "bad --weight-format 'fp4': choose one of int, fp8"),
+])
+def test_fp8_combinations_are_refused_with_the_fix(kw, needle):
+    with pytest.raises(SlimError, match=needle.replace("(", r"\(").replace("'", "'")):
+        CompressConfig(**kw)

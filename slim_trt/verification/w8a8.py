@@ -117,9 +117,9 @@ def check_structure(graph_pairs: dict[str, tuple[float, int, str]], scales: dict
             problems.append(f"{layer}: activation scale {scale:g} in the graph, {want:g} in the checkpoint")
         fmt = (formats or {}).get(layer, "int")
         if zp != 0 or zp_dtype != ZERO_POINT_DTYPE[fmt]:
-            kind = "FP8" if fmt == "fp8" else "INT8"
-            problems.append(f"{layer}: zero point {zp:g} ({zp_dtype}); the checkpoint quantizes to {kind}, which "
-                            f"needs a {ZERO_POINT_DTYPE[fmt]} zero point 0")
+            kind = " for the checkpoint's FP8 activations" if fmt == "fp8" else ""
+            problems.append(f"{layer}: zero point {zp:g} ({zp_dtype}); TensorRT needs {ZERO_POINT_DTYPE[fmt]} zero "
+                            f"point 0{kind}")
     for layer in sorted(set(graph_pairs) - set(scales)):
         problems.append(f"{layer}: activation Q/DQ in the graph, but the checkpoint quantizes no input there")
     return {"ok": not problems, "layers": len(scales), "problems": problems}
