@@ -139,3 +139,5 @@ def test_fp8_chain_passes_lint_and_verify(fp8_checkpoint, tmp_path):
     ver = slim_trt.verify(out / "model.onnx", reference=ckpt, windows=1, seqlen=24, decode_steps=2)
     assert ver.ok and ver.w8a8["structure"]["ok"] and ver.w8a8["structure"]["layers"] == len(report.layers), \
         ver.to_dict()
+    # ONNX Runtime's in-memory rewrite leaves the FP8 linears alone (its W8A8 fusion is INT8 only)
+    assert ver.settings["kernels"]["matmul_integer_to_float"] == 0

@@ -170,6 +170,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
         meta = sidecar(model, proto, records, options, checkpoint_path=checkpoint_path,
                        manifest_sha256=manifest_sha256, tokenizer=tokenizer, head=head, source_model=source_model)
         meta["external_data"] = DATA_FILE if external else None
+        if any(m.act_format == "fp8" for _, m in compressed_layers(model)):
+            meta["act_format"] = "fp8"  # FP8 E4M3 activation Q/DQ (issue 24); INT8 exports carry no such key
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
         commit_output(tmp, out_dir)
     except BaseException:

@@ -13,8 +13,11 @@ def test_fp8_compress_export_verify_lint_deploy(tiny_model_dir, tmp_path, capsys
     assert rc == 0, err
     method = json.loads((ckpt / "slim_manifest.json").read_text())["method"]
     assert (method["weight_format"], method["act_format"], method["sparsity"]) == ("fp8", "fp8", "2:4")
+    rc, text, err = run(["info", ckpt], capsys)
+    assert rc == 0 and "weight_format=fp8, act_format=fp8" in text and "FP8 E4M3 weights" in text, text + err
     rc, text, err = run(["export", ckpt, "-o", exp], capsys)  # the export defaults: fp16
-    assert rc == 0, err
+    assert rc == 0 and "dtype fp16" in text and "act-quant fp8" in text, err
+    assert json.loads((exp / "slim_export.json").read_text())["act_format"] == "fp8"
     import onnx
 
     m = onnx.load(str(exp / "model.onnx"), load_external_data=False)
