@@ -9,6 +9,9 @@ once on the calibration windows from a histogram of |x| over every token and cha
   mse         the clip c that minimises the expected squared error of the values the histogram holds, rounding
               below c (each bin's centre rounded on the grid of step c / 127) plus clipping above it.
 
+FP8 activations (fmt "fp8", issue 24): the same estimators on the E4M3 grid (qmax 448; the MSE rounding error is
+each bin centre's distance to its nearest E4M3 value), and the fake quantization of algorithms/fp8.py.
+
 Pure: tensors in, tensors out; the histogram is a value the caller threads through accumulate_abs_histogram.
 """
 from __future__ import annotations
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .fp8 import FP8_MAX, fp8_fake_quant, fp8_round
 from .qtensor import INT_RANGE
 
 ACT_SCALE_METHODS = ("max", "percentile", "mse")
@@ -66,30 +70,37 @@ def round_scale(scale: float) -> float:
     return float(torch.tensor(s, dtype=torch.float32).to(torch.float16).to(torch.float32))
 
 
-def _qmax(bits: int) -> int:
+def _qmax(bits: int, fmt: str = "int") -> float:
+    if fmt == "fp8":
+        return FP8_MAX
+    if fmt != "int":
+        raise ValueError(f"activation format must be 'int' or 'fp8', got {fmt!r}")
     if bits not in INT_RANGE:
         raise ValueError(f"activation bits must be one of {sorted(INT_RANGE)}, got {bits}")
     return INT_RANGE[bits][1]
 
 
-def clip_error(hist: AbsHistogram, clips: torch.Tensor, bits: int = 8) -> torch.Tensor:
+def clip_error(hist: AbsHistogram, clips: torch.Tensor, bits: int = 8, fmt: str = "int") -> torch.Tensor:
     """Expected squared quantization error of the histogram's values (summed over its counts) for each clip value
     in `clips` [C]: round to nearest on the grid of step clip / qmax below the clip, clip error above it."""
-    qmax = _qmax(bits)
+    qmax = _qmax(bits, fmt)
     live = hist.counts > 0
     v = ((torch.nonzero(live).reshape(-1).to(torch.float64) + 0.5) * hist.width)[None, :]  # bin centres [1, B]
     n = hist.counts[live][None, :]
     c = clips.to(torch.float64).reshape(-1, 1)
     step = c / qmax
     inside = torch.minimum(v, c)
-    rounding = inside - step * torch.round(inside / step)
+    if fmt == "fp8":
+        rounding = inside - step * fp8_round(inside / step).to(torch.float64)
+    else:
+        rounding = inside - step * torch.round(inside / step)
     return ((rounding * rounding + (v - inside) ** 2) * n).sum(1)
 
 
-def act_scale(hist: AbsHistogram, method: str, bits: int = 8, percentile: float = 99.99) -> float:
+def act_scale(hist: AbsHistogram, method: str, bits: int = 8, percentile: float = 99.99, fmt: str = "int") -> float:
     """The per-tensor scale of an activation whose |x| histogram is `hist`, by `method` (ACT_SCALE_METHODS),
-    rounded to fp16 (round_scale)."""
-    qmax = _qmax(bits)
+    rounded to fp16 (round_scale). fmt "fp8": the scale of E4M3 activations."""
+    qmax = _qmax(bits, fmt)
     if hist.absmax <= 0.0:
         return round_scale(FP16_TINY)
     if method == "max":
@@ -107,7 +118,7 @@ def act_scale(hist: AbsHistogram, method: str, bits: int = 8, percentile: float 
         best = hist.absmax
         for _ in range(3):
             cand = torch.linspace(lo, hi, 129, dtype=torch.float64, device=hist.counts.device)[1:]
-            err = clip_error(hist, cand, bits)
+            err = clip_error(hist, cand, bits, fmt)
             j = int(err.argmin())
             best = float(cand[j])
             spacing = (hi - lo) / 128
@@ -116,9 +127,11 @@ def act_scale(hist: AbsHistogram, method: str, bits: int = 8, percentile: float 
     raise ValueError(f"unknown activation scale method {method!r}: use one of {', '.join(ACT_SCALE_METHODS)}")
 
 
-def fake_quant(x: torch.Tensor, scale: float, bits: int = 8) -> torch.Tensor:
+def fake_quant(x: torch.Tensor, scale: float, bits: int = 8, fmt: str = "int") -> torch.Tensor:
     """QuantizeLinear -> DequantizeLinear with zero point 0: clamp(round(x / scale), lo, hi) * scale, in x's dtype
-    (round half to even, as ONNX QuantizeLinear)."""
+    (round half to even, as ONNX QuantizeLinear); fmt "fp8": E4M3 codes instead (fp8.fp8_fake_quant)."""
+    if fmt == "fp8":
+        return fp8_fake_quant(x, scale)
     lo, hi = INT_RANGE[bits]
     s = torch.tensor(scale, dtype=x.dtype, device=x.device)
     return torch.clamp(torch.round(x / s), lo, hi) * s

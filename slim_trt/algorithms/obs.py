@@ -19,9 +19,16 @@ from .prune import mask_for, nm_mask, pruned_count
 from .qtensor import INT_RANGE
 from .zeropoint import GroupGrid, codes as grid_codes
 from .quantize import absmax_scale, slim_quant_scale
+from .fp8 import FP8_DTYPE, fp8_round, fp8_scale
+
+# scale_method "fp8" (issue 24): the columns are rounded on the E4M3 grid (algorithms/fp8.py) instead of the
+# integer one, with absmax / 448 scales per output channel or tensor; q is then float8_e4m3fn.
+FP8 = "fp8"
 
 
 def group_scale(W: torch.Tensor, bits: int, group_size: int, method: str) -> torch.Tensor:
+    if method == FP8:
+        return fp8_scale(W, group_size)
     if method == "absmax":
         return absmax_scale(W, bits, group_size)
     if method == "slim":
@@ -152,7 +159,9 @@ def sweep(
         zero = torch.empty_like(scale)
     elif bits is not None:
         lo, hi = INT_RANGE[bits]
-        q = torch.zeros(N, K, dtype=torch.int8, device=W.device)
+        if scale_method == FP8 and (group_size not in (0, -1) or static_groups):
+            raise ValueError(f"FP8 weights take one scale per output channel or tensor, got group_size {group_size}")
+        q = torch.zeros(N, K, dtype=FP8_DTYPE if scale_method == FP8 else torch.int8, device=W.device)
         if given is not None:
             want = () if group_size == 0 else (N, 1) if group_size == -1 else (N, -(-K // max(group_size, 1)))
             if tuple(given.shape) != want:
@@ -195,7 +204,7 @@ def sweep(
                 C1 = torch.where(keep[:, i1:i2].T, W1, 0.0)
             else:
                 C1 = Q1 * S1 if grid is None else (Q1 - Z1) * S1
-                q[:, i1:i2] = Q1.T.to(torch.int8)
+                q[:, i1:i2] = Q1.T.to(q.dtype)  # exact: Q1 holds integers, or E4M3 values for FP8
             out[:, i1:i2] = C1.T
             Err1 = (W1 - C1) / pivots[:, None]
         Wc[:, i2:] -= Err1.T.contiguous() @ U[i1:i2, i2:]
@@ -249,7 +258,7 @@ def _sweep_block(W1, Q1, S1, U1, pivots: list[float], keep, keep1, estimate, Wc,
                 # Every column up to the next group (or the block's end) is rounded with this scale.
                 span = (i2 - i1 - i) if group_size <= 0 else min(group_size - col % group_size, i2 - col)
                 S1[i:i + span] = s.expand(N)
-            qc = torch.round(w / s).clamp_(lo, hi)
+            qc = fp8_round(w / s) if scale_method == FP8 else torch.round(w / s).clamp_(lo, hi)
             qc = torch.where(kept, qc, 0.0)
             Q1[i] = qc
             c = qc * s

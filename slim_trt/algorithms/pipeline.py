@@ -63,7 +63,7 @@ def compress_base(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor,
     if cfg.pruner == "sparsegpt" and sp.kind != "none":
         # SparseGPT prunes and (when asked) GPTQ-quantizes jointly, column by column.
         bits = None if cfg.bits == 16 else cfg.bits
-        scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
+        scale_method = cfg.scale_method
         W_c, mask, qt = sparsegpt(W, H, sp, bits=bits, group_size=cfg.effective_group_size,
                                   scale_method=scale_method, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                   grid=grid_for(W, H, cfg))

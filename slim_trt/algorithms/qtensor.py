@@ -8,6 +8,8 @@ Layout (rows = output channels N, cols = input channels K, as in torch `Linear.w
   zero   optional, int8, the shape of scale: asymmetric grids (the low-bit quantizers of issue 14). Then q holds
          unsigned codes in [0, 2^bits - 1] and value = (q - zero) * scale; zero is an integer in the same range,
          so ONNX DequantizeLinear (uint4 / uint8 zero_point) carries it exactly.
+  FP8 (issue 24): q may instead be float8_e4m3fn codes (algorithms/fp8.py) with bits 8, no zero point and one
+         scale per output channel or per tensor; value = q * scale all the same (`is_fp8`).
   group_bits optional, int8, the shape of scale (with zero, G > 0): mixed precision (SliM-LLM). `bits` is then the
          container (4 or 8) and group g's codes lie in its own range [0, 2^group_bits - 1]. A 1-bit group is the
          sign grid +-scale: zero point 1 and codes {0, 2} (its information is one bit, code / 2).
@@ -44,6 +46,12 @@ class QuantizedTensor:
     group_bits: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
+        if self.q.dtype == torch.float8_e4m3fn:
+            if self.bits != 8 or self.zero is not None or self.group_bits is not None or self.group_size not in (0, -1):
+                raise ValueError("FP8 codes need bits 8, no zero point and one scale per output channel or tensor")
+            if self.q.dim() != 2:
+                raise ValueError(f"q must be 2-D [rows, cols], got shape {tuple(self.q.shape)}")
+            return
         lo, hi = (INT_RANGE if self.zero is None else UINT_RANGE)[self.bits]
         if self.zero is not None:
             if self.zero.shape != self.scale.shape:
@@ -88,6 +96,10 @@ class QuantizedTensor:
             return None if t is None else t.to(device)
         return dataclasses.replace(self, q=mv(self.q), scale=mv(self.scale), zero=mv(self.zero),
                                    group_bits=mv(self.group_bits))
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.q.dtype == torch.float8_e4m3fn
 
     def code_bits(self) -> int:
         """Information bits of the codes: bits per weight, or each group's own width (group_bits)."""

@@ -23,6 +23,7 @@ from .gptq import gptq_quantize
 from .lowrank import gptq_adapters, hessian_lowrank, quantize_adapter, slim_lowrank, svd_lowrank
 from .obs import sweep
 from .qtensor import QuantizedTensor
+from .fp8 import fp8_quantize, fp8_scale
 from .quantize import quantize_weight
 from .spqr import spqr_quantize
 from .slimllm import grid_for
@@ -54,7 +55,7 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
                              percdamp=cfg.percdamp)
     grid = grid_for(T, H, cfg)  # zero points / SliM-LLM: re-allocated for this target
     if cfg.pruner == "sparsegpt" and cfg.sparsity_spec.kind != "none":
-        scale_method = "slim" if cfg.quantizer == "slim" else "absmax"
+        scale_method = cfg.scale_method
         W_new, _, q, scale, zero = sweep(T, H, bits=bits, group_size=group, scale_method=scale_method, mask=mask,
                                          blocksize=cfg.blocksize, percdamp=cfg.percdamp, grid=grid,
                                          scale=None if bits is None or grid is not None else scale)
@@ -64,8 +65,11 @@ def base_on_mask(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Comp
     if bits is None:
         return T * mask
     if cfg.quantizer == "gptq":
-        return gptq_quantize(T, H, bits, group_size=group, scale_method="absmax", mask=mask,
+        return gptq_quantize(T, H, bits, group_size=group, scale_method="fp8" if cfg.weight_format == "fp8" else "absmax", mask=mask,
                              blocksize=cfg.blocksize, percdamp=cfg.percdamp, grid=grid)
+    if cfg.weight_format == "fp8":  # round to nearest on the E4M3 grid (the dense FP8 reference), pruned = +0
+        scale = fp8_scale(T, group)
+        return QuantizedTensor(q=fp8_quantize(T * mask, scale), scale=scale, bits=bits, group_size=group)
     qt = quantize_weight(T, cfg.quantizer, bits, group)
     return QuantizedTensor(q=qt.q * mask.to(torch.int8), scale=qt.scale, bits=bits, group_size=qt.group_size)
 
@@ -82,7 +86,7 @@ def refit_base(T: torch.Tensor, H: torch.Tensor, mask: torch.Tensor, cfg: Compre
     bits = None if cfg.bits == 16 else cfg.bits
     grid = grid_for(T, H, cfg)
     W_new, keep, q, scale, zero = sweep(T, H, bits=bits, group_size=cfg.effective_group_size,
-                                        scale_method="slim" if cfg.quantizer == "slim" else "absmax",
+                                        scale_method=cfg.scale_method,
                                         sparsity=cfg.sparsity_spec, blocksize=cfg.blocksize, percdamp=cfg.percdamp,
                                         grid=grid, scale=None if bits is None or grid is not None else scale)
     if grid is not None:

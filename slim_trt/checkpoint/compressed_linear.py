@@ -10,6 +10,8 @@ buffers plus their integer form, re-quantized on the same grid.
 
 With `act_scale` (W8A8 checkpoints) the base GEMM reads Q(x) = clamp(round(x / act_scale), -128, 127) *
 act_scale, exactly what the exported QuantizeLinear -> DequantizeLinear pair computes; the adapters read x.
+With act_format "fp8" Q(x) is the E4M3 code of x / act_scale times act_scale, and the weight's codes may be
+float8_e4m3fn (QuantizedTensor.is_fp8): W8A8 in FP8 (issue 24), computed as the FP8 export computes it.
 """
 from __future__ import annotations
 
@@ -42,10 +44,14 @@ class CompressedLinear(nn.Module):
         compute_dtype: torch.dtype = torch.float32,
         act_scale: float | None = None,
         act_bits: int = 8,
+        act_format: str = "int",
     ) -> None:
         super().__init__()
         if act_scale is not None and not (act_scale > 0 and act_bits == 8):
             raise ValueError(f"act_scale must be > 0 with act_bits 8, got {act_scale} / {act_bits}")
+        if act_format not in ("int", "fp8"):
+            raise ValueError(f"act_format must be 'int' or 'fp8', got {act_format!r}")
+        self.act_format = act_format  # "fp8": E4M3 activation codes (algorithms/fp8.py), issue 24
         # Kept as the float32 value the checkpoint stores, so a reloaded layer quantizes on the very same grid.
         self.act_scale = None if act_scale is None else float(torch.tensor(act_scale, dtype=torch.float32))
         self.act_bits = act_bits
@@ -98,7 +104,7 @@ class CompressedLinear(nn.Module):
         """What the base GEMM reads: x itself, or its INT8 fake quantization (straight-through when training)."""
         if self.act_scale is None:
             return x
-        xq = fake_quant(x, self.act_scale, self.act_bits)
+        xq = fake_quant(x, self.act_scale, self.act_bits, self.act_format)
         return x + (xq - x).detach() if x.requires_grad else xq
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,6 +151,7 @@ class CompressedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         act = "" if self.act_scale is None else f", act_bits={self.act_bits}, act_scale={self.act_scale:g}"
+        act += ", fp8" if self.act_format == "fp8" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"sparsity={self.sparsity}, rank={self.rank}{act}")
 

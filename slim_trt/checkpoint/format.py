@@ -133,7 +133,11 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
     # (pruned ones at their zero point) plus the 1-bit keep-mask ("masked" storage below).
     if qw is not None and sp.kind == "nm" and qw.zero is None:
         # N:M storage: only the kept values plus each one's position inside its group of M.
-        values, idx = nm_compress(qw.q, sp.n, sp.m)
+        # FP8 codes go through the N:M form as their bytes (+0 is byte 0: algorithms/fp8.py) and are stored as
+        # F8_E4M3 values.
+        values, idx = nm_compress(qw.q.view(torch.int8) if qw.is_fp8 else qw.q, sp.n, sp.m)
+        if qw.is_fp8:
+            values = values.view(torch.float8_e4m3fn)
         vals = QuantizedTensor(q=values, scale=qw.scale, bits=qw.bits, group_size=qw.group_size)
         t[f"{name}.weight.values"] = pack_int4(vals.q) if qw.bits == 4 else vals.q.contiguous()
         t[f"{name}.weight.scale"] = qw.scale.to(torch.float32).contiguous()
@@ -149,6 +153,8 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
         if sp.kind != "none" and layer.mask is not None:
             t[f"{name}.mask"] = pack_bits(layer.mask)
             meta["storage"] = "masked"
+    if qw is not None and qw.is_fp8:
+        meta["weight_format"] = "fp8"
     if isinstance(qw, SpQRTensor) and qw.outliers is not None:
         meta["outliers"] = outliers_to_tensors(f"{name}.weight", qw, t)
     if layer.rank:
@@ -163,6 +169,8 @@ def layer_to_tensors(name: str, layer: CompressedLinear) -> tuple[dict[str, torc
         # is for people and tools reading the JSON.
         t[f"{name}.act_scale"] = torch.tensor(layer.act_scale, dtype=torch.float32)
         meta.update(act_bits=layer.act_bits, act_scale=layer.act_scale)
+        if layer.act_format != "int":
+            meta["act_format"] = layer.act_format
     return t, meta
 
 
@@ -175,10 +183,11 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> Com
         vals = t[f"{name}.weight.values"]
         vals = unpack_int4(vals, cols) if meta["bits"] == 4 else vals
         idx = unpack_uint(t[f"{name}.weight.indices"], _index_bits(m), cols)
-        q = nm_decompress(vals, idx, n, m, K)
-        weight = QuantizedTensor(q=q, scale=t[f"{name}.weight.scale"], bits=meta["bits"],
-                                 group_size=meta["group_size"])
+        fp8 = vals.dtype == torch.float8_e4m3fn
+        q = nm_decompress(vals.view(torch.int8) if fp8 else vals, idx, n, m, K)
         mask = q != 0
+        weight = QuantizedTensor(q=q.view(torch.float8_e4m3fn) if fp8 else q, scale=t[f"{name}.weight.scale"],
+                                 bits=meta["bits"], group_size=meta["group_size"])
     else:
         weight = _factor_from_tensors(f"{name}.weight", t, {"bits": meta["bits"], "shape": meta["shape"],
                                                              "group_size": meta.get("group_size"),
@@ -194,7 +203,8 @@ def layer_from_tensors(name: str, t: dict[str, torch.Tensor], meta: dict) -> Com
         R = _factor_from_tensors(f"{name}.lora_R", t, meta["lora_R"])
     act_scale = float(t[f"{name}.act_scale"]) if meta.get("act_bits") else None
     return CompressedLinear(weight, mask=mask, sparsity=meta["sparsity"], lora_L=L, lora_R=R,
-                            bias=t.get(f"{name}.bias"), act_scale=act_scale, act_bits=meta.get("act_bits") or 8)
+                            bias=t.get(f"{name}.bias"), act_scale=act_scale, act_bits=meta.get("act_bits") or 8,
+                            act_format=meta.get("act_format", "int"))
 
 
 # ---------------------------------------------------------------- checksums

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, CHANNEL_PERMUTATIONS, DEFAULT_PRESET,
+from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, CHANNEL_PERMUTATIONS, DEFAULT_PRESET, FORMATS,
                       LOWRANKS, PRESETS, PRUNERS, QUANTIZERS, RANK_ALLOCATIONS, REFIT_MASKS, REFIT_ROUNDINGS,
                       REFIT_SCALES, SPQR_GROUP_SIZE, FINETUNE_LOSSES, CalibConfig, CompressConfig, FinetuneConfig,
                       describe, recipe_label)
 from .common import add_parser, eprint, print_json
-from .recipes import default_line, default_recipe, default_text, fill, presets_paragraphs
+from .recipes import default_recipe, default_text, fill, presets_paragraphs
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
           "refit_mask", "channel_permutation", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
-          "bit_allocation")
+          "bit_allocation", "weight_format", "act_format")
 # Without --preset, flags that ask for weights INT8 activations cannot multiply start from this weight-only recipe,
 # and --act-bits none alone turns these parts of the defaults off (W8A16 with H-LoRA adapters, bench row 27).
 WEIGHT_ONLY_PRESET = "slim-2to4"
@@ -126,6 +126,12 @@ def register(sub) -> None:
                    help="8: quantize every compressed linear's input to INT8 with a static per-tensor scale "
                         "calibrated on the calibration windows (W8A8; needs --bits 8 and --group-size -1 or 0); "
                         "none: weight-only " + default_text("act_bits"))
+    p.add_argument("--weight-format", default=None, choices=FORMATS,
+                   help="number format of the 8-bit weights: int (INT8) or fp8 (FP8 E4M3, absmax/448 per output "
+                        "channel; Hopper, Ada, Jetson Thor); fp8 needs --act-format fp8 " + default_text("weight_format"))
+    p.add_argument("--act-format", default=None, choices=FORMATS,
+                   help="number format of the static per-tensor activations: int (INT8) or fp8 (FP8 E4M3) "
+                        + default_text("act_format"))
     p.add_argument("--act-scale", dest="act_scale_method", default=None, choices=ACT_SCALE_METHODS,
                    help="activation scale estimator: max |x|, the 99.99th percentile of |x|, or the clip with the "
                         "least squared error " + default_text("act_scale_method"))

@@ -83,7 +83,7 @@ def run(args) -> int:
     print(f"architecture     {meta['architecture']} ({meta['num_layers']} layers, {meta['num_kv_heads']} KV heads "
           f"x {meta['head_dim']})")
     print(f"graph            opset {meta['opset']}, IR {meta['ir_version']}, dtype {meta['dtype']}, "
-          f"lowrank {meta['lowrank']}, act-quant {meta['act_quant'] or 'none'}, "
+          f"lowrank {meta['lowrank']}, act-quant {'fp8' if meta.get('act_format') == 'fp8' else meta['act_quant'] or 'none'}, "
           f"{'KV cache' if meta['with_cache'] else 'prefill only'}")
     print(f"compressed       {len(meta['compressed_layers'])} linear layers as Q/DQ MatMul")
     head = meta["head"]

@@ -45,8 +45,9 @@ def run(args) -> int:
         print(f"             (the default is --preset {recipe['default_preset']}: {recipe['why_default']})")
     print("method       " + ", ".join(f"{k}={meth[k]}" for k in ("sparsity", "bits", "quantizer",
           "effective_group_size", "pruner", "lowrank", "rank_ratio", "quantize_adapters", "refit_rounds",
-          "rank_allocation", "act_bits", "act_scale_method", "smooth_alpha")
-          if k in meth and (meth.get("act_bits") or not k.startswith(("act_", "smooth")))))
+          "rank_allocation", "act_bits", "act_scale_method", "smooth_alpha", "weight_format", "act_format")
+          if k in meth and (meth.get("act_bits") or not k.startswith(("act_", "smooth")))
+          and (meth.get("weight_format") == "fp8" or not k.endswith("_format"))))
     cal = m.get("calibration", {})
     print(f"calibration  {cal.get('source')}  {cal.get('nsamples')} x {cal.get('seqlen')} tokens, seed {cal.get('seed')}")
     acts = any(meta.get("act_bits") for meta in m["layers"].values())  # W8A8: the static input scale per layer

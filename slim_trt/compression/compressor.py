@@ -170,7 +170,8 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     home = W.device if home is None else home
     layer = CompressedLinear(_on(cw.weight, home), mask=_on(cw.mask, home), sparsity=str(sp),
                              lora_L=_on(cw.lora_L, home), lora_R=_on(cw.lora_R, home), bias=_on(lin.bias, home),
-                             compute_dtype=W.dtype, act_scale=stats.act_scale).to(W.device)
+                             compute_dtype=W.dtype, act_scale=stats.act_scale,
+                             act_format=stats.act_format).to(W.device)
     info = {"rel_error_base": round(cw.rel_error_base, 6), "rel_error": round(cw.rel_error, 6),
             "rank": layer.rank, **storage_bits(cw, sp.kind, sp.n, sp.m)}
     if isinstance(cw.weight, SpQRTensor) and cw.weight.outliers is not None:
@@ -196,13 +197,14 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
     from .calibration.smoothing import smooth_block
 
     def scale(st: LinearStats) -> float:
-        return act_scale(st.abs_hist, config.act_scale_method, config.act_bits, config.act_percentile)
+        return act_scale(st.abs_hist, config.act_scale_method, config.act_bits, config.act_percentile,
+                         config.act_format)
 
     def smooth(i, block, linears, stats) -> bool:
         absmax = {n: st.channel_absmax for n, st in stats.items()}
         return bool(smooth_block(block, model.config, linears, absmax, config.smooth_alpha))
 
-    return ActCalibration(bits=config.act_bits, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
+    return ActCalibration(bits=config.act_bits, fmt=config.act_format, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
 
 
 def channel_transform(config: CompressConfig, report: "CompressReport"):

@@ -139,6 +139,12 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
     options = options or ExportOptions()
     out_dir = Path(out_dir)
     architecture(model)  # refuse unsupported models before touching the disk
+    from ..checkpoint.compressed_linear import compressed_layers
+
+    if options.dtype == "bf16" and any(m.act_format == "fp8" or (m.qweight is not None and m.qweight.is_fp8)
+                                       for _, m in compressed_layers(model)):
+        raise SlimError("FP8 exports take --dtype fp16 or fp32: ONNX Runtime has no bf16 DequantizeLinear for FP8, "
+                        "so `verify` could not run a bf16 FP8 export; export with --dtype fp16")
     stored = stored_act_scales(model)
     if stored:
         # A W8A8 checkpoint carries its calibrated scales: the export quantizes exactly as the reference does.
@@ -164,6 +170,8 @@ def export_model(model: nn.Module, out_dir: str | Path, *, options: ExportOption
         meta = sidecar(model, proto, records, options, checkpoint_path=checkpoint_path,
                        manifest_sha256=manifest_sha256, tokenizer=tokenizer, head=head, source_model=source_model)
         meta["external_data"] = DATA_FILE if external else None
+        if any(m.act_format == "fp8" for _, m in compressed_layers(model)):
+            meta["act_format"] = "fp8"  # FP8 E4M3 activation Q/DQ (issue 24); INT8 exports carry no such key
         (tmp / SIDECAR).write_text(json.dumps(meta, indent=1) + "\n")
         commit_output(tmp, out_dir)
     except BaseException:

@@ -33,6 +33,12 @@ def tensor_from_torch(name: str, t: torch.Tensor, dtype: str | None = None) -> T
     return helper.make_tensor(name, elem, list(arr.shape), arr.tobytes(), raw=True)
 
 
+def fp8_tensor(name: str, codes: torch.Tensor) -> TensorProto:
+    """A FLOAT8E4M3FN initializer holding float8_e4m3fn `codes` (their bytes, as ONNX stores FP8)."""
+    raw = codes.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+    return helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(codes.shape), raw, raw=True)
+
+
 def uint_tensor(name: str, q: np.ndarray, bits: int) -> TensorProto:
     """A UINT4 (packed two per byte, low nibble first, as ONNX stores 4-bit types) or UINT8 initializer."""
     q = np.asarray(q).astype(np.uint8)

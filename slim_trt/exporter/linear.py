@@ -18,7 +18,7 @@ from ..algorithms.spqr import SpQRTensor
 from ..algorithms.zeropoint import signed_codes
 from ..checkpoint.compressed_linear import CompressedLinear
 from ..errors import SlimError
-from .graph import GraphBuilder, int_tensor, tensor_from_torch, uint_tensor
+from .graph import GraphBuilder, fp8_tensor, int_tensor, tensor_from_torch, uint_tensor
 from .options import DEFAULT_OUTLIER_FORM, OUTLIER_FORMS
 
 # The plugin node contract shared with the TensorRT plugin (plugins/) and ONNX Runtime (ort_lowrank.py).
@@ -50,6 +50,8 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
     transpose=False keeps [rows, cols] (the plugin's torch orientation): groups block along axis 1.
     """
     qt = qt.to("cpu")
+    if qt.is_fp8:  # FP8 E4M3 initializer, DequantizeLinear without a zero point (its type says FP8)
+        return _dequantized_fp8(b, qt, name, transpose=transpose)
     codes, bits, zero = stored_codes(qt)
     q = codes.numpy()
     scale = qt.scale.detach().to(torch.float32)
@@ -79,6 +81,23 @@ def dequantized(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: b
         z = z.reshape(rows, -1).T
     zname = b.add_initializer(uint_tensor(f"{name}.zero_point", np.ascontiguousarray(z.numpy()), bits))
     return b.op("DequantizeLinear", [qname, sname, zname], name=name, **attrs)
+
+
+def _dequantized_fp8(b: GraphBuilder, qt: QuantizedTensor, name: str, *, transpose: bool) -> str:
+    """float8e4m3fn codes [K, N] (transposed) -> DequantizeLinear (per-channel scale along the output axis, or one
+    per tensor). A weight DQ takes no zero point: TensorRT reads FP8 from the initializer's type, and the linter's
+    sparsity count reads the codes as they are."""
+    q = qt.q.T.contiguous() if transpose else qt.q.contiguous()
+    qname = b.add_initializer(fp8_tensor(f"{name}.qweight", q))
+    scale = qt.scale.detach().to(torch.float32)
+    attrs: dict = {}
+    if qt.group_size == -1:
+        scale = scale.reshape(qt.shape[0])
+        attrs["axis"] = 1 if transpose else 0
+    else:
+        scale = scale.reshape(())
+    sname = b.add_initializer(tensor_from_torch(f"{name}.scale", scale, b.dtype))
+    return b.op("DequantizeLinear", [qname, sname], name=name, **attrs)
 
 
 def stored_codes(qt: QuantizedTensor) -> tuple[torch.Tensor, int, torch.Tensor | None]:
@@ -194,9 +213,15 @@ def _factor(b: GraphBuilder, f: torch.Tensor, fq: QuantizedTensor | None, name: 
 ACT_QDQ = "/act"
 
 
-def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str) -> str:
-    """Static symmetric per-tensor INT8 Q/DQ on an activation (zero point an explicit int8 0)."""
+def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str, fmt: str = "int") -> str:
+    """Static symmetric per-tensor INT8 Q/DQ on an activation (zero point an explicit int8 0). fmt "fp8": E4M3
+    (zero point an explicit float8e4m3fn 0, which is what makes both ONNX Runtime and TensorRT quantize to FP8;
+    saturate=1, what TensorRT always does)."""
     s = b.add_initializer(tensor_from_torch(f"{name}.act_scale", torch.tensor(float(scale)), b.dtype))
+    if fmt == "fp8":
+        zp = b.add_initializer(fp8_tensor(f"{name}.act_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn)))
+        q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}{ACT_QDQ}", saturate=1)
+        return b.op("DequantizeLinear", [q, s, zp], name=f"{name}{ACT_QDQ}")
     zp = b.add_initializer(tensor_from_torch(f"{name}.act_zero_point", torch.tensor(0, dtype=torch.int8)))
     q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}{ACT_QDQ}")
     return b.op("DequantizeLinear", [q, s, zp], name=f"{name}{ACT_QDQ}")
@@ -233,7 +258,7 @@ def _emit_compressed(b, x, m: CompressedLinear, name, *, lowrank, act_scale, rec
     else:  # bits=16: pruned but not quantized
         weight_name = b.weight(f"{name}.weight", m.weight.T)
         w = weight_name
-    x_in = activation_qdq(b, x, act_scale, name) if act_scale is not None else x
+    x_in = activation_qdq(b, x, act_scale, name, m.act_format) if act_scale is not None else x
     y = b.op("MatMul", [x_in, w], name=name)
     if fold:
         y = b.op("Add", [y, zero_point_offset(b, x_in, m.qweight, name)], name=f"{name}.zero_offset")

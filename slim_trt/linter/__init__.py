@@ -22,9 +22,9 @@ from ..errors import SlimError
 from ..targets.profile import DEFAULT_LINT_TARGET
 from .model import GraphView
 from .quantized_tables import check_quantized_tables
-from .rules import Finding, LayerInfo, check_opset, check_ops, check_plugins, check_qdq, layers_and_sparsity
+from .rules import Finding, LayerInfo, check_fp8, check_opset, check_ops, check_plugins, check_qdq, layers_and_sparsity
 from .scatter import check_scatter_reduction
-from .sparse import annotate, dynamic_gemms, gpu_for, summarize
+from .sparse import SparseGpu, annotate, dynamic_gemms, gpu_for, summarize
 from .tables import TARGETS, load_table
 
 __all__ = ["TARGETS", "Finding", "LayerInfo", "LintReport", "lint", "format_report"]
@@ -111,6 +111,8 @@ def lint(onnx_path_or_model, target=DEFAULT_LINT_TARGET, *, sidecar: dict | None
     report = LintReport(target=table_name, model=name, gpu=sparse_gpu.name)
     for rule in (check_opset, check_ops, check_plugins, check_qdq, check_quantized_tables, check_scatter_reduction):
         report.findings.extend(rule(view, table))
+    report.findings.extend(check_fp8(view, sparse_gpu.name, bool(sparse_gpu.features.get("fp8")),
+                                     sparse_gpu.name == SparseGpu.generic().name))
     layers, sparsity = layers_and_sparsity(view, _expected_2to4(path, sidecar))
     annotate(layers, sparse_gpu)
     report.layers, report.findings = layers, report.findings + sparsity

@@ -172,6 +172,40 @@ def check_qdq(v: GraphView, table: dict):
                                   f"one axis ({attr(n, 'axis', 1)}) with block_size {block}")
 
 
+FP8_TYPES = (TensorProto.FLOAT8E4M3FN,)
+INT8_RECIPE = "--preset trt-int8-sparse"
+
+
+def check_fp8(v: GraphView, gpu_name: str, has_fp8: bool, generic: bool):
+    """FP8 Q/DQ against a GPU without FP8 tensor cores: TensorRT refuses to build it ("Networks with FP8 precision
+    require hardware with FP8 support"). One finding for the whole model, naming the first FP8 node."""
+    first = None
+    per_channel = False
+    for n in v.model.graph.node:
+        if n.op_type not in ("QuantizeLinear", "DequantizeLinear") or n.domain not in STANDARD_DOMAINS:
+            continue
+        qtype = quantize_output_type(v, n) if n.op_type == "QuantizeLinear" else v.elem_type(n.input[0])
+        if qtype not in FP8_TYPES:
+            continue
+        first = first or n
+        scale = n.input[1]
+        per_channel |= (n.op_type == "DequantizeLinear" and v.is_constant(scale)
+                        and int(np.prod(v.constants[scale].dims)) > 1)
+    if first is None:
+        return
+    if not has_fp8:
+        where = ("a lint table names a TensorRT version, not a GPU, and FP8 is not assumed: lint with --target "
+                 "hopper, ada or jetson-thor if the model is for one of them" if generic else
+                 f"{gpu_name} has no FP8 tensor cores (TensorRT: 'Networks with FP8 precision require hardware "
+                 f"with FP8 support')")
+        yield Finding("error", "fp8", first.name, f"FP8 Q/DQ: {where}; Ampere and Jetson Orin GPUs have no FP8, "
+                      f"compress with the INT8 recipe ({INT8_RECIPE}) for them")
+    elif per_channel:
+        yield Finding("info", "fp8", first.name, "per-output-channel FP8 weight scales: TensorRT's parser accepts "
+                      "them; whether its FP8 GEMM fusion keeps them in the FP8 kernel is not verified here "
+                      "(check `slim-trt build`'s layer report on the GPU)")
+
+
 def _check_int4(v: GraphView, table: dict, n):
     if v.opset < 21:
         yield Finding("error", "opset", n.name, f"INT4 {n.op_type} needs opset >= 21, the model has {v.opset}: "
@@ -225,7 +259,8 @@ def _trace_weight(v: GraphView, name: str):
     a = v.array(name)
     if a.ndim != 2:
         return None
-    if dq is not None and len(dq.input) > 2 and dq.input[2] and v.is_constant(dq.input[2]):
+    fp8 = v.constants[name].data_type in FP8_TYPES  # FP8 codes carry no zero point to subtract (a zero is 0x00/0x80)
+    if dq is not None and len(dq.input) > 2 and dq.input[2] and v.is_constant(dq.input[2]) and not fp8:
         # Codes with a zero point (SpQR): the weight is zero where the code equals its zero point.
         a = a.astype(np.int32) - _expand_zero_point(v.array(dq.input[2]).astype(np.int32), a.shape,
                                                        attr(dq, "axis", 1), attr(dq, "block_size", 0))

@@ -146,6 +146,9 @@ def summarize(layers: list[LayerInfo], dynamic: list[str], gpu: SparseGpu) -> di
         line += f"no GEMM is 2:4 along K (0 of {len(layers)} constant-weight GEMMs), so none is eligible"
     else:
         line += f"{len(eligible)} of {n_2to4} 2:4 GEMMs eligible"
+        maths = {m: sum(x.sparse_math == m for x in eligible) for m in sparse_rules()["math"]}
+        if maths.get("fp8"):  # name FP8 where it is the math (the INT8 line stays as it was)
+            line += " (" + ", ".join(f"{c} {m.upper()} x {m.upper()}" for m, c in maths.items() if c) + ")"
         blocked = [f"{classes[c]['gemms_2to4']} are {LABELS[c]}" for c in LABELS if classes[c]["gemms_2to4"]]
         if blocked:
             line += f" ({', '.join(blocked)})"
@@ -156,8 +159,11 @@ def summarize(layers: list[LayerInfo], dynamic: list[str], gpu: SparseGpu) -> di
         forms[x.sparse_form] = forms.get(x.sparse_form, 0) + 1
     unlikely = [x for x in eligible if x.sparse_expect == "allowed-but-unlikely"]
     if unlikely:
+        kinds = sorted({x.sparse_math.upper() for x in unlikely})
+        tactics = " / ".join(f"sparse {k} tactics for {k}-out GEMMs" for k in kinds)
         line += (f"; {len(unlikely)} of the eligible are {', '.join(sorted({x.sparse_form for x in unlikely}))} "
-                 f"(allowed, but TensorRT picks sparse INT8 tactics for INT8-out GEMMs: expect dense)")
+                 f"(allowed, but TensorRT picks {tactics}{', assumed from INT8 for FP8, not measured' if 'FP8' in kinds else ''}"
+                 f": expect dense)")
     fraction = classes["eligible"]["flop_fraction"]
     line += f"; {100 * fraction:.1f}% of constant-weight GEMM FLOPs can run sparse"
     return {"gpu": gpu.name, "gpu_features": gpu.features, "line": line, "gemms": len(layers),

@@ -89,7 +89,10 @@ def feature_warnings(meta: dict, target: TargetProfile, sparsity: bool) -> list[
                         f"quantization: export with --bits 8 or pick another target")
     if meta.get("dtype") == "bf16" and not s["bf16"]:
         raise SlimError(f"the export is bf16 but target {target.name} has no bf16 support: export with --dtype fp16")
-    if meta.get("act_quant") == "int8" and not s["int8"]:
+    if meta.get("act_format") == "fp8" and not s["fp8"]:
+        raise SlimError(f"the export is FP8 but target {target.name} has no FP8 tensor cores (Ampere and Jetson Orin "
+                        f"have none): compress with --preset trt-int8-sparse for it, or pick hopper, ada or jetson-thor")
+    if meta.get("act_quant") == "int8" and meta.get("act_format") != "fp8" and not s["int8"]:
         raise SlimError(f"the export quantizes activations to INT8 but target {target.name} lacks INT8 support")
     if sparsity and not s["sparsity_2_4"]:
         return [f"target {target.name} has no 2:4 sparse tensor cores: SPARSE_WEIGHTS will have no effect"]

@@ -243,11 +243,11 @@ def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, ref: torch.Ten
 
     import onnx
 
-    from .w8a8 import FLOOR_EPS, FloorLimits, check_structure, float_activations, sensitivity_floor, \
+    from .w8a8 import FLOOR_EPS, FloorLimits, act_formats, check_structure, float_activations, sensitivity_floor, \
         strip_act_qdq
 
     proto = onnx.load(str(path))
-    structure = check_structure(strip_act_qdq(proto), scales)
+    structure = check_structure(strip_act_qdq(proto), scales, act_formats(model))
     with tempfile.TemporaryDirectory(prefix="slim_trt_verify_w8a8_") as d:
         stripped = Path(d) / path.name
         onnx.save_model(proto, str(stripped), save_as_external_data=True, location=f"{path.name}.data")

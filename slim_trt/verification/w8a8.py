@@ -7,7 +7,8 @@ embeddings scaled by 1 + 1e-7 x N(0, 1), already differs by up to 11.7 in the lo
 so any two runtimes (other summation orders, fp16) differ as much. The export is therefore checked in three parts:
 
   structure         every compressed layer's activation QuantizeLinear/DequantizeLinear pair carries the
-                    checkpoint's scale with zero point 0 (exact)
+                    checkpoint's scale with zero point 0 of the checkpoint's type (int8, or float8e4m3fn for
+                    FP8 activations) (exact)
   float activations the graph with those pairs taken out against the checkpoint with act_scale off: weights,
                     adapters, norms (smoothing) and the rest of the arithmetic under the export's usual limits
   whole model       the export as it is against the checkpoint, with limits from the reference's own
@@ -34,6 +35,19 @@ def act_scales(model: nn.Module) -> dict[str, float]:
 
     return {n: m.act_scale for n, m in model.named_modules()
             if isinstance(m, CompressedLinear) and m.act_scale is not None}
+
+
+def act_formats(model: nn.Module) -> dict[str, str]:
+    """{layer name: "int" | "fp8"} of the same layers: INT8 or FP8 E4M3 activations (issue 24)."""
+    from ..checkpoint.compressed_linear import CompressedLinear
+
+    return {n: m.act_format for n, m in model.named_modules()
+            if isinstance(m, CompressedLinear) and m.act_scale is not None}
+
+
+# The zero point's dtype decides the quantized type in ONNX Runtime and in TensorRT's parser (a QuantizeLinear
+# without one quantizes to uint8 in ONNX Runtime, INT8 in TensorRT): int8 0 for INT8, float8e4m3fn 0 for FP8.
+ZERO_POINT_DTYPE = {"int": "int8", "fp8": "float8_e4m3fn"}
 
 
 @contextlib.contextmanager
@@ -75,7 +89,7 @@ def strip_act_qdq(model) -> dict[str, tuple[float, int, str]]:
             continue
         scale, zp = value(n.input[1]), value(n.input[2]) if len(n.input) > 2 else None
         found[layer] = (float(scale.reshape(-1)[0]) if scale is not None and scale.size == 1 else float("nan"),
-                        int(zp.reshape(-1)[0]) if zp is not None and zp.size == 1 else 0,
+                        float(zp.reshape(-1)[0].astype("float32")) if zp is not None and zp.size == 1 else 0,
                         str(zp.dtype) if zp is not None else "uint8")
         drop += [n, dq]
         rename[dq.output[0]] = n.input[0]
@@ -88,8 +102,10 @@ def strip_act_qdq(model) -> dict[str, tuple[float, int, str]]:
     return found
 
 
-def check_structure(graph_pairs: dict[str, tuple[float, int, str]], scales: dict[str, float]) -> dict:
-    """Compare the graph's activation pairs with the checkpoint's scales: {ok, layers, problems}."""
+def check_structure(graph_pairs: dict[str, tuple[float, int, str]], scales: dict[str, float],
+                    formats: dict[str, str] | None = None) -> dict:
+    """Compare the graph's activation pairs with the checkpoint's scales (and formats, "int" when not given):
+    {ok, layers, problems}."""
     problems = []
     for layer, want in scales.items():
         got = graph_pairs.get(layer)
@@ -99,8 +115,11 @@ def check_structure(graph_pairs: dict[str, tuple[float, int, str]], scales: dict
         scale, zp, zp_dtype = got
         if not abs(scale - want) <= 1e-6 * want:
             problems.append(f"{layer}: activation scale {scale:g} in the graph, {want:g} in the checkpoint")
-        if zp != 0 or zp_dtype != "int8":
-            problems.append(f"{layer}: zero point {zp} ({zp_dtype}); TensorRT needs int8 zero point 0")
+        fmt = (formats or {}).get(layer, "int")
+        if zp != 0 or zp_dtype != ZERO_POINT_DTYPE[fmt]:
+            kind = " for the checkpoint's FP8 activations" if fmt == "fp8" else ""
+            problems.append(f"{layer}: zero point {zp:g} ({zp_dtype}); TensorRT needs {ZERO_POINT_DTYPE[fmt]} zero "
+                            f"point 0{kind}")
     for layer in sorted(set(graph_pairs) - set(scales)):
         problems.append(f"{layer}: activation Q/DQ in the graph, but the checkpoint quantizes no input there")
     return {"ok": not problems, "layers": len(scales), "problems": problems}

@@ -69,11 +69,12 @@ def _write(tmp_path, **changes) -> Path:
 
 
 def test_a_new_row_is_a_data_change(tmp_path):
+    n = max(r.number for r in accuracy_rows.ROWS) + 1
     path = _write(tmp_path, rows=lambda rows: rows.append(
-        {"number": 68, "name": "w8a8-sgpt-lrc-smooth-r03", "group": "issue-23", "label": "row 67 at rank 0.3",
+        {"number": n, "name": "w8a8-sgpt-lrc-smooth-r03", "group": "issue-23", "label": "row 67 at rank 0.3",
          "recipe": "w8a8", "set": {"lowrank": "lrc", "smooth_alpha": 0.5, "rank_ratio": 0.3}}))
     rows, _ = accuracy_rows.load_rows(path)
-    assert rows[-1].key == "68-w8a8-sgpt-lrc-smooth-r03" and rows[-1].compress["rank_ratio"] == 0.3
+    assert rows[-1].key == f"{n}-w8a8-sgpt-lrc-smooth-r03" and rows[-1].compress["rank_ratio"] == 0.3
     assert rows[:-1] == accuracy_rows.ROWS
 
 

@@ -165,3 +165,28 @@ def test_mixed_group_bits_and_zero_point_2to4_round_trip_exactly():
     loaded = layer_from_tensors("l", t, meta)
     assert torch.equal(loaded.mask, mask) and torch.equal(loaded.qweight.dequantize(), pruned.dequantize())
     assert bool((loaded.qweight.dequantize()[~mask] == 0).all())
+
+
+def test_fp8_checkpoint_stores_f8_e4m3_and_reloads_exactly(tmp_path):
+    """Issue 24: --preset trt-fp8-sparse stores its 2:4 weights as F8_E4M3 values (N:M form) with fp32 scales and
+    FP8 activation scales, checksummed; the reloaded model computes the same logits bit for bit."""
+    from safetensors import safe_open
+
+    model = tiny_model("llama")
+    compress(model, CompressConfig(**PRESETS["trt-fp8-sparse"]), calib_windows(n=4, seqlen=16), progress=False)
+    save(model, tmp_path / "ckpt")
+    manifest = json.loads((tmp_path / "ckpt" / MANIFEST).read_text())
+    entries = manifest["layers"]
+    assert len(entries) == 14 and all(e["weight_format"] == "fp8" and e["act_format"] == "fp8" and
+                                      e["storage"] == "nm" and "weight.values" in e["tensors"] for e in entries.values())
+    with safe_open(str(tmp_path / "ckpt" / "slim_layers.safetensors"), "pt") as f:
+        name = next(iter(entries))
+        assert f.get_slice(f"{name}.weight.values").get_dtype() == "F8_E4M3"
+    loaded = load(tmp_path / "ckpt")
+    for (n, a), (_, b) in zip(compressed_layers(model), compressed_layers(loaded)):
+        assert a.qweight.is_fp8 and b.qweight.is_fp8 and b.act_format == "fp8"
+        assert torch.equal(a.qweight.q.view(torch.uint8), b.qweight.q.view(torch.uint8)), n
+        assert torch.equal(a.mask, b.mask) and a.act_scale == b.act_scale
+    ids = calib_windows(n=2, seqlen=16)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, loaded(input_ids=ids).logits)

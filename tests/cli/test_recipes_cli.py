@@ -89,8 +89,9 @@ def test_help_and_demo_follow_a_changed_preset(tiny_model_dir, tmp_path, capsys,
     monkeypatch.setitem(PRESETS, "trt-int8-sparse", changed)
     monkeypatch.setitem(PRESETS, "int4-dense", {**PRESETS["int4-dense"], "sparsity": "unstructured:0.5"})
     out = help_of(["compress"], capsys, monkeypatch)
-    assert "[default: 0.3; 0.1 in --preset slim-paper; 0.23 in --preset slim-2to4 and int4-dense]" in out
-    assert "[default: 0.6; none in --preset slim-paper, slim-2to4 and int4-dense]" in out
+    # trt-fp8-sparse is a table entry of its own (row 67's recipe in FP8): it keeps the values it was given
+    assert "[default: 0.3; 0.1 in --preset slim-paper; 0.23 in --preset slim-2to4, trt-fp8-sparse and int4-dense]" in out
+    assert "[default: 0.6; none in --preset slim-paper, slim-2to4 and int4-dense; 0.5 in --preset trt-fp8-sparse]" in out
     assert "[default: 2:4; unstructured:0.5 in --preset int4-dense]" in out
     assert "after SmoothQuant alpha 0.6, LRC adapters rank 0.3 rounded to 4 bits by GPTQ" in out
     assert "--preset int4-dense (W4A16 unstructured:0.5): SparseGPT unstructured:0.5, INT4 GPTQ weights" in out

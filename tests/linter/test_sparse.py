@@ -239,3 +239,38 @@ def test_ort_only_contrib_op_is_named():
     errs = [f for f in lint(m).errors if f.rule == "ort-only"]
     assert len(errs) == 1 and errs[0].node == "embed" and "ONNX Runtime only" in errs[0].message
     assert not [f for f in lint(m).errors if f.rule == "plugin"]
+
+
+@pytest.mark.parametrize("target,ok", [("hopper", True), ("ada", True), ("jetson-thor", True), ("ampere", False),
+                                       ("jetson-orin", False), ("trt10", False), ("trt11", False)])
+def test_fp8_lints_only_where_the_gpu_has_fp8(target, ok):
+    """Issue 24: FP8 Q/DQ builds only on Hopper, Ada and Thor; elsewhere one error names the INT8 recipe."""
+    r = lint(gemm_model(256, 512, weight="fp8", act="fp8"), target=target)
+    fp8 = [f for f in r.findings if f.rule == "fp8" and f.severity == "error"]
+    assert r.ok == ok and len(fp8) == (0 if ok else 1)
+    line = r.summary["sparse_tensor_cores"]["line"]
+    if ok:
+        assert "1 of 1 2:4 GEMMs eligible (1 FP8 x FP8)" in line
+        assert "sparse FP8 tactics for FP8-out GEMMs, assumed from INT8 for FP8, not measured" in line
+    else:
+        assert "--preset trt-int8-sparse" in fp8[0].message and "no FP8" in fp8[0].message
+        assert ("--target hopper, ada or jetson-thor" in fp8[0].message) == target.startswith("trt")
+
+
+def test_int8_summary_keeps_its_wording():
+    line = lint(gemm_model(256, 512, weight="int8", act="int8"), target="ampere").summary["sparse_tensor_cores"]["line"]
+    assert "1 of 1 2:4 GEMMs eligible;" in line and "FP8" not in line
+    assert "TensorRT picks sparse INT8 tactics for INT8-out GEMMs: expect dense" in line
+
+
+def test_fp8_weight_zero_point_is_not_subtracted():
+    """A weight DQ with an FP8 zero point: the codes are read as they are. An integer subtraction would truncate
+    codes below 1 to 0 and call this dense weight (every |code| in [0.125, 0.875]) 2:4."""
+    m = gemm_model(256, 512, weight="fp8", act="fp8", dense=True)
+    m.graph.initializer.append(helper.make_tensor("wzp", TensorProto.FLOAT8E4M3FN, [], [0.0]))
+    next(n for n in m.graph.node if n.name == "dq_w").input.append("wzp")
+    w = np.asarray(weight_2to4(256, 512, dense=True), np.float32) * 0.125  # exact in E4M3, never 0
+    m.graph.initializer.remove(next(t for t in m.graph.initializer if t.name == "w"))
+    m.graph.initializer.append(helper.make_tensor("w", TensorProto.FLOAT8E4M3FN, [256, 512], w.ravel()))
+    layer = only_layer(lint(m, target="hopper"))
+    assert not layer.is_2to4 and layer.groups_violating == 64 * 512 and layer.sparse_class == "not-2to4"

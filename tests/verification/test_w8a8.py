@@ -114,3 +114,15 @@ def test_floor_limits_never_tighten_and_stay_in_range():
     t = FloorLimits().apply(base, loud)
     assert t.max_abs == pytest.approx(53.4) and t.mean_abs == pytest.approx(3.38) and t.cosine_min == -1.0
     assert t.top1_min == pytest.approx(0.156) and t.ppl_rel_max == pytest.approx(0.36)
+
+
+def test_fp8_activations_need_an_fp8_zero_point():
+    """Issue 24: the zero point's type decides INT8 or FP8 in both runtimes, so the structure check holds each
+    layer to its checkpoint's format."""
+    pairs = {"a": (0.5, 0, "float8_e4m3fn"), "b": (0.25, 0, "int8")}
+    scales = {"a": 0.5, "b": 0.25}
+    assert check_structure(pairs, scales, {"a": "fp8", "b": "int"})["ok"]
+    wrong = check_structure(pairs, scales, {"a": "int", "b": "fp8"})
+    assert wrong["problems"] == ["a: zero point 0 (float8_e4m3fn); TensorRT needs int8 zero point 0",
+                                 "b: zero point 0 (int8); TensorRT needs float8_e4m3fn zero point 0 for the "
+                                 "checkpoint's FP8 activations"]

@@ -41,6 +41,7 @@ class LinearStats:
     channel_absmax: torch.Tensor | None = None  # [K]
     act_scale: float | None = None
     act_bits: int = 8
+    act_format: str = "int"  # or "fp8" (E4M3 activations, issue 24)
     act_moments: Any = None  # algorithms.lrc.ActErrorMoments
     act_nsamples: int = 0
 
@@ -65,7 +66,7 @@ class LinearStats:
 
         x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
         self.act_moments, self.act_nsamples = accumulate_error_moments(
-            self.act_moments, self.act_nsamples, x, fake_quant(x, self.act_scale, self.act_bits))
+            self.act_moments, self.act_nsamples, x, fake_quant(x, self.act_scale, self.act_bits, self.act_format))
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -112,6 +113,7 @@ class ActCalibration:
 
     bits: int
     scale: Callable[[LinearStats], float]
+    fmt: str = "int"  # "fp8": E4M3 activations
     smooth: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None
 
 
@@ -300,7 +302,7 @@ def run_layerwise(
                     stats = new_stats()
                     gather(stats)
                 for st in stats.values():
-                    st.act_scale, st.act_bits = act.scale(st), act.bits
+                    st.act_scale, st.act_bits, st.act_format = act.scale(st), act.bits, act.fmt
                 run_hooked({n: st.add_quantized for n, st in stats.items()})
         with phase(timer, "compress"):
             res.layers = compress_block(i, block, linears, stats)
