@@ -473,14 +473,7 @@ PRESETS: dict[str, dict] = {
     # sweeps choosing the mask again, MLP channels permuted, SmoothQuant 0.5, LRC adapters rank 0.23 in 4 bits)
     # with FP8 E4M3 weights (absmax / 448 per output channel, rounded in the OBS sweep) and static per-tensor FP8
     # E4M3 activations (MSE scales on the E4M3 grid). Accuracy: docs/fp8.md.
-    "trt-fp8-sparse": dict(sparsity="2:4", bits=8, quantizer="slim", group_size=-1, pruner="sparsegpt",
-                           lowrank="lrc", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
-                           adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
-                           refit_rounds=3, refit_rounding="every", refit_scales="every", refit_mask="reselect",
-                           channel_permutation="mlp", rank_allocation="uniform",
-                           act_bits=8, act_scale_method="mse", act_percentile=99.99, smooth_alpha=0.5, max_bits=None,
-                           outlier_share=0.01, zero_point=None, bit_allocation="uniform", weight_format="fp8",
-                           act_format="fp8"),
+    "trt-fp8-sparse": None,  # filled in below from trt-int8-sparse (its place here sets the presets' order)
     # Dense INT4 for TensorRT's weight-only INT4 GEMMs (the defaults of issues 14-22, bench row 42): GPTQ with
     # group-128 scales, H-LoRA adapters of rank 0.23 rounded to nearest in 4 bits, 3 refit rounds, within 4.5
     # bits/param (the ranks are lowered until they fit: 40 of 640 on Gemma 3 270M): 1.144x dense at 4.498 bits.
@@ -494,6 +487,7 @@ PRESETS: dict[str, dict] = {
                        outlier_share=0.01, zero_point=None, bit_allocation="uniform", weight_format="int",
                        act_format="int"),
 }
+PRESETS["trt-fp8-sparse"] = {**PRESETS["trt-int8-sparse"], "weight_format": "fp8", "act_format": "fp8"}
 
 # What CompressConfig() makes, and why (README "Which recipe", `compress --help`, `info`, demo.json say the same).
 DEFAULT_PRESET = "trt-int8-sparse"

@@ -46,13 +46,12 @@ RECIPES = {"defaults": {}, "int4-dense": PRESETS["int4-dense"],
            "int4-dense-no-budget": {**PRESETS["int4-dense"], "max_bits": None}, "slim-2to4": PRESETS["slim-2to4"]}
 
 
-@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
-def default_checkpoint(request, tmp_path_factory):
+def compress_realistic(family: str, config: CompressConfig, tmp_path_factory):
+    """A random model of `family`'s realistic shapes (linear weights x5, so the errors are not trivially small),
+    compressed with `config` on 4 x 32 calibration tokens: (checkpoint folder, report)."""
     import torch
     import transformers as tf
 
-    family, recipe = request.param
-    config = CompressConfig(**RECIPES[recipe])
     torch.manual_seed(0)
     model = tf.AutoModelForCausalLM.from_config(realistic_config(family)).eval()
     with torch.no_grad():
@@ -62,8 +61,14 @@ def default_checkpoint(request, tmp_path_factory):
     src = tmp_path_factory.mktemp(f"src-{family}")
     model.save_pretrained(src)
     tiny_tokenizer(256).save_pretrained(src)
-    ckpt, report = slim_trt.compress_model(str(src), tmp_path_factory.mktemp("ckpt") / "ckpt", config,
-                                           CalibConfig(nsamples=4, seqlen=32), progress=False)
+    return slim_trt.compress_model(str(src), tmp_path_factory.mktemp("ckpt") / "ckpt", config,
+                                   CalibConfig(nsamples=4, seqlen=32), progress=False)
+
+
+@pytest.fixture(scope="module", params=CASES, ids=["-".join(c) for c in CASES])
+def default_checkpoint(request, tmp_path_factory):
+    family, recipe = request.param
+    ckpt, report = compress_realistic(family, CompressConfig(**RECIPES[recipe]), tmp_path_factory)
     return family, recipe, ckpt, report
 
 
@@ -105,22 +110,8 @@ FP8_TARGETS = ("hopper", "ada", "jetson-thor")
 
 @pytest.fixture(scope="module", params=EXPORTABLE)
 def fp8_checkpoint(request, tmp_path_factory):
-    import torch
-    import transformers as tf
-
     family = request.param
-    torch.manual_seed(0)
-    model = tf.AutoModelForCausalLM.from_config(realistic_config(family)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2 and "embed" not in name:
-                p.mul_(5.0)
-    src = tmp_path_factory.mktemp(f"src-fp8-{family}")
-    model.save_pretrained(src)
-    tiny_tokenizer(256).save_pretrained(src)
-    ckpt, report = slim_trt.compress_model(str(src), tmp_path_factory.mktemp("ckpt-fp8") / "ckpt",
-                                           CompressConfig(**PRESETS["trt-fp8-sparse"]),
-                                           CalibConfig(nsamples=4, seqlen=32), progress=False)
+    ckpt, report = compress_realistic(family, CompressConfig(**PRESETS["trt-fp8-sparse"]), tmp_path_factory)
     return family, ckpt, report
 
 
