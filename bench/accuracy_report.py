@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import harness
-from accuracy_rows import OUR_METHOD, ROWS, Row, same_config
+from accuracy_rows import OUR_METHOD, PEERS, ROWS, Row, same_config
 from harness import fmt as _fmt
 
 def gap_closed(rows: dict) -> dict:
@@ -88,6 +88,9 @@ BUDGET_BITS = 4.5  # issue 7: bits per parameter with adapters, averaged over th
 # Issue 23: the reference a user who does not need 2:4 would pick (dense INT4 GPTQ g128, and with adapters within
 # 4.5 bits: `--preset int4-dense`), printed beside best_one_shot.
 DENSE_INT4_REFERENCE_ROWS = (41, 42)
+# Issue 23: Model Optimizer on the defaults' recipe (SparseGPT 2:4 + INT8 SmoothQuant, W8A8), which best_one_shot
+# must be ahead of.
+W8A8_PEER_ROWS = (71,)
 
 
 def best_rows(rows: dict) -> dict:
@@ -100,6 +103,8 @@ def best_rows(rows: dict) -> dict:
     (adapters counted; what `--preset slim-2to4` follows).
     dense_int4_reference: rows 41 and 42 (dense INT4, `--preset int4-dense` is row 42), the reference a user would
     otherwise pick, printed beside best_one_shot.
+    w8a8_peer: row 71, Model Optimizer's W8A8 2:4 on the same recipe; best_one_shot_ahead_of_w8a8_peer: whether
+    best_one_shot's perplexity is lower (None until both are measured).
     SpQR rows are never candidates: their fp16 outlier tables cost 1.2-12.9x a layer's time at run time
     (bench/results/spqr_outliers.md)."""
     def kind(c: dict) -> str | None:
@@ -129,6 +134,12 @@ def best_rows(rows: dict) -> dict:
         out[name] = min(cands)[1] if cands else None
     out["dense_int4_reference"] = [k for k in rows if k.split("-", 1)[0] in map(str, DENSE_INT4_REFERENCE_ROWS)
                                    and rows[k].get("status") == "ok"]
+    out["w8a8_peer"] = [k for k in rows if k.split("-", 1)[0] in map(str, W8A8_PEER_ROWS)
+                        and rows[k].get("status") == "ok"]
+    best = out["best_one_shot"]
+    out["best_one_shot_ahead_of_w8a8_peer"] = (None if best is None or not out["w8a8_peer"] else
+                                               all(rows[best]["perplexity"] < rows[k]["perplexity"]
+                                                   for k in out["w8a8_peer"]))
     return out
 
 
@@ -171,7 +182,9 @@ def markdown(results: dict) -> str:
         if r.get("pattern_check") and r["status"] == "ok":
             pc = r["pattern_check"]
             shape = "2:4" if pc["is_2_4"] else f"NOT 2:4: {pc['nm_violations']} groups of 4 with > 2 non-zeros"
-            status += f" ({shape}; max levels per 128-group {pc['max_levels_per_group']})"
+            gs = PEERS.get(row.peer, {}).get("group_size", 128)
+            status += f" ({shape}; max levels per {'output channel' if gs == -1 else f'{gs}-group'} " \
+                      f"{pc['max_levels_per_group']})"
         lines.append(f"| {row.number} | {row.label} | {_fmt(r.get('perplexity'))} | {_fmt(r.get('ratio_to_dense'), 3)} "
                      f"| {_fmt(r.get('top1_agreement'), 3)} | {_fmt(r.get('bits_per_param'), 3)} "
                      f"| {_fmt(r.get('bits_per_param_with_adapters'), 3)} | {_fmt(r.get('compress_seconds'), 0)} "
@@ -206,6 +219,13 @@ def markdown(results: dict) -> str:
                 lines += ["", "beside it, the dense INT4 reference a user would otherwise pick (no 2:4, weight-only "
                               "INT4 in TensorRT; `--preset int4-dense` is row 42): "
                               + "; ".join(described(k) for k in refs) + "."]
+            peers = [k for k in results.get("w8a8_peer") or [] if k in results["rows"]]
+            if peers and key in results["rows"]:
+                ahead = results.get("best_one_shot_ahead_of_w8a8_peer")
+                lines += ["", "beside it, Model Optimizer on the same recipe (SparseGPT 2:4 + INT8 SmoothQuant, W8A8, "
+                              "scored in its venv with its activations quantized): "
+                              + "; ".join(described(k) for k in peers)
+                              + f"; best_one_shot is {'ahead of' if ahead else 'behind'} it."]
     lines += ["", f"Versions: {json.dumps(results.get('versions', {}))}", ""]
     return "\n".join(lines)
 

@@ -20,8 +20,10 @@ from harness import BENCH, RowFailed, peak_rss_gb, reset_peak_rss
 DENSE_BITS = 16.0  # the dense reference is deployed in fp16/bf16
 PEER_BITS_NOTE = ("peer bits: the same storage formula as our rows (slim_trt.algorithms.pipeline.storage_bits) for "
                   "the pattern found in the saved weights: 2:4 with a 2-bit index per kept value when every group of "
-                  "4 holds <= 2 non-zeros, else dense; 4-bit values; one 16-bit scale per 128 input columns; plus "
-                  "16 bits per input channel for AWQ's pre-quant scale when the peer has one")
+                  "4 holds <= 2 non-zeros, else dense; the peer's value width and 16-bit scales (INT4 peers: 4-bit "
+                  "values, one scale per 128 input columns; INT8 peers: 8-bit values, one scale per output channel); "
+                  "plus 16 bits per input channel for a pre-quant scale (AWQ's, or SmoothQuant's smoothing factor) "
+                  "when the peer has one")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -113,20 +115,45 @@ def check_weight_pattern(W, n: int = 2, m: int = 4, group_size: int = 128, bits:
             "max_levels_per_group": max_levels, "groups_over_levels": over, "groups": N * math.ceil(K / group_size)}
 
 
-def peer_storage_bits(N: int, K: int, is_nm: bool, prescale: bool) -> dict:
-    """Storage bits of a peer layer with our formula: 4-bit values, 16-bit scale per 128 columns, 2:4 metadata."""
+def peer_storage_bits(N: int, K: int, is_nm: bool, prescale: bool, bits: int = 4, group_size: int = 128) -> dict:
+    """Storage bits of a peer layer with our formula: `bits`-bit values, a 16-bit scale per `group_size` columns
+    (-1: one per output channel), 2:4 metadata, 16 bits per input channel for a pre-quant scale."""
     import torch
 
     from slim_trt.algorithms.pipeline import CompressedWeight, storage_bits
     from slim_trt.algorithms.qtensor import QuantizedTensor
 
-    qt = QuantizedTensor(q=torch.zeros(N, K, dtype=torch.int8), scale=torch.zeros(N, math.ceil(K / 128)), bits=4,
-                         group_size=128)
+    groups = 1 if group_size == -1 else math.ceil(K / group_size)
+    qt = QuantizedTensor(q=torch.zeros(N, K, dtype=torch.int8), scale=torch.zeros(N, groups), bits=bits,
+                         group_size=group_size)
     cw = CompressedWeight(weight=qt, mask=None, lora_L=None, lora_R=None, rel_error_base=0.0, rel_error=0.0)
     out = storage_bits(cw, "nm" if is_nm else "none", 2, 4)
     if prescale:
         out["base_bits"] += 16 * K
     return out
+
+
+def peer_evaluation(report: dict, top1, reference_top1, dense_ppl: float, tolerance: float = 1e-3) -> dict:
+    """Perplexity and top-1 agreement of a peer that evaluated in its own venv (its report's "evaluation": summed
+    NLL and token counts of the dense and the quantized model; `top1` its predictions [n, seqlen - 1]).
+
+    The peer's dense perplexity must match ours within `tolerance` (relative), or its numbers are not computed
+    like ours (another transformers, other windows): RowFailed saying both."""
+    ev = report.get("evaluation") or {}
+    try:
+        peer_dense = math.exp(ev["dense"]["nll"] / ev["dense"]["tokens"])
+        ppl = math.exp(ev["quantized"]["nll"] / ev["quantized"]["tokens"])
+    except (KeyError, TypeError, ZeroDivisionError):
+        raise RowFailed(f"the peer evaluates in its venv but its report has no usable evaluation ({ev!r})",
+                        report=report) from None
+    if abs(peer_dense / dense_ppl - 1) > tolerance:
+        raise RowFailed(f"the peer's dense perplexity {peer_dense:.4f} is not ours ({dense_ppl:.4f}, tolerance "
+                        f"{tolerance:g}): its evaluation is not comparable", report=report)
+    if tuple(top1.shape) != tuple(reference_top1.shape):
+        raise RowFailed(f"the peer's top-1 predictions have shape {tuple(top1.shape)}, not "
+                        f"{tuple(reference_top1.shape)}", report=report)
+    return {"perplexity": ppl, "top1_agreement": float((top1 == reference_top1).float().mean()),
+            "dense_perplexity_peer": peer_dense}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -204,13 +231,18 @@ def run_peer(row: Row, ctx: Context, venv_dir: Path, timeout: float) -> dict:
 
     from slim_trt.compression.calibration.families import block_linears, decoder_blocks
 
-    py = harness.peer_python(venv_dir, row.peer, "bench-peers")
+    peer = PEERS[row.peer]
+    py = harness.peer_python(venv_dir, peer_venv(row.peer), "bench-peers")
+    wbits, group_size = peer.get("weight_bits", 4), peer.get("group_size", 128)
     with tempfile.TemporaryDirectory(prefix=f"peer-{row.peer}-") as tmp:
         tmp = Path(tmp)
         torch.save(ctx.calib, tmp / "calib.pt")
         out = tmp / "model"
-        cmd = [str(py), str(BENCH / "peers" / f"run_{row.peer}.py"), "--model", str(ctx.folder),
+        cmd = [str(py), str(BENCH / "peers" / peer.get("script", f"run_{row.peer}.py")), "--model", str(ctx.folder),
                "--calib", str(tmp / "calib.pt"), "--out", str(out), "--batch-size", str(ctx.batch_size)]
+        if peer.get("evaluates"):
+            torch.save(ctx.eval, tmp / "eval.pt")
+            cmd += ["--eval", str(tmp / "eval.pt"), "--eval-batch-size", str(ctx.eval_batch_size)]
         print(f"  $ {' '.join(cmd)}", flush=True)
         log = tmp / "peer.log"
         try:
@@ -234,26 +266,40 @@ def run_peer(row: Row, ctx: Context, venv_dir: Path, timeout: float) -> dict:
             for rel, lin in block_linears(block).items():
                 name = f"{prefix}.{i}.{rel}"
                 pre = prescales.get(f"{name}.weight")
-                per_layer[name] = check_weight_pattern(lin.weight, prescale=pre)
+                per_layer[name] = check_weight_pattern(lin.weight, prescale=pre, bits=wbits,
+                                                       group_size=group_size if group_size > 0 else lin.in_features)
         nm_ok_all = all(c["nm_violations"] == 0 for c in per_layer.values())
         for name in per_layer:
             N, K = model.get_submodule(name).weight.shape
-            b = peer_storage_bits(N, K, nm_ok_all, f"{name}.weight" in prescales)
+            b = peer_storage_bits(N, K, nm_ok_all, f"{name}.weight" in prescales, wbits, group_size)
             bits += b["base_bits"]
             params += b["params"]
         checks = {"layers_checked": len(per_layer), "is_2_4": nm_ok_all,
                   "nm_violations": sum(c["nm_violations"] for c in per_layer.values()),
                   "zero_fraction": round(sum(c["zero_fraction"] for c in per_layer.values()) / len(per_layer), 4),
                   "max_levels_per_group": max(c["max_levels_per_group"] for c in per_layer.values()),
-                  "groups_over_16_levels": sum(c["groups_over_levels"] for c in per_layer.values()),
+                  f"groups_over_{2 ** wbits}_levels": sum(c["groups_over_levels"] for c in per_layer.values()),
                   "groups": sum(c["groups"] for c in per_layer.values()),
-                  "on_4bit_grid": all(c["groups_over_levels"] == 0 for c in per_layer.values())}
+                  f"on_{wbits}bit_grid": all(c["groups_over_levels"] == 0 for c in per_layer.values())}
         ev = score(model, ctx.eval, ctx.ref_top1, ctx.eval_batch_size)
         del model
-    return {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
+        extra = {}
+        if peer.get("evaluates"):  # the peer's own model (activations quantized too) scored in its venv
+            extra["weights_only"] = {"perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
+                                     "ratio_to_dense": round(ev["perplexity"] / ctx.dense_ppl, 4),
+                                     "note": "the saved effective weights in our harness, activations not quantized"}
+            ev = peer_evaluation(report, torch.load(out / "eval_top1.pt"), ctx.ref_top1, ctx.dense_ppl)
+            extra["dense_perplexity_peer"] = ev["dense_perplexity_peer"]
+    return {**extra, "perplexity": ev["perplexity"], "top1_agreement": ev["top1_agreement"],
             "bits_per_param": round(bits / params, 4), "bits_per_param_with_adapters": round(bits / params, 4),
             "bits_note": PEER_BITS_NOTE, "compress_seconds": report.get("seconds"),
             "peak_rss_gb": report.get("peak_rss_gb"), "pattern_check": checks, "peer_report": report}
+
+
+def peer_venv(peer: str) -> str:
+    """The venv a peer runs in (bench/.venv-<this>): its own, or the one it shares with another recipe of its
+    library ("venv" in the rows file)."""
+    return PEERS[peer].get("venv", peer)
 
 
 def _peer_report(out: Path) -> dict | None:
@@ -305,7 +351,8 @@ def run_row(row: Row, ctx: Context, args, base_versions: dict) -> dict:
         rep, package = e.report or {}, PEERS[row.peer]["package"]
         record["versions"].update({f"peer_{k}": v for k, v in rep.get("versions", {}).items()})
         record["versions"][package] = (rep.get("versions", {}).get(package)
-                                       or harness.venv_version(harness.venv_python(args.peer_venvs, row.peer), package))
+                                       or harness.venv_version(harness.venv_python(args.peer_venvs, peer_venv(row.peer)),
+                                                                            package))
         record.update(status="failed", error=e.error, perplexity=None, ratio_to_dense=None, top1_agreement=None,
                       bits_per_param=None, bits_per_param_with_adapters=None,
                       compress_seconds=rep.get("seconds"), peak_rss_gb=rep.get("peak_rss_gb"),

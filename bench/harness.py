@@ -30,13 +30,16 @@ DEFAULT_DATA = REPO.parent / "shared" / "data" / "wikitext-2" / "test.txt"
 
 def portable_path(path: str) -> str:
     """A text file's path relative to the checkout when it lives beside it (../shared/...), so the settings
-    fingerprint is the same in every clone; absolute otherwise."""
-    p = Path(path).resolve()
-    try:
-        p.relative_to(REPO.parent)
-    except ValueError:
-        return str(p)
-    return os.path.relpath(p, REPO)
+    fingerprint is the same in every clone; absolute otherwise. The path is taken as written before symlinks are
+    resolved, so a checkout whose ../shared is a link to the data (a git worktree) records the same ../shared
+    path as one that sits beside the data."""
+    for p in (Path(os.path.abspath(path)), Path(path).resolve()):
+        try:
+            p.relative_to(REPO.parent)
+        except ValueError:
+            continue
+        return os.path.relpath(p, REPO)
+    return str(Path(path).resolve())
 
 
 def model_tag(model: str) -> str:

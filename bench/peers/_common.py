@@ -6,6 +6,12 @@ Protocol (bench/accuracy.py is the caller): `run_<peer>.py --model HF_FOLDER --c
              DIR/prescale.safetensors when the peer folds a per-input-channel scale into the weights (AWQ)
   DIR/peer_report.json   status, versions, seconds, peak RSS, export check; on failure it is written to
              DIR.report.json with the exact error and traceback, and the script exits 1.
+
+A peer whose quantized model does more than its weights show (W8A8: the activations are fake-quantized too) also
+gets `--eval eval.pt` (the evaluation windows, LongTensor [n, seqlen]) and `--eval-batch-size`, scores the dense
+and the quantized model on them with `score_windows` (the harness's own perplexity arithmetic), puts both in the
+report ("evaluation") and the quantized model's top-1 predictions in DIR/eval_top1.pt. The saved folder then holds
+the weights only (what the harness checks for the pattern and scores as the weight-only twin).
 """
 from __future__ import annotations
 
@@ -28,6 +34,8 @@ def parse_args(description: str) -> argparse.Namespace:
     p.add_argument("--calib", required=True, help="calibration windows, torch.save'd LongTensor [n, seqlen]")
     p.add_argument("--out", required=True, help="output HF folder (dense fake-quantized weights)")
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval", help="evaluation windows, torch.save'd LongTensor [n, seqlen] (peers that evaluate)")
+    p.add_argument("--eval-batch-size", type=int, default=4)
     return p.parse_args()
 
 
@@ -70,6 +78,24 @@ def forward_loop_over(windows, batch_size: int):
             for batch in windows.split(batch_size):
                 model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
     return loop
+
+
+def score_windows(model, windows, batch_size: int) -> dict:
+    """Summed next-token NLL over every predicted token of the windows, the token count and the top-1 predictions
+    [n, seqlen - 1]: the arithmetic of bench/accuracy_run.py's reference_pass and score (fp32 logits, batches of
+    `batch_size` windows in order), so a number computed here is the number the harness would compute."""
+    import torch
+
+    nll, count, tops = 0.0, 0, []
+    with torch.no_grad():
+        for batch in windows.split(batch_size):
+            logits = model(input_ids=batch, use_cache=False).logits.float()[:, :-1]
+            target = batch[:, 1:]
+            nll += float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                                           reduction="sum"))
+            count += target.numel()
+            tops.append(logits.argmax(-1))
+    return {"nll": nll, "tokens": count, "top1": torch.cat(tops)}
 
 
 def decoder_linears(model) -> dict:

@@ -41,3 +41,15 @@ def test_log_tail_and_peer_env(tmp_path):
     env = harness.peer_env()
     assert env["PYTHONPATH"] == "" and env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"
     assert env["PATH"] == os.environ["PATH"]
+
+
+def test_portable_path_keeps_a_linked_sibling_relative(tmp_path, monkeypatch):
+    data = tmp_path / "elsewhere" / "data"
+    data.mkdir(parents=True)
+    (data / "test.txt").write_text("x")
+    checkouts = tmp_path / "wt"
+    (checkouts / "repo").mkdir(parents=True)
+    (checkouts / "shared").symlink_to(tmp_path / "elsewhere")  # a worktree whose ../shared links to the data
+    monkeypatch.setattr(harness, "REPO", checkouts / "repo")
+    assert harness.portable_path(str(checkouts / "shared" / "data" / "test.txt")) == "../shared/data/test.txt"
+    assert harness.portable_path(str(data / "test.txt")) == str((data / "test.txt").resolve())  # not beside it
