@@ -228,7 +228,13 @@ def test_ctrl_c_inside_a_finalizer_is_not_swallowed(monkeypatch, capsys):
         return 0
 
     monkeypatch.setattr(info, "run", run_info)
-    rc, out, err = run(["info", "x"], capsys)
+    # A job started in the background by a non-interactive shell (nohup, `&`, some CI runners) inherits SIGINT
+    # ignored, and then the signal never arrives: give the test Python's own handler, as an interactive run has.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        rc, out, err = run(["info", "x"], capsys)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert rc == 130 and err.splitlines()[-1] == "slim-trt info: interrupted"
 
 
