@@ -91,6 +91,8 @@ DENSE_INT4_REFERENCE_ROWS = (41, 42)
 # Issue 23: Model Optimizer on the defaults' recipe (SparseGPT 2:4 + INT8 SmoothQuant, W8A8), which best_one_shot
 # must be ahead of.
 W8A8_PEER_ROWS = (71,)
+# Issue 24: Model Optimizer on the FP8 2:4 recipe (SparseGPT 2:4 + FP8_DEFAULT_CFG), printed beside best_one_shot_fp8.
+FP8_PEER_ROWS = (72,)
 
 
 def best_rows(rows: dict) -> dict:
@@ -103,6 +105,8 @@ def best_rows(rows: dict) -> dict:
     (adapters counted; what `--preset slim-2to4` follows).
     dense_int4_reference: rows 41 and 42 (dense INT4, `--preset int4-dense` is row 42), the reference a user would
     otherwise pick, printed beside best_one_shot.
+    best_one_shot_fp8 (issue 24): the same among the FP8 E4M3 2:4 rows (Hopper, Ada, Jetson Thor), kept apart
+    from best_one_shot because the INT8 GPUs (Ampere, Orin) cannot run them.
     w8a8_peer: row 71, Model Optimizer's W8A8 2:4 on the same recipe; best_one_shot_ahead_of_w8a8_peer: whether
     best_one_shot's perplexity is lower (None until both are measured).
     SpQR rows are never candidates: their fp16 outlier tables cost 1.2-12.9x a layer's time at run time
@@ -110,8 +114,8 @@ def best_rows(rows: dict) -> dict:
     def kind(c: dict) -> str | None:
         if c.get("sparsity") != "2:4" or c.get("quantizer") == "spqr":
             return None
-        if c.get("bits") == 8 and c.get("act_bits") == 8:
-            return "w8a8-2to4"
+        if c.get("bits") == 8 and c.get("act_bits") == 8:  # FP8 x FP8 runs on other tensor cores (issue 24)
+            return "fp8-2to4" if c.get("weight_format") == "fp8" else "w8a8-2to4"
         if c.get("bits") == 4 and not c.get("act_bits"):
             return "w4a16-2to4"
         return None
@@ -125,21 +129,22 @@ def best_rows(rows: dict) -> dict:
     out = {"best_rule": "best_one_shot: lowest perplexity among slim-trt one-shot 2:4 rows that TensorRT's sparse "
                         "INT8 tensor cores run (INT8 weights x INT8 activations: the defaults' class), no outlier "
                         "table; best_finetuned: the same with adapter fine-tuning; *_2to4: among 2:4 INT4 "
-                        f"weight-only rows at <= {BUDGET_BITS} bits/param with adapters; dense_int4_reference: "
+                        f"weight-only rows at <= {BUDGET_BITS} bits/param with adapters; best_one_shot_fp8: among "
+                        f"the FP8 2:4 rows (Hopper, Ada, Thor); dense_int4_reference: "
                         f"rows {', '.join(map(str, DENSE_INT4_REFERENCE_ROWS))}, the dense INT4 recipes a user "
                         f"would otherwise pick"}
     for name, tuned, cls in (("best_one_shot", False, "w8a8-2to4"), ("best_finetuned", True, "w8a8-2to4"),
-                             ("best_one_shot_2to4", False, "w4a16-2to4"), ("best_finetuned_2to4", True, "w4a16-2to4")):
+                             ("best_one_shot_2to4", False, "w4a16-2to4"), ("best_finetuned_2to4", True, "w4a16-2to4"),
+                             ("best_one_shot_fp8", False, "fp8-2to4")):
         cands = [(r["perplexity"], k) for k, r in rows.items() if qualifies(r, tuned, cls)]
         out[name] = min(cands)[1] if cands else None
     out["dense_int4_reference"] = [k for k in rows if k.split("-", 1)[0] in map(str, DENSE_INT4_REFERENCE_ROWS)
                                    and rows[k].get("status") == "ok"]
-    out["w8a8_peer"] = [k for k in rows if k.split("-", 1)[0] in map(str, W8A8_PEER_ROWS)
-                        and rows[k].get("status") == "ok"]
-    best = out["best_one_shot"]
-    out["best_one_shot_ahead_of_w8a8_peer"] = (None if best is None or not out["w8a8_peer"] else
-                                               all(rows[best]["perplexity"] < rows[k]["perplexity"]
-                                                   for k in out["w8a8_peer"]))
+    for cls, best, peer_rows in (("w8a8", "best_one_shot", W8A8_PEER_ROWS), ("fp8", "best_one_shot_fp8", FP8_PEER_ROWS)):
+        peers = out[f"{cls}_peer"] = [k for k in rows if k.split("-", 1)[0] in map(str, peer_rows)
+                                      and rows[k].get("status") == "ok"]
+        out[f"{best}_ahead_of_{cls}_peer"] = (None if out[best] is None or not peers else
+                                              all(rows[out[best]]["perplexity"] < rows[k]["perplexity"] for k in peers))
     return out
 
 
@@ -209,7 +214,7 @@ def markdown(results: dict) -> str:
 
     if results.get("best_rule"):
         lines += ["", f"Best rows ({results['best_rule']}):"]
-    for name in ("best_one_shot", "best_finetuned", "best_one_shot_2to4", "best_finetuned_2to4"):
+    for name in ("best_one_shot", "best_finetuned", "best_one_shot_2to4", "best_finetuned_2to4", "best_one_shot_fp8"):
         key = results.get(name)
         if key and key in results["rows"]:
             lines += ["", f"{name}: {described(key)}."]
@@ -219,13 +224,14 @@ def markdown(results: dict) -> str:
                 lines += ["", "beside it, the dense INT4 reference a user would otherwise pick (no 2:4, weight-only "
                               "INT4 in TensorRT; `--preset int4-dense` is row 42): "
                               + "; ".join(described(k) for k in refs) + "."]
-            peers = [k for k in results.get("w8a8_peer") or [] if k in results["rows"]]
-            if peers and key in results["rows"]:
-                ahead = results.get("best_one_shot_ahead_of_w8a8_peer")
-                lines += ["", "beside it, Model Optimizer on the same recipe (SparseGPT 2:4 + INT8 SmoothQuant, W8A8, "
-                              "scored in its venv with its activations quantized): "
-                              + "; ".join(described(k) for k in peers)
-                              + f"; best_one_shot is {'ahead of' if ahead else 'behind'} it."]
+        peer = {"best_one_shot": ("w8a8", "SparseGPT 2:4 + INT8 SmoothQuant, W8A8"),
+                "best_one_shot_fp8": ("fp8", "SparseGPT 2:4 + FP8_DEFAULT_CFG, FP8 E4M3")}.get(name)
+        peers = [k for k in results.get(f"{peer[0]}_peer") or [] if k in results["rows"]] if peer else []
+        if peers and key in results["rows"]:
+            ahead = results.get(f"{name}_ahead_of_{peer[0]}_peer")
+            lines += ["", f"beside it, Model Optimizer on the same recipe ({peer[1]}, scored in its venv with its "
+                          f"activations quantized): " + "; ".join(described(k) for k in peers)
+                          + f"; {name} is {'ahead of' if ahead else 'behind'} it."]
     lines += ["", f"Versions: {json.dumps(results.get('versions', {}))}", ""]
     return "\n".join(lines)
 

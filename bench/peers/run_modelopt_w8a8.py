@@ -18,7 +18,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common
 
 
-def main(args) -> dict:
+def main(args, config: str = "INT8_SMOOTHQUANT_CFG") -> dict:
+    """config: the ModelOpt quantization config by name (run_modelopt_fp8.py passes FP8_DEFAULT_CFG)."""
     import modelopt.torch.quantization as mtq
     import modelopt.torch.sparsity as mts
     import torch
@@ -37,7 +38,7 @@ def main(args) -> dict:
     model = mts.sparsify(model, mode="sparsegpt", config={"forward_loop": loop})
     model = mts.export(model)  # make the masked weights plain weights again
     t_sparse = time.time() - t0
-    model = mtq.quantize(model, mtq.INT8_SMOOTHQUANT_CFG, loop)
+    model = mtq.quantize(model, getattr(mtq, config), loop)
     seconds = time.time() - t0
     t1 = time.time()
     w8a8 = _common.score_windows(model, eval_windows, args.eval_batch_size)

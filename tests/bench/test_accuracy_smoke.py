@@ -212,10 +212,11 @@ def test_best_rows_follow_the_classes_the_budget_and_the_finetuning_split():
     rows["h"] = row(31.0, 4.4, quantizer="spqr")  # outlier tables: not a default candidate
     rows["i"] = row(58.0, 6.4, **w8a8)  # W8A8 2:4: the defaults' class, no bits budget
     rows["j"] = row(57.0, 6.4, **w8a8, finetune={"loss": "kd"})
+    rows["k"] = row(52.0, 6.4, **w8a8, weight_format="fp8", act_format="fp8")  # FP8 2:4: its own class (issue 24)
     rows["41-gptq-dense-g128"] = row(20.0, 4.1, sparsity="none")  # dense INT4: the reference, never the best
     rows["42-gptq-dense-g128-hlora"] = row(19.0, 4.5, sparsity="none")
     best = accuracy_report.best_rows(rows)
-    assert best["best_one_shot"] == "i" and best["best_finetuned"] == "j"
+    assert best["best_one_shot"] == "i" and best["best_finetuned"] == "j" and best["best_one_shot_fp8"] == "k"
     assert best["best_one_shot_2to4"] == "b" and best["best_finetuned_2to4"] == "d"  # a (50.0) is over the budget
     assert best["dense_int4_reference"] == ["41-gptq-dense-g128", "42-gptq-dense-g128-hlora"]
     assert accuracy_report.best_rows({"a": rows["a"]})["best_one_shot"] is None
