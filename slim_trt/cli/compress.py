@@ -175,29 +175,22 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _number_or_none(what: str):
-    """argparse type for a float that 'none' turns off (a preset's value included)."""
+def _number_or_none(what: str, cast=float, message: str | None = None):
+    """argparse type for a number that 'none' turns off (a preset's value included); `message` replaces the default
+    complaint ({text} is the given text)."""
     def parse(text: str):
         if text.strip().lower() == "none":
             return "none"
         try:
-            return float(text)
+            return cast(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what} or 'none'")
+            raise argparse.ArgumentTypeError((message or "{text!r} is not " + what + " or 'none'").format(text=text))
     return parse
 
 
 _max_bits = _number_or_none("a number of bits (e.g. 4.5)")
-
-
-def _act_bits(text: str):
-    """8, or 'none' (weight-only); other numbers reach CompressConfig, which names the supported one."""
-    if text.strip().lower() == "none":
-        return "none"
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: give 8 (static INT8 activations) or none (weight-only)")
+# 8 or 'none' (weight-only); other integers reach CompressConfig, which names the supported one.
+_act_bits = _number_or_none("8", int, "{text!r}: give 8 (static INT8 activations) or none (weight-only)")
 
 
 def weight_only_flags(args) -> list[str]:

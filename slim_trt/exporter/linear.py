@@ -10,7 +10,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper
 from torch import nn
 
 from ..algorithms.qtensor import QuantizedTensor
@@ -219,11 +218,12 @@ def activation_qdq(b: GraphBuilder, x: str, scale: float, name: str, fmt: str = 
     saturate=1, what TensorRT always does)."""
     s = b.add_initializer(tensor_from_torch(f"{name}.act_scale", torch.tensor(float(scale)), b.dtype))
     if fmt == "fp8":
-        zp = b.add_initializer(fp8_tensor(f"{name}.act_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn)))
-        q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}{ACT_QDQ}", saturate=1)
-        return b.op("DequantizeLinear", [q, s, zp], name=f"{name}{ACT_QDQ}")
-    zp = b.add_initializer(tensor_from_torch(f"{name}.act_zero_point", torch.tensor(0, dtype=torch.int8)))
-    q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}{ACT_QDQ}")
+        zp = fp8_tensor(f"{name}.act_zero_point", torch.zeros((), dtype=torch.float8_e4m3fn))
+        attrs = {"saturate": 1}
+    else:
+        zp, attrs = tensor_from_torch(f"{name}.act_zero_point", torch.tensor(0, dtype=torch.int8)), {}
+    zp = b.add_initializer(zp)
+    q = b.op("QuantizeLinear", [x, s, zp], name=f"{name}{ACT_QDQ}", **attrs)
     return b.op("DequantizeLinear", [q, s, zp], name=f"{name}{ACT_QDQ}")
 
 
