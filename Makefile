@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.installed
 TORCH   ?= torch==2.13.0
 DEMO_OUT ?= out/demo
 
-.PHONY: venv demo test bench-accuracy bench-peers bench-speed bench-peers-speed bench-scaling clean
+.PHONY: venv demo test bench-accuracy bench-peers bench-speed bench-speed-default bench-cost bench-peers-speed bench-scaling clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -62,6 +62,20 @@ $(SPEED_CKPT)/slim_manifest.json: | $(STAMP)
 
 bench-speed: $(STAMP) $(SPEED_CKPT)/slim_manifest.json
 	$(VPY) bench/speed.py --checkpoint $(SPEED_CKPT) --out bench/results/
+
+# The same on a checkpoint of the defaults (W8A8 2:4 + LRC, the demo's settings), into speed_gemma3-270m_trt-int8-sparse.*:
+# the dense exports, the W8A8 export in fp32 (float head, int8 head, the export defaults) and `slim-trt export`
+# with no option (the fp16 file TensorRT builds). The peers' rows are the dense INT4 run's.
+DEFAULT_CKPT ?= out/gemma-default
+$(DEFAULT_CKPT)/slim_manifest.json: | $(STAMP)
+	$(VENV)/bin/slim-trt compress gemma3-270m -o $(DEFAULT_CKPT) --nsamples 32 --seqlen 512
+
+bench-speed-default: $(STAMP) $(DEFAULT_CKPT)/slim_manifest.json
+	$(VPY) bench/speed.py --checkpoint $(DEFAULT_CKPT) --tag trt-int8-sparse --rows 1,2,4,6,11,12 --out bench/results/
+
+# What the main job costs: `slim-trt demo` (the defaults) beside SparseGPT 2:4 + GPTQ alone, on an idle machine.
+bench-cost: $(STAMP)
+	$(VPY) bench/cost.py --out bench/results/
 
 # Compression cost vs hidden size (issue 15): one synthetic LLaMA-style block per size, 2 threads, niced, one row
 # at a time; rows already in the JSON are skipped. Hidden 4096 (rows 10-12) is left out: on 2 shared cores its

@@ -135,3 +135,39 @@ def test_results_file_refuses_other_settings(tmp_path):
         R(tmp_path, "demo", "m", {"a": 2}, redo=False)
     assert R(tmp_path, "demo", "m", {"a": 2}, redo=True).rows == {}
     assert np.isfinite(harness.machine()["loadavg"]).all()
+
+
+def test_w8a8_checkpoint_gets_its_own_file_and_the_decode_goal(tmp_path):
+    """--tag puts a recipe's rows in their own file; row 12 is `slim-trt export CKPT` with no option (fp16); the
+    file says which recipe its compressed rows are, and goal 3 (>= 2.5x dense fp32 at batch 1) is judged on the
+    measured ratio."""
+    from slim_trt.checkpoint.format import save
+    from slim_trt.config import CompressConfig
+    from tests.conftest import tiny_tokenizer
+    from tests.exporter.conftest import w8a8_model
+
+    model = save_tiny_model(tmp_path / "tiny-llama", "llama")
+    ckpt, m = tmp_path / "ckpt", w8a8_model("llama")
+    # the manifest names the recipe as `compress` writes it (the default config: W8A8 2:4 + LRC)
+    save(m, ckpt, tokenizer=tiny_tokenizer(m.config.vocab_size), manifest_extra={"method": CompressConfig().to_dict()})
+    argv = ["--model", str(model), "--checkpoint", str(ckpt), "--data", str(DATA / "eval_sample.txt"),
+            "--seqlen", "32", "--windows", "2", "--prompt-tokens", "24", "--decode-prompt-tokens", "6",
+            "--new-tokens", "3", "--batch", "2", "--repeats", "1", "--threads", "1", "--work", str(tmp_path / "w"),
+            "--out", str(tmp_path / "results"), "--rows", "1,12"]
+    with pytest.raises(SystemExit) as bad:  # argparse's one line, exit 2
+        speed.main(argv + ["--tag", "bad/tag"])
+    assert bad.value.code == 2
+    assert speed.main(argv + ["--tag", "w8a8"]) == 0
+    path = tmp_path / "results" / "speed_tiny-llama_w8a8.json"
+    data = json.loads(path.read_text())
+    row = data["rows"]["12-slim-export-plain"]
+    assert row["status"] == "ok", row.get("error")
+    assert row["config"] == {"method": "slim_trt.export", "source": "checkpoint",
+                             "checkpoint_manifest_sha256": row["config"]["checkpoint_manifest_sha256"]}
+    assert row["model"]["dtype"] == "fp16"  # the exporter's default, whatever the row asked for
+    assert data["checkpoint_recipe"]["preset"] == "trt-int8-sparse" and data["checkpoint_recipe"]["default"]
+    assert "`--preset trt-int8-sparse` (the defaults)" in path.with_suffix(".md").read_text()
+    g = data["goals"]["rows"]["12-slim-export-plain"]
+    assert g["goal_3_met"] == (row["x_dense_fp32_b1"] >= speed.W8A8_DECODE_GOAL)
+    assert "Goal 3: decode_b1 >= 2.5" in path.with_suffix(".md").read_text()
+    assert not (tmp_path / "results" / "speed_tiny-llama.json").exists()
