@@ -207,17 +207,22 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
     return ActCalibration(bits=config.act_bits, fmt=config.act_format, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
 
 
-def channel_transform(config: CompressConfig, report: "CompressReport"):
-    """The runner's transform step for config.channel_permutation (None when off): permute each block's MLP
-    channels for its N:M groups; the kept saliency shares go to report.permutation."""
-    if not config.permutes_channels:
+def channel_transform(config: CompressConfig, report: "CompressReport", model_config=None):
+    """The runner's transform step for config.channel_permutation's per-block parts (None when there are none):
+    permute each block's MLP channels ("mlp") and value channels within each KV head ("attn") for its N:M groups;
+    the kept saliency shares go to report.permutation."""
+    parts = set(config.permutation_parts) if config.permutes_channels else set()
+    if not parts & {"mlp", "attn"}:
         return None
-    from .calibration.permutation import permute_mlp
+    from .calibration.permutation import permute_attn, permute_mlp
 
     sp = config.sparsity_spec
 
     def transform(i, block, linears, stats) -> bool:
-        shares = permute_mlp(linears, {n: st.act_norm for n, st in stats.items()}, sp.n, sp.m)
+        norms = {n: st.act_norm for n, st in stats.items()}
+        shares = permute_mlp(linears, norms, sp.n, sp.m) if "mlp" in parts else {}
+        if "attn" in parts:
+            shares.update(permute_attn(block, model_config, linears, norms, sp.n, sp.m))
         report.permutation.update({f"{i}.{k}": round(v, 6) for k, v in shares.items()})
         return bool(shares)
 
@@ -326,7 +331,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
                       act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
-                      transform=channel_transform(config, report))
+                      transform=channel_transform(config, report, model.config))
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0
