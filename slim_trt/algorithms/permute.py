@@ -139,3 +139,20 @@ def kv_rows(perm: torch.Tensor, head_dim: int, heads_per_group: int) -> torch.Te
         first = g * heads_per_group * head_dim
         rows.append(perm[first:first + head_dim] - first + g * head_dim)
     return torch.cat(rows)
+
+
+def stacked_scores(scores: list[torch.Tensor], max_rows: int = 8192, seed: int = 0) -> torch.Tensor:
+    """One score matrix [rows, K] for a permutation shared by many layers reading the same K channels: each
+    layer's scores divided by their total (so every layer counts alike in the kept share, whatever its size or
+    scale), at most max_rows rows in all, an equal random share of each layer's rows (a model-wide search over
+    every row of every layer would hold a billion scores on a 7B model)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_layer = max(1, max_rows // max(1, len(scores)))
+    out = []
+    for s in scores:
+        s = s.detach().to(torch.float32)
+        s = s / (float(s.sum()) or 1.0)
+        if s.shape[0] > per_layer:
+            s = s[torch.randperm(s.shape[0], generator=gen)[:per_layer]]
+        out.append(s)
+    return torch.cat(out)

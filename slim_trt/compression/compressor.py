@@ -229,6 +229,22 @@ def channel_transform(config: CompressConfig, report: "CompressReport", model_co
     return transform
 
 
+def _permute_residual(model, config: CompressConfig, windows, batch_size: int, store, weights, report) -> None:
+    """channel_permutation's "residual" part: the whole float model's hidden channels, once, before the first
+    block (a resumed run re-applies the permutation its blocks were compressed in)."""
+    if weights is not None:
+        raise SlimError("--channel-permutation residual permutes the whole model before its first block: it cannot "
+                        "stream the blocks from disk; use --no-stream or drop residual")
+    from .calibration.residual import permute_residual
+
+    sp = config.sparsity_spec
+    perm, shares = permute_residual(model, windows, sp.n, sp.m, batch_size=batch_size,
+                                    perm=store.load_residual() if store is not None else None)
+    if store is not None:
+        store.save_residual(perm)
+    report.permutation.update({k: round(v, 6) for k, v in shares.items()})
+
+
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
              progress: bool = True, resume_dir: Path | None = None,
              device: str | torch.device | None = "auto", weights=None) -> CompressReport:
@@ -268,6 +284,9 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
     if weights is None:  # a streamed model's weights were checked in its files (StreamedModel.check)
         check_finite(model)
     store = BlockStore(resume_dir) if resume_dir is not None else None
+    if config.permutes_channels and "residual" in config.permutation_parts:
+        with timer.phase("permutation"):
+            _permute_residual(model, config, windows, batch_size, store, weights, report)
 
     def compress_block(i, block, linears, stats):
         infos = {}
@@ -429,8 +448,11 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     from ..models.source import check_seqlen, load_model
 
     text = load_text(calib.source)
-    streamed, whole_why = (_open_streamed(source, trust_remote_code, progress) if stream and finetune is None
-                           else (None, None))
+    # Fine-tuning trains the whole model and the residual permutation permutes it before the first block: both
+    # load it whole.
+    residual = config.permutes_channels and "residual" in config.permutation_parts
+    streamed, whole_why = (_open_streamed(source, trust_remote_code, progress)
+                           if stream and finetune is None and not residual else (None, None))
     if streamed is not None:
         model, tok = streamed.model, streamed.tokenizer
         baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from
