@@ -410,7 +410,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     stream: read each decoder block from the safetensors files when its turn comes, in its stored dtype, and
     keep only its compressed result (slim_trt/compression/streaming.py): host memory holds about one block, not the model,
     and the checkpoint is bit-identical. A hub id, weights whose names the model does not use as they are, and
-    fine-tuning (which trains the whole model) load the model whole instead, saying so.
+    fine-tuning (which trains the whole model) load the model whole instead, saying so; so does
+    channel_permutation's "residual" (which permutes the whole model before the first block).
 
     finetune: a slim_trt.compression.finetune.FinetuneConfig to fine-tune the adapters on the calibration windows right
     after compression, before saving (resumable too, from OUT.partial/finetune).
@@ -453,6 +454,9 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     residual = config.permutes_channels and "residual" in config.permutation_parts
     streamed, whole_why = (_open_streamed(source, trust_remote_code, progress)
                            if stream and finetune is None and not residual else (None, None))
+    if stream and finetune is None and residual:
+        whole_why = (f"{source}: loaded whole, not streamed: --channel-permutation residual permutes the whole "
+                     f"model before its first block")
     if streamed is not None:
         model, tok = streamed.model, streamed.tokenizer
         baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from

@@ -288,3 +288,11 @@ def test_the_summary_line_splits_the_time_and_the_manifest_keeps_it(tiny_model_d
     summary = json.loads((out / "slim_manifest.json").read_text())["summary"]
     assert summary["device"] == "cpu" and summary["peak_device_gb"] is None and summary["threads"] >= 1
     assert sum(summary["phases"].values()) == pytest.approx(summary["seconds"], abs=0.1)
+
+
+def test_the_permutation_line_averages_each_layers_shares_over_blocks():
+    from slim_trt.cli.compress import permutation_line
+
+    shares = {"0.mlp.down_proj": 0.80, "0.mlp.down_proj:after": 0.83, "1.mlp.down_proj": 0.70,
+              "1.mlp.down_proj:after": 0.75, "0.self_attn.o_proj": 0.9, "0.self_attn.o_proj:after": 0.92}
+    assert permutation_line(shares) == "down_proj 0.750 -> 0.790, o_proj 0.900 -> 0.920"
