@@ -40,10 +40,11 @@ def test_a_skipped_mlp_layer_leaves_the_group_alone():
 
 
 @pytest.mark.parametrize("family,reader", [("llama", "self_attn.o_proj"), ("qwen2", "self_attn.o_proj"),
+                                           ("mistral", "self_attn.o_proj"),
                                            ("gemma3", "self_attn.o_proj"), ("opt", "self_attn.out_proj")])
 def test_permuted_value_channels_compute_the_same_function(family, reader):
     """attn: value rows (and bias) within each KV head with o_proj's columns of the heads reading it (GQA on
-    LLaMA/Qwen2: 2 query heads per KV head; MQA on Gemma 3, head_dim 16 not hidden/heads; OPT: out_proj)."""
+    LLaMA/Qwen2/Mistral: 2 query heads per KV head; MQA on Gemma 3, head_dim 16 not hidden/heads; OPT: out_proj)."""
     from slim_trt.compression.calibration.permutation import attn_groups, permute_attn
 
     model = tiny_model(family)

@@ -9,14 +9,11 @@ from tests.conftest import calib_windows, tiny_config, tiny_model
 
 
 def _model(family: str):
-    """The tiny families, plus Mistral, OPT with project_in/out (word_embed_proj_dim 32 != hidden 64) and Gemma 3
+    """The tiny families (Mistral too), plus OPT with project_in/out (word_embed_proj_dim 32 != hidden 64) and Gemma 3
     with tied embeddings."""
     import transformers as tf
 
-    if family == "mistral":
-        cfg = tf.MistralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    elif family == "opt-proj":
+    if family == "opt-proj":
         cfg = tf.OPTConfig(**{**tiny_config("opt").to_dict(), "word_embed_proj_dim": 32})
     elif family == "gemma3-tied":
         cfg = tf.Gemma3TextConfig(**{**tiny_config("gemma3").to_dict(), "tie_word_embeddings": True})
