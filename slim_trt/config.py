@@ -575,7 +575,9 @@ def describe(config: CompressConfig) -> str:
             parts.append(f"{c.refit_rounds} refit rounds" + (" choosing the mask again" if c.reselects_mask else ""))
     if c.permutes_channels:
         names = {"mlp": "MLP", "attn": "attention value", "residual": "residual-stream"}
-        parts.append(f"{' and '.join(names[p] for p in c.permutation_parts)} channels permuted for the N:M groups")
+        named = [names[p] for p in c.permutation_parts]
+        listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+        parts.append(f"{listed} channels permuted for the N:M groups")
     if c.max_bits is not None:
         parts.append(f"within {c.max_bits:g} bits/param")
     return ", ".join(parts)

@@ -160,3 +160,5 @@ def test_describe_names_the_permuted_parts():
     assert "MLP channels permuted for the N:M groups" in describe(CompressConfig())
     assert "MLP and attention value channels permuted for the N:M groups" in \
         describe(CompressConfig(channel_permutation="attn,mlp"))
+    assert "MLP, attention value and residual-stream channels permuted for the N:M groups" in \
+        describe(CompressConfig(channel_permutation="residual,attn,mlp"))

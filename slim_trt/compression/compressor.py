@@ -51,7 +51,8 @@ class CompressReport:
     peak_host_bytes: int | None = None  # measured: the process's peak resident memory, save included
     peak_host_bytes_bound: int | None = None  # predicted (streamed runs): baseline + streaming.host_peak_bound
     host_memory: dict[str, int] = field(default_factory=dict)  # the bound's parts, in bytes
-    # channel_permutation: per block and reader, the share of Wanda saliency N:M groups keep, before and ":after"
+    # channel_permutation: per block and reader ("<block>.<layer>": down_proj for mlp, o_proj for attn, q/k/v/gate/up
+    # for residual), the share of Wanda saliency N:M groups keep, before and ":after"
     permutation: dict[str, float] = field(default_factory=dict)
 
     def bits_per_param(self, with_adapters: bool) -> float:
