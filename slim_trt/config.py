@@ -24,7 +24,9 @@ ADAPTER_QUANTIZERS = ("gptq", "rtn")
 REFIT_ROUNDINGS = ("last", "every")  # see CompressConfig.refit_rounding
 REFIT_SCALES = ("first", "every")  # see CompressConfig.refit_scales
 REFIT_MASKS = ("keep", "reselect")  # see CompressConfig.refit_mask
-CHANNEL_PERMUTATIONS = ("none", "mlp")  # see CompressConfig.channel_permutation
+# see CompressConfig.channel_permutation: "none" or a comma list of these parts
+CHANNEL_PERMUTATION_PARTS = ("mlp", "attn", "residual")
+CHANNEL_PERMUTATIONS = ("none", *CHANNEL_PERMUTATION_PARTS)
 BITS = (2, 3, 4, 8, 16)  # 16 means "no weight quantization" (the weights keep their float values)
 SPQR_BITS = (2, 3, 4)  # SpQR's asymmetric codes (zero points) in INT4 containers (algorithms/spqr.py)
 # Per-group bit widths (issue 14): uniform, or SliM-LLM's salience-driven N-1 / N / N+1 around --bits N.
@@ -35,6 +37,20 @@ ACT_SCALE_METHODS = ("max", "percentile", "mse")  # see algorithms/actquant.py
 # Number formats of the 8-bit weights and activations (issue 24): "int" = INT8 (every NVIDIA GPU since Ampere),
 # "fp8" = FP8 E4M3 (Hopper, Ada, Jetson Thor; algorithms/fp8.py).
 FORMATS = ("int", "fp8")
+
+
+def permutation_parts(value: str) -> tuple[str, ...]:
+    """--channel-permutation's value as its parts in CHANNEL_PERMUTATION_PARTS order: "none" -> (), "attn,mlp"
+    -> ("mlp", "attn"); SlimError on anything else."""
+    value = value.strip() if isinstance(value, str) else value
+    if value == "none":
+        return ()
+    parts = value.split(",") if isinstance(value, str) else [None]
+    parts = [p.strip() for p in parts] if all(isinstance(p, str) for p in parts) else parts
+    if not parts or any(p not in CHANNEL_PERMUTATION_PARTS for p in parts) or len(set(parts)) != len(parts):
+        raise SlimError(f"bad --channel-permutation {value!r}: give none or a comma list of distinct parts from "
+                        f"{', '.join(CHANNEL_PERMUTATION_PARTS)} (e.g. mlp,attn)")
+    return tuple(p for p in CHANNEL_PERMUTATION_PARTS if p in parts)
 
 
 @dataclass(frozen=True)
@@ -131,9 +147,11 @@ class CompressConfig:
     # (W - L R) H_xq H_qq^-1 with H_qq, so the activation error is in view); a round is still kept only if the
     # layer's objective drops (algorithms/refit.py). SparseGPT 2:4 / unstructured only.
     refit_mask: str = "reselect"
-    # channel_permutation (issue 23): "mlp" permutes each block's MLP intermediate channels (gate/up output rows
-    # with down input columns, exact) so that down_proj's N:M groups keep more Wanda saliency
-    # (calibration/permutation.py); "none" keeps the model's order.
+    # channel_permutation (issue 23): "none" keeps the model's order, else a comma list of exact permutations
+    # (calibration/permutation.py), each chosen so some layers' N:M groups keep more Wanda saliency: "mlp" each
+    # block's MLP intermediate channels (gate/up output rows with down input columns; down_proj's groups), "attn"
+    # each block's value channels within a KV head (v output rows with o input columns; o_proj's groups),
+    # "residual" the hidden channels of the whole model (q/k/v/gate/up's groups), e.g. "mlp,attn".
     channel_permutation: str = "mlp"
     rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
     # The model-wide budget of the compressed layers, adapters included (docs/recipes.md, "Bits per parameter"): when the
@@ -194,9 +212,8 @@ class CompressConfig:
             raise SlimError(f"bad --refit-scales {self.refit_scales!r}: choose one of {', '.join(REFIT_SCALES)}")
         if self.refit_mask not in REFIT_MASKS:
             raise SlimError(f"bad --refit-mask {self.refit_mask!r}: choose one of {', '.join(REFIT_MASKS)}")
-        if self.channel_permutation not in CHANNEL_PERMUTATIONS:
-            raise SlimError(f"bad --channel-permutation {self.channel_permutation!r}: choose one of "
-                            f"{', '.join(CHANNEL_PERMUTATIONS)}")
+        # one spelling per meaning ("attn,mlp" -> "mlp,attn"), so equal recipes compare and fingerprint equal
+        object.__setattr__(self, "channel_permutation", ",".join(self.permutation_parts) or "none")
         if self.max_bits is not None and (isinstance(self.max_bits, bool) or not self.max_bits > 0):
             raise SlimError(f"bad --max-bits {self.max_bits!r}: give bits per parameter > 0 (e.g. 4.5), or none")
         if self.rank_allocation not in RANK_ALLOCATIONS:
@@ -339,10 +356,15 @@ class CompressConfig:
                 and self.sparsity_spec.kind != "none")
 
     @property
+    def permutation_parts(self) -> tuple[str, ...]:
+        """The parts of channel_permutation in CHANNEL_PERMUTATION_PARTS order (() for "none")."""
+        return permutation_parts(self.channel_permutation)
+
+    @property
     def permutes_channels(self) -> bool:
-        """channel_permutation "mlp" where there are N:M groups to arrange channels for; dense and unstructured
-        recipes keep the model's order (the CLI refuses an explicit --channel-permutation there)."""
-        return self.channel_permutation != "none" and self.sparsity_spec.kind == "nm"
+        """channel_permutation other than "none" where there are N:M groups to arrange channels for; dense and
+        unstructured recipes keep the model's order (the CLI refuses an explicit --channel-permutation there)."""
+        return bool(self.permutation_parts) and self.sparsity_spec.kind == "nm"
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -552,7 +574,10 @@ def describe(config: CompressConfig) -> str:
         if c.refit_rounds:
             parts.append(f"{c.refit_rounds} refit rounds" + (" choosing the mask again" if c.reselects_mask else ""))
     if c.permutes_channels:
-        parts.append("MLP channels permuted for the N:M groups")
+        names = {"mlp": "MLP", "attn": "attention value", "residual": "residual-stream"}
+        named = [names[p] for p in c.permutation_parts]
+        listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
+        parts.append(f"{listed} channels permuted for the N:M groups")
     if c.max_bits is not None:
         parts.append(f"within {c.max_bits:g} bits/param")
     return ", ".join(parts)

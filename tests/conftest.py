@@ -21,6 +21,8 @@ def tiny_config(family: str):
                   max_position_embeddings=256, tie_word_embeddings=False)
     if family == "llama":
         return tf.LlamaConfig(intermediate_size=128, num_key_value_heads=2, **common)
+    if family == "mistral":  # not in FAMILIES: LLaMA's layout, for the tests that name every supported family
+        return tf.MistralConfig(intermediate_size=128, num_key_value_heads=2, **common)
     if family == "qwen2":
         return tf.Qwen2Config(intermediate_size=128, num_key_value_heads=2, **common)
     if family == "gemma3":

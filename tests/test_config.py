@@ -135,3 +135,30 @@ def test_fp8_preset_is_the_int8_recipe_in_fp8():
 def test_fp8_combinations_are_refused_with_the_fix(kw, needle):
     with pytest.raises(SlimError, match=needle.replace("(", r"\(").replace("'", "'")):
         CompressConfig(**kw)
+
+
+@pytest.mark.parametrize("value,parts,spelled", [
+    ("none", (), "none"), ("mlp", ("mlp",), "mlp"), ("mlp,attn", ("mlp", "attn"), "mlp,attn"),
+    ("attn, mlp", ("mlp", "attn"), "mlp,attn"), ("attn", ("attn",), "attn"),
+])
+def test_channel_permutation_is_none_or_a_list_of_parts(value, parts, spelled):
+    c = CompressConfig(channel_permutation=value)
+    assert (c.permutation_parts, c.channel_permutation) == (parts, spelled)
+    assert c.permutes_channels == bool(parts)
+    assert CompressConfig.from_dict(c.to_dict()) == c
+
+
+@pytest.mark.parametrize("value", ["", "mlp,", "mlp,mlp", "heads", "none,mlp", "MLP", None, 1])
+def test_bad_channel_permutation_is_refused_in_one_line(value):
+    with pytest.raises(SlimError) as e:
+        CompressConfig(channel_permutation=value)
+    assert str(e.value).startswith("bad --channel-permutation") and "\n" not in str(e.value)
+    assert "comma list of distinct parts from mlp, attn, residual (e.g. mlp,attn)" in str(e.value)
+
+
+def test_describe_names_the_permuted_parts():
+    assert "MLP channels permuted for the N:M groups" in describe(CompressConfig())
+    assert "MLP and attention value channels permuted for the N:M groups" in \
+        describe(CompressConfig(channel_permutation="attn,mlp"))
+    assert "MLP, attention value and residual-stream channels permuted for the N:M groups" in \
+        describe(CompressConfig(channel_permutation="residual,attn,mlp"))

@@ -40,9 +40,13 @@ def realistic_config(family: str):
 # adapters), whose every compressed GEMM must lint as 2:4 along K and be eligible for sparse INT8 tensor cores on
 # every target; LLaMA with dense INT4 + adapters (`--preset int4-dense`, the defaults of issues 14-22), with and
 # without its bits budget (ranks 37 and 8 are odd); LLaMA with the W4A16 2:4 preset.
+# Issue 23's attention and residual-stream permutations on top of the defaults' MLP one (bench row 75), on LLaMA (5
+# query heads sharing one KV head) and Gemma 3 (head_dim 32, not hidden / heads; q/k norms, four norms per block,
+# (1 + w) gains, tied embeddings).
 CASES = [(f, "defaults") for f in EXPORTABLE] + [("llama", "int4-dense"), ("llama", "int4-dense-no-budget"),
-                                                  ("llama", "slim-2to4")]
-RECIPES = {"defaults": {}, "int4-dense": PRESETS["int4-dense"],
+                                                  ("llama", "slim-2to4"), ("llama", "perm-all"),
+                                                  ("gemma3", "perm-all")]
+RECIPES = {"defaults": {}, "perm-all": {"channel_permutation": "mlp,attn,residual"}, "int4-dense": PRESETS["int4-dense"],
            "int4-dense-no-budget": {**PRESETS["int4-dense"], "max_bits": None}, "slim-2to4": PRESETS["slim-2to4"]}
 
 
@@ -70,6 +74,25 @@ def default_checkpoint(request, tmp_path_factory):
     family, recipe = request.param
     ckpt, report = compress_realistic(family, CompressConfig(**RECIPES[recipe]), tmp_path_factory)
     return family, recipe, ckpt, report
+
+
+def test_permutations_report_their_layers(default_checkpoint):
+    """Each permuted layer's kept 2:4 saliency share, before and after, in every block (the default: MLP only)."""
+    family, recipe, _, report = default_checkpoint
+    shares = report.summary().get("permutation", {})
+    parts = CompressConfig(**RECIPES[recipe]).permutation_parts if CompressConfig(**RECIPES[recipe]).sparsity == \
+        "2:4" else ()
+    readers = {"mlp": ["fc2" if family == "opt" else "mlp.down_proj"],
+               "attn": ["self_attn.out_proj" if family == "opt" else "self_attn.o_proj"],
+               "residual": ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                            "mlp.up_proj"]}
+    want = sorted(f"{i}.{r}{tail}" for i in (0, 1) for p in parts for r in readers[p] for tail in ("", ":after"))
+    assert sorted(shares) == want
+    # each block-wise part gains on its own layer; the residual one on all its readers together
+    per_block = [k for k in want if not k.endswith(":after") and k.split(".", 1)[1] not in readers["residual"]]
+    assert all(shares[k + ":after"] >= shares[k] for k in per_block)
+    shared = [k for k in want if not k.endswith(":after") and k not in per_block]
+    assert sum(shares[k + ":after"] for k in shared) >= sum(shares[k] for k in shared)
 
 
 def test_ranks_and_budget(default_checkpoint):

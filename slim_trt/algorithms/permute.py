@@ -102,3 +102,57 @@ def nm_permutation(score: torch.Tensor, n: int = 2, m: int = 4, *, steps: int = 
         if idle >= patience:
             break
     return perm
+
+
+def head_permutation(score: torch.Tensor, head_dim: int, heads_per_group: int, n: int = 2, m: int = 4, *,
+                     seed: int = 0) -> torch.Tensor:
+    """A permutation of the H * head_dim input columns of score [N, H * head_dim] (o_proj's, query head h's
+    columns at h * head_dim) that moves channels only within a head and moves every head of one KV group alike:
+    the order attention allows, as each KV head's value channels can be permuted (P_g), and every query head
+    reading that KV head then produces its output in the order P_g. P_g is chosen by nm_permutation on the stacked
+    scores of the group's heads ([N * heads_per_group, head_dim]), so it is good for all of them at once.
+
+    Returns the column permutation perm (score[:, perm]); the value rows of KV head g move by
+    perm[g * heads_per_group * head_dim:][:head_dim] - g * heads_per_group * head_dim (kv_rows below)."""
+    N, K = score.shape
+    if K % (head_dim * heads_per_group):
+        raise ValueError(f"{K} columns are not whole groups of {heads_per_group} heads of {head_dim}")
+    groups = K // (head_dim * heads_per_group)
+    perm = torch.empty(K, dtype=torch.long)
+    for g in range(groups):
+        cols = score[:, g * heads_per_group * head_dim:(g + 1) * heads_per_group * head_dim]
+        stacked = cols.reshape(N, heads_per_group, head_dim).transpose(0, 1).reshape(-1, head_dim)
+        p_g = nm_permutation(stacked, n, m, seed=seed + g)
+        for j in range(heads_per_group):
+            h = g * heads_per_group + j
+            perm[h * head_dim:(h + 1) * head_dim] = h * head_dim + p_g
+    return perm
+
+
+def kv_rows(perm: torch.Tensor, head_dim: int, heads_per_group: int) -> torch.Tensor:
+    """The value projection's output-row permutation that goes with head_permutation's column permutation: each
+    KV head's P_g, read off its first query head."""
+    K = perm.numel()
+    groups = K // (head_dim * heads_per_group)
+    rows = []
+    for g in range(groups):
+        first = g * heads_per_group * head_dim
+        rows.append(perm[first:first + head_dim] - first + g * head_dim)
+    return torch.cat(rows)
+
+
+def stacked_scores(scores: list[torch.Tensor], max_rows: int = 8192, seed: int = 0) -> torch.Tensor:
+    """One score matrix [rows, K] for a permutation shared by many layers reading the same K channels: each
+    layer's scores divided by their total (so every layer counts alike in the kept share, whatever its size or
+    scale), at most max_rows rows in all, an equal random share of each layer's rows (a model-wide search over
+    every row of every layer would hold a billion scores on a 7B model)."""
+    gen = torch.Generator().manual_seed(seed)
+    per_layer = max(1, max_rows // max(1, len(scores)))
+    out = []
+    for s in scores:
+        s = s.detach().to(torch.float32)
+        s = s / (float(s.sum()) or 1.0)
+        if s.shape[0] > per_layer:
+            s = s[torch.randperm(s.shape[0], generator=gen)[:per_layer]]
+        out.append(s)
+    return torch.cat(out)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, CHANNEL_PERMUTATIONS, DEFAULT_PRESET, FORMATS,
+from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, DEFAULT_PRESET, FORMATS,
                       LOWRANKS, PRESETS, PRUNERS, QUANTIZERS, RANK_ALLOCATIONS, REFIT_MASKS, REFIT_ROUNDINGS,
                       REFIT_SCALES, SPQR_GROUP_SIZE, FINETUNE_LOSSES, CalibConfig, CompressConfig, FinetuneConfig,
                       describe, recipe_label)
@@ -114,10 +114,14 @@ def register(sub) -> None:
                         "on W - L R, the part the adapters leave to the base (reselect; a round is still kept only "
                         "if the layer's error drops; rows 63, 64: 1.320x -> 1.298x, 1.298x -> 1.287x dense on Gemma 3 "
                         "270M) " + default_text("refit_mask", then=_RESELECT_RULE))
-    p.add_argument("--channel-permutation", default=None, choices=CHANNEL_PERMUTATIONS,
-                   help="mlp: permute each block's MLP intermediate channels (gate/up output rows with down input "
-                        "columns; an equivalent network, nothing at run time) so that down_proj's 2:4 groups keep "
-                        "more saliency |W| ||x|| (row 67: 1.287x -> 1.232x dense on Gemma 3 270M) "
+    p.add_argument("--channel-permutation", default=None, metavar="{none,PART[,PART...]}",
+                   help="exact channel permutations, so that 2:4 groups keep more saliency |W| ||x|| (an equivalent "
+                        "network, nothing at run time): none, or a comma list of mlp (each block's MLP intermediate "
+                        "channels: gate/up output rows with down input columns, for down_proj's groups; row 67: "
+                        "1.287x -> 1.232x dense on Gemma 3 270M), attn (each block's value channels within a KV "
+                        "head: v output rows with o input columns, for o_proj's groups; not yet measured), residual "
+                        "(the hidden channels of the whole model, once before the first block, for q/k/v/gate/up's "
+                        "groups; loads the model whole; not yet measured) "
                         + default_text("channel_permutation", then=_PERMUTE_RULE))
     p.add_argument("--rank-allocation", default=None, choices=RANK_ALLOCATIONS,
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
@@ -173,6 +177,17 @@ def register(sub) -> None:
     p.add_argument("--json", default=None, metavar="FILE", help="also write the run summary as JSON ('-' = stdout)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
+
+
+def permutation_line(shares: dict[str, float]) -> str:
+    """'down_proj 0.804 -> 0.829, o_proj ...' from report.permutation ({"<block>.<layer>": before, ...":after"}):
+    each permuted layer's kept share before and after, averaged over the blocks."""
+    by_layer: dict[str, list[tuple[float, float]]] = {}
+    for key, before in shares.items():
+        if not key.endswith(":after"):
+            by_layer.setdefault(key.rsplit(".", 1)[-1], []).append((before, shares[key + ":after"]))
+    return ", ".join(f"{name} {sum(b for b, _ in v) / len(v):.3f} -> {sum(a for _, a in v) / len(v):.3f}"
+                     for name, v in by_layer.items())
 
 
 def _number_or_none(what: str, cast=float, message: str | None = None):
@@ -314,6 +329,9 @@ def run(args) -> int:
                f"{cfg.max_bits:g}")
     if s["skipped_layers"]:
         eprint(f"kept dense: {', '.join(s['skipped_layers'])}")
+    if s.get("permutation"):
+        eprint(f"channel permutation ({cfg.channel_permutation}), the share of Wanda saliency 2:4 keeps, mean over "
+               f"blocks: {permutation_line(s['permutation'])}")
     ft = None
     if ft_cfg is not None:
         from ..checkpoint.format import read_manifest

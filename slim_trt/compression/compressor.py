@@ -51,7 +51,8 @@ class CompressReport:
     peak_host_bytes: int | None = None  # measured: the process's peak resident memory, save included
     peak_host_bytes_bound: int | None = None  # predicted (streamed runs): baseline + streaming.host_peak_bound
     host_memory: dict[str, int] = field(default_factory=dict)  # the bound's parts, in bytes
-    # channel_permutation: per block and reader, the share of Wanda saliency N:M groups keep, before and ":after"
+    # channel_permutation: per block and reader ("<block>.<layer>": down_proj for mlp, o_proj for attn, q/k/v/gate/up
+    # for residual), the share of Wanda saliency N:M groups keep, before and ":after"
     permutation: dict[str, float] = field(default_factory=dict)
 
     def bits_per_param(self, with_adapters: bool) -> float:
@@ -207,21 +208,42 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
     return ActCalibration(bits=config.act_bits, fmt=config.act_format, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
 
 
-def channel_transform(config: CompressConfig, report: "CompressReport"):
-    """The runner's transform step for config.channel_permutation (None when off): permute each block's MLP
-    channels for its N:M groups; the kept saliency shares go to report.permutation."""
-    if not config.permutes_channels:
+def channel_transform(config: CompressConfig, report: "CompressReport", model_config=None):
+    """The runner's transform step for config.channel_permutation's per-block parts (None when there are none):
+    permute each block's MLP channels ("mlp") and value channels within each KV head ("attn") for its N:M groups;
+    the kept saliency shares go to report.permutation."""
+    parts = set(config.permutation_parts) if config.permutes_channels else set()
+    if not parts & {"mlp", "attn"}:
         return None
-    from .calibration.permutation import permute_mlp
+    from .calibration.permutation import permute_attn, permute_mlp
 
     sp = config.sparsity_spec
 
     def transform(i, block, linears, stats) -> bool:
-        shares = permute_mlp(linears, {n: st.act_norm for n, st in stats.items()}, sp.n, sp.m)
+        norms = {n: st.act_norm for n, st in stats.items()}
+        shares = permute_mlp(linears, norms, sp.n, sp.m) if "mlp" in parts else {}
+        if "attn" in parts:
+            shares.update(permute_attn(block, model_config, linears, norms, sp.n, sp.m))
         report.permutation.update({f"{i}.{k}": round(v, 6) for k, v in shares.items()})
         return bool(shares)
 
     return transform
+
+
+def _permute_residual(model, config: CompressConfig, windows, batch_size: int, store, weights, report) -> None:
+    """channel_permutation's "residual" part: the whole float model's hidden channels, once, before the first
+    block (a resumed run re-applies the permutation its blocks were compressed in)."""
+    if weights is not None:
+        raise SlimError("--channel-permutation residual permutes the whole model before its first block: it cannot "
+                        "stream the blocks from disk; use --no-stream or drop residual")
+    from .calibration.residual import permute_residual
+
+    sp = config.sparsity_spec
+    perm, shares = permute_residual(model, windows, sp.n, sp.m, batch_size=batch_size,
+                                    perm=store.load_residual() if store is not None else None)
+    if store is not None:
+        store.save_residual(perm)
+    report.permutation.update({k: round(v, 6) for k, v in shares.items()})
 
 
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
@@ -263,6 +285,9 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
     if weights is None:  # a streamed model's weights were checked in its files (StreamedModel.check)
         check_finite(model)
     store = BlockStore(resume_dir) if resume_dir is not None else None
+    if config.permutes_channels and "residual" in config.permutation_parts:
+        with timer.phase("permutation"):
+            _permute_residual(model, config, windows, batch_size, store, weights, report)
 
     def compress_block(i, block, linears, stats):
         infos = {}
@@ -326,7 +351,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
                       act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
-                      transform=channel_transform(config, report))
+                      transform=channel_transform(config, report, model.config))
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0
@@ -386,7 +411,8 @@ def compress_model(source: str, out: str | Path, config: CompressConfig | None =
     stream: read each decoder block from the safetensors files when its turn comes, in its stored dtype, and
     keep only its compressed result (slim_trt/compression/streaming.py): host memory holds about one block, not the model,
     and the checkpoint is bit-identical. A hub id, weights whose names the model does not use as they are, and
-    fine-tuning (which trains the whole model) load the model whole instead, saying so.
+    fine-tuning (which trains the whole model) load the model whole instead, saying so; so does
+    channel_permutation's "residual" (which permutes the whole model before the first block).
 
     finetune: a slim_trt.compression.finetune.FinetuneConfig to fine-tune the adapters on the calibration windows right
     after compression, before saving (resumable too, from OUT.partial/finetune).
@@ -424,8 +450,14 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     from ..models.source import check_seqlen, load_model
 
     text = load_text(calib.source)
-    streamed, whole_why = (_open_streamed(source, trust_remote_code, progress) if stream and finetune is None
-                           else (None, None))
+    # Fine-tuning trains the whole model and the residual permutation permutes it before the first block: both
+    # load it whole.
+    residual = config.permutes_channels and "residual" in config.permutation_parts
+    streamed, whole_why = (_open_streamed(source, trust_remote_code, progress)
+                           if stream and finetune is None and not residual else (None, None))
+    if stream and finetune is None and residual:
+        whole_why = (f"{source}: loaded whole, not streamed: --channel-permutation residual permutes the whole "
+                     f"model before its first block")
     if streamed is not None:
         model, tok = streamed.model, streamed.tokenizer
         baseline = rss_bytes()  # the code is loaded, no weight yet: what the bound is counted from

@@ -53,3 +53,23 @@ def test_a_permutation_never_keeps_less_than_the_identity():
     score = torch.ones(8, 64)
     perm = nm_permutation(score)
     assert nm_retained(score[:, perm]) == nm_retained(score)
+
+
+def test_head_permutation_moves_channels_within_heads_alike_for_a_kv_group():
+    """4 query heads of 8 channels reading 2 KV heads: each head's columns stay in the head, the two heads of a
+    group move alike, the value rows follow their KV head, and the stacked search keeps more than the model's
+    order on heavy-tailed scores."""
+    from slim_trt.algorithms.permute import head_permutation, kv_rows
+
+    g = torch.Generator().manual_seed(1)
+    score = torch.randn(16, 32, generator=g).abs() * torch.rand(32, generator=g) ** 3
+    perm = head_permutation(score, 8, 2, seed=0)
+    assert sorted(perm.tolist()) == list(range(32))
+    local = perm.reshape(4, 8) - torch.arange(4).reshape(4, 1) * 8
+    assert local.min() >= 0 and local.max() < 8  # within the head
+    assert torch.equal(local[0], local[1]) and torch.equal(local[2], local[3])  # one P_g per KV group
+    assert not torch.equal(local[0], torch.arange(8))
+    assert kv_rows(perm, 8, 2).tolist() == local[0].tolist() + (local[2] + 8).tolist()
+    assert nm_retained(score[:, perm]) > nm_retained(score)
+    with pytest.raises(ValueError, match="whole groups"):
+        head_permutation(score[:, :24], 8, 2)

@@ -47,6 +47,7 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
      dict(sparsity="2:4", refit_mask="reselect", channel_permutation="mlp")),
     ([], dict(refit_mask="reselect", channel_permutation="mlp")),  # the W8A8 2:4 preset (row 67)
     (["--sparsity", "unstructured:0.5"], dict(channel_permutation="none")),  # no N:M groups to arrange
+    (["--channel-permutation", "attn,mlp"], dict(channel_permutation="mlp,attn")),
     (["--pruner", "wanda"], dict(pruner="wanda", refit_mask="keep")),  # no SparseGPT sweep to reselect in
     (["--sparsity", "none"], dict(sparsity="none", refit_mask="keep")),
     (["--quantizer", "spqr"], dict(quantizer="spqr", refit_mask="keep")),
@@ -108,6 +109,8 @@ def test_flags_start_from_the_recipe_they_can_work_with(flags, preset):
     (["--quantizer", "spqr", "--act-bits", "8"], "--quantizer spqr is weight-only"),
     (["--act-bits", "none", "--lowrank", "lrc"], "--lowrank lrc corrects the error of quantized activations"),
     (["--bits", "4", "--smooth-alpha", "0.5"], "--smooth-alpha moves activation outliers"),
+    (["--channel-permutation", "mlp,heads"], "bad --channel-permutation 'mlp,heads': give none or a comma list"),
+    (["--channel-permutation", "attn", "--sparsity", "none"], "--channel-permutation arranges channels for N:M"),
 ])
 def test_flags_that_cannot_combine_are_one_line_exit_2(flags, message, tiny_model_dir, tmp_path, capsys):
     rc, out, err = run(["compress", tiny_model_dir, "-o", tmp_path / "ckpt", *FAST, *flags], capsys)
@@ -285,3 +288,11 @@ def test_the_summary_line_splits_the_time_and_the_manifest_keeps_it(tiny_model_d
     summary = json.loads((out / "slim_manifest.json").read_text())["summary"]
     assert summary["device"] == "cpu" and summary["peak_device_gb"] is None and summary["threads"] >= 1
     assert sum(summary["phases"].values()) == pytest.approx(summary["seconds"], abs=0.1)
+
+
+def test_the_permutation_line_averages_each_layers_shares_over_blocks():
+    from slim_trt.cli.compress import permutation_line
+
+    shares = {"0.mlp.down_proj": 0.80, "0.mlp.down_proj:after": 0.83, "1.mlp.down_proj": 0.70,
+              "1.mlp.down_proj:after": 0.75, "0.self_attn.o_proj": 0.9, "0.self_attn.o_proj:after": 0.92}
+    assert permutation_line(shares) == "down_proj 0.750 -> 0.790, o_proj 0.900 -> 0.920"

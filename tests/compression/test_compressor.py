@@ -423,3 +423,52 @@ def test_mlp_permutation_and_mask_reselection_save_reload_and_resume(tiny_model_
     got = dict(compressed_layers(a))["model.layers.0.mlp.gate_proj"].base_weight()
     order = torch.stack([torch.argmax(got @ src[j]) for j in range(src.shape[0])])
     assert not torch.equal(order, torch.arange(src.shape[0]))
+
+
+def test_all_permutations_save_reload_resume_and_stay_2to4(tiny_model_dir, tmp_path, monkeypatch):
+    """mlp,attn,residual (issue 23): the residual permutation is chosen once and saved in OUT.partial, so a resumed
+    run re-applies it (the search is not run again) and ends with the same checkpoint; the model is loaded whole
+    (the permutation precedes the first block), its embedding, norms and head are saved permuted and reload to the
+    same logits; every layer stays 2:4 along K."""
+    import slim_trt.compression.calibration.residual as residual
+
+    cfg = slim_2to4(channel_permutation="mlp,attn,residual", refit_rounds=1)
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    _, report = compress_model(str(tiny_model_dir), tmp_path / "a", cfg, calib, progress=False)
+    shares = report.summary()["permutation"]
+    assert {k.split(".", 1)[1] for k in shares if not k.endswith(":after")} == {
+        "mlp.down_proj", "self_attn.o_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+        "mlp.gate_proj", "mlp.up_proj"}
+    assert report.streamed is False
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "b", cfg,
+                                                                     calib, progress=False))
+    assert (tmp_path / "b.partial" / "residual_permutation.safetensors").is_file()
+
+    def no_search(*a, **k):
+        raise AssertionError("a resumed run re-applies the saved permutation")
+
+    monkeypatch.setattr(residual, "nm_permutation", no_search)
+    compress_model(str(tiny_model_dir), tmp_path / "b", cfg, calib, progress=False)
+    a, b = slim_trt.load(tmp_path / "a"), slim_trt.load(tmp_path / "b")
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+    src = tiny_model("llama")
+    # the embedding and the final norm were saved permuted: the same columns, in another order
+    emb = a.model.embed_tokens.weight
+    assert not torch.equal(emb, src.model.embed_tokens.weight)
+    assert torch.equal(emb.sum(0).sort().values, src.model.embed_tokens.weight.sum(0).sort().values)
+    for name, layer in compressed_layers(a):
+        assert nm_violations(layer.base_weight(), 2, 4) == 0, name
+
+
+def test_residual_permutation_refuses_a_streamed_model(tmp_path):
+    import types
+
+    model = tiny_model("llama")
+    weights = types.SimpleNamespace(home=torch.device("cpu"))
+    with pytest.raises(SlimError, match="residual permutes the whole model before its first block: it cannot "
+                                        "stream the blocks from disk; use --no-stream or drop residual"):
+        compress(model, slim_2to4(channel_permutation="residual"), calib_windows(n=2, seqlen=16),
+                 resume_dir=tmp_path / "partial", weights=weights, progress=False)
+    assert not (tmp_path / "partial").exists() or not any((tmp_path / "partial").iterdir())

@@ -114,6 +114,27 @@ class BlockStore:
                             f"run; re-run the same command to compute it again") from None
         return t, record
 
+    def save_residual(self, perm: torch.Tensor) -> None:
+        """The residual-stream permutation the blocks were compressed in (renamed into place)."""
+        f = self.folder / "residual_permutation.safetensors"
+        tmp = f.with_name(f.name + ".tmp")
+        save_file({"perm": perm.detach().to(torch.int64).contiguous()}, str(tmp))
+        tmp.replace(f)
+
+    def load_residual(self) -> torch.Tensor | None:
+        """The saved residual permutation, or None (none saved, or unreadable: it is chosen again, from the same
+        windows)."""
+        f = self.folder / "residual_permutation.safetensors"
+        try:
+            perm = load_file(str(f))["perm"] if f.is_file() else None
+        except (SafetensorError, OSError, KeyError) as e:
+            warnings.warn(f"{f} is unreadable ({e}): choosing the residual permutation again")
+            return None
+        if perm is not None and not torch.equal(perm.sort().values, torch.arange(perm.numel())):
+            warnings.warn(f"{f} is not a permutation: choosing the residual permutation again")
+            return None
+        return perm
+
     def count(self, blocks: int | None = None) -> int:
         """Blocks with both files saved (of the first `blocks`, when given: stray files do not count)."""
         found = {int(m.group(1)) for f in self.folder.glob("block_*.json")
