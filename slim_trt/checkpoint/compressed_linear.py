@@ -73,6 +73,8 @@ class CompressedLinear(nn.Module):
         self.register_buffer("lora_R", None if R is None else R.to(compute_dtype), persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().to(compute_dtype), persistent=False)
         self._fake_quant: dict[str, tuple[int, int]] = {}  # adapter name -> (bits, group_size) while training
+        # adapter name -> ((version, data pointer) of the master, q(A) - A): the straight-through offset, see _adapter
+        self._fake_quant_offsets: dict[str, tuple[tuple[int, int], torch.Tensor]] = {}
 
     @property
     def bits(self) -> int:
@@ -97,7 +99,14 @@ class CompressedLinear(nn.Module):
         spec = self._fake_quant.get(name)
         if spec is not None:
             # Straight-through estimator: the forward sees the quantized value, the gradient passes unchanged.
-            A = A + (quantize_adapter(A, *spec).dequantize() - A).detach()
+            # The offset q(A) - A is kept until A changes (the optimizer's in-place step bumps its version): the
+            # micro-batches of one step share it instead of quantizing every adapter again in each forward.
+            key = (A._version, A.data_ptr())
+            hit = self._fake_quant_offsets.get(name)
+            if hit is None or hit[0] != key:
+                with torch.no_grad():
+                    hit = self._fake_quant_offsets[name] = (key, quantize_adapter(A, *spec).dequantize() - A)
+            A = A + hit[1]
         return A
 
     def quantized_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -143,6 +152,7 @@ class CompressedLinear(nn.Module):
             master = self._parameters[name].detach().to(torch.float32)
             delattr(self, name)
             spec = self._fake_quant.pop(name, None)
+            self._fake_quant_offsets.pop(name, None)
             if spec is not None:
                 q = quantize_adapter(master, *spec)
                 setattr(self, f"{name}_q", q)

@@ -76,6 +76,36 @@ def test_only_adapters_change_and_4bit_adapters_end_on_their_grid(compressed):
             assert torch.equal(quantize_adapter(A, 4, 16).q, q.q)  # and already on the AbsMax grid
 
 
+def test_fake_quant_offset_is_computed_once_per_step_and_follows_every_update(compressed, monkeypatch):
+    """The micro-batches of one step share the straight-through offset q(A) - A; an optimizer step (in place)
+    or a reassigned master makes the next forward quantize again, and the forward equals the uncached one."""
+    import slim_trt.checkpoint.compressed_linear as cl
+
+    layer = copy.deepcopy(next(m for _, m in compressed_layers(compressed)))
+    L, R = layer.train_adapters()
+    calls = []
+    real = cl.quantize_adapter
+    monkeypatch.setattr(cl, "quantize_adapter", lambda A, *a: calls.append(1) or real(A, *a))
+    x = torch.randn(3, layer.in_features, generator=torch.Generator().manual_seed(1))
+
+    def uncached():
+        Lq, Rq = (A + (real(A, 4, 16).dequantize() - A).detach() for A in (L, R))
+        return torch.nn.functional.linear(layer.quantized_input(x), layer.weight) + x @ Rq.T @ Lq.T
+
+    y1 = layer(x)
+    y1.sum().backward()
+    assert len(calls) == 2 and torch.equal(layer(x), y1) and len(calls) == 2  # the second forward reuses both
+    assert L.grad is not None and torch.equal(y1, uncached())
+    torch.optim.SGD([L, R], lr=0.5).step()  # in place: the masters' version moves
+    y2 = layer(x)
+    assert len(calls) == 4 and torch.equal(y2, uncached()) and not torch.equal(y2, y1)
+    with torch.no_grad():
+        L.data = L.data * 2  # a new tensor under the same Parameter (as a resumed state may load it)
+    assert torch.equal(layer(x), uncached()) and len(calls) == 5  # L again, R still cached
+    layer.freeze_adapters()
+    assert layer._fake_quant_offsets == {}
+
+
 @pytest.mark.parametrize("quantized", [False, True])
 def test_training_loss_goes_down_on_a_fixed_batch(quantized, compressed, compressed_float):
     model = copy.deepcopy(compressed if quantized else compressed_float)
