@@ -28,7 +28,8 @@ def test_the_committed_json_renders_the_committed_markdown():
     assert derived == data  # the derived fields are the committed ones
     assert accuracy_report.markdown(derived) == md
     assert derived["best_one_shot"] == "67-w8a8-sgpt-lrc-smooth-remask-permmlp"
-    assert derived["best_one_shot_2to4"] == "63-sgpt-slimq-hlora-gq4-r023-refit3-remask"
+    assert derived["best_one_shot_2to4"] == "65-sgpt-slimq-hlora-gq4-r023-refit3-remask-permmlp"
+    assert derived["best_finetuned"] == "73-w8a8-sgpt-lrc-smooth-remask-permmlp-ft"
 
 
 def test_stored_rows_name_our_method_as_the_rows_do():

@@ -233,17 +233,17 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
     by_key = {r.key: r for r in accuracy_rows.ROWS}
     by_number = {r.number: r for r in accuracy_rows.ROWS}
     # Issue 23's --refit-mask reselect won on both 2:4 recipes (rows 63, 64) and the MLP permutation on top of it on
-    # the W8A8 one (row 67), so the presets turned them on.
+    # the W8A8 one (row 67), then on slim-2to4 as well (row 65), so the presets turned them on.
     assert CompressConfig(**by_number[67].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
     assert results["best_one_shot"] == by_number[67].key
     assert CompressConfig(**by_number[42].compress) == CompressConfig(**PRESETS["int4-dense"])
     assert results["dense_int4_reference"] == [by_number[41].key, by_number[42].key]
-    assert results["best_one_shot_2to4"] == by_number[63].key
-    assert CompressConfig(**by_number[63].compress) == CompressConfig(**PRESETS["slim-2to4"])
+    assert results["best_one_shot_2to4"] == by_number[65].key
+    assert CompressConfig(**by_number[65].compress) == CompressConfig(**PRESETS["slim-2to4"])
     row56 = by_key["56-sgpt-slimq-hlora-gq4-r023-refit3-fast"]
     assert CompressConfig(**row56.compress) == \
         CompressConfig(**{**PRESETS["slim-2to4"], "refit_rounding": "last", "refit_scales": "first",
-                           "refit_mask": "keep"})
+                           "refit_mask": "keep", "channel_permutation": "none"})
     assert CompressConfig(**by_key["7-slim-lora"].compress) == CompressConfig(**PRESETS["slim-paper"])
     # every preset spells out every knob, so it keeps its meaning whatever the defaults become
     for preset in PRESETS.values():
@@ -312,8 +312,9 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
 
     by_number = {r.number: r for r in accuracy_rows.ROWS}
     keep = ["--refit-mask", "keep", "--channel-permutation", "none"]  # rows measured before issue 23's options
-    for flags, number in (([], 67), (["--channel-permutation", "none"], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 63),
-                          (["--bits", "4"], 63), (["--preset", "slim-2to4", *keep], 24),
+    for flags, number in (([], 67), (["--channel-permutation", "none"], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 65),
+                          (["--bits", "4"], 65), (["--preset", "slim-2to4", "--channel-permutation", "none"], 63),
+                          (["--preset", "slim-2to4", *keep], 24),
                           (["--preset", "int4-dense", "--quantizer", "spqr", "--bits", "3"], 47),
                           (["--preset", "trt-int8-sparse"], 67), ([*keep], 31), (["--smooth-alpha", "none", *keep], 30),
                           (["--act-bits", "none", *keep], 27),
