@@ -42,12 +42,10 @@ FORMATS = ("int", "fp8")
 def permutation_parts(value: str) -> tuple[str, ...]:
     """--channel-permutation's value as its parts in CHANNEL_PERMUTATION_PARTS order: "none" -> (), "attn,mlp"
     -> ("mlp", "attn"); SlimError on anything else."""
-    value = value.strip() if isinstance(value, str) else value
-    if value == "none":
+    parts = [p.strip() for p in value.split(",")] if isinstance(value, str) else [value]
+    if parts == ["none"]:
         return ()
-    parts = value.split(",") if isinstance(value, str) else [None]
-    parts = [p.strip() for p in parts] if all(isinstance(p, str) for p in parts) else parts
-    if not parts or any(p not in CHANNEL_PERMUTATION_PARTS for p in parts) or len(set(parts)) != len(parts):
+    if any(p not in CHANNEL_PERMUTATION_PARTS for p in parts) or len(set(parts)) != len(parts):
         raise SlimError(f"bad --channel-permutation {value!r}: give none or a comma list of distinct parts from "
                         f"{', '.join(CHANNEL_PERMUTATION_PARTS)} (e.g. mlp,attn)")
     return tuple(p for p in CHANNEL_PERMUTATION_PARTS if p in parts)
@@ -365,6 +363,11 @@ class CompressConfig:
         """channel_permutation other than "none" where there are N:M groups to arrange channels for; dense and
         unstructured recipes keep the model's order (the CLI refuses an explicit --channel-permutation there)."""
         return bool(self.permutation_parts) and self.sparsity_spec.kind == "nm"
+
+    @property
+    def permutes_residual(self) -> bool:
+        """The "residual" part is on: the whole model is permuted before its first block (so it is loaded whole)."""
+        return self.permutes_channels and "residual" in self.permutation_parts
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)

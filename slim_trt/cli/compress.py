@@ -119,9 +119,9 @@ def register(sub) -> None:
                         "network, nothing at run time): none, or a comma list of mlp (each block's MLP intermediate "
                         "channels: gate/up output rows with down input columns, for down_proj's groups; row 67: "
                         "1.287x -> 1.232x dense on Gemma 3 270M), attn (each block's value channels within a KV "
-                        "head: v output rows with o input columns, for o_proj's groups; not yet measured), residual "
+                        "head: v output rows with o input columns, for o_proj's groups; row 74: 1.239x, no gain), residual "
                         "(the hidden channels of the whole model, once before the first block, for q/k/v/gate/up's "
-                        "groups; loads the model whole; not yet measured) "
+                        "groups; loads the model whole; row 75: 1.272x, worse) "
                         + default_text("channel_permutation", then=_PERMUTE_RULE))
     p.add_argument("--rank-allocation", default=None, choices=RANK_ALLOCATIONS,
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "

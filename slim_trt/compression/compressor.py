@@ -285,7 +285,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
     if weights is None:  # a streamed model's weights were checked in its files (StreamedModel.check)
         check_finite(model)
     store = BlockStore(resume_dir) if resume_dir is not None else None
-    if config.permutes_channels and "residual" in config.permutation_parts:
+    if config.permutes_residual:
         with timer.phase("permutation"):
             _permute_residual(model, config, windows, batch_size, store, weights, report)
 
@@ -452,10 +452,9 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     text = load_text(calib.source)
     # Fine-tuning trains the whole model and the residual permutation permutes it before the first block: both
     # load it whole.
-    residual = config.permutes_channels and "residual" in config.permutation_parts
     streamed, whole_why = (_open_streamed(source, trust_remote_code, progress)
-                           if stream and finetune is None and not residual else (None, None))
-    if stream and finetune is None and residual:
+                           if stream and finetune is None and not config.permutes_residual else (None, None))
+    if stream and finetune is None and config.permutes_residual:
         whole_why = (f"{source}: loaded whole, not streamed: --channel-permutation residual permutes the whole "
                      f"model before its first block")
     if streamed is not None:

@@ -138,6 +138,9 @@ def permute_residual(model: nn.Module, windows: torch.Tensor, n: int, m: int, *,
     if hidden % m:
         raise SlimError(f"--channel-permutation residual arranges N:M groups of the {hidden} hidden channels, "
                         f"which {m} does not divide: drop residual")
+    if perm is not None and perm.numel() != hidden:
+        raise SlimError(f"the saved residual permutation has {perm.numel()} channels, the model {hidden}: the resume "
+                        f"folder is another model's; remove OUT.partial and run again")
     probe = windows[:1]
     ref = model(input_ids=probe, use_cache=False).logits.float()
     norms = reader_norms(model, windows, batch_size)

@@ -80,6 +80,11 @@ def test_a_given_permutation_is_applied_as_it_is():
     up = model.model.layers[0].mlp.up_proj.weight.detach().clone()
     got, _ = permute_residual(model, windows, 2, 4, perm=perm)
     assert torch.equal(got, perm) and torch.equal(model.model.layers[0].mlp.up_proj.weight, up[:, perm])
+    # a saved permutation of another width (another model's resume folder) is refused before anything moves
+    emb = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(SlimError, match="has 32 channels, the model 64: the resume folder is another model's"):
+        permute_residual(model, windows, 2, 4, perm=torch.randperm(32))
+    assert torch.equal(model.model.embed_tokens.weight, emb)
 
 
 def test_an_unknown_layer_is_refused_before_anything_moves():
