@@ -7,7 +7,9 @@ factorisations are pure functions of H, so they are computed once per H and reus
 
 A result is reused only for the same tensor (the same storage, shape, strides and dtype: `detach()` views count)
 and only while it is unmodified (its version counter, shared by views, is unchanged); the entry goes when the
-tensor is freed. The cached tensors are returned as they are: callers must not modify them in place.
+tensor's storage is freed. The storage, not the tensor object, decides: callers pass short-lived views
+(`H.detach().to(torch.float32)` makes a new one on every call), and an entry tied to such a view would be dropped
+as soon as the call returned. The cached tensors are returned as they are: callers must not modify them in place.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ def per_tensor(fn: Callable) -> Callable:
         key = _key(T)
         entry = cache.get(key)
         if entry is None or entry[0]() is None or entry[1] != T._version:
-            owner = T
+            owner = T.untyped_storage()  # lives as long as any tensor on it (its Python object is preserved)
             cache[key] = entry = (weakref.ref(owner, lambda _ref, k=key: _evict(cache, k, _ref)), T._version, {})
         results, call = entry[2], (args, tuple(sorted(kwargs.items())))
         if call not in results:

@@ -201,9 +201,9 @@ def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration 
         return act_scale(st.abs_hist, config.act_scale_method, config.act_bits, config.act_percentile,
                          config.act_format)
 
-    def smooth(i, block, linears, stats) -> bool:
+    def smooth(i, block, linears, stats) -> dict[str, torch.Tensor]:
         absmax = {n: st.channel_absmax for n, st in stats.items()}
-        return bool(smooth_block(block, model.config, linears, absmax, config.smooth_alpha))
+        return smooth_block(block, model.config, linears, absmax, config.smooth_alpha)
 
     return ActCalibration(bits=config.act_bits, fmt=config.act_format, scale=scale, smooth=smooth if config.smooth_alpha is not None else None)
 
@@ -219,13 +219,15 @@ def channel_transform(config: CompressConfig, report: "CompressReport", model_co
 
     sp = config.sparsity_spec
 
-    def transform(i, block, linears, stats) -> bool:
+    def transform(i, block, linears, stats) -> dict[str, torch.Tensor]:
         norms = {n: st.act_norm for n, st in stats.items()}
-        shares = permute_mlp(linears, norms, sp.n, sp.m) if "mlp" in parts else {}
+        shares, perms = permute_mlp(linears, norms, sp.n, sp.m) if "mlp" in parts else ({}, {})
         if "attn" in parts:
-            shares.update(permute_attn(block, model_config, linears, norms, sp.n, sp.m))
+            attn_shares, attn_perms = permute_attn(block, model_config, linears, norms, sp.n, sp.m)
+            shares.update(attn_shares)
+            perms.update(attn_perms)
         report.permutation.update({f"{i}.{k}": round(v, 6) for k, v in shares.items()})
-        return bool(shares)
+        return perms
 
     return transform
 

@@ -37,3 +37,17 @@ def test_an_in_place_change_or_a_freed_tensor_drops_the_entry():
     del H
     gc.collect()
     assert factor.cache_size() == 0
+
+
+def test_a_short_lived_view_keeps_the_entry_while_its_storage_lives():
+    """Callers factorise H through a new detach() view on every call (gptq_adapters, the sweeps): the entry must
+    outlive the view, or every call would factorise again."""
+    factor, calls = _counting()
+    H = torch.eye(3)
+    a = factor(H.detach(), 0.1)
+    gc.collect()
+    assert factor.cache_size() == 1
+    assert factor(H.detach().to(torch.float32), 0.1) is a and calls == [0.1]
+    del H, a
+    gc.collect()
+    assert factor.cache_size() == 0

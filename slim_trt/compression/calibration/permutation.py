@@ -4,7 +4,7 @@ mlp: the MLP's intermediate channels have no order of their own: permuting the o
 them (gate_proj and up_proj; OPT's fc1, with biases) together with the input columns of the layer that reads them
 (down_proj; fc2) leaves the block's function unchanged, because the activation between them is element-wise. The
 permutation is chosen (algorithms/permute.py) so that down_proj's 2:4 groups along K keep more Wanda saliency
-|W_ij| ||x_j||. It is applied to the float block before its statistics are gathered again, so SmoothQuant
+|W_ij| ||x_j||. It is applied to the float block before SmoothQuant and the activation scales (the statistics are permuted with it: runner.py), so SmoothQuant
 factors, scales, masks and adapters are all computed on the permuted block: the checkpoint and the export hold an
 ordinary, equivalent network, with no gather at run time.
 
@@ -49,11 +49,11 @@ def permute_channels(linears: dict[str, nn.Linear], producers: tuple[str, ...], 
 
 @torch.no_grad()
 def permute_mlp(linears: dict[str, nn.Linear], act_norm: dict[str, torch.Tensor], n: int, m: int,
-                seed: int = 0) -> dict[str, float]:
+                seed: int = 0) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Permute every MLP group of the block for N:M groups along the reader's K; returns, per reader, the share
-    of its Wanda saliency an N:M mask keeps before and after ({name: before, name + ":after": after}). Groups
-    whose K is not a multiple of m are left alone."""
-    out = {}
+    of its Wanda saliency an N:M mask keeps before and after ({name: before, name + ":after": after}), and the
+    order its input columns were put in ({name: perm}). Groups whose K is not a multiple of m are left alone."""
+    out, perms = {}, {}
     for producers, reader in mlp_groups(linears):
         W = linears[reader].weight.detach().to(torch.float32)
         if W.shape[1] % m:
@@ -64,7 +64,8 @@ def permute_mlp(linears: dict[str, nn.Linear], act_norm: dict[str, torch.Tensor]
         out[reader] = nm_retained(score, n, m) / total
         out[reader + ":after"] = nm_retained(score[:, perm], n, m) / total
         permute_channels(linears, producers, reader, perm.to(W.device))
-    return out
+        perms[reader] = perm
+    return out, perms
 
 
 def head_layout(config, v_proj: nn.Linear, o_proj: nn.Linear) -> tuple[int, int] | None:
@@ -97,12 +98,12 @@ def attn_groups(block: nn.Module, linears: dict[str, nn.Linear]) -> list[tuple[s
 
 @torch.no_grad()
 def permute_attn(block: nn.Module, config, linears: dict[str, nn.Linear], act_norm: dict[str, torch.Tensor],
-                 n: int, m: int, seed: int = 0) -> dict[str, float]:
+                 n: int, m: int, seed: int = 0) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Permute every attention group of the block (value channels within each KV head) for N:M groups along
-    o_proj's K; returns, per o_proj, the share of its Wanda saliency an N:M mask keeps before and after, as
-    permute_mlp. Blocks whose head layout the config does not give, or whose head_dim is not a multiple of m,
-    are left alone (no entry)."""
-    out = {}
+    o_proj's K; returns, per o_proj, the share of its Wanda saliency an N:M mask keeps before and after and the
+    order of its input columns, as permute_mlp. Blocks whose head layout the config does not give, or whose
+    head_dim is not a multiple of m, are left alone (no entry)."""
+    out, perms = {}, {}
     for v, o in attn_groups(block, linears):
         layout = head_layout(config, linears[v], linears[o])
         if layout is None or layout[0] % m:
@@ -115,4 +116,5 @@ def permute_attn(block: nn.Module, config, linears: dict[str, nn.Linear], act_no
         out[o] = nm_retained(score, n, m) / total
         out[o + ":after"] = nm_retained(score[:, perm], n, m) / total
         permute_channels(linears, (v,), o, perm.to(W.device), rows=kv_rows(perm, head_dim, per_group).to(W.device))
-    return out
+        perms[o] = perm
+    return out, perms

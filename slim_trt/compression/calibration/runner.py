@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -48,25 +48,57 @@ class LinearStats:
     def add(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
         from ...algorithms.gptq import accumulate_hessian
 
-        x, xtx, sq = (shared or InputProducts())(x)
+        shared = shared or InputProducts()
+        x, xtx, sq = shared(x)
         self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x, xtx)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         self.ntokens += x.shape[0]
         if self.collect_act:
-            from ...algorithms.actquant import accumulate_abs_histogram
+            self.add_histogram(x, shared)
 
-            self.abs_hist = accumulate_abs_histogram(self.abs_hist, x)
-            cmax = x.abs().amax(0)
-            self.channel_absmax = cmax if self.channel_absmax is None else torch.maximum(self.channel_absmax, cmax)
+    def add_histogram(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
+        """Fold x into the |x| histogram and the per-channel max |x| only (the pass after SmoothQuant, whose
+        second moments follow from the first pass's: rescaled)."""
+        from ...algorithms.actquant import accumulate_abs_histogram
 
-    def add_quantized(self, x: torch.Tensor) -> None:
+        shared = shared or InputProducts()
+        X = shared(x)[0]
+        prev_hist, prev_max = self.abs_hist, self.channel_absmax
+        # Layers that read the same input with the same running state get the same (shared) result.
+        self.abs_hist = shared.once("hist", lambda: accumulate_abs_histogram(prev_hist, X), prev_hist)
+        self.channel_absmax = shared.once("absmax", lambda: X.abs().amax(0) if prev_max is None
+                                          else torch.maximum(prev_max, X.abs().amax(0)), prev_max)
+
+    def add_quantized(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
         """Second pass: fold x and its fake-quantized copy (with act_scale) into the error moments."""
         from ...algorithms.actquant import fake_quant
         from ...algorithms.lrc import accumulate_error_moments
 
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-        self.act_moments, self.act_nsamples = accumulate_error_moments(
-            self.act_moments, self.act_nsamples, x, fake_quant(x, self.act_scale, self.act_bits, self.act_format))
+        shared = shared or InputProducts()
+        X = shared(x)[0]
+        prev, n, fmt = self.act_moments, self.act_nsamples, (self.act_scale, self.act_bits, self.act_format)
+        self.act_moments, self.act_nsamples = shared.once(
+            f"moments {n} {fmt}", lambda: accumulate_error_moments(prev, n, X, fake_quant(X, *fmt)), prev)
+
+    def permuted(self, perm: torch.Tensor) -> "LinearStats":
+        """The statistics a new pass would gather after the input channels were put in the order `perm`
+        (x_new = x[..., perm], an exact permutation folded into the weights), without running it. The |x|
+        histogram pools every channel, so it is unchanged."""
+        if self.act_moments is not None:
+            raise ValueError("permute the statistics before the quantized pass")
+        p = perm.to(self.sq_sum.device)
+        return replace(self, hessian=self.hessian[p][:, p], sq_sum=self.sq_sum[p],
+                       channel_absmax=None if self.channel_absmax is None else self.channel_absmax[p])
+
+    def rescaled(self, s: torch.Tensor) -> "LinearStats":
+        """The second moments after SmoothQuant divided input channel j by s_j (x_new = x / s), without a pass:
+        H / (s s^T), sum x^2 / s^2, max |x| / s. The |x| histogram pools every channel and cannot be rescaled:
+        it is dropped, for add_histogram to gather again."""
+        if self.act_moments is not None:
+            raise ValueError("rescale the statistics before the quantized pass")
+        s = s.to(device=self.sq_sum.device, dtype=torch.float32)
+        return replace(self, hessian=self.hessian / (s[:, None] * s[None, :]), sq_sum=self.sq_sum / (s * s),
+                       channel_absmax=None, abs_hist=None)
 
     @property
     def act_norm(self) -> torch.Tensor:
@@ -84,21 +116,34 @@ class _NonFinite(Exception):
 
 
 class InputProducts:
-    """The per-batch products a layer input contributes to its statistics (float32 rows, X^T X, sum of x^2),
-    computed once per input tensor: q/k/v (gate/up) read the very same tensor, so they share them and get the
-    values each would compute alone. Holds the last input only (one batch's activation)."""
+    """The per-batch work a layer input contributes to its statistics (float32 rows, X^T X, sum of x^2, and via
+    `once` the histogram and error moments), done once per input tensor: q/k/v (gate/up) read the very same
+    tensor, so they share it and get the values each would compute alone. Holds the last input only."""
 
     def __init__(self) -> None:
         self._x: torch.Tensor | None = None
-        self._products: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._rows: torch.Tensor | None = None
+        self._memo: dict = {}
+
+    def once(self, name: str, compute: Callable[[], Any], *state: Any) -> Any:
+        """compute() for the current input and the running `state` objects it extends (the same objects: layers
+        that have seen the same inputs so far hold them), the first time it is asked for. The memo keeps the
+        state objects alive, so their ids stay theirs."""
+        key = (name, *map(id, state))
+        if key not in self._memo:
+            self._memo[key] = (compute(), state)
+        return self._memo[key][0]
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if x is not self._x:
             X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
-            if not torch.isfinite(X).all():
+            # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of a mask the size of X
+            # (the mask only confirms, for finite values whose sum overflows).
+            if not torch.isfinite(X.sum()) and not torch.isfinite(X).all():
                 raise _NonFinite()
-            self._x, self._products = x, (X, X.T @ X, (X * X).sum(0))
-        return self._products
+            self._x, self._rows, self._memo = x, X, {}
+        X = self._rows
+        return (X, *self.once("products", lambda: (X.T @ X, (X * X).sum(0))))
 
 
 class _Stop(Exception):
@@ -108,13 +153,14 @@ class _Stop(Exception):
 @dataclass
 class ActCalibration:
     """What the runner does for quantized activations (W8A8): `scale(stats)` gives a linear's activation scale
-    from its first-pass statistics; `smooth(i, block, linears, stats)` may migrate activation outliers into the
-    weights (SmoothQuant) and returns True when it changed the block, which is then measured again."""
+    from its |x| histogram (stats.abs_hist; layers that hold one histogram get one scale); `smooth(i, block, linears, stats)` may migrate activation outliers into the
+    weights (SmoothQuant) and returns {linear name: s} for the linears whose inputs it divided by s, channel by
+    channel (their statistics are rescaled and their |x| histograms gathered again)."""
 
     bits: int
     scale: Callable[[LinearStats], float]
     fmt: str = "int"  # "fp8": E4M3 activations
-    smooth: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None
+    smooth: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], dict[str, torch.Tensor]] | None = None
 
 
 @dataclass
@@ -214,7 +260,7 @@ def run_layerwise(
     restore_block(i, block) may put an earlier run's compressed layers into `block` and return True (resume);
     the block then only runs forward to produce the next block's inputs.
     act: calibrate static activation scales (and optionally smooth) before compress_block sees the statistics:
-    one more forward pass of the dense block (two with smoothing).
+    one more forward pass of the dense block (two with smoothing: the |x| histograms of the smoothed inputs).
     device: where each block runs and is compressed (None: where the model is). The model stays where it is;
     each block moves there with the calibration activations, and back once it is compressed, before the next.
     timer: charged with the phases calibration_forward, hessian, act_calibration, compress, block_output, load.
@@ -222,8 +268,8 @@ def run_layerwise(
     outside the blocks are read for the first forward pass, each block before its turn, and the block's
     compressed layers leave memory once on_block_done has saved them.
     transform(i, block, linears, stats): may change the dense block into an equivalent one (a channel
-    permutation) from its first statistics, before the activation calibration; returns True when it did, and the
-    statistics are gathered again.
+    permutation) from its first statistics, before the activation calibration; returns {linear name: perm} for
+    the linears whose input channels it put in the order perm, whose statistics are permuted to match.
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -288,22 +334,30 @@ def run_layerwise(
         stats = new_stats()
         with phase(timer, "calibration_forward"):
             dense_out = gather(stats)
+        # The block may now change into an equivalent one (dense_out holds). Its inputs change by a channel
+        # permutation or a per-channel division, exactly, so the statistics follow without another pass; only the
+        # |x| histogram, which pools every channel, is gathered again after SmoothQuant.
         if transform is not None and linears:
             with phase(timer, "permutation"):
-                changed = transform(i, block, linears, stats)
-            if changed:  # the block computes the same function (dense_out holds) with other weights
-                with phase(timer, "calibration_forward"):
-                    stats = new_stats()
-                    gather(stats)
+                perms = transform(i, block, linears, stats)
+                for name, perm in perms.items():
+                    stats[name] = stats[name].permuted(perm)
         if act is not None and linears:
             with phase(timer, "act_calibration"):
-                if act.smooth is not None and act.smooth(i, block, linears, stats):
-                    # The smoothed block computes the same function (dense_out holds), on rescaled inputs.
-                    stats = new_stats()
-                    gather(stats)
+                divisors = act.smooth(i, block, linears, stats) if act.smooth is not None else {}
+                for name, s in divisors.items():
+                    stats[name] = stats[name].rescaled(s)
+                _share_equal_hessians(stats)
+                if divisors:
+                    shared = InputProducts()
+                    run_hooked({n: functools.partial(stats[n].add_histogram, shared=shared) for n in divisors})
+                scales = {}  # layers that read one input hold one histogram: one scale search for them
                 for st in stats.values():
-                    st.act_scale, st.act_bits, st.act_format = act.scale(st), act.bits, act.fmt
-                run_hooked({n: st.add_quantized for n, st in stats.items()})
+                    if id(st.abs_hist) not in scales:
+                        scales[id(st.abs_hist)] = act.scale(st)
+                    st.act_scale, st.act_bits, st.act_format = scales[id(st.abs_hist)], act.bits, act.fmt
+                shared = InputProducts()
+                run_hooked({n: functools.partial(st.add_quantized, shared=shared) for n, st in stats.items()})
         with phase(timer, "compress"):
             res.layers = compress_block(i, block, linears, stats)
         with phase(timer, "block_output"):

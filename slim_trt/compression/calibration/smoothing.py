@@ -40,12 +40,13 @@ def _groups_for(config) -> tuple:
 
 @torch.no_grad()
 def smooth_block(block: nn.Module, config, linears: dict[str, nn.Linear], channel_absmax: dict[str, torch.Tensor],
-                 alpha: float) -> list[str]:
-    """Fold SmoothQuant scales into one block in place; returns the sources that absorbed them.
+                 alpha: float) -> dict[str, torch.Tensor]:
+    """Fold SmoothQuant scales into one block in place; returns {target: s}: each smoothed linear's input is now
+    x / s, channel by channel (the source absorbed 1/s, the target's columns s).
 
     linears: the block's linears being compressed (by name inside the block); channel_absmax: each one's max |x|
     per input channel over the calibration tokens (any target's: they share the input)."""
-    done = []
+    done = {}
     for source, kind, targets in _groups_for(config):
         if not all(t in linears for t in targets):
             continue
@@ -76,5 +77,5 @@ def smooth_block(block: nn.Module, config, linears: dict[str, nn.Linear], channe
                     src.bias.div_(s.to(src.bias.dtype))
         for t in targets:
             linears[t].weight.mul_(s.to(linears[t].weight.dtype)[None, :])
-        done.append(source)
+        done.update({t: s for t in targets})
     return done

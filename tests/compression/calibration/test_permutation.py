@@ -22,8 +22,9 @@ def test_permuted_mlp_computes_the_same_function(family, reader):
         assert [r for _, r in mlp_groups(linears)] == [reader]
         W = linears[reader].weight.detach().clone()
         norm = torch.rand(W.shape[1], generator=g) ** 3
-        shares = permute_mlp(linears, {reader: norm}, 2, 4)
+        shares, perms = permute_mlp(linears, {reader: norm}, 2, 4)
         assert shares[reader + ":after"] > shares[reader]
+        assert list(perms) == [reader] and torch.equal(linears[reader].weight, W[:, perms[reader]])
         # the reported shares are the reader's before and after, and the columns moved as a permutation
         total = float((W.abs() * norm).sum())
         assert shares[reader] == pytest.approx(nm_retained(W.abs() * norm) / total, rel=1e-6)
@@ -36,7 +37,7 @@ def test_a_skipped_mlp_layer_leaves_the_group_alone():
     block = decoder_blocks(tiny_model("llama"))[0]
     linears = {n: m for n, m in block_linears(block).items() if n != "mlp.up_proj"}
     assert mlp_groups(linears) == []
-    assert permute_mlp(linears, {}, 2, 4) == {}
+    assert permute_mlp(linears, {}, 2, 4) == ({}, {})
 
 
 @pytest.mark.parametrize("family,reader", [("llama", "self_attn.o_proj"), ("qwen2", "self_attn.o_proj"),
@@ -62,8 +63,9 @@ def test_permuted_value_channels_compute_the_same_function(family, reader):
         assert [o for _, o in attn_groups(block, linears)] == [reader]
         W, V = linears[reader].weight.detach().clone(), linears["self_attn.v_proj"].weight.detach().clone()
         norm = torch.rand(W.shape[1], generator=g) ** 3
-        shares = permute_attn(block, model.config, linears, {reader: norm}, 2, 4)
+        shares, perms = permute_attn(block, model.config, linears, {reader: norm}, 2, 4)
         assert sorted(shares) == [reader, reader + ":after"]
+        assert list(perms) == [reader] and torch.equal(linears[reader].weight, W[:, perms[reader]])
         assert shares[reader + ":after"] > shares[reader]
         total = float((W.abs() * norm).sum())
         assert shares[reader] == pytest.approx(nm_retained(W.abs() * norm) / total, rel=1e-6)
@@ -82,7 +84,7 @@ def test_attention_without_a_readable_head_layout_is_left_alone():
     before = linears["self_attn.o_proj"].weight.clone()
     norms = {n: torch.ones(m.in_features) for n, m in linears.items()}
     wrong = type(model.config)(**{**model.config.to_dict(), "num_key_value_heads": 4})  # v_proj is 2 heads wide
-    assert permute_attn(block, wrong, linears, norms, 2, 4) == {}
-    assert permute_attn(block, object(), linears, norms, 2, 4) == {}  # no config at all
-    assert permute_attn(block, model.config, linears, norms, 2, 32) == {}  # head_dim 16: no whole 2:32 groups
+    assert permute_attn(block, wrong, linears, norms, 2, 4) == ({}, {})
+    assert permute_attn(block, object(), linears, norms, 2, 4) == ({}, {})  # no config at all
+    assert permute_attn(block, model.config, linears, norms, 2, 32) == ({}, {})  # head_dim 16: no whole 2:32 groups
     assert torch.equal(linears["self_attn.o_proj"].weight, before)

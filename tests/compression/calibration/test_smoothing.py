@@ -39,22 +39,29 @@ def _input_absmax(model, windows):
     return out
 
 
-@pytest.mark.parametrize("family,groups", [("llama", 4), ("qwen2", 4), ("gemma3", 4), ("opt", 3)])
-def test_smoothing_keeps_the_function_and_flattens_the_inputs(family, groups):
+@pytest.mark.parametrize("family,targets", [("llama", 7), ("qwen2", 7), ("gemma3", 7), ("opt", 5)])
+def test_smoothing_keeps_the_function_and_flattens_the_inputs(family, targets):
     """alpha = 1 moves everything: s_j = max|x_j|, so every smoothed input channel's max becomes exactly 1 (o_proj:
-    the max over the query heads sharing a value head), while the logits stay the same."""
+    the max over the query heads sharing a value head), while the logits stay the same. The divisors returned are
+    what each target's input was divided by (the runner rescales its statistics by them instead of a new pass)."""
     model = tiny_model(family)
     windows = calib_windows(n=4, seqlen=16)
     with torch.no_grad():
         ref = model(windows).logits
     before = _input_absmax(model, windows)
+    divided = {}
     for i, block in enumerate(decoder_blocks(model)):
         linears = block_linears(block)
         absmax = {n: before[(i, n)] for n in linears}
-        assert len(smooth_block(block, model.config, linears, absmax, 1.0)) == groups
+        divisors = smooth_block(block, model.config, linears, absmax, 1.0)
+        assert len(divisors) == targets
+        for n, s in divisors.items():
+            divided[(i, n)] = s
     with torch.no_grad():
         assert torch.allclose(model(windows).logits, ref, rtol=1e-4, atol=1e-4)
     after = _input_absmax(model, windows)
+    for key, s in divided.items():
+        assert torch.allclose(after[key], before[key] / s, rtol=1e-4, atol=1e-6), key
     cfg = model.config
     for (i, name), x in after.items():
         if name.endswith(("o_proj", "out_proj")):
