@@ -32,6 +32,33 @@ def _kept(groups: torch.Tensor, n: int) -> torch.Tensor:
     return groups.topk(n, dim=-1).values.sum(dim=(-1, -2))
 
 
+# For each of a group's 4 members, the other three: 2:4's swap search scores a swap from them (_swap_kept_2of4).
+_OTHERS_OF_4 = torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
+
+
+def _swap_kept_2of4(S: torch.Tensor) -> torch.Tensor:
+    """S [P, N, 8]: the scores of two groups of 4 (A = columns 0-3, B = 4-7) -> [P, 16], the kept score of both
+    groups after swapping A's member a with B's member b (index 4 a + b), what _kept gives on the swapped
+    groups, without building them: a group that loses a and gains v keeps r1 + max(r2, v), r1 >= r2 the top two of
+    its other three members (v > r1 gives v + r1 = r1 + max(r2, v) too). Elementwise max/min instead of top-k
+    over the 16 candidate pairs of groups: about 4x less memory and several times faster on 2:4, the product's
+    pattern; the sums may differ from _kept's in the last bits (the caller's margin covers that)."""
+    P, N, _ = S.shape
+    A, B = S[..., :4], S[..., 4:]
+
+    def top_two_of_others(X: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        o = X[..., _OTHERS_OF_4]  # [P, N, 4, 3]
+        a, b, c = o.unbind(-1)
+        hi, lo = torch.maximum(a, b), torch.minimum(a, b)
+        return torch.maximum(hi, c), torch.maximum(lo, torch.minimum(hi, c))  # max, median: exact comparisons
+
+    a1, a2 = top_two_of_others(A)  # [P, N, 4] by the member a that leaves A
+    b1, b2 = top_two_of_others(B)
+    kept_a = (a1[..., :, None] + torch.maximum(a2[..., :, None], B[..., None, :])).sum(1)  # [P, 4 (a), 4 (b)]
+    kept_b = (b1[..., None, :] + torch.maximum(b2[..., None, :], A[..., :, None])).sum(1)
+    return (kept_a + kept_b).reshape(P, 16)
+
+
 def _balanced_start(score: torch.Tensor, m: int) -> torch.Tensor:
     """Channels sorted by total score, dealt to the groups in a snake order (group g gets ranks g, 2G - 1 - g,
     2G + g, ...): every group holds one channel of each of the m importance bands, so two strong channels rarely
@@ -86,9 +113,12 @@ def nm_permutation(score: torch.Tensor, n: int = 2, m: int = 4, *, steps: int = 
             both = torch.cat([cols[pr[:, 0]], cols[pr[:, 1]]], dim=1)  # [P, 2m] channel ids
             S = score[:, both].permute(1, 0, 2)  # [P, N, 2m]
             before = _kept(S.reshape(-1, N, 2, m).transpose(1, 2), n).sum(-1)  # [P]
-            cand = S[:, :, swaps]  # [P, N, m*m, 2m]
-            cand = cand.reshape(cand.shape[0], N, m * m, 2, m).permute(0, 2, 3, 1, 4)  # [P, m*m, 2, N, m]
-            after = _kept(cand, n).sum(-1)  # [P, m*m]
+            if (n, m) == (2, 4):
+                after = _swap_kept_2of4(S)  # [P, m*m]
+            else:
+                cand = S[:, :, swaps]  # [P, N, m*m, 2m]
+                cand = cand.reshape(cand.shape[0], N, m * m, 2, m).permute(0, 2, 3, 1, 4)  # [P, m*m, 2, N, m]
+                after = _kept(cand, n).sum(-1)  # [P, m*m]
             best, which = after.max(dim=1)
             # a relative margin: float sums of equal sets may differ in the last bits
             better = best > before * (1 + 1e-6)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from slim_trt.algorithms.permute import _balanced_start, nm_permutation, nm_retained
+from slim_trt.algorithms.permute import _balanced_start, _kept, _swap_kept_2of4, nm_permutation, nm_retained
 
 
 def test_nm_retained_counts_the_n_largest_of_each_group():
@@ -73,3 +73,18 @@ def test_head_permutation_moves_channels_within_heads_alike_for_a_kv_group():
     assert nm_retained(score[:, perm]) > nm_retained(score)
     with pytest.raises(ValueError, match="whole groups"):
         head_permutation(score[:, :24], 8, 2)
+
+
+def test_the_2of4_swap_scores_are_the_swapped_groups_kept_scores():
+    """The 2:4 search scores all 16 swaps between two groups by comparisons instead of building them: the same
+    kept scores as top-2 of every swapped group, with ties and equal values too."""
+    g = torch.Generator().manual_seed(0)
+    S = torch.rand(40, 32, 8, generator=g) ** 3
+    S[:5] = torch.randint(0, 3, (5, 32, 8), generator=g).float()  # many ties
+    swapped = []
+    for a in range(4):
+        for b in range(4):
+            idx = list(range(8))
+            idx[a], idx[4 + b] = 4 + b, a
+            swapped.append(_kept(S[:, :, idx].reshape(40, 32, 2, 4).transpose(1, 2), 2).sum(-1))
+    torch.testing.assert_close(_swap_kept_2of4(S), torch.stack(swapped, 1), rtol=1e-6, atol=1e-5)
