@@ -5,6 +5,7 @@ converted model is cached as a plain Hugging Face folder keyed by the file's sha
 """
 from __future__ import annotations
 
+import fcntl
 import os
 import shlex
 import shutil
@@ -49,6 +50,17 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
     target = cache_dir() / "gguf" / file_sha256(gguf)[:16]
     if (target / "config.json").exists():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Two commands started at once on a fresh machine (e.g. the tests and the demo) would both convert and the
+    # second rename would fail on the first one's folder: the second waits for the first and takes its folder.
+    with open(target.parent / (target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        return _convert_gguf(gguf, target, progress)
+
+
+def _convert_gguf(gguf: Path, target: Path, progress: bool) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if progress:
@@ -65,7 +77,6 @@ def gguf_to_folder(gguf: Path, progress: bool = True) -> Path:
         del model.config.quantization_config
     model.hf_quantizer = None
     model.is_quantized = False
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:
         model.save_pretrained(tmp)

@@ -1,4 +1,6 @@
 """MODEL resolution: folders, .gguf files, hub ids (unreachable here), the embedded default."""
+from pathlib import Path
+
 import pytest
 
 from slim_trt.errors import SlimError
@@ -64,3 +66,48 @@ def test_a_multimodal_config_uses_its_text_positions():
 
     text = tf.Gemma3TextConfig(max_position_embeddings=512)
     assert max_positions(tf.Gemma3Config(text_config=text.to_dict())) == 512
+
+
+def test_two_conversions_at_once_convert_once_and_share_the_folder(tmp_path, monkeypatch):
+    """Two commands started together on a fresh machine: the second waits for the first's folder instead of
+    converting again and failing to rename onto it."""
+    import threading
+    import time
+
+    import transformers
+
+    from slim_trt.models.source import gguf_to_folder
+    from tests.conftest import tiny_model
+
+    monkeypatch.setenv("SLIM_TRT_CACHE", str(tmp_path / "cache"))
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF stand-in")
+    loads = []
+
+    class Tok:
+        def save_pretrained(self, folder):
+            (Path(folder) / "tokenizer.json").write_text("{}")
+
+    def slow_model(*_a, **_k):
+        loads.append(1)
+        time.sleep(0.5)  # the window in which the other command arrives
+        return tiny_model("llama")
+
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: Tok())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", slow_model)
+    results, errors = [], []
+
+    def convert():
+        try:
+            results.append(gguf_to_folder(g, progress=False))
+        except Exception as e:  # noqa: BLE001 - the test reports whatever either thread raised
+            errors.append(e)
+
+    threads = [threading.Thread(target=convert) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(loads) == 1
+    assert results[0] == results[1] and (results[0] / "config.json").exists()
+    assert [p.name for p in results[0].parent.iterdir() if ".tmp-" in p.name] == []
