@@ -31,9 +31,9 @@ weights, never a float copy). Three forms of an export need help to reach the sa
   range, so the integers are the graph's, exactly. An fp16 graph with W8A8 linears is first widened to fp32 as a
   whole (_upcast_fp16: ONNX Runtime's CPU kernels are fp32), so everything below applies to it as to an fp32 graph.
 
-- A graph output copied out of a tensor that other nodes read too, Identity(t) -> present.* (the KV cache's Concat,
-  also read by the attention) or logits, is written by t's producer under the output's name: ONNX Runtime copies
-  at every Identity, here the whole cache twice per layer at every decode step. The same tensors, no copy.
+- A graph output that is an Identity copy, Identity(t) -> present.* (t: the KV cache's Concat, which the attention
+  reads too) or logits, is written by t's producer under the output's name: ONNX Runtime copies at every Identity,
+  here the whole cache twice per layer at every decode step. The same tensors, no copy.
 
 The last six only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
@@ -534,9 +534,9 @@ def _fuse_w8a8(g: _Graph, form: str) -> dict[str, int]:
 
 
 def _output_identities(g: _Graph) -> int:
-    """Identity(t) -> graph output y, where t is some node's output read by other nodes too (present.* = the KV
-    cache's Concat): that node writes y itself and its readers read y. ONNX Runtime copies the tensor at every
-    Identity (the whole cache, twice per layer and step). Returns how many went."""
+    """Identity(t) -> graph output y, where t is a node's output (present.*: the KV cache's Concat, which the
+    attention reads too; logits): that node writes y itself and t's other readers read y. ONNX Runtime copies the
+    tensor at every Identity (the whole cache, twice per layer and step). Returns how many went."""
     inputs = {i.name for i in g.g.input}
     dropped = 0
     for n in list(g.g.node):
@@ -758,8 +758,8 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level
     m = onnx.ModelProto()
     m.CopyFrom(model)
     counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0,
-              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0, "fp16_widened": 0,
-              "output_identities": 0}
+              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0,
+              "fp16_widened": 0, "output_identities": 0}
     if w8a8_form not in W8A8_FORMS:
         raise ValueError(f"unknown W8A8 form {w8a8_form!r}: choose one of {', '.join(W8A8_FORMS)}")
     g = _Graph(m)
