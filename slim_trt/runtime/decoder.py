@@ -366,6 +366,19 @@ class OnnxDecoder:
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
 
+    def run_keeping_cache(self, feeds: dict) -> dict:
+        """run() for the decode loop: the logits as numpy, every other output (the present.* KV cache) as the
+        onnxruntime.OrtValue the session wrote, which the next step feeds back as its past as it is (`feeds` may
+        hold OrtValues). run() copies the whole cache into numpy at every step, a cost that grows with the
+        sequence; the numbers are the same."""
+        from onnxruntime import OrtValue
+
+        values = {k: v if isinstance(v, OrtValue) else OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                  for k, v in feeds.items()}
+        out = dict(zip(self._outputs, self.session.run_with_ort_values(self._outputs, values), strict=True))
+        out["logits"] = out["logits"].numpy()
+        return out
+
 
 def check_feeds(spec: DecoderSpec, feeds: dict[str, np.ndarray]) -> None:
     """Raise RequestError unless `feeds` is one consistent request for the decoder: every input present with its
@@ -601,6 +614,9 @@ def generate_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_t
     past = {n: np.zeros((batch, spec.num_kv_heads, 0, spec.head_dim), dtype=kv_dtypes[n]) for n in spec.past_names}
     new = ids  # what the next run feeds
     done = [False] * batch
+    # A decoder that can keep the KV cache in its runtime's own tensors between steps (OnnxDecoder) does so.
+    run = getattr(decoder, "run_keeping_cache", None) if spec.with_cache else None
+    run = run or decoder.run
     t0 = time.perf_counter()
     while True:
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
@@ -608,7 +624,7 @@ def generate_batch(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_t
         if spec.uses_position_ids:
             feeds["position_ids"] = positions[:, -new.shape[1]:]
         feeds.update(past)
-        result = decoder.run(feeds)
+        result = run(feeds)
         logits = result["logits"][:, -1]
         tokens = []
         for i, gen in enumerate(gens):

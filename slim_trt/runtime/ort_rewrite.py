@@ -31,7 +31,11 @@ weights, never a float copy). Three forms of an export need help to reach the sa
   range, so the integers are the graph's, exactly. An fp16 graph with W8A8 linears is first widened to fp32 as a
   whole (_upcast_fp16: ONNX Runtime's CPU kernels are fp32), so everything below applies to it as to an fp32 graph.
 
-The last five only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
+- A graph output that is an Identity copy, Identity(t) -> present.* (t: the KV cache's Concat, which the attention
+  reads too) or logits, is written by t's producer under the output's name: ONNX Runtime copies at every Identity,
+  here the whole cache twice per layer at every decode step. The same tensors, no copy.
+
+The last six only apply when `fuse` is on (the session runs ONNX Runtime's Q/DQ fusion); with the fusion off the
 graph's plain arithmetic (dequantize, then float ops) is what runs.
 
 Standalone (numpy + onnx): `slim-trt deploy` copies it beside the Triton models as `slim_ort_rewrite.py`.
@@ -94,6 +98,7 @@ class _Graph:
         self.graph_outputs = {o.name for o in self.g.output}
         self.new_inits: list[TensorProto] = []
         self.dropped: set[int] = set()  # id() of nodes to remove
+        self._held: list = []  # nodes dropped by drop(): their id() stays theirs while this graph lives
         self.replacements: dict[int, list] = {}  # id() of a node -> the nodes that take its place
         self._names = set(self.inits) | set(self.producer) | {i.name for i in self.g.input}
 
@@ -120,6 +125,11 @@ class _Graph:
         t.name = self.unique(t.name)
         self.new_inits.append(t)
         return t.name
+
+    def drop(self, node) -> None:
+        """Remove `node` at finish() (held here: a node no map refers to any more keeps its id())."""
+        self._held.append(node)
+        self.dropped.add(id(node))
 
     def replace(self, node, new_nodes: list) -> None:
         """`new_nodes` take `node`'s place in the node order (their inputs are available there)."""
@@ -523,6 +533,32 @@ def _fuse_w8a8(g: _Graph, form: str) -> dict[str, int]:
     return counts
 
 
+def _output_identities(g: _Graph) -> int:
+    """Identity(t) -> graph output y, where t is a node's output (present.*: the KV cache's Concat, which the
+    attention reads too; logits): that node writes y itself and t's other readers read y. ONNX Runtime copies the
+    tensor at every Identity (the whole cache, twice per layer and step). Returns how many went."""
+    inputs = {i.name for i in g.g.input}
+    dropped = 0
+    for n in list(g.g.node):
+        if n.op_type != "Identity" or n.output[0] not in g.graph_outputs:
+            continue
+        t = n.input[0]
+        src = g.producer.get(t)
+        if src is None or t in g.graph_outputs or t in inputs or t in g.inits:
+            continue
+        y = n.output[0]
+        src.output[:] = [y if o == t else o for o in src.output]
+        for c, i in g.consumers.get(t, []):
+            if c is not n:
+                c.input[i] = y
+        g.producer[y] = src
+        g.consumers.setdefault(y, []).extend((c, i) for c, i in g.consumers.pop(t, []) if c is not n)
+        del g.producer[t]
+        g.drop(n)
+        dropped += 1
+    return dropped
+
+
 def _elem_types(model: onnx.ModelProto) -> dict[str, int]:
     """{tensor name: element type} of every tensor of `model`'s main graph, from ONNX shape inference run on its
     structure only (the initializers' types and shapes, not their data)."""
@@ -722,7 +758,8 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level
     m = onnx.ModelProto()
     m.CopyFrom(model)
     counts = {"lowrank_expanded": 0, "gather_block_quantized": 0, "matmul_nbits_head": 0,
-              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0, "fp16_widened": 0}
+              "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0, "w8a8_gemms": 0, "w8a8_linears": 0,
+              "fp16_widened": 0, "output_identities": 0}
     if w8a8_form not in W8A8_FORMS:
         raise ValueError(f"unknown W8A8 form {w8a8_form!r}: choose one of {', '.join(W8A8_FORMS)}")
     g = _Graph(m)
@@ -749,6 +786,9 @@ def for_onnxruntime(model: onnx.ModelProto, *, fuse: bool = True, accuracy_level
             g = _Graph(m)  # the linears as the passes above left them (expanded low-rank factors included)
             counts.update(_fuse_linears(g, accuracy_level, share_inputs))
             counts["rms_norms"] = _fuse_rms_norms(g)
+        g.finish()
+        g = _Graph(m)
+        counts["output_identities"] = _output_identities(g)
     g.finish()
     opsets = [o for o in m.opset_import if o.domain != LOWRANK_OP[0]]
     if any(n.domain == MS_DOMAIN for n in m.graph.node) and not any(o.domain == MS_DOMAIN for o in opsets):

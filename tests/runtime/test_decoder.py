@@ -53,6 +53,40 @@ def test_cached_decoding_equals_full_recompute(decoder):
     assert len(set(reference)) >= 3  # the toy model does not collapse onto one token
 
 
+class _NumpyOnly:
+    """The same session behind the plain Decoder protocol (run() only): the cache goes through numpy."""
+
+    def __init__(self, decoder):
+        self.spec, self.run = decoder.spec, decoder.run
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_loop_keeps_the_cache_in_onnxruntime_values_with_the_same_numbers(decoder, batch, monkeypatch):
+    seen = []
+    original = rt.OnnxDecoder.run_keeping_cache
+
+    def spy(self, feeds):
+        seen.append({k: type(v).__name__ for k, v in feeds.items() if k.startswith("past_key_values")})
+        return original(self, feeds)
+
+    monkeypatch.setattr(rt.OnnxDecoder, "run_keeping_cache", spy)
+    prompts = [[2, 10, 20, 30, 11], [2, 7], [2, 5, 6]][:batch]
+    kept = rt.generate_batch(decoder, prompts, 12)
+    plain = rt.generate_batch(_NumpyOnly(decoder), prompts, 12)
+    assert [g.token_ids for g in kept] == [g.token_ids for g in plain]
+    # the first step feeds the empty numpy cache; every later one the OrtValues the previous step wrote
+    assert len(seen) == 12 and set(seen[0].values()) == {"ndarray"}
+    assert all(set(s.values()) == {"OrtValue"} for s in seen[1:])
+    # one step's outputs: the logits numpy, bit-identical to run()'s; the cache the same numbers
+    spec = decoder.spec
+    feeds = {"input_ids": np.array([prompts[0]], np.int64), "attention_mask": np.ones((1, len(prompts[0])), np.int64),
+             "position_ids": np.arange(len(prompts[0]), dtype=np.int64)[None]}
+    feeds.update({n: np.zeros((1, spec.num_kv_heads, 0, spec.head_dim), np.float32) for n in spec.past_names})
+    a, b = original(decoder, feeds), decoder.run(feeds)
+    assert isinstance(a["logits"], np.ndarray) and np.array_equal(a["logits"], b["logits"])
+    assert all(np.array_equal(a[n].numpy(), b[n]) for n in spec.present_names)
+
+
 def test_no_cache_export_decodes_the_same(decoder, tmp_path):
     no_cache = rt.OnnxDecoder.from_folder(build_toy_export(tmp_path / "nc", with_cache=False, tokenizer=False))
     assert not no_cache.spec.past_names

@@ -47,7 +47,7 @@ def test_quantized_table_is_read_packed_and_exact(bits, group_size, dtype):
     fused, counts = for_onnxruntime(model, accuracy_level=1)
     assert counts == {"lowrank_expanded": 0, "gather_block_quantized": 1, "matmul_nbits_head": 1,
                       "matmul_nbits_linear": 0, "linears_fused": 0, "rms_norms": 0,
-                      "w8a8_gemms": 0, "w8a8_linears": 0, "fp16_widened": 0}
+                      "w8a8_gemms": 0, "w8a8_linears": 0, "fp16_widened": 0, "output_identities": 2}
     ops = [n.op_type for n in fused.graph.node]
     assert "DequantizeLinear" not in ops and "Transpose" not in ops
     gbq = next(n for n in fused.graph.node if n.op_type == "GatherBlockQuantized")
@@ -398,3 +398,42 @@ def test_the_form_an_avx2_cpu_gets_cannot_saturate_and_the_old_one_does(w8a8_exp
         if sat:
             assert not np.array_equal(old - a_zp * b_s8.sum(0)[None], exact)
     assert old_saturated > 0, old_saturated  # these values do saturate the old form: the test can tell the two apart
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# graph outputs written by their producers, not copied by an Identity
+# ---------------------------------------------------------------------------------------------------------------
+
+def test_the_kv_cache_outputs_are_written_by_their_concat_without_a_copy(tmp_path, monkeypatch):
+    import onnx
+
+    from slim_trt.runtime import ort_rewrite
+
+    _, path = _export(tmp_path)
+    model = onnx.load(str(path))
+    outputs = [o.name for o in model.graph.output]
+    copies = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] in outputs]
+    assert len(copies) == 2 * 2 + 1  # present.{0,1}.{key,value} and logits, as exported
+    fused, counts = for_onnxruntime(model, accuracy_level=4)
+    assert counts["output_identities"] == 5
+    assert not any(n.op_type == "Identity" for n in fused.graph.node)
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    assert all(producers[f"present.{i}.{kv}"].op_type == "Concat" for i in range(2) for kv in ("key", "value"))
+    # the attention reads the cache under its output name: one tensor, not two
+    readers = [n for n in fused.graph.node if "present.0.key" in n.input]
+    assert readers and not any(n.op_type == "Identity" for n in readers)
+    monkeypatch.setattr(ort_rewrite, "_output_identities", lambda g: 0)
+    kept, kept_counts = for_onnxruntime(model, accuracy_level=4)
+    assert kept_counts["output_identities"] == 0 and sum(n.op_type == "Identity" for n in kept.graph.node) == 5
+    feeds = {"input_ids": np.array([[3, 9, 27, 81]], np.int64), "attention_mask": np.ones((1, 6), np.int64),
+             "position_ids": np.arange(2, 6, dtype=np.int64)[None]}
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        for kv in ("key", "value"):
+            past = next(v for v in model.graph.input if v.name == f"past_key_values.{i}.{kv}")
+            dims = [d.dim_value for d in past.type.tensor_type.shape.dim]
+            feeds[past.name] = rng.normal(size=(1, dims[1], 2, dims[3])).astype(np.float32)
+    a = ort.InferenceSession(fused.SerializeToString()).run(outputs, feeds)
+    b = ort.InferenceSession(kept.SerializeToString()).run(outputs, feeds)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert np.array_equal(a[outputs.index("present.1.value")][:, :, :2], feeds["past_key_values.1.value"])
