@@ -34,9 +34,11 @@ class LinearStats:
     sq_sum: torch.Tensor | None = None  # sum over tokens of x^2, per input channel
     ntokens: int = 0
     # Activation quantization (W8A8), when the runner is given an ActCalibration: the first pass also collects
-    # the |x| histogram and each channel's max |x|; once act_scale is set, a second pass collects the moments of
-    # the quantization error e = Q(x) - x with x (algorithms/lrc.py), from which H_qq and H_xq follow.
+    # each channel's max |x| and the |x| histogram (the histogram later, on the smoothed inputs, with defer_hist);
+    # once act_scale is set, a last pass collects the moments of the quantization error e = Q(x) - x with x
+    # (algorithms/lrc.py), from which H_qq and H_xq follow.
     collect_act: bool = False
+    defer_hist: bool = False
     abs_hist: Any = None  # algorithms.actquant.AbsHistogram
     channel_absmax: torch.Tensor | None = None  # [K]
     act_scale: float | None = None
@@ -49,23 +51,24 @@ class LinearStats:
         from ...algorithms.gptq import accumulate_hessian
 
         shared = shared or InputProducts()
-        x, xtx, sq = shared(x)
-        self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, x, xtx)
+        X, xtx, sq = shared(x)
+        self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, X, xtx)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
-        self.ntokens += x.shape[0]
-        if self.collect_act:
-            self.add_histogram(x, shared)
+        self.ntokens += X.shape[0]
+        if self.collect_act:  # the same x (not X): the memo knows the input by the tensor the hook passed
+            self.add_histogram(x, shared, hist=not self.defer_hist)
 
-    def add_histogram(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
-        """Fold x into the |x| histogram and the per-channel max |x| only (the pass after SmoothQuant, whose
-        second moments follow from the first pass's: rescaled)."""
+    def add_histogram(self, x: torch.Tensor, shared: "InputProducts | None" = None, hist: bool = True) -> None:
+        """Fold x into the per-channel max |x| and (hist) the |x| histogram only: the pass after SmoothQuant,
+        whose second moments follow from the first pass's (rescaled)."""
         from ...algorithms.actquant import accumulate_abs_histogram
 
         shared = shared or InputProducts()
-        X = shared(x)[0]
+        X = shared.rows(x)
         prev_hist, prev_max = self.abs_hist, self.channel_absmax
         # Layers that read the same input with the same running state get the same (shared) result.
-        self.abs_hist = shared.once("hist", lambda: accumulate_abs_histogram(prev_hist, X), prev_hist)
+        if hist:
+            self.abs_hist = shared.once("hist", lambda: accumulate_abs_histogram(prev_hist, X), prev_hist)
         self.channel_absmax = shared.once("absmax", lambda: X.abs().amax(0) if prev_max is None
                                           else torch.maximum(prev_max, X.abs().amax(0)), prev_max)
 
@@ -75,7 +78,7 @@ class LinearStats:
         from ...algorithms.lrc import accumulate_error_moments
 
         shared = shared or InputProducts()
-        X = shared(x)[0]
+        X = shared.rows(x)
         prev, n, fmt = self.act_moments, self.act_nsamples, (self.act_scale, self.act_bits, self.act_format)
         self.act_moments, self.act_nsamples = shared.once(
             f"moments {n} {fmt}", lambda: accumulate_error_moments(prev, n, X, fake_quant(X, *fmt)), prev)
@@ -134,7 +137,8 @@ class InputProducts:
             self._memo[key] = (compute(), state)
         return self._memo[key][0]
 
-    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        """x as float32 rows [tokens, K], checked finite; a new x starts a new memo."""
         if x is not self._x:
             X = x.detach().reshape(-1, x.shape[-1]).to(torch.float32)
             # A NaN or Inf anywhere makes the sum non-finite: one reduction instead of a mask the size of X
@@ -142,7 +146,11 @@ class InputProducts:
             if not torch.isfinite(X.sum()) and not torch.isfinite(X).all():
                 raise _NonFinite()
             self._x, self._rows, self._memo = x, X, {}
-        X = self._rows
+        return self._rows
+
+    def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, X^T X, sum of x^2 per channel): the products only the dense pass needs."""
+        X = self.rows(x)
         return (X, *self.once("products", lambda: (X.T @ X, (X * X).sum(0))))
 
 
@@ -323,7 +331,9 @@ def run_layerwise(
                     h.remove()
 
         def new_stats() -> dict[str, LinearStats]:
-            return {n: LinearStats(collect_act=act is not None) for n in linears}
+            # With SmoothQuant the first pass's histograms would describe inputs it is about to divide.
+            smoothing = act is not None and act.smooth is not None
+            return {n: LinearStats(collect_act=act is not None, defer_hist=smoothing) for n in linears}
 
         def gather(stats: dict[str, LinearStats]) -> list[torch.Tensor]:
             shared = InputProducts()
@@ -348,9 +358,10 @@ def run_layerwise(
                 for name, s in divisors.items():
                     stats[name] = stats[name].rescaled(s)
                 _share_equal_hessians(stats)
-                if divisors:
+                pending = [n for n, st in stats.items() if st.abs_hist is None]  # deferred, or rescaled
+                if pending:
                     shared = InputProducts()
-                    run_hooked({n: functools.partial(stats[n].add_histogram, shared=shared) for n in divisors})
+                    run_hooked({n: functools.partial(stats[n].add_histogram, shared=shared) for n in pending})
                 scales = {}  # layers that read one input hold one histogram: one scale search for them
                 for st in stats.values():
                     if id(st.abs_hist) not in scales:

@@ -113,3 +113,26 @@ def test_permuted_and_smoothed_statistics_match_a_new_pass(family):
                       transform=channel_transform(config, report, model.config))
     assert checked == [0, 1]
     assert {k.split(".", 1)[1] for k in report.permutation} >= {"mlp.down_proj", "self_attn.o_proj"}
+
+
+def test_only_the_dense_pass_computes_the_input_products(monkeypatch):
+    """X^T X costs as much as a layer's forward: the dense pass computes it once per distinct input and batch
+    (q/k/v share theirs, gate/up theirs), the histogram and error-moment passes never."""
+    from slim_trt.compression.calibration import runner
+    from slim_trt.compression.compressor import act_calibration
+    from slim_trt.config import CompressConfig
+
+    names = []
+    once = runner.InputProducts.once
+    def counted(self, name, compute, *state):
+        return once(self, name, lambda: names.append(name) or compute(), *state)
+
+    monkeypatch.setattr(runner.InputProducts, "once", counted)
+    model = tiny_model("llama")
+    with torch.no_grad():
+        run_layerwise(model, calib_windows(n=4, seqlen=16), lambda *a: {}, batch_size=2,
+                      act=act_calibration(CompressConfig(), model))
+    # 2 blocks x 2 batches x 4 distinct inputs (q/k/v, o, gate/up, down), in each of the three passes
+    assert names.count("products") == 16
+    # the histograms once, after SmoothQuant (the first pass only takes the max |x| it needs)
+    assert sum(n == "hist" for n in names) == 16 and sum(n.startswith("moments") for n in names) == 16
