@@ -95,8 +95,8 @@ class LinearStats:
 
     def rescaled(self, s: torch.Tensor) -> "LinearStats":
         """The second moments after SmoothQuant divided input channel j by s_j (x_new = x / s), without a pass:
-        H / (s s^T), sum x^2 / s^2, max |x| / s. The |x| histogram pools every channel and cannot be rescaled:
-        it is dropped, for add_histogram to gather again."""
+        H / (s s^T), sum x^2 / s^2. The |x| histogram pools every channel and cannot be rescaled: it is dropped,
+        with the max |x|, for add_histogram's pass to gather both again."""
         if self.act_moments is not None:
             raise ValueError("rescale the statistics before the quantized pass")
         s = s.to(device=self.sq_sum.device, dtype=torch.float32)
