@@ -41,8 +41,9 @@ def _swap_kept_2of4(S: torch.Tensor) -> torch.Tensor:
     groups after swapping A's member a with B's member b (index 4 a + b), what _kept gives on the swapped
     groups, without building them: a group that loses a and gains v keeps r1 + max(r2, v), r1 >= r2 the top two of
     its other three members (v > r1 gives v + r1 = r1 + max(r2, v) too). Elementwise max/min instead of top-k
-    over the 16 candidate pairs of groups: about 4x less memory and several times faster on 2:4, the product's
-    pattern; the sums may differ from _kept's in the last bits (the caller's margin covers that)."""
+    over 16 built copies of the pair: the whole search takes 2.2-2.4x less CPU on 2:4, the product's pattern
+    (640 x 2048 scores: 4.5 s -> 2.0 s); the sums may differ from _kept's in the last bits (the caller's margin
+    covers that)."""
     P, N, _ = S.shape
     A, B = S[..., :4], S[..., 4:]
 
