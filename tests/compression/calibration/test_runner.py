@@ -65,22 +65,19 @@ def test_permuted_and_smoothed_statistics_match_a_new_pass(family):
     config = CompressConfig(channel_permutation="mlp,attn")
     model = tiny_model(family)
     windows = calib_windows(n=4, seqlen=16)
-    block_inputs: dict[int, list] = {}  # each block's dense inputs, batch by batch as the runner batches them
-    hooks = [blk.register_forward_pre_hook(lambda _m, a, kw, i=i: block_inputs.setdefault(i, []).append((a, kw)),
-                                           with_kwargs=True) for i, blk in enumerate(decoder_blocks(model))]
-    with torch.no_grad():
-        for batch in windows.split(2):
-            model(batch, use_cache=False)  # no cache object for the blocks to grow when run again
-    for h in hooks:
-        h.remove()
+    block_inputs: dict[int, list] = {}  # every call of each block: the last two are the runner's last pass
+    for i, blk in enumerate(decoder_blocks(model)):
+        blk.register_forward_pre_hook(lambda _m, a, kw, i=i: block_inputs.setdefault(i, []).append((a, kw)),
+                                      with_kwargs=True)
     act = act_calibration(config, model)
     report = SimpleNamespace(permutation={})
     checked = []
 
     def check(i, block, linears, stats):
+        batches = block_inputs[i][-2:]  # the very inputs the runner's passes read (2 batches of 2 windows)
         fresh = {n: LinearStats(collect_act=True) for n in linears}
         hooks = [linears[n].register_forward_hook(lambda _m, a, _o, st=st: st.add(a[0])) for n, st in fresh.items()]
-        for a, kw in block_inputs[i]:
+        for a, kw in batches:
             block(*a, **kw)
         for h in hooks:
             h.remove()
@@ -88,7 +85,7 @@ def test_permuted_and_smoothed_statistics_match_a_new_pass(family):
             st.act_scale, st.act_bits, st.act_format = act.scale(st), act.bits, act.fmt
         hooks = [linears[n].register_forward_hook(lambda _m, a, _o, st=st: st.add_quantized(a[0]))
                  for n, st in fresh.items()]
-        for a, kw in block_inputs[i]:
+        for a, kw in batches:
             block(*a, **kw)
         for h in hooks:
             h.remove()
@@ -97,9 +94,8 @@ def test_permuted_and_smoothed_statistics_match_a_new_pass(family):
             torch.testing.assert_close(st.hessian, ref.hessian, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(st.sq_sum, ref.sq_sum, rtol=1e-4, atol=1e-6)
             torch.testing.assert_close(st.channel_absmax, ref.channel_absmax, rtol=1e-5, atol=1e-7)
-            # the runner's forward and this one differ in the last bit here and there: the histograms as a whole
-            assert st.abs_hist.total == ref.abs_hist.total and st.abs_hist.absmax == pytest.approx(ref.abs_hist.absmax)
-            assert st.act_scale == pytest.approx(ref.act_scale, rel=1e-3), n
+            # measured on the same inputs by the same operations: the same histogram and scale
+            assert torch.equal(st.abs_hist.counts, ref.abs_hist.counts) and st.act_scale == ref.act_scale, n
             for name in ("H_xe", "H_ee", "H_qq"):
                 torch.testing.assert_close(getattr(st.act_moments, name), getattr(ref.act_moments, name),
                                            rtol=1e-4, atol=1e-6)
