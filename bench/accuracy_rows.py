@@ -140,7 +140,7 @@ def row_config(row: Row) -> dict:
 # without the field was made that way, whatever the field's default is today).
 LEGACY = {"adapter_quantizer": "rtn", "refit_rounds": 0, "rank_allocation": "uniform", "max_bits": None,
           "refit_rounding": "every", "refit_scales": "every", "act_bits": None, "smooth_alpha": None,
-          "refit_mask": "keep", "channel_permutation": "none"}
+          "refit_mask": "keep", "channel_permutation": "none", "dense_target": 0.0, "dense_target_damp": 0.01, "dense_target_frame": "layer"}
 
 
 def same_config(stored: dict, row: Row) -> bool:

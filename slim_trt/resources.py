@@ -106,13 +106,15 @@ def device_sync(device: torch.device):
     return lambda: torch.cuda.synchronize(device)
 
 
-def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features: list[int]) -> dict[str, int]:
+def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features: list[int],
+                dense_stream: bool = False) -> dict[str, int]:
     """What compressing one block holds on its device, in bytes: the block's weights; the calibration
-    activations three times (the inputs, the dense outputs kept to measure the block's error, the new outputs);
+    activations three times (the inputs, the dense outputs kept to measure the block's error, the new outputs),
+    five times with a dense stream (dense_target > 0: the dense model's inputs and outputs too);
     per distinct layer input size K, the fp32 H with its fp32 factor and the fp64 copies factorising it
     (4 x K^2 x 4 bytes, one H per input shared by the layers that read it)."""
     weights = sum(t.numel() * t.element_size() for t in itertools.chain(block.parameters(), block.buffers()))
-    acts = 3 * sum(h.numel() * h.element_size() for h in hidden)
+    acts = (5 if dense_stream else 3) * sum(h.numel() * h.element_size() for h in hidden)
     hessians = sum(16 * k * k for k in set(in_features))
     return {"weights": weights, "activations": acts, "hessians": hessians}
 

@@ -43,6 +43,18 @@ class PhaseTimer:
                 self._stack[-1][1] = now
 
 
+    def absorb(self, timers: list["PhaseTimer"], wall: float) -> None:
+        """Charge `wall` seconds, just spent by `timers` working side by side in other threads, to their phases
+        (their paths as they are), each in proportion to its share of the workers' summed time; the running phase
+        of this thread is not charged for them. So the phases still add up to the elapsed time."""
+        total = sum(sum(t.seconds.values()) for t in timers)
+        for t in timers:
+            for path, sec in t.seconds.items():
+                self.seconds[path] += wall * sec / total if total > 0 else 0.0
+        if self._stack:
+            self._stack[-1][1] += wall
+
+
 def phase(timer: PhaseTimer | None, name: str):
     """timer.phase(name), or a no-op without a timer (what the pure functions' callers pass by default)."""
     return nullcontext() if timer is None else timer.phase(name)

@@ -1,5 +1,7 @@
 import time
 
+import pytest
+
 from slim_trt.timing import PhaseTimer, phase
 
 
@@ -25,3 +27,20 @@ def test_nested_phases_are_charged_once_and_add_up():
 def test_no_timer_is_a_no_op():
     with phase(None, "sweep"):
         pass
+
+
+def test_absorb_splits_a_parallel_stretch_by_the_workers_phases():
+    """Two workers spent 3 s and 1 s in their phases during 2 s of wall time: the 2 s are split 3:1, and the phase
+    running in this thread is not charged for them."""
+    import time as _time
+
+    main = PhaseTimer()
+    a, b = PhaseTimer(), PhaseTimer()
+    a.seconds.update({"compress": 1.0, "compress/sweep": 2.0})
+    b.seconds.update({"compress/sweep": 1.0})
+    with main.phase("compress"):
+        _time.sleep(0.01)
+        main._stack[-1][1] -= 2.0  # as if 2 s of wall time had passed in the stretch
+        main.absorb([a, b], 2.0)
+    assert main.seconds["compress/sweep"] == pytest.approx(1.5)
+    assert main.seconds["compress"] == pytest.approx(0.5 + 0.01, abs=0.01)

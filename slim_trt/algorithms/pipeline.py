@@ -91,7 +91,8 @@ def compress_weight(W: torch.Tensor, H: torch.Tensor, act_norm: torch.Tensor, sa
 
     Runs on one CPU thread (obs.one_thread): the sweeps, factorisations and SVDs of one layer are sequences of
     small ops and LAPACK calls that barely gain from a second core and collapse when the cores are shared (2
-    threads on 2 cores at load 10-15: 240-330 s for Gemma 3 270M's block 0, 30 s on one thread)."""
+    threads on 2 cores at load 10-15: 240-330 s for Gemma 3 270M's block 0, 30 s on one thread). The compressor
+    uses the other cores by compressing several layers at once (compression/layer_pool.py)."""
     with one_thread():
         return _compress_weight(W, H, act_norm, saliency, cfg, rank, base, act, timer)
 

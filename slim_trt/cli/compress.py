@@ -12,7 +12,7 @@ from .recipes import default_recipe, default_text, fill, presets_paragraphs
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
-          "refit_mask", "channel_permutation", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
+          "refit_mask", "channel_permutation", "dense_target", "dense_target_damp", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
           "bit_allocation", "weight_format", "act_format")
 # Without --preset, flags that ask for weights INT8 activations cannot multiply start from this weight-only recipe,
 # and --act-bits none alone turns these parts of the defaults off (W8A16 with H-LoRA adapters, bench row 27).
@@ -123,6 +123,16 @@ def register(sub) -> None:
                         "(the hidden channels of the whole model, once before the first block, for q/k/v/gate/up's "
                         "groups; loads the model whole; row 75: 1.272x, worse) "
                         + default_text("channel_permutation", then=_PERMUTE_RULE))
+    p.add_argument("--dense-target", type=float, default=None, metavar="ALPHA",
+                   help="asymmetric calibration (GPTAQ): move each layer's target from its own dense output on the "
+                        "inputs the compressed layers before it give it (0, as SparseGPT and GPTQ) toward the dense "
+                        "model's output on the dense model's inputs (1, GPTAQ's least-squares fit; its code uses "
+                        "0.25), so a layer also corrects some of what the layers before it got wrong; above 0 one "
+                        "more dense forward per block " + default_text("dense_target"))
+    p.add_argument("--dense-target-damp", type=float, default=None, metavar="RIDGE",
+                   help="the ridge of that step's least-squares solve, times mean(diag H): larger keeps the step to "
+                        "the input directions with energy (GPTQ damps its own solves by 0.01) "
+                        + default_text("dense_target_damp"))
     p.add_argument("--rank-allocation", default=None, choices=RANK_ALLOCATIONS,
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
                         "their singular values leave " + default_text("rank_allocation"))

@@ -30,8 +30,9 @@ from ..checkpoint.compressed_linear import CompressedLinear
 from ..config import CalibConfig, CompressConfig
 from ..errors import SlimError
 from ..resources import all_cores, device_peak_gb, device_sync, peak_rss_gb, reset_device_peak, resolve_device
+from .layer_pool import layer_workers, map_layers
 from .streaming import host_peak_bound, memory_parts, peak_rss_bytes, rss_bytes, save_streamed
-from ..timing import PhaseTimer
+from ..timing import PhaseTimer, phase
 
 
 @dataclass
@@ -94,6 +95,7 @@ def phase_split(timer: PhaseTimer, total: float) -> dict[str, float]:
     calibration_forward (dense block passes, embeddings), hessian (input statistics), act_calibration (W8A8
     passes), sweep (the first SparseGPT / GPTQ / rounding of each base), adapter_svd (H-LoRA's root and SVD),
     adapter_rounding (adapter GPTQ), refit_round_K (each refit round, all its parts), rank_allocation,
+    asymmetric_target (dense_target > 0: each layer's target weight),
     lrc_fit, layer_other (error measures, building the layers), block_output (the compressed block's
     forward), save (resume files), other (the rest: planning, checks, moves)."""
     out: dict[str, float] = {}
@@ -165,6 +167,17 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     """Compress one linear where its weight is; the layer's integer form is kept on `home` (the host: where the
     model lives), its float buffers on the weight's device until the runner moves the block back."""
     W = lin.weight.detach()
+    if stats.drift is not None:  # dense_target > 0: a weight closer to reproducing the dense model's output
+        from ..algorithms.asymmetric import asymmetric_target
+
+        from ..algorithms.asymmetric import source_ridge
+
+        with phase(timer, "asymmetric_target"):
+            ridge = None
+            if cfg.dense_target_frame == "source" and stats.smoothing is not None:
+                ridge = source_ridge(stats.hessian, stats.smoothing, cfg.dense_target_damp)
+            W = asymmetric_target(W, stats.hessian, stats.drift, cfg.dense_target_damp, cfg.dense_target,
+                                  ridge).to(W.dtype)
     cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base,
                          act=stats.act_moments, timer=timer)
     sp = cfg.sparsity_spec
@@ -257,7 +270,8 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
     recomputed, so an interrupted run continues where it stopped and ends with the same result.
     device: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N". The model stays
     in host memory; one decoder block at a time is compressed on the device. torch uses every core this
-    process is given while it runs (unless OMP_NUM_THREADS says otherwise).
+    process is given while it runs (unless OMP_NUM_THREADS says otherwise): the block passes on all of them, and
+    on a CPU one layer per core at a time (layer_pool.py).
     weights: a slim_trt.compression.streaming.StreamedModel when `model` is on the meta device (compress_model streams);
     then every finished block's compressed layers are in `resume_dir` only, and leave `model`.
     """
@@ -305,14 +319,24 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
                                          {n: stats[n].saliency for n in linears}, config,
                                          {n: stats[n].hessian for n in linears},
                                          {n: planned[f"{prefix}{i}.{n}"] for n in linears})
-        for rel_name, lin in linears.items():
+        def job(rel_name: str):
             full = f"{prefix}{i}.{rel_name}"
-            rank = ranks.get(rel_name, planned[full])
-            layer, info = compress_linear(full, lin, stats[rel_name], config, rank=rank,
-                                          base=bases.pop(rel_name, None), timer=timer, home=home)
+            held = [stats[rel_name], bases.pop(rel_name, None)]
+            stats[rel_name] = None
+
+            def run(t):
+                st, base = held
+                held.clear()  # the Hessian (and its cached factorisations) go as soon as the layer is done
+                return compress_linear(full, linears[rel_name], st, config, rank=ranks.get(rel_name, planned[full]),
+                                       base=base, timer=t, home=home)
+            return run
+
+        # Largest first, so that with several workers (layer_pool.py) the last layer to finish is a small one.
+        order = sorted(linears, key=lambda n: -linears[n].in_features * linears[n].out_features)
+        done = map_layers({n: job(n) for n in order}, layer_workers(dev, len(linears)), timer)
+        for rel_name in linears:
+            layer, infos[f"{prefix}{i}.{rel_name}"] = done.pop(rel_name)
             block.set_submodule(rel_name, layer)
-            stats[rel_name] = None  # free the Hessian as soon as the layer is done
-            infos[full] = info
         report.layers.update(infos)
         return infos
 
@@ -332,11 +356,14 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
 
     def on_block_done(res: BlockResult):
         entry = {"index": res.index, "output_rel_error": round(res.output_rel_error, 6)}
+        if res.drift_rel_error is not None:
+            entry["drift_rel_error"] = round(res.drift_rel_error, 6)
         report.blocks.append(entry)
         if progress:
             errs = "  ".join(f"{n.rsplit('.', 1)[-1]} {v['rel_error_base']:.3f}->{v['rel_error']:.3f}"
                              for n, v in res.layers.items())
-            bar.write(f"block {res.index:>3}: out err {res.output_rel_error:.4f} | {errs}")
+            drift = "" if res.drift_rel_error is None else f" (from dense {res.drift_rel_error:.4f})"
+            bar.write(f"block {res.index:>3}: out err {res.output_rel_error:.4f}{drift} | {errs}")
         if store is not None:
             skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
             # the block's norms absorbed SmoothQuant scales, or its channels were permuted: keep its whole state
@@ -353,7 +380,9 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
         run_layerwise(model, windows, compress_block, batch_size=batch_size, skip=skip,
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
                       act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
-                      transform=channel_transform(config, report, model.config))
+                      transform=channel_transform(config, report, model.config),
+                      asymmetric=config.dense_target > 0,
+                      restorable=store.has if store is not None else lambda i: False)
     bar.close()
     report.skipped = sorted(set(report.skipped))
     report.seconds = time.time() - t0
@@ -473,11 +502,14 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     # Distillation needs the dense model after compression has replaced the layers in place.
     teacher = copy.deepcopy(model) if finetune is not None and finetune.loss == "kd" else None
     # The layer-wise runner holds a block's inputs, dense outputs and new outputs in float32 (3 A in
-    # streaming.host_peak_bound): 12 bytes per calibration token and hidden unit, checked before they exist.
+    # streaming.host_peak_bound): 12 bytes per calibration token and hidden unit, checked before they exist; the
+    # dense model's hidden states in and out as well with dense_target > 0 (20 bytes).
     hidden = int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
-    windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed, bytes_per_token=12 * hidden)
+    dense_target = config.dense_target > 0
+    windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed,
+                                  bytes_per_token=(20 if dense_target else 12) * hidden)
     if streamed is not None:  # the memory bound's parts, predicted before the compression starts
-        memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config))
+        memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config), dense_target)
     fp = _fingerprint(source, config, windows)
     if check_partial_state(partial, {"fingerprint": fp, "source": source, "config": config.to_dict()}) and progress:
         done = BlockStore(partial).count(len(decoder_blocks(model)))

@@ -283,6 +283,8 @@ def host_peak_bound(parts: dict[str, int]) -> int:
       forward    one batch's temporaries in a block's forward: 4 b S (4 I + 2 h S) (MLP activations, the float32
                  input rows and their products, attention scores and probabilities)
       runtime    RUNTIME_BYTES
+      dense      dense_target > 0 only: the dense model's hidden states entering and leaving the block
+                 (2 A) and one batch's dense inputs of every linear, kept for pairing (4 b S 4 width); else 0
     The run has three stages, each bounded by what it holds:
       start      outer32 + 2 A + kwargs + forward: the embedding, the first block's inputs and one batch's
                  pass (the blocks are stand-ins that run nothing)
@@ -294,7 +296,7 @@ def host_peak_bound(parts: dict[str, int]) -> int:
     plus runtime in each; the bound is the largest of the three."""
     start = parts["outer32"] + 2 * parts["acts"] + parts["kwargs"] + parts["forward"]
     block = (parts["kept32"] + parts["kwargs"] + 3 * parts["acts"] + 8 * parts["block32"] + parts["hessians"]
-             + parts["forward"])
+             + parts["forward"] + parts.get("dense", 0))
     save = parts["outer32"] + parts["kept32"] + parts["packed"]
     return parts["runtime"] + max(start, block, save)
 
@@ -327,9 +329,11 @@ def note(msg: str, progress: bool) -> None:
         print(msg, file=sys.stderr)
 
 
-def memory_parts(sm: StreamedModel, windows: torch.Tensor, batch_size: int, compressed) -> dict[str, int]:
+def memory_parts(sm: StreamedModel, windows: torch.Tensor, batch_size: int, compressed,
+                 dense_target: bool = False) -> dict[str, int]:
     """The parts of host_peak_bound for a streamed compression of `sm` on `windows` [n, S], before it starts
-    (`compressed`: the full names of the linears it compresses); "packed" and "kwargs" are known at its end."""
+    (`compressed`: the full names of the linears it compresses; dense_target: whether config.dense_target > 0);
+    "packed" and "kwargs" are known at its end."""
     from .calibration.families import block_linears, decoder_blocks
 
     blocks = decoder_blocks(sm.model)
@@ -352,6 +356,7 @@ def memory_parts(sm: StreamedModel, windows: torch.Tensor, batch_size: int, comp
         "hessians": sum(16 * k * k for k in {m.in_features for m in linears}),
         "forward": 4 * b * S * (4 * width + 2 * heads * S),
         "runtime": RUNTIME_BYTES,
+        "dense": 2 * n * S * int(config.hidden_size) * 4 + 16 * b * S * width if dense_target else 0,
     }
 
 

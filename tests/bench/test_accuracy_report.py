@@ -27,8 +27,8 @@ def test_the_committed_json_renders_the_committed_markdown():
     accuracy_report.derive(derived)
     assert derived == data  # the derived fields are the committed ones
     assert accuracy_report.markdown(derived) == md
-    assert derived["best_one_shot"] == "67-w8a8-sgpt-lrc-smooth-remask-permmlp"
-    assert derived["best_one_shot_2to4"] == "65-sgpt-slimq-hlora-gq4-r023-refit3-remask-permmlp"
+    assert derived["best_one_shot"] == "86-w8a8-sgpt-lrc-smooth-remask-permmlp-asym025-src"
+    assert derived["best_one_shot_2to4"] == "79-sgpt-slimq-hlora-gq4-r023-refit3-remask-permmlp-asym025"
     assert derived["best_finetuned"] == "73-w8a8-sgpt-lrc-smooth-remask-permmlp-ft"
 
 

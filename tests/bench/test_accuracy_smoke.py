@@ -233,16 +233,18 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
     by_key = {r.key: r for r in accuracy_rows.ROWS}
     by_number = {r.number: r for r in accuracy_rows.ROWS}
     # Issue 23's --refit-mask reselect won on both 2:4 recipes (rows 63, 64) and the MLP permutation on top of it on
-    # the W8A8 one (row 67), then on slim-2to4 as well (row 65), so the presets turned them on.
-    assert CompressConfig(**by_number[67].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
-    assert results["best_one_shot"] == by_number[67].key
+    # the W8A8 one (row 67), then on slim-2to4 as well (row 65), so the presets turned them on; asymmetric
+    # calibration at GPTAQ's step 0.25 won on slim-2to4 only (row 79; on the defaults rows 78, 80 changed nothing).
+    # and asymmetric calibration (GPTAQ's step, GPTQ's ridge in the source frame) won on both (rows 86, 79).
+    assert CompressConfig(**by_number[86].compress) == CompressConfig() == CompressConfig(**PRESETS["trt-int8-sparse"])
+    assert results["best_one_shot"] == by_number[86].key
     assert CompressConfig(**by_number[42].compress) == CompressConfig(**PRESETS["int4-dense"])
     assert results["dense_int4_reference"] == [by_number[41].key, by_number[42].key]
-    assert results["best_one_shot_2to4"] == by_number[65].key
-    assert CompressConfig(**by_number[65].compress) == CompressConfig(**PRESETS["slim-2to4"])
+    assert results["best_one_shot_2to4"] == by_number[79].key
+    assert CompressConfig(**by_number[79].compress) == CompressConfig(**PRESETS["slim-2to4"])
     row56 = by_key["56-sgpt-slimq-hlora-gq4-r023-refit3-fast"]
     assert CompressConfig(**row56.compress) == \
-        CompressConfig(**{**PRESETS["slim-2to4"], "refit_rounding": "last", "refit_scales": "first",
+        CompressConfig(**{**PRESETS["slim-2to4"], "refit_rounding": "last", "refit_scales": "first", "dense_target": 0.0,
                            "refit_mask": "keep", "channel_permutation": "none"})
     assert CompressConfig(**by_key["7-slim-lora"].compress) == CompressConfig(**PRESETS["slim-paper"])
     # every preset spells out every knob, so it keeps its meaning whatever the defaults become
@@ -250,7 +252,7 @@ def test_the_compress_defaults_are_the_w8a8_row_and_int4_dense_is_row_42():
         assert set(preset) == {f for f in CompressConfig.__dataclass_fields__ if f != "skip_layers"}
     # the report prints the dense INT4 reference beside best_one_shot
     md = (harness.BENCH / "results" / "accuracy_gemma3-270m.md").read_text()
-    assert f"best_one_shot: row {by_number[67].key}, perplexity 53.65 (x1.232 dense)" in md
+    assert f"best_one_shot: row {by_number[86].key}, perplexity 52.32 (x1.202 dense)" in md
     assert "beside it, the dense INT4 reference" in md and f"row {by_number[42].key}, perplexity 49.80" in md
 
 
@@ -258,10 +260,11 @@ def test_the_w8a8_preset_is_the_smoothed_lrc_row():
     from slim_trt.config import PRESETS, CompressConfig
 
     by_number = {r.number: r for r in accuracy_rows.ROWS}
-    # row 67 is the preset; row 64 the same without the permutation, row 31 that with the first mask kept, row 30
-    # that without SmoothQuant
-    assert CompressConfig(**by_number[67].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
-    unpermuted = {**PRESETS["trt-int8-sparse"], "channel_permutation": "none"}
+    # row 86 is the preset; row 67 the same without the dense target, row 64 that without the permutation, row 31
+    # that with the first mask kept, row 30 that without SmoothQuant
+    assert CompressConfig(**by_number[86].compress) == CompressConfig(**PRESETS["trt-int8-sparse"])
+    assert CompressConfig(**by_number[67].compress) == CompressConfig(**{**PRESETS["trt-int8-sparse"], "dense_target": 0})
+    unpermuted = {**PRESETS["trt-int8-sparse"], "channel_permutation": "none", "dense_target": 0}
     assert CompressConfig(**by_number[64].compress) == CompressConfig(**unpermuted)
     kept = {**unpermuted, "refit_mask": "keep"}
     assert CompressConfig(**by_number[31].compress) == CompressConfig(**kept)
@@ -312,14 +315,16 @@ def test_the_readme_recipe_flags_are_the_rows_they_quote():
 
     by_number = {r.number: r for r in accuracy_rows.ROWS}
     keep = ["--refit-mask", "keep", "--channel-permutation", "none"]  # rows measured before issue 23's options
-    for flags, number in (([], 67), (["--channel-permutation", "none"], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 65),
-                          (["--bits", "4"], 65), (["--preset", "slim-2to4", "--channel-permutation", "none"], 63),
-                          (["--preset", "slim-2to4", *keep], 24),
+    for flags, number in (([], 86), (["--dense-target", "0"], 67), (["--dense-target", "0", "--channel-permutation", "none"], 64), (["--preset", "int4-dense"], 42), (["--preset", "slim-2to4"], 79),
+                          (["--bits", "4"], 79), (["--preset", "slim-2to4", "--dense-target", "0"], 65),
+                          (["--preset", "slim-2to4", "--dense-target", "0", "--channel-permutation", "none"], 63),
+                          (["--preset", "slim-2to4", "--dense-target", "0", *keep], 24),
                           (["--preset", "int4-dense", "--quantizer", "spqr", "--bits", "3"], 47),
-                          (["--preset", "trt-int8-sparse"], 67), ([*keep], 31), (["--smooth-alpha", "none", *keep], 30),
-                          (["--act-bits", "none", *keep], 27),
-                          (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1"], 59),
-                          (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1", "--lowrank", "none"],
-                           38)):
+                          (["--preset", "trt-int8-sparse"], 86), (["--dense-target", "0", *keep], 31),
+                          (["--dense-target", "0", "--smooth-alpha", "none", *keep], 30),
+                          (["--act-bits", "none", "--dense-target", "0", *keep], 27),
+                          (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1", "--dense-target", "0"], 59),
+                          (["--sparsity", "none", "--quantizer", "gptq", "--rank-ratio", "0.1", "--lowrank", "none",
+                            "--dense-target", "0"], 38)):
         args = build_parser().parse_args(["compress", "MODEL", "-o", "OUT", *flags])
         assert config_from_args(args) == CompressConfig(**by_number[number].compress), (flags, number)

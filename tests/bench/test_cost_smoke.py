@@ -41,6 +41,9 @@ def test_cost_rows_measure_the_demo_and_the_reference(tmp_path):
     assert d["checks_ok"] == {"verify": True, "lint": True, "sparse": True}  # the main job's own checks passed
     assert 0 < d["compress_s"] < d["demo_s"] <= d["wall_s"] and 0 < r["compress_s"] <= r["wall_s"]
     assert set(d["phases"]) >= {"calibration_forward", "block_output"} and set(r["phases"]) >= {"sweep"}
+    # the defaults fit each layer toward the dense model's output; the reference is plain sequential SparseGPT + GPTQ
+    assert "asymmetric_target" in d["phases"] and "asymmetric_target" not in r["phases"]
+    assert "--dense-target 0" in ref["command"]
     g = data["goals"]
     assert g["ratio_to_reference"] == pytest.approx(d["compress_s"] / r["compress_s"], rel=1e-3)
     assert g["ratio_met"] == (g["ratio_to_reference"] <= 2.0) and g["compress_met"] == (d["compress_s"] <= 300)

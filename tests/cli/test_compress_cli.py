@@ -45,7 +45,7 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
     (["--refit-rounding", "last", "--refit-scales", "first"], dict(refit_rounding="last", refit_scales="first")),
     (["--preset", "slim-2to4", "--refit-mask", "reselect", "--channel-permutation", "mlp"],
      dict(sparsity="2:4", refit_mask="reselect", channel_permutation="mlp")),
-    ([], dict(refit_mask="reselect", channel_permutation="mlp")),  # the W8A8 2:4 preset (row 67)
+    ([], dict(refit_mask="reselect", channel_permutation="mlp", dense_target=0.25)),  # the W8A8 2:4 preset (row 86)
     (["--sparsity", "unstructured:0.5"], dict(channel_permutation="none")),  # no N:M groups to arrange
     (["--channel-permutation", "attn,mlp"], dict(channel_permutation="mlp,attn")),
     (["--pruner", "wanda"], dict(pruner="wanda", refit_mask="keep")),  # no SparseGPT sweep to reselect in
@@ -64,6 +64,9 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
      dict(bits=8, effective_group_size=-1, lowrank="lrc", act_bits=8, act_scale_method="max", smooth_alpha=0.7)),
     (["--act-bits", "8", "--smooth-alpha", "none", "--refit-rounds", "0"],  # the preset's smoothing turned off
      dict(bits=8, lowrank="lrc", act_bits=8, smooth_alpha=None)),
+    (["--dense-target", "0.25", "--refit-rounds", "0"], dict(dense_target=0.25, lowrank="lrc", act_bits=8)),
+    (["--dense-target", "0.25", "--dense-target-damp", "0.1", "--refit-rounds", "0"],
+     dict(dense_target=0.25, dense_target_damp=0.1)),
 ])
 def test_defaults_preset_and_flags_reach_the_manifest(flags, expect, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "ckpt"
@@ -209,7 +212,10 @@ def test_unknown_flag_value_is_exit_2(tiny_model_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize("flag,value,needle", [("--max-bits", "0", "bad --max-bits 0"),
                                                ("--max-bits", "lots", "is not a number of bits"),
-                                               ("--smooth-alpha", "half", "'half' is not a strength in [0, 1]")])
+                                               ("--smooth-alpha", "half", "'half' is not a strength in [0, 1]"),
+                                               ("--dense-target", "2", "bad --dense-target 2.0: give a fraction in [0, 1]"),
+                                               ("--dense-target", "most", "invalid float value: 'most'"),
+                                               ("--dense-target-damp", "0", "bad dense_target_damp 0.0")])
 def test_bad_number_or_none_exits_2(flag, value, needle, tiny_model_dir, tmp_path, capsys):
     extra = ["--act-bits", "8"] if flag == "--smooth-alpha" else []
     try:

@@ -41,7 +41,8 @@ def test_compress_help_shows_each_default_as_the_config_holds_it(capsys, monkeyp
     assert ("The defaults are --preset trt-int8-sparse (W8A8 2:4): SparseGPT 2:4, INT8 SLiM-Quant weights (per output "
             "channel), static per-tensor INT8 activations (MSE scales) after SmoothQuant alpha 0.5, LRC adapters rank "
             "0.23 rounded to 4 bits by GPTQ, 3 refit rounds choosing the mask again, MLP channels permuted for the N:M "
-            "groups; 1.232x dense perplexity at 6.363 bits/param on Gemma 3 270M (bench row 67). Why: 2:4-sparse INT8 "
+            "groups, layers fitted toward the dense model's outputs (asymmetric calibration, step 0.25); 1.202x dense "
+            "perplexity at 6.363 bits/param on Gemma 3 270M (bench row 86). Why: 2:4-sparse INT8 "
             "weights x INT8 activations") in out
     assert ("--preset int4-dense (W4A16 dense): dense, INT4 GPTQ weights (groups of 128), H-LoRA adapters rank 0.23 "
             "rounded to 4 bits by RTN, 3 refit rounds, within 4.5 bits/param; 1.144x dense perplexity at 4.498 "
@@ -89,7 +90,7 @@ def test_help_and_demo_follow_a_changed_preset(tiny_model_dir, tmp_path, capsys,
     monkeypatch.setitem(PRESETS, "trt-int8-sparse", changed)
     monkeypatch.setitem(PRESETS, "int4-dense", {**PRESETS["int4-dense"], "sparsity": "unstructured:0.5"})
     out = help_of(["compress"], capsys, monkeypatch)
-    # trt-fp8-sparse is a table entry of its own (row 67's recipe in FP8): it keeps the values it was given
+    # trt-fp8-sparse is a table entry of its own (row 67's recipe in FP8, without the dense target): it keeps the values it was given
     assert "[default: 0.3; 0.1 in --preset slim-paper; 0.23 in --preset slim-2to4, trt-fp8-sparse and int4-dense]" in out
     assert "[default: 0.6; none in --preset slim-paper, slim-2to4 and int4-dense; 0.5 in --preset trt-fp8-sparse]" in out
     assert "[default: 2:4; unstructured:0.5 in --preset int4-dense]" in out

@@ -472,3 +472,27 @@ def test_residual_permutation_refuses_a_streamed_model(tmp_path):
         compress(model, slim_2to4(channel_permutation="residual"), calib_windows(n=2, seqlen=16),
                  resume_dir=tmp_path / "partial", weights=weights, progress=False)
     assert not (tmp_path / "partial").exists() or not any((tmp_path / "partial").iterdir())
+
+
+def test_dense_target_resumes_to_the_same_result_and_reports_the_drift(tiny_model_dir, tmp_path,
+                                                                                   monkeypatch):
+    """dense_target (asymmetric calibration) on the defaults: an interrupted run resumes to the same
+    checkpoint (the restored block passes the dense model's hidden states on), every block reports how far the
+    compressed model has drifted from the dense one, and the layers fit a target other than their own weight."""
+    cfg = CompressConfig(dense_target=0.25, refit_rounds=1)
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    _, report = compress_model(str(tiny_model_dir), tmp_path / "a", cfg, calib, progress=False)
+    drifts = [b["drift_rel_error"] for b in report.blocks]
+    assert len(drifts) == 2 and all(d > 0 for d in drifts)
+    assert report.phases["asymmetric_target"] > 0  # block 1's layers were refitted to the dense model's output
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "b", cfg,
+                                                                     calib, progress=False))
+    compress_model(str(tiny_model_dir), tmp_path / "b", cfg, calib, progress=False)
+    _, own = compress_model(str(tiny_model_dir), tmp_path / "c", CompressConfig(refit_rounds=1), calib,
+                            progress=False)
+    assert "drift_rel_error" not in own.blocks[0]
+    a, b, c = (slim_trt.load(tmp_path / n) for n in "abc")
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+        assert not torch.equal(a(x).logits, c(x).logits)

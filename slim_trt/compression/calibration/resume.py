@@ -59,6 +59,10 @@ class BlockStore:
         tmp.write_text(json.dumps(body))
         tmp.replace(meta)
 
+    def has(self, index: int) -> bool:
+        """Whether block `index` was saved (load may still find it corrupt)."""
+        return all(f.is_file() for f in self._files(index))
+
     def load(self, index: int) -> tuple[dict[str, CompressedLinear], dict] | None:
         """Block `index`'s layers and record (with the block's whole state under "dense" when it was saved), or None when it was never saved or failed its checks (then its files
         are deleted, with a warning, so that it is compressed again)."""

@@ -11,6 +11,7 @@ instead of being rebuilt per architecture.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -46,12 +47,22 @@ class LinearStats:
     act_format: str = "int"  # or "fp8" (E4M3 activations, issue 24)
     act_moments: Any = None  # algorithms.lrc.ActErrorMoments
     act_nsamples: int = 0
+    # Asymmetric calibration (dense_target > 0): D = 2/n sum (x_ref - x) x^T, x_ref being the same
+    # token's input in the dense model (algorithms/asymmetric.py); None when the layer is fitted to its own output.
+    drift: torch.Tensor | None = None
+    smoothing: torch.Tensor | None = None  # [K]: SmoothQuant divided input channel j by smoothing[j] (rescaled)
 
-    def add(self, x: torch.Tensor, shared: "InputProducts | None" = None) -> None:
+    def add(self, x: torch.Tensor, shared: "InputProducts | None" = None, ref: torch.Tensor | None = None) -> None:
+        """Fold the layer input x into H and sum x^2; ref: the dense model's input for the same tokens, folded
+        into the drift."""
+        from ...algorithms.asymmetric import accumulate_drift
         from ...algorithms.gptq import accumulate_hessian
 
         shared = shared or InputProducts()
         X, xtx, sq = shared(x)
+        if ref is not None:
+            prev, n = self.drift, self.nsamples
+            self.drift = shared.once("drift", lambda: accumulate_drift(prev, n, X, shared.ref_rows(ref)), prev)
         self.hessian, self.nsamples = accumulate_hessian(self.hessian, self.nsamples, X, xtx)
         self.sq_sum = sq if self.sq_sum is None else self.sq_sum + sq
         self.ntokens += X.shape[0]
@@ -91,6 +102,8 @@ class LinearStats:
             raise ValueError("permute the statistics before the quantized pass")
         p = perm.to(self.sq_sum.device)
         return replace(self, hessian=self.hessian[p][:, p], sq_sum=self.sq_sum[p],
+                       drift=None if self.drift is None else self.drift[p][:, p],
+                       smoothing=None if self.smoothing is None else self.smoothing[p],
                        channel_absmax=None if self.channel_absmax is None else self.channel_absmax[p])
 
     def rescaled(self, s: torch.Tensor) -> "LinearStats":
@@ -100,7 +113,10 @@ class LinearStats:
         if self.act_moments is not None:
             raise ValueError("rescale the statistics before the quantized pass")
         s = s.to(device=self.sq_sum.device, dtype=torch.float32)
-        return replace(self, hessian=self.hessian / (s[:, None] * s[None, :]), sq_sum=self.sq_sum / (s * s),
+        ss = s[:, None] * s[None, :]  # x_ref is divided by the same s
+        return replace(self, hessian=self.hessian / ss, sq_sum=self.sq_sum / (s * s),
+                       drift=None if self.drift is None else self.drift / ss,
+                       smoothing=s if self.smoothing is None else self.smoothing * s,
                        channel_absmax=None, abs_hist=None)
 
     @property
@@ -148,6 +164,10 @@ class InputProducts:
             self._x, self._rows, self._memo = x, X, {}
         return self._rows
 
+    def ref_rows(self, ref: torch.Tensor) -> torch.Tensor:
+        """The dense model's input for the current input's tokens, as float32 rows (once per input)."""
+        return self.once("ref rows", lambda: ref.detach().reshape(-1, ref.shape[-1]).to(torch.float32))
+
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, X^T X, sum of x^2 per channel): the products only the dense pass needs."""
         X = self.rows(x)
@@ -176,6 +196,8 @@ class BlockResult:
     index: int
     layers: dict[str, dict] = field(default_factory=dict)  # per-linear info from the callback
     output_rel_error: float = 0.0  # ||Y_compressed - Y_dense|| / ||Y_dense|| of the block output
+    # asymmetric: the same against the dense model's own hidden states after this block (the error so far)
+    drift_rel_error: float | None = None
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -254,6 +276,7 @@ def run_layerwise(
     batch_size: int = 8,
     skip: Callable[[str], bool] = lambda name: False,
     restore_block: Callable[[int, nn.Module], bool] = lambda i, block: False,
+    restorable: Callable[[int], bool] = lambda i: False,
     on_block_done: Callable[[BlockResult], None] = lambda r: None,
     progress: Iterable | None = None,
     act: ActCalibration | None = None,
@@ -261,12 +284,14 @@ def run_layerwise(
     timer: PhaseTimer | None = None,
     weights=None,
     transform: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None,
+    asymmetric: bool = False,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
     compress_block(i, block, linears, stats) replaces the given linears inside `block` and returns per-layer info.
     restore_block(i, block) may put an earlier run's compressed layers into `block` and return True (resume);
-    the block then only runs forward to produce the next block's inputs.
+    the block then only runs forward to produce the next block's inputs. restorable(i): whether restore_block
+    would find block i (asymmetric runs the dense block first then, while its linears are still the dense ones).
     act: calibrate static activation scales (and optionally smooth) before compress_block sees the statistics:
     one more forward pass of the dense block (two with smoothing: the |x| histograms of the smoothed inputs).
     device: where each block runs and is compressed (None: where the model is). The model stays where it is;
@@ -278,6 +303,10 @@ def run_layerwise(
     transform(i, block, linears, stats): may change the dense block into an equivalent one (a channel
     permutation) from its first statistics, before the activation calibration; returns {linear name: perm} for
     the linears whose input channels it put in the order perm, whose statistics are permuted to match.
+    asymmetric: also carry the dense model's hidden states through the dense blocks, and give every linear the
+    drift of its inputs from the dense model's (LinearStats.drift, for algorithms/asymmetric.py): the first
+    statistics pass runs each batch through the dense block twice, on the dense and on the compressed stream,
+    pairing each linear's two inputs token by token (one batch of them held at a time).
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -290,6 +319,8 @@ def run_layerwise(
     with phase(timer, "calibration_forward"):
         kw_cache = {b.shape[0]: _to(_record_block_kwargs(model, blocks, b), device) for b in batches}
         hidden = [_block0_inputs(model, blocks, b).to(device) for b in batches]
+    # The dense model's hidden states (asymmetric): the same list as `hidden` until a block is compressed.
+    dense_hidden = hidden if asymmetric else None
     if weights is not None:
         weights.release_outer()
         weights.kw_cache_bytes = _tensor_bytes(kw_cache)
@@ -305,7 +336,16 @@ def run_layerwise(
         if weights is not None:
             with phase(timer, "load"):
                 weights.load_block(i)
+        dense_next = None
+        if dense_hidden is not None and restorable(i):
+            # Before restore_block replaces the linears: the dense stream needs this block as it was.
+            with phase(timer, "calibration_forward"):
+                dense_next = _run_block(block.to(device), dense_hidden, kwargs_for(i))
         if restore_block(i, block):
+            if dense_hidden is not None:
+                if dense_next is None:
+                    raise RuntimeError(f"block {i} was restored although restorable({i}) said it would not be")
+                dense_hidden = dense_next
             with phase(timer, "block_output"):
                 hidden = _run_block(block.to(device), hidden, kwargs_for(i))
                 block.to(home)
@@ -314,15 +354,16 @@ def run_layerwise(
             results.append(res)
             continue
         linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
-        check_fits(block_bytes(block, hidden, [m.in_features for m in linears.values()]), device,
-                   f"compressing block {prefix}{i}")
+        check_fits(block_bytes(block, hidden, [m.in_features for m in linears.values()],
+                               dense_stream=dense_hidden is not None), device, f"compressing block {prefix}{i}")
         block.to(device)
 
-        def run_hooked(adders: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
-            """The block's forward with each linear's input passed to adders[name]."""
+        @contextlib.contextmanager
+        def hooked(adders: dict[str, Callable[[torch.Tensor], None]]):
+            """Within: each forward of the block passes linear `name`'s input to adders[name]."""
             handles = [linears[n].register_forward_hook(_stats_hook(f, timer)) for n, f in adders.items()]
             try:
-                return _run_block(block, hidden, kwargs_for(i))
+                yield
             except _NonFinite:
                 raise SlimError(f"NaN or Inf in the activations entering block {prefix}{i}: the model or the "
                                 f"calibration text is broken (check the source weights; try another dtype)")
@@ -330,20 +371,46 @@ def run_layerwise(
                 for h in handles:
                     h.remove()
 
+        def run_hooked(adders: dict[str, Callable[[torch.Tensor], None]]) -> list[torch.Tensor]:
+            """The block's forward on the compressed stream with each linear's input passed to adders[name]."""
+            with hooked(adders):
+                return _run_block(block, hidden, kwargs_for(i))
+
         def new_stats() -> dict[str, LinearStats]:
             # With SmoothQuant the first pass's histograms would describe inputs it is about to divide.
             smoothing = act is not None and act.smooth is not None
             return {n: LinearStats(collect_act=act is not None, defer_hist=smoothing) for n in linears}
 
-        def gather(stats: dict[str, LinearStats]) -> list[torch.Tensor]:
+        def gather(stats: dict[str, LinearStats]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+            """The first statistics pass: (the dense block's outputs on the compressed stream, on the dense
+            stream (None without one))."""
             shared = InputProducts()
-            out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
+            if dense_hidden is None or dense_hidden is hidden:  # no dense stream, or no drift yet (block 0)
+                out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
+                ref_out = None if dense_hidden is None else out
+            else:
+                out, ref_out = run_paired(stats, shared)
             _share_equal_hessians(stats)
-            return out
+            return out, ref_out
+
+        def run_paired(stats: dict[str, LinearStats], shared: InputProducts):
+            """Per batch: the dense stream through the block (each linear's input kept), then the compressed
+            stream, whose hooks fold each input with the dense one into the statistics."""
+            refs: dict[str, torch.Tensor] = {}
+            keep = {n: functools.partial(refs.__setitem__, n) for n in stats}
+            add = {n: (lambda x, n=n: stats[n].add(x, shared, ref=refs[n])) for n in stats}
+            out, ref_out = [], []
+            for x, x_ref in zip(hidden, dense_hidden):
+                refs.clear()
+                with hooked(keep):
+                    ref_out += _run_block(block, [x_ref], kwargs_for(i))
+                with hooked(add):
+                    out += _run_block(block, [x], kwargs_for(i))
+            return out, ref_out
 
         stats = new_stats()
         with phase(timer, "calibration_forward"):
-            dense_out = gather(stats)
+            dense_out, dense_next = gather(stats)
         # The block may now change into an equivalent one (dense_out holds). Its inputs change by a channel
         # permutation or a per-channel division, exactly, so the statistics follow without another pass; only the
         # |x| histogram, which pools every channel, is gathered again after SmoothQuant.
@@ -377,6 +444,9 @@ def run_layerwise(
                 raise SlimError(f"NaN or Inf in the outputs of compressed block {prefix}{i}")
             res.output_rel_error = _rel(hidden, dense_out)
             del dense_out
+            if dense_hidden is not None:
+                dense_hidden = dense_next
+                res.drift_rel_error = _rel(hidden, dense_hidden)
             block.to(home)
         results.append(res)
         on_block_done(res)
@@ -417,18 +487,19 @@ def _to(obj, device: torch.device):
 
 
 def _share_equal_hessians(stats: dict[str, LinearStats]) -> None:
-    """Layers whose statistics came out equal (they read the same input) hold one H: the memory is counted
-    once and the factorisations of H (algorithms/memo.py) are computed once for all of them."""
-    seen: list[torch.Tensor] = []
-    for st in stats.values():
-        H = st.hessian
-        if H is None:
-            continue
-        same = next((G for G in seen if G.shape == H.shape and torch.equal(G, H)), None)
-        if same is None:
-            seen.append(H)
-        else:
-            st.hessian = same
+    """Layers whose statistics came out equal (they read the same input) hold one H (and one drift): the memory
+    is counted once and the factorisations of H (algorithms/memo.py) are computed once for all of them."""
+    for attr in ("hessian", "drift"):
+        seen: list[torch.Tensor] = []
+        for st in stats.values():
+            T = getattr(st, attr)
+            if T is None:
+                continue
+            same = next((G for G in seen if G.shape == T.shape and torch.equal(G, T)), None)
+            if same is None:
+                seen.append(T)
+            else:
+                setattr(st, attr, same)
 
 
 def _stats_hook(add: Callable[[torch.Tensor], None], timer: PhaseTimer | None = None):

@@ -132,3 +132,113 @@ def test_only_the_dense_pass_computes_the_input_products(monkeypatch):
     assert names.count("products") == 16
     # the histograms once, after SmoothQuant (the first pass only takes the max |x| it needs)
     assert sum(n == "hist" for n in names) == 16 and sum(n.startswith("moments") for n in names) == 16
+
+
+def _perturb(block, seed: int = 0) -> None:
+    """A stand-in for compression: every linear's weight changed by a fixed random factor."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, lin in sorted((n, m) for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)):
+            lin.weight.mul_(1 + 0.3 * torch.randn(lin.weight.shape, generator=g))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_asymmetric_drift_is_measured_against_the_dense_model(family):
+    """With asymmetric, block 1's linears get D = 2/n sum (x_ref - x) x^T with x_ref their input in the untouched
+    dense model and x their input behind the compressed block 0, in the coordinates of the block as it is after
+    the MLP/value permutations and SmoothQuant (drift permuted and rescaled with H, no new pass)."""
+    import copy
+    from types import SimpleNamespace
+
+    from slim_trt.compression.compressor import act_calibration, channel_transform
+    from slim_trt.config import CompressConfig
+
+    config = CompressConfig(channel_permutation="mlp,attn", dense_target=1.0)
+    model = tiny_model(family)
+    dense = copy.deepcopy(model)
+    windows = calib_windows(n=4, seqlen=16)
+    dense_in, seen_in = [], []
+    decoder_blocks(dense)[1].register_forward_pre_hook(lambda _m, a, kw: dense_in.append((a, kw)),
+                                                       with_kwargs=True)
+    with torch.no_grad():
+        for batch in windows.split(2):
+            dense(batch, use_cache=False)  # no cache object in the recorded kwargs
+    decoder_blocks(model)[1].register_forward_pre_hook(lambda _m, a, kw: seen_in.append((a, kw)), with_kwargs=True)
+    checked = []
+
+    def compress_block(i, block, linears, stats):
+        if i == 0:
+            assert all(st.drift is None for st in stats.values())  # both streams enter block 0 equal
+            _perturb(block)
+            return {}
+        fresh = {n: LinearStats() for n in linears}
+        refs = {}
+        for (a_ref, kw_ref), (a, kw) in zip(dense_in, seen_in[-2:]):  # the runner's last pass: 2 batches
+            keep = [linears[n].register_forward_hook(lambda _m, x, _o, n=n: refs.__setitem__(n, x[0]))
+                    for n in linears]
+            block(*a_ref, **kw_ref)
+            for h in keep:
+                h.remove()
+            add = [linears[n].register_forward_hook(lambda _m, x, _o, n=n: fresh[n].add(x[0], ref=refs[n]))
+                   for n in linears]
+            block(*a, **kw)
+            for h in add:
+                h.remove()
+        for n, st in stats.items():
+            assert st.drift is not None and float(st.drift.abs().max()) > 0, n
+            torch.testing.assert_close(st.drift, fresh[n].drift, rtol=1e-4, atol=1e-5)
+        assert stats["self_attn.k_proj"].drift is stats["self_attn.q_proj"].drift  # one input, one drift
+        # SmoothQuant's divisors are kept for the source-frame ridge (algorithms.asymmetric.source_ridge)
+        assert stats["self_attn.q_proj"].smoothing is not None and stats["self_attn.q_proj"].smoothing.shape == \
+            stats["self_attn.q_proj"].sq_sum.shape
+        checked.append(i)
+        return {}
+
+    with torch.no_grad():
+        results = run_layerwise(model, windows, compress_block, batch_size=2, act=act_calibration(config, model),
+                                transform=channel_transform(config, SimpleNamespace(permutation={}), model.config),
+                                asymmetric=True)
+    assert checked == [1]
+    assert all(r.drift_rel_error is not None and r.drift_rel_error > 0 for r in results)
+
+
+def test_asymmetric_resume_keeps_the_dense_stream():
+    """A restored block still passes the dense model's hidden states on (it runs dense before it is restored):
+    block 1's drift is the same whether block 0 was compressed in this run or restored."""
+    drifts = []
+
+    def run(restore: bool):
+        model = tiny_model("llama")
+        got = {}
+
+        def compress_block(i, block, linears, stats):
+            if i == 0:
+                _perturb(block)
+            else:
+                got.update({n: st.drift for n, st in stats.items()})
+            return {}
+
+        def restore_block(i, block):
+            if restore and i == 0:
+                _perturb(block)
+                return True
+            return False
+
+        with torch.no_grad():
+            run_layerwise(model, calib_windows(n=4, seqlen=16), compress_block, batch_size=2, asymmetric=True,
+                          restore_block=restore_block, restorable=lambda i: restore and i == 0)
+        drifts.append(got)
+
+    run(False)
+    run(True)
+    assert drifts[0].keys() == drifts[1].keys() and drifts[0]
+    for n in drifts[0]:
+        torch.testing.assert_close(drifts[1][n], drifts[0][n], rtol=1e-5, atol=1e-6)
+
+
+def test_a_restore_the_runner_was_not_told_of_is_refused():
+    """restorable(i) must announce a restore: the dense stream cannot be recovered after it."""
+    model = tiny_model("llama")
+    with pytest.raises(RuntimeError, match="restorable"), torch.no_grad():
+        run_layerwise(model, calib_windows(n=2, seqlen=8), lambda *a: {}, asymmetric=True,
+                      restore_block=lambda i, block: True)
