@@ -19,12 +19,18 @@ import torch
 from ..timing import PhaseTimer
 
 
+# Each layer at work holds its factorisations and sweep copies (K x K float64, N x K float32): two at once is
+# what the streaming memory bound was checked with (tests/compression/test_streaming.py, slow); more cores would
+# multiply that on a large model's MLP layers for little gain (a block has 7 layers, the largest sets the pace).
+MAX_WORKERS = 2
+
+
 def layer_workers(device: torch.device, layers: int) -> int:
-    """How many layers to compress at once: one per CPU thread torch was given (all_cores), one on a GPU (whose
-    kernels are queued asynchronously anyway)."""
+    """How many layers to compress at once: one per CPU thread torch was given (all_cores), at most MAX_WORKERS;
+    one on a GPU (whose kernels are queued asynchronously anyway)."""
     if device.type != "cpu":
         return 1
-    return max(1, min(torch.get_num_threads(), layers))
+    return max(1, min(torch.get_num_threads(), layers, MAX_WORKERS))
 
 
 def map_layers(jobs: dict[str, Callable[[PhaseTimer | None], Any]], workers: int,

@@ -71,5 +71,7 @@ def test_one_worker_on_a_gpu_or_a_single_core():
         assert layer_workers(torch.device("cpu"), 7) == 1
         torch.set_num_threads(2)
         assert layer_workers(torch.device("cpu"), 7) == 2 and layer_workers(torch.device("cpu"), 1) == 1
+        torch.set_num_threads(8)  # two at a time at most: the memory bound was checked with two
+        assert layer_workers(torch.device("cpu"), 7) == 2
     finally:
         torch.set_num_threads(before)
