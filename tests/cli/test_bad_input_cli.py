@@ -204,11 +204,12 @@ def test_nsamples_beyond_the_text_or_the_memory_is_refused_before_the_run(source
     rc, _, err = run([*args, "--nsamples", "100000000"], capsys)
     assert rc == 2 and "--nsamples 100000000 is more windows than the calibration text has" in \
         one_error_line(err, "compress")
-    # 64 hidden units x 12 bytes x 16 tokens = 12 KiB per window: 1000 windows need 11.7 MiB, more than 10 MiB
+    # 64 hidden units x 20 bytes x 16 tokens = 20 KiB per window (the defaults carry the dense model's hidden states
+    # beside the compressed ones: 12 bytes without the dense target): 1000 windows need 19.5 MiB, more than 10 MiB
     monkeypatch.setattr(slim_trt.resources, "available_memory_bytes", lambda: 10 << 20)
     rc, _, err = run([*args, "--nsamples", "1000"], capsys)
     line = one_error_line(err, "compress")
-    assert rc == 2 and "--nsamples 1000 x --seqlen 16 needs 0.0 GiB" in line and "use --nsamples <= 853" in line
+    assert rc == 2 and "--nsamples 1000 x --seqlen 16 needs 0.0 GiB" in line and "use --nsamples <= 512" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
