@@ -168,9 +168,7 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     model lives), its float buffers on the weight's device until the runner moves the block back."""
     W = lin.weight.detach()
     if stats.drift is not None:  # dense_target > 0: a weight closer to reproducing the dense model's output
-        from ..algorithms.asymmetric import asymmetric_target
-
-        from ..algorithms.asymmetric import source_ridge
+        from ..algorithms.asymmetric import asymmetric_target, source_ridge
 
         with phase(timer, "asymmetric_target"):
             ridge = None
@@ -271,7 +269,7 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
     device: "auto" (a CUDA GPU when torch sees one, else the CPU), "cpu", "cuda" or "cuda:N". The model stays
     in host memory; one decoder block at a time is compressed on the device. torch uses every core this
     process is given while it runs (unless OMP_NUM_THREADS says otherwise): the block passes on all of them, and
-    on a CPU one layer per core at a time (layer_pool.py).
+    on a CPU up to two of a block's layers at once, one per core (layer_pool.py).
     weights: a slim_trt.compression.streaming.StreamedModel when `model` is on the meta device (compress_model streams);
     then every finished block's compressed layers are in `resume_dir` only, and leave `model`.
     """
@@ -319,6 +317,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
                                          {n: stats[n].saliency for n in linears}, config,
                                          {n: stats[n].hessian for n in linears},
                                          {n: planned[f"{prefix}{i}.{n}"] for n in linears})
+
         def job(rel_name: str):
             full = f"{prefix}{i}.{rel_name}"
             held = [stats[rel_name], bases.pop(rel_name, None)]
