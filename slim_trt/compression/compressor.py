@@ -167,6 +167,7 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     """Compress one linear where its weight is; the layer's integer form is kept on `home` (the host: where the
     model lives), its float buffers on the weight's device until the runner moves the block back."""
     W = lin.weight.detach()
+    target = W  # what the layer is fitted to reproduce on its inputs
     if stats.drift is not None:  # dense_target > 0: a weight closer to reproducing the dense model's output
         from ..algorithms.asymmetric import asymmetric_target, source_ridge
 
@@ -174,9 +175,10 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
             ridge = None
             if cfg.dense_target_frame == "source" and stats.smoothing is not None:
                 ridge = source_ridge(stats.hessian, stats.smoothing, cfg.dense_target_damp)
-            W = asymmetric_target(W, stats.hessian, stats.drift, cfg.dense_target_damp, cfg.dense_target,
-                                  ridge).to(W.dtype)
-    cw = compress_weight(W, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base,
+            # kept in float32 (compress_weight works in float32): a bf16 model's target is not rounded to bf16
+            target = asymmetric_target(W, stats.hessian, stats.drift, cfg.dense_target_damp, cfg.dense_target,
+                                       ridge)
+    cw = compress_weight(target, stats.hessian, stats.act_norm, stats.saliency, cfg, rank=rank, base=base,
                          act=stats.act_moments, timer=timer)
     sp = cfg.sparsity_spec
     home = W.device if home is None else home
