@@ -25,6 +25,8 @@ REFIT_ROUNDINGS = ("last", "every")  # see CompressConfig.refit_rounding
 REFIT_SCALES = ("first", "every")  # see CompressConfig.refit_scales
 REFIT_MASKS = ("keep", "reselect")  # see CompressConfig.refit_mask
 DENSE_TARGET_FRAMES = ("layer", "source")  # see CompressConfig.dense_target_frame
+BLOCK_TUNE_TARGETS = ("layer", "dense")  # see CompressConfig.block_tune_target
+BLOCK_TUNE_LOSSES = ("mse", "channel")  # see CompressConfig.block_tune_loss
 # see CompressConfig.channel_permutation: "none" or a comma list of these parts
 CHANNEL_PERMUTATION_PARTS = ("mlp", "attn", "residual")
 CHANNEL_PERMUTATIONS = ("none", *CHANNEL_PERMUTATION_PARTS)
@@ -169,6 +171,16 @@ class CompressConfig:
     # most channels, as SmoothQuant evens H's diagonal out; rows 78, 83, 84: 1.235x, 1.215x at a ridge of 0.1,
     # 1.232x at 1). Without SmoothQuant (or without a dense target) the two are one: it reads "source" then.
     dense_target_frame: str = "source"
+    # block_tune_epochs (issue 23): after each block is compressed, train its adapters (nothing else) for this many
+    # passes over the calibration windows so the block's output matches block_tune_target: "layer" the dense
+    # block's output on the same inputs, "dense" the dense model's hidden states after the block
+    # (compression/calibration/block_tuning.py). 0 = off. Adam at block_tune_lr, cosine decay, 2 windows a step.
+    block_tune_epochs: int = 0
+    block_tune_lr: float = 3e-4
+    block_tune_target: str = "layer"
+    # "mse": squared error over all hidden units; "channel": each unit's relative to its own mean square, so the few
+    # units with massive activations (Gemma, LLaMA) do not decide the fit alone
+    block_tune_loss: str = "mse"
     rank_allocation: str = "uniform"  # or "sensitivity": each block's uniform budget shared by error spectra
     # The model-wide budget of the compressed layers, adapters included (docs/recipes.md, "Bits per parameter"): when the
     # ranks from rank_ratio would exceed it, the ratio is lowered until they fit (algorithms.pipeline.plan_ranks).
@@ -236,6 +248,18 @@ class CompressConfig:
                 or not 0.0 < self.dense_target_damp <= 100.0:
             raise SlimError(f"bad dense_target_damp {self.dense_target_damp!r}: give a ridge > 0 relative to mean(diag H), "
                             f"e.g. 0.01 (GPTQ's) or 0.1")
+        if isinstance(self.block_tune_epochs, bool) or not isinstance(self.block_tune_epochs, int) \
+                or self.block_tune_epochs < 0:
+            raise SlimError(f"bad --block-tune-epochs {self.block_tune_epochs!r}: give a whole number >= 0 (0 = off)")
+        if isinstance(self.block_tune_lr, bool) or not isinstance(self.block_tune_lr, (int, float)) \
+                or not 0.0 < self.block_tune_lr < 1.0:
+            raise SlimError(f"bad --block-tune-lr {self.block_tune_lr!r}: give a learning rate in (0, 1), e.g. 3e-4")
+        if self.block_tune_target not in BLOCK_TUNE_TARGETS:
+            raise SlimError(f"bad --block-tune-target {self.block_tune_target!r}: choose one of "
+                            f"{', '.join(BLOCK_TUNE_TARGETS)}")
+        if self.block_tune_loss not in BLOCK_TUNE_LOSSES:
+            raise SlimError(f"bad --block-tune-loss {self.block_tune_loss!r}: choose one of "
+                            f"{', '.join(BLOCK_TUNE_LOSSES)}")
         if self.dense_target_frame not in DENSE_TARGET_FRAMES:
             raise SlimError(f"bad dense_target_frame {self.dense_target_frame!r}: choose one of "
                             f"{', '.join(DENSE_TARGET_FRAMES)}")
@@ -499,8 +523,8 @@ PRESETS: dict[str, dict] = {
                        lowrank="slim", rank_ratio=0.1, rank_multiple=1, quantize_adapters=False, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=0,
                        refit_rounding="every", refit_scales="every", refit_mask="keep", channel_permutation="none",
-                       dense_target=0.0, dense_target_damp=0.01, dense_target_frame="source",
-                       rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
+                       dense_target=0.0, dense_target_damp=0.01, dense_target_frame="source", block_tune_epochs=0, block_tune_lr=3e-4,
+                       block_tune_target="layer", block_tune_loss="mse", rank_allocation="uniform", max_bits=None, act_bits=None, act_scale_method="mse",
                        act_percentile=99.99, smooth_alpha=None, outlier_share=0.01,
                        zero_point=None, bit_allocation="uniform", weight_format="int", act_format="int"),
     # The best one-shot 2:4 W4A16 recipe (bench row 24, the defaults until issue 14): SparseGPT 2:4 with group-128
@@ -513,8 +537,8 @@ PRESETS: dict[str, dict] = {
                       lowrank="hessian", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                       adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128, refit_rounds=3,
                       refit_rounding="every", refit_scales="every", refit_mask="reselect", channel_permutation="mlp",
-                      dense_target=0.25, dense_target_damp=0.01, dense_target_frame="source",
-                      rank_allocation="uniform", max_bits=4.5, act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
+                      dense_target=0.25, dense_target_damp=0.01, dense_target_frame="source", block_tune_epochs=0, block_tune_lr=3e-4,
+                      block_tune_target="layer", block_tune_loss="mse", rank_allocation="uniform", max_bits=4.5, act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
                       outlier_share=0.01, zero_point=None, bit_allocation="uniform", weight_format="int",
                       act_format="int"),
     # The defaults (issue 23; CompressConfig() equals it). W8A8 2:4 for TensorRT's sparse INT8 tensor cores (issue
@@ -530,7 +554,8 @@ PRESETS: dict[str, dict] = {
                             adapter_group_size=128, adapter_quantizer="gptq", percdamp=0.01, blocksize=128,
                             refit_rounds=3, refit_rounding="every", refit_scales="every", refit_mask="reselect",
                             channel_permutation="mlp", dense_target=0.25, dense_target_damp=0.01,
-                            dense_target_frame="source", rank_allocation="uniform",
+                            dense_target_frame="source", block_tune_epochs=0, block_tune_lr=3e-4,
+                            block_tune_target="layer", block_tune_loss="mse", rank_allocation="uniform",
                             act_bits=8, act_scale_method="mse", act_percentile=99.99, smooth_alpha=0.5, max_bits=None,
                             outlier_share=0.01, zero_point=None, bit_allocation="uniform", weight_format="int",
                             act_format="int"),
@@ -547,7 +572,8 @@ PRESETS: dict[str, dict] = {
                        lowrank="hessian", rank_ratio=0.23, rank_multiple=1, quantize_adapters=True, adapter_bits=4,
                        adapter_group_size=128, adapter_quantizer="rtn", percdamp=0.01, blocksize=128, refit_rounds=3,
                        refit_rounding="every", refit_scales="every", refit_mask="keep",
-                       channel_permutation="none", dense_target=0.0, dense_target_damp=0.01, dense_target_frame="source", rank_allocation="uniform",
+                       channel_permutation="none", dense_target=0.0, dense_target_damp=0.01, dense_target_frame="source", block_tune_epochs=0, block_tune_lr=3e-4,
+                       block_tune_target="layer", block_tune_loss="mse", rank_allocation="uniform",
                        max_bits=4.5,
                        act_bits=None, act_scale_method="mse", act_percentile=99.99, smooth_alpha=None,
                        outlier_share=0.01, zero_point=None, bit_allocation="uniform", weight_format="int",
@@ -620,6 +646,9 @@ def describe(config: CompressConfig) -> str:
         parts.append(f"{adapters[c.lowrank]} adapters rank {c.rank_ratio:g} {rounding}")
         if c.refit_rounds:
             parts.append(f"{c.refit_rounds} refit rounds" + (" choosing the mask again" if c.reselects_mask else ""))
+        if c.block_tune_epochs:
+            toward = "the dense model's hidden states" if c.block_tune_target == "dense" else "the dense block's output"
+            parts.append(f"adapters tuned block by block toward {toward} ({c.block_tune_epochs} epochs)")
     if c.permutes_channels:
         names = {"mlp": "MLP", "attn": "attention value", "residual": "residual-stream"}
         named = [names[p] for p in c.permutation_parts]

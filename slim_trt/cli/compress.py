@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, DEFAULT_PRESET, FORMATS,
+from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, BLOCK_TUNE_LOSSES, BLOCK_TUNE_TARGETS, DEFAULT_PRESET, FORMATS,
                       LOWRANKS, PRESETS, PRUNERS, QUANTIZERS, RANK_ALLOCATIONS, REFIT_MASKS, REFIT_ROUNDINGS,
                       REFIT_SCALES, SPQR_GROUP_SIZE, FINETUNE_LOSSES, CalibConfig, CompressConfig, FinetuneConfig,
                       describe, recipe_label)
@@ -12,7 +12,8 @@ from .recipes import default_recipe, default_text, fill, presets_paragraphs
 
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
-          "refit_mask", "channel_permutation", "dense_target", "dense_target_damp", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
+          "refit_mask", "channel_permutation", "dense_target", "dense_target_damp",
+          "block_tune_epochs", "block_tune_lr", "block_tune_target", "block_tune_loss", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
           "bit_allocation", "weight_format", "act_format")
 # Without --preset, flags that ask for weights INT8 activations cannot multiply start from this weight-only recipe,
 # and --act-bits none alone turns these parts of the defaults off (W8A16 with H-LoRA adapters, bench row 27).
@@ -133,6 +134,23 @@ def register(sub) -> None:
                    help="the ridge of that step's least-squares solve, times mean(diag H): larger keeps the step to "
                         "the input directions with energy (GPTQ damps its own solves by 0.01) "
                         + default_text("dense_target_damp"))
+    p.add_argument("--block-tune-epochs", type=int, default=None, metavar="N",
+                   help="block-wise adapter tuning: after each block is compressed, train its adapters (only them, "
+                        "on their own quantization grid) N passes over the calibration windows so the block's "
+                        "output matches --block-tune-target; a tuning that does not lower the block's error is "
+                        "undone. Costs ~3 block forwards+backwards per window and epoch; 0 = off "
+                        + default_text("block_tune_epochs"))
+    p.add_argument("--block-tune-lr", type=float, default=None, metavar="LR",
+                   help="Adam's peak learning rate for that tuning (cosine decay to 0) " + default_text("block_tune_lr"))
+    p.add_argument("--block-tune-target", default=None, choices=BLOCK_TUNE_TARGETS,
+                   help="what the tuned block reproduces: layer (the dense block's output on the same inputs) or "
+                        "dense (the dense model's hidden states after the block, so the block also corrects some "
+                        "of the error it receives; one more dense forward per block) "
+                        + default_text("block_tune_target"))
+    p.add_argument("--block-tune-loss", default=None, choices=BLOCK_TUNE_LOSSES,
+                   help="that tuning's loss: mse (squared error over all hidden units) or channel (each unit's "
+                        "squared error relative to its own mean square, so the few units with massive activations "
+                        "do not decide the fit alone) " + default_text("block_tune_loss"))
     p.add_argument("--rank-allocation", default=None, choices=RANK_ALLOCATIONS,
                    help="sensitivity: share each block's uniform adapter budget among its layers by the error "
                         "their singular values leave " + default_text("rank_allocation"))

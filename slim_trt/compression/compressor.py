@@ -22,7 +22,8 @@ from torch import nn
 from ..algorithms.pipeline import compress_base, compress_weight, plan_block_ranks, plan_ranks, storage_bits
 from ..algorithms.qtensor import QuantizedTensor
 from ..algorithms.spqr import SpQRTensor
-from .calibration.runner import ActCalibration, BlockResult, LinearStats, run_layerwise
+from .calibration.block_tuning import BlockTuning
+from .calibration.runner import ActCalibration, BlockResult, BlockTune, LinearStats, run_layerwise
 from .calibration.resume import BlockStore
 from ..checkpoint.format import save
 from ..models.shards import check_finite
@@ -168,7 +169,7 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     model lives), its float buffers on the weight's device until the runner moves the block back."""
     W = lin.weight.detach()
     target = W  # what the layer is fitted to reproduce on its inputs
-    if stats.drift is not None:  # dense_target > 0: a weight closer to reproducing the dense model's output
+    if stats.drift is not None and cfg.dense_target > 0:  # a weight closer to the dense model's output
         from ..algorithms.asymmetric import asymmetric_target, source_ridge
 
         with phase(timer, "asymmetric_target"):
@@ -201,6 +202,14 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     if cfg.refit_rounds:
         info["refit_rounds"] = cw.refit_rounds
     return layer, info
+
+
+def block_tune(config: CompressConfig) -> BlockTune | None:
+    """run_layerwise's block-wise adapter tuning for `config`, or None (off, or no adapters to tune)."""
+    if config.block_tune_epochs == 0 or config.lowrank == "none" or config.rank_ratio == 0:
+        return None
+    return BlockTune(BlockTuning(config.block_tune_epochs, config.block_tune_lr, loss=config.block_tune_loss),
+                     config.block_tune_target)
 
 
 def act_calibration(config: CompressConfig, model: nn.Module) -> ActCalibration | None:
@@ -359,11 +368,15 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
         entry = {"index": res.index, "output_rel_error": round(res.output_rel_error, 6)}
         if res.drift_rel_error is not None:
             entry["drift_rel_error"] = round(res.drift_rel_error, 6)
+        if res.tuning is not None:
+            entry["tuning"] = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in res.tuning.items()}
         report.blocks.append(entry)
         if progress:
             errs = "  ".join(f"{n.rsplit('.', 1)[-1]} {v['rel_error_base']:.3f}->{v['rel_error']:.3f}"
                              for n, v in res.layers.items())
             drift = "" if res.drift_rel_error is None else f" (from dense {res.drift_rel_error:.4f})"
+            if res.tuning is not None:
+                drift += f" tuned {res.tuning['loss_before']:.4f}->{res.tuning['loss_after']:.4f}"
             bar.write(f"block {res.index:>3}: out err {res.output_rel_error:.4f}{drift} | {errs}")
         if store is not None:
             skipped = [s for s in report.skipped if s.startswith(f"{prefix}{res.index}.")]
@@ -382,7 +395,9 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
                       act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
                       transform=channel_transform(config, report, model.config),
-                      asymmetric=config.dense_target > 0,
+                      asymmetric=config.dense_target > 0 or (config.block_tune_epochs > 0
+                                                             and config.block_tune_target == "dense"),
+                      tune=block_tune(config),
                       restorable=store.has if store is not None else lambda i: False)
     bar.close()
     report.skipped = sorted(set(report.skipped))

@@ -496,3 +496,23 @@ def test_dense_target_resumes_to_the_same_result_and_reports_the_drift(tiny_mode
     with torch.no_grad():
         assert torch.equal(a(x).logits, b(x).logits)
         assert not torch.equal(a(x).logits, c(x).logits)
+
+
+def test_block_tuning_saves_reloads_and_resumes_to_the_same_result(tiny_model_dir, tmp_path, monkeypatch):
+    """Block-wise adapter tuning toward the dense stream: the tuned adapters are what the checkpoint stores (a
+    reload computes what the run's report measured), and an interrupted run resumes to the same checkpoint."""
+    cfg = CompressConfig(refit_rounds=1, block_tune_epochs=8, block_tune_lr=3e-3, block_tune_target="dense")
+    calib = CalibConfig(nsamples=4, seqlen=16)
+    _, report = compress_model(str(tiny_model_dir), tmp_path / "a", cfg, calib, progress=False)
+    assert all(b["tuning"]["steps"] == 16 for b in report.blocks)  # 4 windows in steps of 2, 8 epochs
+    assert all(b["tuning"]["kept"] and b["tuning"]["loss_after"] < b["tuning"]["loss_before"] for b in report.blocks)
+    _interrupt_after_first_block(monkeypatch, lambda: compress_model(str(tiny_model_dir), tmp_path / "b", cfg,
+                                                                     calib, progress=False))
+    compress_model(str(tiny_model_dir), tmp_path / "b", cfg, calib, progress=False)
+    _, untuned = compress_model(str(tiny_model_dir), tmp_path / "c", CompressConfig(refit_rounds=1), calib,
+                                progress=False)
+    a, b, c = (slim_trt.load(tmp_path / n) for n in "abc")
+    x = calib_windows(n=2, seqlen=12, seed=1)
+    with torch.no_grad():
+        assert torch.equal(a(x).logits, b(x).logits)
+        assert not torch.equal(a(x).logits, c(x).logits)

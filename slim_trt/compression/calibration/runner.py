@@ -23,6 +23,7 @@ from torch import nn
 from ...errors import SlimError
 from ...resources import block_bytes, check_fits
 from ...timing import PhaseTimer, phase
+from .block_tuning import BlockTuning, tune_block
 from .families import block_linears, decoder_blocks
 
 
@@ -198,6 +199,15 @@ class BlockResult:
     output_rel_error: float = 0.0  # ||Y_compressed - Y_dense|| / ||Y_dense|| of the block output
     # asymmetric: the same against the dense model's own hidden states after this block (the error so far)
     drift_rel_error: float | None = None
+    tuning: dict | None = None  # block_tuning.tune_block's report, when the adapters were tuned
+
+
+@dataclass(frozen=True)
+class BlockTune:
+    """run_layerwise's block-wise adapter tuning: how (config), and toward what ("layer": the dense block's output
+    on the compressed stream; "dense": the dense model's hidden states after the block)."""
+    config: BlockTuning
+    target: str = "layer"
 
 
 def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -285,6 +295,7 @@ def run_layerwise(
     weights=None,
     transform: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None,
     asymmetric: bool = False,
+    tune: "BlockTune | None" = None,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
@@ -307,6 +318,8 @@ def run_layerwise(
     drift of its inputs from the dense model's (LinearStats.drift, for algorithms/asymmetric.py): the first
     statistics pass runs each batch through the dense block twice, on the dense and on the compressed stream,
     pairing each linear's two inputs token by token (one batch of them held at a time).
+    tune: after compress_block, train the block's adapters toward its dense output (block_tuning.py): the dense
+    block's output on the compressed stream, or with tune.target "dense" (needs asymmetric) the dense stream's.
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -317,7 +330,10 @@ def run_layerwise(
         with phase(timer, "load"):
             weights.load_outer()
     with phase(timer, "calibration_forward"):
-        kw_cache = {b.shape[0]: _to(_record_block_kwargs(model, blocks, b), device) for b in batches}
+        sizes = {b.shape[0]: b for b in batches}
+        if tune is not None:  # the tuning steps take micro-batches of the calibration batches
+            sizes.update({m.shape[0]: m for b in batches for m in b.split(tune.config.micro_batch)})
+        kw_cache = {n: _to(_record_block_kwargs(model, blocks, b), device) for n, b in sizes.items()}
         hidden = [_block0_inputs(model, blocks, b).to(device) for b in batches]
     # The dense model's hidden states (asymmetric): the same list as `hidden` until a block is compressed.
     dense_hidden = hidden if asymmetric else None
@@ -438,6 +454,10 @@ def run_layerwise(
                 run_hooked({n: functools.partial(st.add_quantized, shared=shared) for n, st in stats.items()})
         with phase(timer, "compress"):
             res.layers = compress_block(i, block, linears, stats)
+        if tune is not None and linears:
+            with phase(timer, "block_tuning"):
+                target = dense_next if tune.target == "dense" and dense_next is not None else dense_out
+                res.tuning = tune_block(block, hidden, target, kwargs_for(i), tune.config, index=i)
         with phase(timer, "block_output"):
             hidden = _run_block(block, hidden, kwargs_for(i))
             if not all(torch.isfinite(h).all() for h in hidden):
