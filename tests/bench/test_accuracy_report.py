@@ -29,7 +29,7 @@ def test_the_committed_json_renders_the_committed_markdown():
     assert accuracy_report.markdown(derived) == md
     assert derived["best_one_shot"] == "86-w8a8-sgpt-lrc-smooth-remask-permmlp-asym025-src"
     assert derived["best_one_shot_2to4"] == "79-sgpt-slimq-hlora-gq4-r023-refit3-remask-permmlp-asym025"
-    assert derived["best_finetuned"] == "73-w8a8-sgpt-lrc-smooth-remask-permmlp-ft"
+    assert derived["best_finetuned"] == "92-w8a8-sgpt-lrc-smooth-remask-permmlp-asym025-src-ft"
 
 
 def test_stored_rows_name_our_method_as_the_rows_do():
