@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, BLOCK_TUNE_LOSSES, BLOCK_TUNE_TARGETS, DEFAULT_PRESET, FORMATS,
-                      LOWRANKS, PRESETS, PRUNERS, QUANTIZERS, RANK_ALLOCATIONS, REFIT_MASKS, REFIT_ROUNDINGS,
+from ..config import (ACT_SCALE_METHODS, ADAPTER_QUANTIZERS, BIT_ALLOCATIONS, BLOCK_TUNE_LOSSES, BLOCK_TUNE_TARGETS,
+                      DEFAULT_PRESET, FORMATS, LOWRANKS, PRESETS, PRUNERS, QUANTIZERS, RANK_ALLOCATIONS, REFIT_MASKS, REFIT_ROUNDINGS,
                       REFIT_SCALES, SPQR_GROUP_SIZE, FINETUNE_LOSSES, CalibConfig, CompressConfig, FinetuneConfig,
                       describe, recipe_label)
 from .common import add_parser, eprint, print_json
@@ -13,7 +13,8 @@ from .recipes import default_recipe, default_text, fill, presets_paragraphs
 _FLAGS = ("sparsity", "bits", "quantizer", "group_size", "pruner", "lowrank", "rank_ratio", "rank_multiple",
           "quantize_adapters", "adapter_quantizer", "skip_layers", "refit_rounds", "refit_rounding", "refit_scales",
           "refit_mask", "channel_permutation", "dense_target", "dense_target_damp",
-          "block_tune_epochs", "block_tune_lr", "block_tune_target", "block_tune_loss", "rank_allocation", "max_bits", "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
+          "block_tune_epochs", "block_tune_lr", "block_tune_target", "block_tune_loss", "rank_allocation", "max_bits",
+          "act_bits", "act_scale_method", "smooth_alpha", "outlier_share", "zero_point",
           "bit_allocation", "weight_format", "act_format")
 # Without --preset, flags that ask for weights INT8 activations cannot multiply start from this weight-only recipe,
 # and --act-bits none alone turns these parts of the defaults off (W8A16 with H-LoRA adapters, bench row 27).
@@ -138,7 +139,10 @@ def register(sub) -> None:
                    help="block-wise adapter tuning: after each block is compressed, train its adapters (only them, "
                         "on their own quantization grid) N passes over the calibration windows so the block's "
                         "output matches --block-tune-target; a tuning that does not lower the block's error is "
-                        "undone. Costs ~3 block forwards+backwards per window and epoch; 0 = off "
+                        "undone. Costs a forward and a backward pass of the block per window and epoch (~160 s "
+                        "for Gemma 3 270M at 2 epochs on two cores); on Gemma 3 270M it raised top-1 agreement "
+                        "with the dense model but not perplexity (bench rows 88-93: 1.203-1.276x against 1.202x), "
+                        "so 0 = off "
                         + default_text("block_tune_epochs"))
     p.add_argument("--block-tune-lr", type=float, default=None, metavar="LR",
                    help="Adam's peak learning rate for that tuning (cosine decay to 0) " + default_text("block_tune_lr"))
