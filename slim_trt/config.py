@@ -421,6 +421,17 @@ class CompressConfig:
         return bool(self.permutation_parts) and self.sparsity_spec.kind == "nm"
 
     @property
+    def tunes_blocks(self) -> bool:
+        """Block-wise adapter tuning is on and there are adapters to tune."""
+        return self.block_tune_epochs > 0 and self.lowrank != "none" and self.rank_ratio > 0
+
+    @property
+    def dense_stream(self) -> bool:
+        """The compression carries the dense model's hidden states beside the compressed ones: for the asymmetric
+        targets, or as the block tuning's target."""
+        return self.dense_target > 0 or (self.tunes_blocks and self.block_tune_target == "dense")
+
+    @property
     def permutes_residual(self) -> bool:
         """The "residual" part is on: the whole model is permuted before its first block (so it is loaded whole)."""
         return self.permutes_channels and "residual" in self.permutation_parts

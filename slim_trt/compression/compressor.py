@@ -169,7 +169,7 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
     model lives), its float buffers on the weight's device until the runner moves the block back."""
     W = lin.weight.detach()
     target = W  # what the layer is fitted to reproduce on its inputs
-    if stats.drift is not None and cfg.dense_target > 0:  # a weight closer to the dense model's output
+    if stats.drift is not None:  # dense_target > 0: a weight closer to the dense model's output
         from ..algorithms.asymmetric import asymmetric_target, source_ridge
 
         with phase(timer, "asymmetric_target"):
@@ -206,7 +206,7 @@ def compress_linear(name: str, lin: nn.Linear, stats: LinearStats, cfg: Compress
 
 def block_tune(config: CompressConfig) -> BlockTune | None:
     """run_layerwise's block-wise adapter tuning for `config`, or None (off, or no adapters to tune)."""
-    if config.block_tune_epochs == 0 or config.lowrank == "none" or config.rank_ratio == 0:
+    if not config.tunes_blocks:
         return None
     return BlockTune(BlockTuning(config.block_tune_epochs, config.block_tune_lr, loss=config.block_tune_loss),
                      config.block_tune_target)
@@ -395,8 +395,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
                       restore_block=restore_block, on_block_done=on_block_done, progress=bar,
                       act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
                       transform=channel_transform(config, report, model.config),
-                      asymmetric=config.dense_target > 0 or (config.block_tune_epochs > 0
-                                                             and config.block_tune_target == "dense"),
+                      asymmetric=config.dense_target > 0,
                       tune=block_tune(config),
                       restorable=store.has if store is not None else lambda i: False)
     bar.close()
@@ -519,13 +518,13 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     teacher = copy.deepcopy(model) if finetune is not None and finetune.loss == "kd" else None
     # The layer-wise runner holds a block's inputs, dense outputs and new outputs in float32 (3 A in
     # streaming.host_peak_bound): 12 bytes per calibration token and hidden unit, checked before they exist; the
-    # dense model's hidden states in and out as well with dense_target > 0 (20 bytes).
+    # dense model's hidden states in and out as well when it carries them (config.dense_stream: 20 bytes).
     hidden = int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
-    dense_target = config.dense_target > 0
     windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed,
-                                  bytes_per_token=(20 if dense_target else 12) * hidden)
+                                  bytes_per_token=(20 if config.dense_stream else 12) * hidden)
     if streamed is not None:  # the memory bound's parts, predicted before the compression starts
-        memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config), dense_target)
+        memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config),
+                              config.dense_stream)
     fp = _fingerprint(source, config, windows)
     if check_partial_state(partial, {"fingerprint": fp, "source": source, "config": config.to_dict()}) and progress:
         done = BlockStore(partial).count(len(decoder_blocks(model)))

@@ -283,7 +283,7 @@ def host_peak_bound(parts: dict[str, int]) -> int:
       forward    one batch's temporaries in a block's forward: 4 b S (4 I + 2 h S) (MLP activations, the float32
                  input rows and their products, attention scores and probabilities)
       runtime    RUNTIME_BYTES
-      dense      dense_target > 0 only: the dense model's hidden states entering and leaving the block
+      dense      config.dense_stream only: the dense model's hidden states entering and leaving the block
                  (2 A) and one batch's dense inputs of every linear, kept for pairing (4 b S 4 width); else 0
     The run has three stages, each bounded by what it holds:
       start      outer32 + 2 A + kwargs + forward: the embedding, the first block's inputs and one batch's
@@ -332,7 +332,7 @@ def note(msg: str, progress: bool) -> None:
 def memory_parts(sm: StreamedModel, windows: torch.Tensor, batch_size: int, compressed,
                  dense_target: bool = False) -> dict[str, int]:
     """The parts of host_peak_bound for a streamed compression of `sm` on `windows` [n, S], before it starts
-    (`compressed`: the full names of the linears it compresses; dense_target: whether config.dense_target > 0);
+    (`compressed`: the full names of the linears it compresses; dense_target: config.dense_stream);
     "packed" and "kwargs" are known at its end."""
     from .calibration.families import block_linears, decoder_blocks
 

@@ -319,7 +319,8 @@ def run_layerwise(
     statistics pass runs each batch through the dense block twice, on the dense and on the compressed stream,
     pairing each linear's two inputs token by token (one batch of them held at a time).
     tune: after compress_block, train the block's adapters toward its dense output (block_tuning.py): the dense
-    block's output on the compressed stream, or with tune.target "dense" (needs asymmetric) the dense stream's.
+    block's output on the compressed stream, or with tune.target "dense" the dense stream's (carried then, without
+    the drift unless asymmetric).
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -335,8 +336,9 @@ def run_layerwise(
             sizes.update({m.shape[0]: m for b in batches for m in b.split(tune.config.micro_batch)})
         kw_cache = {n: _to(_record_block_kwargs(model, blocks, b), device) for n, b in sizes.items()}
         hidden = [_block0_inputs(model, blocks, b).to(device) for b in batches]
-    # The dense model's hidden states (asymmetric): the same list as `hidden` until a block is compressed.
-    dense_hidden = hidden if asymmetric else None
+    # The dense model's hidden states (asymmetric, or the tuning's target): the same list as `hidden` until a block
+    # is compressed.
+    dense_hidden = hidden if asymmetric or (tune is not None and tune.target == "dense") else None
     if weights is not None:
         weights.release_outer()
         weights.kw_cache_bytes = _tensor_bytes(kw_cache)
@@ -401,11 +403,12 @@ def run_layerwise(
             """The first statistics pass: (the dense block's outputs on the compressed stream, on the dense
             stream (None without one))."""
             shared = InputProducts()
-            if dense_hidden is None or dense_hidden is hidden:  # no dense stream, or no drift yet (block 0)
-                out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
-                ref_out = None if dense_hidden is None else out
-            else:
+            if dense_hidden is not None and dense_hidden is not hidden and asymmetric:
                 out, ref_out = run_paired(stats, shared)
+            else:  # no drift wanted, or none yet (block 0)
+                out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
+                ref_out = None if dense_hidden is None else (
+                    out if dense_hidden is hidden else _run_block(block, dense_hidden, kwargs_for(i)))
             _share_equal_hessians(stats)
             return out, ref_out
 
@@ -456,7 +459,7 @@ def run_layerwise(
             res.layers = compress_block(i, block, linears, stats)
         if tune is not None and linears:
             with phase(timer, "block_tuning"):
-                target = dense_next if tune.target == "dense" and dense_next is not None else dense_out
+                target = dense_next if tune.target == "dense" else dense_out
                 res.tuning = tune_block(block, hidden, target, kwargs_for(i), tune.config, index=i)
         with phase(timer, "block_output"):
             hidden = _run_block(block, hidden, kwargs_for(i))

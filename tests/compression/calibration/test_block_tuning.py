@@ -126,3 +126,24 @@ def test_the_dense_target_is_the_dense_streams_hidden_states():
 def test_bad_block_tuning_settings_are_refused(field, value):
     with pytest.raises(SlimError, match=field.replace("_", "-")):
         CompressConfig(**{field: value})
+
+
+def test_a_dense_tuning_target_carries_the_dense_stream_without_the_drift():
+    """The block tuning's "dense" target needs the dense model's hidden states, not the asymmetric drift: the runner
+    carries the stream (each block reports its distance from it) and gives the layers no drift to fit."""
+    from slim_trt.compression.calibration.runner import BlockTune, run_layerwise
+
+    model = tiny_model("llama")
+    drifts = []
+
+    def keep(i, block, linears, stats):
+        drifts.extend(st.drift for st in stats.values())
+        return {}
+
+    tune = BlockTune(BlockTuning(epochs=1, lr=1e-3), target="dense")
+    results = run_layerwise(model, calib_windows(n=4, seqlen=16), keep, batch_size=4, tune=tune)
+    assert drifts and all(d is None for d in drifts)
+    assert all(r.drift_rel_error is not None for r in results)
+    drifts.clear()  # with the asymmetric targets on, block 1's layers get their drift
+    run_layerwise(tiny_model("llama"), calib_windows(n=4, seqlen=16), keep, batch_size=4, tune=tune, asymmetric=True)
+    assert any(d is not None for d in drifts)
