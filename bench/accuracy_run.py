@@ -216,6 +216,7 @@ def run_finetune(row: Row, ctx: Context, model) -> dict:
         rep = finetune(model, windows, cfg, state_dir=state, progress=True, teacher=ctx.dense)
     model.eval()
     png = ctx.out_dir / f"finetune_{row.key}.png"
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)  # a new --out folder is made only when results are written
     with tempfile.TemporaryDirectory(dir=ctx.out_dir) as tmp:
         if save_loss_curve(rep.losses, Path(tmp) / png.name, title=f"row {row.number}: adapter fine-tuning",
                            loss=cfg.loss):

@@ -107,16 +107,30 @@ def device_sync(device: torch.device):
 
 
 def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features: list[int],
-                dense_stream: bool = False) -> dict[str, int]:
+                dense_stream: bool = False, kept_inputs: bool = False) -> dict[str, int]:
     """What compressing one block holds on its device, in bytes: the block's weights; the calibration
     activations three times (the inputs, the dense outputs kept to measure the block's error, the new outputs),
     five times with a dense stream (dense_target > 0: the dense model's inputs and outputs too);
     per distinct layer input size K, the fp32 H with its fp32 factor and the fp64 copies factorising it
-    (4 x K^2 x 4 bytes, one H per input shared by the layers that read it)."""
+    (4 x K^2 x 4 bytes, one H per input shared by the layers that read it); with kept_inputs (a W8A8 block's
+    statistics passes read the first pass's linear inputs again: runner.KeptInputs) every layer's input over the
+    calibration tokens in float32 (an upper bound: layers that share an input keep it once)."""
     weights = sum(t.numel() * t.element_size() for t in itertools.chain(block.parameters(), block.buffers()))
     acts = (5 if dense_stream else 3) * sum(h.numel() * h.element_size() for h in hidden)
     hessians = sum(16 * k * k for k in set(in_features))
-    return {"weights": weights, "activations": acts, "hessians": hessians}
+    need = {"weights": weights, "activations": acts, "hessians": hessians}
+    if kept_inputs:
+        need["inputs"] = 4 * sum(h.numel() // max(h.shape[-1], 1) for h in hidden) * sum(in_features)
+    return need
+
+
+def fits(need: dict[str, int], device: torch.device) -> bool:
+    """Whether `need` fits the CUDA device's free memory now (check_fits without the refusal); True off CUDA,
+    where host memory is checked once, before the run (data.windows.check_calibration_memory)."""
+    if device.type != "cuda":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return sum(need.values()) <= free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def check_fits(need: dict[str, int], device: torch.device, what: str) -> None:

@@ -63,6 +63,9 @@ def test_block_bytes_counts_weights_activations_and_one_hessian_per_input_size()
     block = torch.nn.Linear(8, 4)
     need = block_bytes(block, [torch.zeros(2, 3, 8), torch.zeros(1, 3, 8)], [8, 8, 16])
     assert need == {"weights": (32 + 4) * 4, "activations": 3 * 72 * 4, "hessians": 16 * (8 * 8 + 16 * 16)}
+    # a W8A8 block keeps every layer's input over the 9 tokens (runner.KeptInputs), counted per layer
+    kept = block_bytes(block, [torch.zeros(2, 3, 8), torch.zeros(1, 3, 8)], [8, 8, 16], kept_inputs=True)
+    assert kept == {**need, "inputs": 4 * 9 * (8 + 8 + 16)}
     check_fits({"weights": 2**60}, torch.device("cpu"), "a block")  # host memory is not checked here
 
 

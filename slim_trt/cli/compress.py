@@ -371,6 +371,11 @@ def run(args) -> int:
         ft = {k: v for k, v in read_manifest(out)["finetune"].items() if k != "losses"}
         eprint(f"fine-tuned the adapters: {ft['steps']} steps in {ft['seconds']:.1f} s, loss {ft['initial_loss']} -> "
                f"{ft['final_loss']}")
+        from ..compression.finetune import schedule_hint
+
+        hint = schedule_hint(ft_cfg, ft)
+        if hint:
+            eprint(hint.replace("--steps", "--finetune-steps"))
     if args.json:
         print_json({"output": str(out), "config": cfg.to_dict(), **s, **({"finetune": ft} if ft else {})}, args.json)
     return 0

@@ -52,7 +52,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..compression.finetune import FinetuneConfig, finetune_checkpoint
+    from ..compression.finetune import FinetuneConfig, finetune_checkpoint, schedule_hint
     from ..outputs import check_outputs
 
     check_outputs(folders={"-o": args.output}, files={"--json": args.json},
@@ -69,6 +69,9 @@ def run(args) -> int:
     eprint(f"wrote {out}: {s['steps']} steps ({'time budget reached' if s['stopped'] == 'time' else 'done'}) in "
            f"{s['seconds']:.1f} s, {s['trainable_params']} adapter parameters in {s['adapted_layers']} layers, "
            f"loss {s['initial_loss']} -> {s['final_loss']}")
+    hint = schedule_hint(cfg, s)
+    if hint:
+        eprint(hint)
     if s["eval_ppl_before"] is not None:
         eprint(f"held-out perplexity {s['eval_ppl_before']:.3f} -> {s['eval_ppl_after']:.3f}")
     if not plotted:

@@ -30,7 +30,8 @@ from ..models.shards import check_finite
 from ..checkpoint.compressed_linear import CompressedLinear
 from ..config import CalibConfig, CompressConfig
 from ..errors import SlimError
-from ..resources import all_cores, device_peak_gb, device_sync, peak_rss_gb, reset_device_peak, resolve_device
+from ..resources import (all_cores, available_memory_bytes, device_peak_gb, device_sync, peak_rss_gb, reset_device_peak,
+                         resolve_device)
 from .layer_pool import layer_workers, map_layers
 from .streaming import host_peak_bound, memory_parts, peak_rss_bytes, rss_bytes, save_streamed
 from ..timing import PhaseTimer, phase
@@ -158,6 +159,34 @@ def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[
     return shapes
 
 
+def kept_input_width(model: nn.Module, cfg: CompressConfig) -> int:
+    """The most input channels one block's compressed linears read, summed over its linears: what the runner's
+    kept inputs (runner.KeptInputs) hold per calibration token, an upper bound (layers that share an input keep
+    it once)."""
+    per_block: dict[str, int] = {}
+    for name, (_, k) in compressed_shapes(model, cfg).items():
+        block = name[:name.index(".", len(_blocks_prefix(model)))]  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
+        per_block[block] = per_block.get(block, 0) + k
+    return max(per_block.values(), default=0)
+
+
+def keeps_inputs(model: nn.Module, config: CompressConfig, windows: torch.Tensor) -> bool:
+    """Whether a W8A8 run keeps each block's linear inputs for its error moments (runner.KeptInputs, one block
+    pass fewer): when they take at most a quarter of the host memory available now. The statistics are the same
+    either way; on a GPU each block is checked against the device's free memory too."""
+    if config.act_bits is None:
+        return False
+    have = available_memory_bytes()
+    return have is None or 4 * windows.numel() * kept_input_width(model, config) <= have // 4
+
+
+def _blocks_prefix(model: nn.Module) -> str:
+    from .calibration.families import decoder_blocks
+
+    blocks = decoder_blocks(model)
+    return next(n for n, m in model.named_modules() if m is blocks) + "."
+
+
 def _on(x, device: torch.device):
     return None if x is None else x.to(device)  # QuantizedTensor.to moves every field
 
@@ -272,7 +301,8 @@ def _permute_residual(model, config: CompressConfig, windows, batch_size: int, s
 
 def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *, batch_size: int = 8,
              progress: bool = True, resume_dir: Path | None = None,
-             device: str | torch.device | None = "auto", weights=None) -> CompressReport:
+             device: str | torch.device | None = "auto", weights=None,
+             keep_inputs: bool | None = None) -> CompressReport:
     """Compress `model` in place with calibration token windows [n, seqlen]; returns a report.
 
     With `resume_dir`, each finished block is saved there and blocks found there are restored instead of
@@ -283,18 +313,20 @@ def compress(model: nn.Module, config: CompressConfig, windows: torch.Tensor, *,
     on a CPU up to two of a block's layers at once, one per core (layer_pool.py).
     weights: a slim_trt.compression.streaming.StreamedModel when `model` is on the meta device (compress_model streams);
     then every finished block's compressed layers are in `resume_dir` only, and leave `model`.
+    keep_inputs: whether W8A8 keeps each block's linear inputs for one pass fewer (None: keeps_inputs decides).
     """
     dev = resolve_device(device)
     if weights is not None and resume_dir is None:
         raise ValueError("a streamed compression keeps its finished blocks in resume_dir: give one")
     with all_cores() as threads:
-        report = _compress(model, config, windows, batch_size, progress, resume_dir, dev, weights)
+        keep = keeps_inputs(model, config, windows) if keep_inputs is None else keep_inputs
+        report = _compress(model, config, windows, batch_size, progress, resume_dir, dev, weights, keep)
     report.threads = threads
     return report
 
 
 def _compress(model, config, windows, batch_size, progress, resume_dir, dev: torch.device,
-              weights=None) -> CompressReport:
+              weights=None, keep_inputs: bool = False) -> CompressReport:
     from .calibration.families import decoder_blocks
 
     t0 = time.time()
@@ -396,7 +428,7 @@ def _compress(model, config, windows, batch_size, progress, resume_dir, dev: tor
                       act=act_calibration(config, model), device=dev, timer=timer, weights=weights,
                       transform=channel_transform(config, report, model.config),
                       asymmetric=config.dense_target > 0,
-                      tune=block_tune(config),
+                      tune=block_tune(config), keep_inputs=keep_inputs,
                       restorable=store.has if store is not None else lambda i: False)
     bar.close()
     report.skipped = sorted(set(report.skipped))
@@ -522,15 +554,16 @@ def _compress_locked(source: str, out: Path, partial: Path, config: CompressConf
     hidden = int(getattr(model.config.get_text_config(), "hidden_size", 0) or 0)
     windows = calibration_windows(tok, text, calib.nsamples, calib.seqlen, calib.seed,
                                   bytes_per_token=(20 if config.dense_stream else 12) * hidden)
+    keep = keeps_inputs(model, config, windows)  # decided once: the memory bound counts them
     if streamed is not None:  # the memory bound's parts, predicted before the compression starts
         memory = memory_parts(streamed, windows, calib.batch_size, compressed_shapes(model, config),
-                              config.dense_stream)
+                              config.dense_stream, kept_input_width(model, config) if keep else 0)
     fp = _fingerprint(source, config, windows)
     if check_partial_state(partial, {"fingerprint": fp, "source": source, "config": config.to_dict()}) and progress:
         done = BlockStore(partial).count(len(decoder_blocks(model)))
         print(f"resuming from {partial}: {done} block(s) already compressed", file=sys.stderr)
     report = compress(model, config, windows, batch_size=calib.batch_size, progress=progress,
-                      resume_dir=partial, device=device, weights=streamed)
+                      resume_dir=partial, device=device, weights=streamed, keep_inputs=keep)
     manifest_extra = {
         "source_model": source,
         "method": config.to_dict(),

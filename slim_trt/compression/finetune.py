@@ -77,6 +77,21 @@ def lr_at(step: int, cfg: FinetuneConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def schedule_hint(cfg: FinetuneConfig, summary: dict) -> str | None:
+    """One line for a run the time budget stopped before its cosine schedule ended (FinetuneReport.summary() in
+    `summary`): the step it stopped at, how much of the peak learning rate was left, and the --steps that would end
+    the schedule within --minutes at the pace measured. None when the schedule ran to its end. (Bench row 92
+    stopped at step 32 of 50, the rate still 35% of its peak.)"""
+    steps = summary.get("steps") or 0
+    if summary.get("stopped") != "time" or cfg.schedule != "cosine" or steps >= cfg.steps or steps == 0:
+        return None
+    per_step = summary["seconds"] / steps
+    fit = max(1, int(60.0 * cfg.minutes / per_step)) if cfg.minutes else steps
+    return (f"the time budget stopped the cosine schedule at step {steps} of {cfg.steps}, its learning rate still "
+            f"{lr_at(steps, cfg) / cfg.lr:.0%} of the peak: at {per_step:.0f} s a step, --steps {fit} would end it "
+            f"within the {cfg.minutes:g} minutes")
+
+
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
     """The windows of optimizer step `step`: consecutive slices of per-epoch permutations seeded by (seed, epoch),
     so any step's batch is known without replaying the run (what makes resuming exact)."""

@@ -10,11 +10,14 @@ compressed layers are in OUT.partial (the resume files) and leave memory: the ch
 assembled from those files at the end. So the checkpoint is bit-identical to the in-memory path's.
 
 Peak host memory, over the process's memory before the first weight is read (host_peak_bound):
-  128 MiB + max(outer32 + 2 A + kw + F,  kept32 + kw + 3 A + 8 B32 + 16 sum_K K^2 + F,  outer32 + kept32 + packed)
-for the first calibration pass, one block, and the save. outer32: the tensors outside the blocks in float32
+  128 MiB + max(outer32 + 2 A + kw + F,  kept32 + kw + 3 A + B32 + 16 sum_K K^2 + F + X,
+                kept32 + kw + 3 A + 8 B32 + 16 sum_K K^2 + F,  outer32 + kept32 + packed)
+for the first calibration pass, a block's statistics, its compression, and the save (plus the dense stream's
+2 A + 16 b S width in the middle two when the run carries one). outer32: the tensors outside the blocks in float32
 (embedding, final norm, head); kept32: the block tensors that stay dense (norms, skipped linears) in float32;
 packed: the compressed layers as stored; kw: the recorded masks and rotary tables; A: one block's calibration
-activations (n x S x d float32); B32: the largest block in float32; K: each distinct linear input size;
+activations (n x S x d float32); B32: the largest block in float32; K: each distinct linear input size; X: W8A8
+only, a block's linear inputs kept over the calibration tokens (4 n S times the input channels of its linears);
 F = 4 b S (4 I + 2 h S) one batch's forward temporaries (batch size, window length, MLP width, heads); 128 MiB:
 code and work buffers of torch's math libraries. host_peak_bound explains each factor.
 """
@@ -285,20 +288,26 @@ def host_peak_bound(parts: dict[str, int]) -> int:
       runtime    RUNTIME_BYTES
       dense      config.dense_stream only: the dense model's hidden states entering and leaving the block
                  (2 A) and one batch's dense inputs of every linear, kept for pairing (4 b S 4 width); else 0
-    The run has three stages, each bounded by what it holds:
+      inputs     W8A8 only: a block's linear inputs over the calibration tokens, kept from its first statistics
+                 pass for the activation calibration (runner.KeptInputs); else 0
+    The run has four stages, each bounded by what it holds:
       start      outer32 + 2 A + kwargs + forward: the embedding, the first block's inputs and one batch's
                  pass (the blocks are stand-ins that run nothing)
-      a block    kept32 + kwargs + 3 A + 8 B32 + hessians + forward: the block's inputs, dense outputs (kept to
-                 measure its error) and new outputs; 8 B32 holds the dense block, its compressed layers (float
-                 view, mask, codes, adapters: about 1.6 B32) and the work copies of the sweeps, SVDs and refit
-                 rounds of its largest layers
+      statistics kept32 + kwargs + 3 A + B32 + hessians + forward + dense + inputs: a block's statistics passes,
+                 the dense block and its kept inputs (released before its layers are compressed)
+      a block    kept32 + kwargs + 3 A + 8 B32 + hessians + forward + dense: the block's inputs, dense outputs
+                 (kept to measure its error) and new outputs; 8 B32 holds the dense block, its compressed layers
+                 (float view, mask, codes, adapters: about 1.6 B32) and the work copies of the sweeps, SVDs and
+                 refit rounds of its largest layers
       the save   outer32 + kept32 + packed
-    plus runtime in each; the bound is the largest of the three."""
+    plus runtime in each; the bound is the largest of the four."""
     start = parts["outer32"] + 2 * parts["acts"] + parts["kwargs"] + parts["forward"]
-    block = (parts["kept32"] + parts["kwargs"] + 3 * parts["acts"] + 8 * parts["block32"] + parts["hessians"]
-             + parts["forward"] + parts.get("dense", 0))
+    held = parts["kept32"] + parts["kwargs"] + 3 * parts["acts"] + parts["hessians"] + parts["forward"] + parts.get(
+        "dense", 0)
+    statistics = held + parts["block32"] + parts.get("inputs", 0)
+    block = held + 8 * parts["block32"]
     save = parts["outer32"] + parts["kept32"] + parts["packed"]
-    return parts["runtime"] + max(start, block, save)
+    return parts["runtime"] + max(start, statistics, block, save)
 
 
 def peak_rss_bytes() -> int:
@@ -330,9 +339,10 @@ def note(msg: str, progress: bool) -> None:
 
 
 def memory_parts(sm: StreamedModel, windows: torch.Tensor, batch_size: int, compressed,
-                 dense_target: bool = False) -> dict[str, int]:
+                 dense_target: bool = False, kept_width: int = 0) -> dict[str, int]:
     """The parts of host_peak_bound for a streamed compression of `sm` on `windows` [n, S], before it starts
-    (`compressed`: the full names of the linears it compresses; dense_target: config.dense_stream);
+    (`compressed`: the full names of the linears it compresses; dense_target: config.dense_stream; kept_width:
+    the input channels a block's kept inputs hold per token, compressor.kept_input_width, 0 without W8A8);
     "packed" and "kwargs" are known at its end."""
     from .calibration.families import block_linears, decoder_blocks
 
@@ -357,6 +367,7 @@ def memory_parts(sm: StreamedModel, windows: torch.Tensor, batch_size: int, comp
         "forward": 4 * b * S * (4 * width + 2 * heads * S),
         "runtime": RUNTIME_BYTES,
         "dense": 2 * n * S * int(config.hidden_size) * 4 + 16 * b * S * width if dense_target else 0,
+        "inputs": 4 * n * S * kept_width,
     }
 
 

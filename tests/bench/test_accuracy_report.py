@@ -28,7 +28,7 @@ def test_the_committed_json_renders_the_committed_markdown():
     assert derived == data  # the derived fields are the committed ones
     assert accuracy_report.markdown(derived) == md
     assert derived["best_one_shot"] == "86-w8a8-sgpt-lrc-smooth-remask-permmlp-asym025-src"
-    assert derived["best_one_shot_2to4"] == "79-sgpt-slimq-hlora-gq4-r023-refit3-remask-permmlp-asym025"
+    assert derived["best_one_shot_2to4"] == "94-sgpt-slimq-hlora-gq4-r023-refit6-remask-permmlp-asym025"
     assert derived["best_finetuned"] == "92-w8a8-sgpt-lrc-smooth-remask-permmlp-asym025-src-ft"
 
 

@@ -41,7 +41,7 @@ def test_compress_info_eval(tiny_model_dir, tmp_path, capsys):
                                       refit_rounds=3, max_bits=4.5, act_bits=None, smooth_alpha=None)),
     (["--preset", "slim-2to4"], dict(sparsity="2:4", pruner="sparsegpt", quantizer="slim", lowrank="hessian",
                                      rank_ratio=0.23, quantize_adapters=True, adapter_quantizer="gptq",
-                                     effective_group_size=128, refit_rounds=3)),
+                                     effective_group_size=128, refit_rounds=6)),
     (["--refit-rounding", "last", "--refit-scales", "first"], dict(refit_rounding="last", refit_scales="first")),
     (["--preset", "slim-2to4", "--refit-mask", "reselect", "--channel-permutation", "mlp"],
      dict(sparsity="2:4", refit_mask="reselect", channel_permutation="mlp")),

@@ -216,6 +216,19 @@ def test_schedule_and_batch_order():
     assert not torch.equal(batch_indices(0, 6, 6, seed=1), batch_indices(0, 6, 6, seed=2))
 
 
+def test_a_schedule_the_time_budget_cut_is_named_with_the_steps_that_fit():
+    """Bench row 92's case: 50 steps of cosine, 25 minutes, stopped at step 32 after 1537 s (48 s a step)."""
+    from slim_trt.compression.finetune import schedule_hint
+
+    cfg = FinetuneConfig(steps=50, minutes=25.0, lr=1e-4, loss="kd", batch_size=4)
+    cut = {"steps": 32, "stopped": "time", "seconds": 1537.0}
+    assert schedule_hint(cfg, cut) == ("the time budget stopped the cosine schedule at step 32 of 50, its learning "
+                                       "rate still 35% of the peak: at 48 s a step, --steps 31 would end it within "
+                                       "the 25 minutes")
+    assert schedule_hint(cfg, {**cut, "stopped": "steps"}) is None  # ran to its end
+    assert schedule_hint(FinetuneConfig(steps=50, minutes=25.0, schedule="constant"), cut) is None  # nothing to end
+
+
 @pytest.mark.parametrize("kw", [dict(steps=0), dict(lr=0.0), dict(lr=float("nan")), dict(minutes=0.0),
                                 dict(batch_size=0), dict(schedule="linear"), dict(save_every=0), dict(steps=2.5),
                                 dict(loss="mse")])

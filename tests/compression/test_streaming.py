@@ -219,3 +219,33 @@ def test_the_w8a8_defaults_stay_within_the_bound_too(tmp_path):
     parts = s["host_memory"]
     assert s["streamed"] and parts["baseline"] < s["peak_host_bytes"] <= maxrss
     assert s["peak_host_bytes"] <= s["peak_host_bytes_bound"], (s["peak_host_bytes"], s["peak_host_bytes_bound"], parts)
+
+
+def test_the_bound_is_its_largest_stage_and_counts_kept_inputs_in_the_statistics_stage():
+    """host_peak_bound: runtime + the largest of start / statistics / block / save; a W8A8 run's kept inputs
+    (runner.KeptInputs) are held while a block's statistics are gathered, not beside its sweeps' work copies."""
+    from slim_trt.compression.streaming import host_peak_bound
+
+    parts = dict(outer32=100, kept32=10, packed=50, kwargs=1, acts=20, block32=5, hessians=7, forward=3,
+                 runtime=1000, dense=0, inputs=0)
+    assert host_peak_bound(parts) == 1000 + (100 + 10 + 50)  # the save
+    assert host_peak_bound({**parts, "block32": 20}) == 1000 + (10 + 1 + 3 * 20 + 7 + 3) + 8 * 20  # a block
+    assert host_peak_bound({**parts, "inputs": 200}) == 1000 + (10 + 1 + 3 * 20 + 7 + 3) + 5 + 200  # statistics
+
+
+def test_w8a8_keeps_its_inputs_when_they_take_at_most_a_quarter_of_the_memory(monkeypatch):
+    """compressor.keeps_inputs: kept inputs cost 4 bytes per token and input channel of a block's linears (an upper
+    bound: q/k/v counted thrice); weight-only recipes keep none."""
+    import slim_trt.compression.compressor as comp
+
+    model = tiny_model("llama")
+    windows = torch.zeros(4, 16, dtype=torch.long)
+    width = comp.kept_input_width(model, CompressConfig())
+    lin = {n: m for n, m in model.model.layers[0].named_modules() if isinstance(m, torch.nn.Linear)}
+    assert width == sum(m.in_features for m in lin.values())
+    need = 4 * windows.numel() * width
+    monkeypatch.setattr(comp, "available_memory_bytes", lambda: 4 * need)
+    assert comp.keeps_inputs(model, CompressConfig(), windows)
+    monkeypatch.setattr(comp, "available_memory_bytes", lambda: 4 * need - 4)
+    assert not comp.keeps_inputs(model, CompressConfig(), windows)
+    assert not comp.keeps_inputs(model, CompressConfig(**PRESETS["slim-2to4"]), windows)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ...errors import SlimError
-from ...resources import block_bytes, check_fits
+from ...resources import block_bytes, check_fits, fits
 from ...timing import PhaseTimer, phase
 from .block_tuning import BlockTuning, tune_block
 from .families import block_linears, decoder_blocks
@@ -175,6 +175,36 @@ class InputProducts:
         return (X, *self.once("products", lambda: (X.T @ X, (X * X).sum(0))))
 
 
+class KeptInputs:
+    """One block's linear inputs over all the calibration batches (float32 rows, in the order the forward handed
+    them to the hooks; linears that read one input share one tensor), kept from the pass before the activation
+    calibration's last one: the quantization-error moments are then gathered from them instead of from one more
+    forward of the block (one of a W8A8 block's four or five), from the very same inputs, so the statistics are
+    bit for bit those of the pass it spares. With SmoothQuant they are the histogram pass's inputs (the smoothed
+    block's); without, the first pass's, unless a channel permutation changed the block in between (permuted,
+    a layer sums its products in another order, so the next layers' inputs differ in their last bits: the block
+    runs again). Costs 4 bytes per token and input channel of the block's distinct inputs while its statistics
+    are gathered (resources.block_bytes counts it)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, torch.Tensor]] = []
+
+    def adder(self, name: str, add: Callable[[torch.Tensor], None], shared: InputProducts) -> Callable:
+        """A hook function: keep linear `name`'s input (shared.rows: one tensor for the linears reading it), then
+        pass it to add."""
+        def keep_and_add(x: torch.Tensor) -> None:
+            self.rows.append((name, shared.rows(x)))
+            add(x)
+        return keep_and_add
+
+    def replay(self, adders: dict[str, Callable[[torch.Tensor], None]], timer: PhaseTimer | None = None) -> None:
+        """What a hooked pass would do: each kept input to adders[name], in the forward's order."""
+        for name, X in self.rows:
+            if name in adders:
+                with phase(timer, "hessian"):
+                    adders[name](X)
+
+
 class _Stop(Exception):
     pass
 
@@ -296,6 +326,7 @@ def run_layerwise(
     transform: Callable[[int, nn.Module, dict[str, nn.Linear], dict[str, LinearStats]], bool] | None = None,
     asymmetric: bool = False,
     tune: "BlockTune | None" = None,
+    keep_inputs: bool = True,
 ) -> list[BlockResult]:
     """Compress `model` block by block.
 
@@ -321,6 +352,8 @@ def run_layerwise(
     tune: after compress_block, train the block's adapters toward its dense output (block_tuning.py): the dense
     block's output on the compressed stream, or with tune.target "dense" the dense stream's (carried then, without
     the drift unless asymmetric).
+    keep_inputs: W8A8 may keep a block's linear inputs for its error moments (KeptInputs) where the device has
+    room for them; False: always one more pass instead (the same statistics; for a host short of memory).
     """
     blocks = decoder_blocks(model)
     prefix = _blocks_prefix(model, blocks)
@@ -372,8 +405,14 @@ def run_layerwise(
             results.append(res)
             continue
         linears = {n: m for n, m in block_linears(block).items() if not skip(f"{prefix}{i}.{n}")}
-        check_fits(block_bytes(block, hidden, [m.in_features for m in linears.values()],
-                               dense_stream=dense_hidden is not None), device, f"compressing block {prefix}{i}")
+        widths, dense = [m.in_features for m in linears.values()], dense_hidden is not None
+        # W8A8: the error moments are gathered from kept inputs (KeptInputs) when the caller allows it and they fit
+        # the device; otherwise from one more pass of the block, with the same results.
+        kept = KeptInputs() if keep_inputs and act is not None and linears and fits(
+            block_bytes(block, hidden, widths, dense_stream=dense, kept_inputs=True), device) else None
+        smoothing = act is not None and act.smooth is not None
+        check_fits(block_bytes(block, hidden, widths, dense_stream=dense, kept_inputs=kept is not None), device,
+                   f"compressing block {prefix}{i}")
         block.to(device)
 
         @contextlib.contextmanager
@@ -394,9 +433,16 @@ def run_layerwise(
             with hooked(adders):
                 return _run_block(block, hidden, kwargs_for(i))
 
+        def replay_or_run(adders: dict[str, Callable[[torch.Tensor], None]]) -> None:
+            """The error moments' pass: from the kept inputs (checked finite when they were kept), or by running
+            the block."""
+            if kept is None:
+                run_hooked(adders)
+            else:
+                kept.replay(adders, timer)
+
         def new_stats() -> dict[str, LinearStats]:
             # With SmoothQuant the first pass's histograms would describe inputs it is about to divide.
-            smoothing = act is not None and act.smooth is not None
             return {n: LinearStats(collect_act=act is not None, defer_hist=smoothing) for n in linears}
 
         def gather(stats: dict[str, LinearStats]) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
@@ -406,18 +452,24 @@ def run_layerwise(
             if dense_hidden is not None and dense_hidden is not hidden and asymmetric:
                 out, ref_out = run_paired(stats, shared)
             else:  # no drift wanted, or none yet (block 0)
-                out = run_hooked({n: functools.partial(st.add, shared=shared) for n, st in stats.items()})
+                out = run_hooked(keeping({n: functools.partial(st.add, shared=shared) for n, st in stats.items()},
+                                         shared, not smoothing))
                 ref_out = None if dense_hidden is None else (
                     out if dense_hidden is hidden else _run_block(block, dense_hidden, kwargs_for(i)))
             _share_equal_hessians(stats)
             return out, ref_out
+
+        def keeping(adders: dict[str, Callable], shared: InputProducts, now: bool) -> dict[str, Callable]:
+            """adders that also keep each input, in the pass (`now`) whose inputs the error moments read."""
+            return adders if kept is None or not now else {n: kept.adder(n, f, shared) for n, f in adders.items()}
 
         def run_paired(stats: dict[str, LinearStats], shared: InputProducts):
             """Per batch: the dense stream through the block (each linear's input kept), then the compressed
             stream, whose hooks fold each input with the dense one into the statistics."""
             refs: dict[str, torch.Tensor] = {}
             keep = {n: functools.partial(refs.__setitem__, n) for n in stats}
-            add = {n: (lambda x, n=n: stats[n].add(x, shared, ref=refs[n])) for n in stats}
+            add = keeping({n: (lambda x, n=n: stats[n].add(x, shared, ref=refs[n])) for n in stats}, shared,
+                          not smoothing)
             out, ref_out = [], []
             for x, x_ref in zip(hidden, dense_hidden):
                 refs.clear()
@@ -438,6 +490,8 @@ def run_layerwise(
                 perms = transform(i, block, linears, stats)
                 for name, perm in perms.items():
                     stats[name] = stats[name].permuted(perm)
+                if perms and not smoothing:
+                    kept = None  # kept from the first pass, before the block changed (KeptInputs)
         if act is not None and linears:
             with phase(timer, "act_calibration"):
                 divisors = act.smooth(i, block, linears, stats) if act.smooth is not None else {}
@@ -445,16 +499,19 @@ def run_layerwise(
                     stats[name] = stats[name].rescaled(s)
                 _share_equal_hessians(stats)
                 pending = [n for n, st in stats.items() if st.abs_hist is None]  # deferred, or rescaled
-                if pending:
+                if pending or (kept is not None and smoothing):
                     shared = InputProducts()
-                    run_hooked({n: functools.partial(stats[n].add_histogram, shared=shared) for n in pending})
+                    adders = {n: functools.partial(stats[n].add_histogram, shared=shared) if n in pending
+                              else (lambda x: None) for n in stats}
+                    run_hooked(keeping(adders, shared, smoothing))
                 scales = {}  # layers that read one input hold one histogram: one scale search for them
                 for st in stats.values():
                     if id(st.abs_hist) not in scales:
                         scales[id(st.abs_hist)] = act.scale(st)
                     st.act_scale, st.act_bits, st.act_format = scales[id(st.abs_hist)], act.bits, act.fmt
                 shared = InputProducts()
-                run_hooked({n: functools.partial(st.add_quantized, shared=shared) for n, st in stats.items()})
+                replay_or_run({n: functools.partial(st.add_quantized, shared=shared) for n, st in stats.items()})
+                kept = None  # the block's compression needs the memory
         with phase(timer, "compress"):
             res.layers = compress_block(i, block, linears, stats)
         if tune is not None and linears:

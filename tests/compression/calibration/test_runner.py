@@ -1,3 +1,5 @@
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -173,7 +175,14 @@ def test_asymmetric_drift_is_measured_against_the_dense_model(family):
             return {}
         fresh = {n: LinearStats() for n in linears}
         refs = {}
-        for (a_ref, kw_ref), (a, kw) in zip(dense_in, seen_in[-2:]):  # the runner's last pass: 2 batches
+        # The compressed stream's inputs of block 1 (block 0 was perturbed): the calls whose input is not the dense
+        # model's (the first call records the block's arguments), one per batch.
+        ours = {}
+        for a, kw in seen_in[1:]:
+            if not any(torch.allclose(a[0], d[0][0], rtol=1e-3, atol=1e-4) for d in dense_in):
+                ours.setdefault(id(a[0]), (a, kw))
+        assert len(ours) == 2
+        for (a_ref, kw_ref), (a, kw) in zip(dense_in, ours.values()):
             keep = [linears[n].register_forward_hook(lambda _m, x, _o, n=n: refs.__setitem__(n, x[0]))
                     for n in linears]
             block(*a_ref, **kw_ref)
@@ -242,3 +251,51 @@ def test_a_restore_the_runner_was_not_told_of_is_refused():
     with pytest.raises(RuntimeError, match="restorable"), torch.no_grad():
         run_layerwise(model, calib_windows(n=2, seqlen=8), lambda *a: {}, asymmetric=True,
                       restore_block=lambda i, block: True)
+
+
+@pytest.mark.parametrize("smooth_alpha", [None, 0.5])
+def test_kept_inputs_spare_a_pass_and_give_the_statistics_bit_for_bit(monkeypatch, smooth_alpha):
+    """A W8A8 block's error moments come from kept inputs (runner.KeptInputs: the histogram pass's with SmoothQuant,
+    the first pass's without): the block runs once less per batch, and every statistic is bit for bit what the
+    pass it spares gives. Where the inputs would not fit the device (resources.fits), or keep_inputs is False, or
+    (without SmoothQuant) a channel permutation changed the block after the first pass, the runner runs it."""
+    import slim_trt.compression.calibration.runner as runner_mod
+    from slim_trt.compression.compressor import act_calibration, channel_transform
+    from slim_trt.config import CompressConfig
+
+    config = CompressConfig(smooth_alpha=smooth_alpha, dense_target=0.25,
+                            channel_permutation="none" if smooth_alpha is None else "mlp,attn")
+
+    def run(keep: bool, room: bool = True):
+        monkeypatch.setattr(runner_mod, "fits", lambda need, device: room)
+        model = tiny_model("llama")
+        calls = [0]
+        decoder_blocks(model)[1].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+        got = {}
+
+        def grab(i, block, linears, stats):
+            got[i] = stats
+            return {}
+
+        with torch.no_grad():
+            run_layerwise(model, calib_windows(n=4, seqlen=16), grab, batch_size=2,
+                          act=act_calibration(config, model), asymmetric=True, keep_inputs=keep,
+                          transform=channel_transform(config, SimpleNamespace(permutation={}), model.config))
+        return got, calls[0]
+
+    kept, kept_calls = run(True)
+    rerun, rerun_calls = run(False)
+    no_room, no_room_calls = run(True, room=False)
+    assert rerun_calls - kept_calls == 2 and no_room_calls == rerun_calls  # one pass of 2 batches spared
+    if smooth_alpha is None:  # a permutation after the first pass: no inputs kept
+        config = CompressConfig(smooth_alpha=None, dense_target=0.25, channel_permutation="mlp,attn")
+        assert run(True)[1] == run(False)[1]
+    for other in (rerun, no_room):
+        for i, stats in other.items():
+            for n, ref in stats.items():
+                st = kept[i][n]
+                assert torch.equal(st.abs_hist.counts, ref.abs_hist.counts) and st.act_scale == ref.act_scale
+                for name in ("H_xe", "H_ee", "H_qq"):
+                    assert torch.equal(getattr(st.act_moments, name), getattr(ref.act_moments, name)), (i, n, name)
+                assert torch.equal(st.hessian, ref.hessian)
+                assert (st.drift is None) == (i == 0) and (i == 0 or torch.equal(st.drift, ref.drift))
