@@ -113,7 +113,7 @@ def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features:
     five times with a dense stream (dense_target > 0: the dense model's inputs and outputs too);
     per distinct layer input size K, the fp32 H with its fp32 factor and the fp64 copies factorising it
     (4 x K^2 x 4 bytes, one H per input shared by the layers that read it); with kept_inputs (a W8A8 block's
-    statistics passes read the first pass's linear inputs again: runner.KeptInputs) every layer's input over the
+    error moments read the layer inputs an earlier pass kept: runner.KeptInputs) every layer's input over the
     calibration tokens in float32 (an upper bound: layers that share an input keep it once)."""
     weights = sum(t.numel() * t.element_size() for t in itertools.chain(block.parameters(), block.buffers()))
     acts = (5 if dense_stream else 3) * sum(h.numel() * h.element_size() for h in hidden)
@@ -126,7 +126,8 @@ def block_bytes(block: torch.nn.Module, hidden: list[torch.Tensor], in_features:
 
 def fits(need: dict[str, int], device: torch.device) -> bool:
     """Whether `need` fits the CUDA device's free memory now (check_fits without the refusal); True off CUDA,
-    where host memory is checked once, before the run (data.windows.check_calibration_memory)."""
+    where what the run may hold beyond its calibration data is decided once, before it starts
+    (compression.compressor.keeps_inputs)."""
     if device.type != "cuda":
         return True
     free, _ = torch.cuda.mem_get_info(device)
