@@ -144,30 +144,27 @@ def _skip_filter(cfg: CompressConfig, model: nn.Module, report: CompressReport):
     return skip
 
 
-def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[int, int]]:
-    """{full name: (N, K)} of every linear `compress` will compress, in block order."""
+def block_shapes(model: nn.Module, cfg: CompressConfig) -> list[dict[str, tuple[int, int]]]:
+    """Per decoder block, {full name: (N, K)} of every linear `compress` will compress there."""
     from .calibration.families import block_linears, decoder_blocks
+    from .calibration.runner import _blocks_prefix
 
     blocks = decoder_blocks(model)
-    prefix = next(n for n, m in model.named_modules() if m is blocks) + "."
-    shapes = {}
-    for i, block in enumerate(blocks):
-        for rel, lin in block_linears(block).items():
-            full = f"{prefix}{i}.{rel}"
-            if skip_reason(full, lin, cfg) is None:
-                shapes[full] = (lin.out_features, lin.in_features)
-    return shapes
+    prefix = _blocks_prefix(model, blocks)
+    return [{f"{prefix}{i}.{rel}": (lin.out_features, lin.in_features) for rel, lin in block_linears(block).items()
+             if skip_reason(f"{prefix}{i}.{rel}", lin, cfg) is None} for i, block in enumerate(blocks)]
+
+
+def compressed_shapes(model: nn.Module, cfg: CompressConfig) -> dict[str, tuple[int, int]]:
+    """{full name: (N, K)} of every linear `compress` will compress, in block order."""
+    return {name: shape for block in block_shapes(model, cfg) for name, shape in block.items()}
 
 
 def kept_input_width(model: nn.Module, cfg: CompressConfig) -> int:
     """The most input channels one block's compressed linears read, summed over its linears: what the runner's
     kept inputs (runner.KeptInputs) hold per calibration token, an upper bound (layers that share an input keep
     it once)."""
-    per_block: dict[str, int] = {}
-    for name, (_, k) in compressed_shapes(model, cfg).items():
-        block = name[:name.index(".", len(_blocks_prefix(model)))]  # "model.layers.3.mlp.up_proj" -> "model.layers.3"
-        per_block[block] = per_block.get(block, 0) + k
-    return max(per_block.values(), default=0)
+    return max((sum(k for _, k in block.values()) for block in block_shapes(model, cfg)), default=0)
 
 
 def keeps_inputs(model: nn.Module, config: CompressConfig, windows: torch.Tensor) -> bool:
@@ -178,13 +175,6 @@ def keeps_inputs(model: nn.Module, config: CompressConfig, windows: torch.Tensor
         return False
     have = available_memory_bytes()
     return have is None or 4 * windows.numel() * kept_input_width(model, config) <= have // 4
-
-
-def _blocks_prefix(model: nn.Module) -> str:
-    from .calibration.families import decoder_blocks
-
-    blocks = decoder_blocks(model)
-    return next(n for n, m in model.named_modules() if m is blocks) + "."
 
 
 def _on(x, device: torch.device):

@@ -288,8 +288,8 @@ def host_peak_bound(parts: dict[str, int]) -> int:
       runtime    RUNTIME_BYTES
       dense      config.dense_stream only: the dense model's hidden states entering and leaving the block
                  (2 A) and one batch's dense inputs of every linear, kept for pairing (4 b S 4 width); else 0
-      inputs     W8A8 only: a block's linear inputs over the calibration tokens, kept from its first statistics
-                 pass for the activation calibration (runner.KeptInputs); else 0
+      inputs     W8A8 runs that keep them only: a block's linear inputs over the calibration tokens, kept for its
+                 quantization-error moments (runner.KeptInputs); else 0
     The run has four stages, each bounded by what it holds:
       start      outer32 + 2 A + kwargs + forward: the embedding, the first block's inputs and one batch's
                  pass (the blocks are stand-ins that run nothing)

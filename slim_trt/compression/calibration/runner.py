@@ -499,11 +499,10 @@ def run_layerwise(
                     stats[name] = stats[name].rescaled(s)
                 _share_equal_hessians(stats)
                 pending = [n for n, st in stats.items() if st.abs_hist is None]  # deferred, or rescaled
-                if pending or (kept is not None and smoothing):
+                if pending:  # with SmoothQuant every layer (new_stats defers their histograms): the pass to keep
                     shared = InputProducts()
-                    adders = {n: functools.partial(stats[n].add_histogram, shared=shared) if n in pending
-                              else (lambda x: None) for n in stats}
-                    run_hooked(keeping(adders, shared, smoothing))
+                    run_hooked(keeping({n: functools.partial(stats[n].add_histogram, shared=shared) for n in pending},
+                                       shared, smoothing))
                 scales = {}  # layers that read one input hold one histogram: one scale search for them
                 for st in stats.values():
                     if id(st.abs_hist) not in scales:
