@@ -95,10 +95,19 @@ def select_rows(spec: str) -> list[Row]:
     return harness.select_rows(spec, ROWS)
 
 
+def export_session_config(row: Row) -> dict:
+    """The ONNX Runtime session config the row's export declares, its options resolved with the exporter's
+    defaults: a row that leaves an option to the defaults (row 12) is measured and exported again when they
+    change."""
+    from slim_trt.exporter.options import ExportOptions
+
+    return ExportOptions(**{k: v for k, v in row.export.items() if k not in ("source", "fuse")}).session_config()
+
+
 def row_config(row: Row, ctx: Context | None = None) -> dict:
     """What a stored row was made with; a stored row with another config is measured again."""
     if row.export is not None:
-        out = {"method": "slim_trt.export", **row.export}
+        out = {"method": "slim_trt.export", **row.export, "session_config": export_session_config(row)}
         if row.export["source"] == "checkpoint" and ctx is not None:
             out["checkpoint_manifest_sha256"] = ctx.checkpoint_sha
         return out

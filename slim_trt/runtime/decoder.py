@@ -511,7 +511,9 @@ class GenerateRequest:
 def pick_token(logits: np.ndarray, sampling: Sampling, rng: np.random.Generator) -> int:
     """The next token from one row of logits [vocab]."""
     if sampling.temperature == 0.0:
-        return int(np.argmax(logits))
+        # numpy's argmax has no vectorised fp16 loop: 1.7 ms over 262144 fp16 logits, 0.34 ms widened first (exact,
+        # so the same index, ties included)
+        return int(np.argmax(logits.astype(np.float32, copy=False)))
     z = logits.astype(np.float64) / sampling.temperature
     if sampling.top_k > 0 and sampling.top_k < z.size:
         kth = np.partition(z, -sampling.top_k)[-sampling.top_k]

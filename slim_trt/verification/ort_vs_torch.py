@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,12 @@ def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, ref: torch.Ten
         stripped = Path(d) / path.name
         onnx.save_model(proto, str(stripped), save_as_external_data=True, location=f"{path.name}.data")
         del proto
-        shutil.copy(path.parent / SIDECAR, Path(d) / SIDECAR)
+        # The graph's own arithmetic without activation quantization: ONNX Runtime's MatMulNBits (the adapters)
+        # get fp32 activations too, whatever level the export declares for serving (4 rounds them to int8).
+        sidecar = json.loads((path.parent / SIDECAR).read_text())
+        sidecar.setdefault("onnxruntime", {}).setdefault("session_config", {})[
+            "session.qdq_matmulnbits_accuracy_level"] = "1"
+        (Path(d) / SIDECAR).write_text(json.dumps(sidecar))
         with float_activations(model):
             fl = verify_model(stripped, model, ids, decode_steps=decode_steps, thresholds=th, providers=providers)
     floor = sensitivity_floor(model, ids, ref, FLOOR_EPS.get(dtype, 1e-3))

@@ -162,8 +162,13 @@ def test_w8a8_checkpoint_gets_its_own_file_and_the_decode_goal(tmp_path):
     data = json.loads(path.read_text())
     row = data["rows"]["12-slim-export-plain"]
     assert row["status"] == "ok", row.get("error")
+    # the exporter's defaults resolved into the row's config: a change of them measures (and exports) it again
+    from slim_trt.exporter.options import ExportOptions
+
     assert row["config"] == {"method": "slim_trt.export", "source": "checkpoint",
+                             "session_config": ExportOptions().session_config(),
                              "checkpoint_manifest_sha256": row["config"]["checkpoint_manifest_sha256"]}
+    assert row["model"]["onnxruntime"]["session_config"] == ExportOptions().session_config()
     assert row["model"]["dtype"] == "fp16"  # the exporter's default, whatever the row asked for
     assert data["checkpoint_recipe"]["preset"] == "trt-int8-sparse" and data["checkpoint_recipe"]["default"]
     assert "`--preset trt-int8-sparse` (the defaults)" in path.with_suffix(".md").read_text()

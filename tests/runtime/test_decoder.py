@@ -121,6 +121,15 @@ def test_sampling_is_reproducible_and_top_k_1_is_greedy(decoder):
     assert a == b and a != c
 
 
+def test_greedy_pick_on_fp16_logits_is_the_fp16_argmax_ties_included():
+    g = np.random.default_rng(0)
+    for _ in range(20):
+        logits = g.standard_normal(4099).astype(np.float16)
+        logits[g.integers(0, 4099, 3)] = logits.max()  # ties: the first index wins, as on the fp16 values
+        assert rt.pick_token(logits, rt.Sampling(), g) == int(np.argmax(logits))
+    assert rt.pick_token(np.array([-np.inf, np.float16(65504), 1.0], np.float16), rt.Sampling(), g) == 1
+
+
 def test_pick_token_top_p_keeps_the_smallest_prefix():
     logits = np.log(np.array([0.5, 0.3, 0.15, 0.05]))
     rng = np.random.default_rng(0)

@@ -38,11 +38,14 @@ def test_a_faithful_export_passes_all_three_parts(w8a8_export):
     assert f"W8A8 GEMMs: 8 MatMulIntegerToFloat as {cpu['w8a8_form']}" in text
 
 
-def test_the_safe_form_forced_gives_the_cpus_own_numbers(w8a8_export):
+def test_the_safe_form_forced_gives_the_cpus_own_numbers(w8a8_export, tmp_path):
     """u8u8 forced (what an AVX2-only CPU gets) against this CPU's own choice (u8s8 with VNNI/AMX): both exact
     integer GEMMs, so the same metrics up to float summation order. (u8s8 is never forced in a session here: on a
-    CPU without VNNI it saturates, which is the bug this form exists for.)"""
-    ckpt, onnx_path = w8a8_export
+    CPU without VNNI it saturates, which is the bug this form exists for.) Exported at accuracy level 1, so that
+    the adapters' MatMulNBits round no activation either: the session is then the checkpoint's arithmetic."""
+    ckpt, _ = w8a8_export
+    export(ckpt, tmp_path / "e1", dtype="fp32", ort_accuracy_level=1, progress=False)
+    onnx_path = tmp_path / "e1" / "model.onnx"
     safe = verify(onnx_path, ckpt, windows=2, seqlen=24, w8a8_form="u8u8")
     own = verify(onnx_path, ckpt, windows=2, seqlen=24)
     assert safe.ok and safe.settings["cpu"]["w8a8_form"] == "u8u8" and safe.settings["cpu"]["reason"] == "forced"
