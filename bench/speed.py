@@ -95,19 +95,22 @@ def select_rows(spec: str) -> list[Row]:
     return harness.select_rows(spec, ROWS)
 
 
-def export_session_config(row: Row) -> dict:
+def export_session_config(row: Row, ctx: Context | None = None) -> dict:
     """The ONNX Runtime session config the row's export declares, its options resolved with the exporter's
-    defaults: a row that leaves an option to the defaults (row 12) is measured and exported again when they
-    change."""
+    defaults as `slim-trt export` resolves them (a W8A8 checkpoint's export quantizes its activations itself): a row
+    that leaves an option to the defaults (row 12) is measured and exported again when they change."""
     from slim_trt.exporter.options import ExportOptions
 
-    return ExportOptions(**{k: v for k, v in row.export.items() if k not in ("source", "fuse")}).session_config()
+    opts = {k: v for k, v in row.export.items() if k not in ("source", "fuse")}
+    if row.export["source"] == "checkpoint" and ctx is not None and ctx.checkpoint_w8a8:
+        opts.setdefault("act_quant", "int8")
+    return ExportOptions(**opts).session_config()
 
 
 def row_config(row: Row, ctx: Context | None = None) -> dict:
     """What a stored row was made with; a stored row with another config is measured again."""
     if row.export is not None:
-        out = {"method": "slim_trt.export", **row.export, "session_config": export_session_config(row)}
+        out = {"method": "slim_trt.export", **row.export, "session_config": export_session_config(row, ctx)}
         if row.export["source"] == "checkpoint" and ctx is not None:
             out["checkpoint_manifest_sha256"] = ctx.checkpoint_sha
         return out
@@ -125,6 +128,7 @@ class Context:
     model_folder: Path
     checkpoint: Path | None
     checkpoint_sha: str | None
+    checkpoint_w8a8: bool  # its layers carry activation scales (the export adds their INT8 Q/DQ)
     windows_npy: Path
     prompt: list[int]
     decode_prompts: list[list[int]]
@@ -161,8 +165,9 @@ def prepare_context(args) -> Context:
     work.mkdir(parents=True, exist_ok=True)
     npy = work / "windows.npy"
     np.save(npy, windows.numpy().astype(np.int64))
-    ckpt, sha = None, None
+    ckpt, sha, w8a8 = None, None, False
     if args.checkpoint:
+        from slim_trt.checkpoint.format import read_manifest
         from slim_trt.exporter import manifest_sha256
 
         ckpt = Path(args.checkpoint).resolve()
@@ -170,7 +175,9 @@ def prepare_context(args) -> Context:
             raise SlimError(f"--checkpoint {args.checkpoint} is not a slim-trt checkpoint (no slim_manifest.json): "
                             f"run `slim-trt compress {args.model} -o DIR` first")
         sha = manifest_sha256(ckpt)
-    return Context(args=args, work=work, model_folder=folder, checkpoint=ckpt, checkpoint_sha=sha, windows_npy=npy,
+        w8a8 = any(layer.get("act_scale") is not None for layer in read_manifest(ckpt).get("layers", {}).values())
+    return Context(args=args, work=work, model_folder=folder, checkpoint=ckpt, checkpoint_sha=sha,
+                   checkpoint_w8a8=w8a8, windows_npy=npy,
                    prompt=windows[0, :args.prompt_tokens].tolist(),
                    decode_prompts=[w[:args.decode_prompt_tokens].tolist() for w in windows[:args.batch]])
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from ..exporter.options import (DEFAULT_ORT_ACCURACY_LEVEL, EXTERNAL_DATA_THRESHOLD, HEAD_MODES, OPSET,
-                                OUTLIER_FORMS, ZERO_POINT_FORMS, ExportOptions)
+                                OUTLIER_FORMS, W8A8_ORT_ACCURACY_LEVEL, ZERO_POINT_FORMS, ExportOptions)
 from .common import add_parser, eprint
 from .recipes import fill
 
@@ -38,9 +38,8 @@ def register(sub) -> None:
                         "Runtime; TensorRT reads INT4 only as a GEMM weight) [default: %(default)s]")
     p.add_argument("--ort-accuracy-level", type=int, default=None, metavar="1|4",
                    help="ONNX Runtime MatMulNBits activations: 1 = fp32, 4 = int8 (recorded in slim_export.json) "
-                        f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}: ~10-45%% faster decoding than 1 for +0.7-0.8%% "
-                        "perplexity on Gemma 3 270M; in a W8A8 export it is the adapters' and the head's input that "
-                        "is rounded, the INT8 GEMMs use the graph's own scales either way]")
+                        f"[default: {DEFAULT_ORT_ACCURACY_LEVEL}; {W8A8_ORT_ACCURACY_LEVEL} when the graph quantizes its "
+                        "activations to INT8 itself (--act-quant int8, W8A8 checkpoints)]")
     p.add_argument("--outliers", default=opts.outliers, metavar="|".join(OUTLIER_FORMS),
                    help="SpQR checkpoints: how the fp16 outliers run. scatter = Gather, Mul, ScatterElements add "
                         "(stores only the outliers; ~12x a layer's prefill time in ONNX Runtime, a plugin in "

@@ -162,13 +162,16 @@ def test_w8a8_checkpoint_gets_its_own_file_and_the_decode_goal(tmp_path):
     data = json.loads(path.read_text())
     row = data["rows"]["12-slim-export-plain"]
     assert row["status"] == "ok", row.get("error")
-    # the exporter's defaults resolved into the row's config: a change of them measures (and exports) it again
+    # the exporter's defaults resolved into the row's config as `slim-trt export` resolves them for this W8A8
+    # checkpoint (its own INT8 activations: accuracy level 1), so a change of them measures (and exports) it again;
+    # the export it measured declares the same
     from slim_trt.exporter.options import ExportOptions
 
-    assert row["config"] == {"method": "slim_trt.export", "source": "checkpoint",
-                             "session_config": ExportOptions().session_config(),
+    w8a8_config = ExportOptions(act_quant="int8").session_config()
+    assert w8a8_config["session.qdq_matmulnbits_accuracy_level"] == "1"
+    assert row["config"] == {"method": "slim_trt.export", "source": "checkpoint", "session_config": w8a8_config,
                              "checkpoint_manifest_sha256": row["config"]["checkpoint_manifest_sha256"]}
-    assert row["model"]["onnxruntime"]["session_config"] == ExportOptions().session_config()
+    assert row["model"]["onnxruntime"]["session_config"] == w8a8_config
     assert row["model"]["dtype"] == "fp16"  # the exporter's default, whatever the row asked for
     assert data["checkpoint_recipe"]["preset"] == "trt-int8-sparse" and data["checkpoint_recipe"]["default"]
     assert "`--preset trt-int8-sparse` (the defaults)" in path.with_suffix(".md").read_text()
