@@ -167,15 +167,15 @@ def prepare_context(args) -> Context:
     np.save(npy, windows.numpy().astype(np.int64))
     ckpt, sha, w8a8 = None, None, False
     if args.checkpoint:
-        from slim_trt.checkpoint.format import read_manifest
-        from slim_trt.exporter import manifest_sha256
+        from slim_trt.checkpoint.format import DIGEST_KEY, read_manifest
 
         ckpt = Path(args.checkpoint).resolve()
         if not (ckpt / "slim_manifest.json").is_file():
             raise SlimError(f"--checkpoint {args.checkpoint} is not a slim-trt checkpoint (no slim_manifest.json): "
                             f"run `slim-trt compress {args.model} -o DIR` first")
-        sha = manifest_sha256(ckpt)
-        w8a8 = any(layer.get("act_scale") is not None for layer in read_manifest(ckpt).get("layers", {}).values())
+        manifest = read_manifest(ckpt)  # checked against its own checksum
+        sha = manifest[DIGEST_KEY]  # what slim_trt.exporter.manifest_sha256 reads
+        w8a8 = any(layer.get("act_scale") is not None for layer in manifest.get("layers", {}).values())
     return Context(args=args, work=work, model_folder=folder, checkpoint=ckpt, checkpoint_sha=sha,
                    checkpoint_w8a8=w8a8, windows_npy=npy,
                    prompt=windows[0, :args.prompt_tokens].tolist(),

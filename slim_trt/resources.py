@@ -128,19 +128,20 @@ def fits(need: dict[str, int], device: torch.device) -> bool:
     """Whether `need` fits the CUDA device's free memory now (check_fits without the refusal); True off CUDA,
     where what the run may hold beyond its calibration data is decided once, before it starts
     (compression.compressor.keeps_inputs)."""
-    if device.type != "cuda":
-        return True
+    return device.type != "cuda" or sum(need.values()) <= _cuda_free(device)
+
+
+def _cuda_free(device: torch.device) -> int:
+    """The CUDA device's free bytes, torch's own cache (reserved but unallocated) counted as free."""
     free, _ = torch.cuda.mem_get_info(device)
-    return sum(need.values()) <= free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
 
 
 def check_fits(need: dict[str, int], device: torch.device, what: str) -> None:
     """Refuse, before anything moves, a block that cannot fit the CUDA device's free memory."""
     if device.type != "cuda":
         return
-    free, _ = torch.cuda.mem_get_info(device)
-    free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # torch's own cache
-    refuse_unfit(need, free, str(device), what)
+    refuse_unfit(need, _cuda_free(device), str(device), what)
 
 
 def refuse_unfit(need: dict[str, int], free: int, device: str, what: str) -> None:

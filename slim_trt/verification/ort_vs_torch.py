@@ -255,7 +255,7 @@ def _w8a8_checks(path: Path, model: nn.Module, ids: torch.Tensor, ref: torch.Ten
         del proto
         # The graph's own arithmetic without activation quantization: ONNX Runtime's MatMulNBits (the adapters)
         # get fp32 activations too, whatever level the export declares for serving (4 rounds them to int8).
-        sidecar = json.loads((path.parent / SIDECAR).read_text())
+        sidecar = read_sidecar(path) or {}
         sidecar.setdefault("onnxruntime", {}).setdefault("session_config", {})[
             "session.qdq_matmulnbits_accuracy_level"] = "1"
         (Path(d) / SIDECAR).write_text(json.dumps(sidecar))
