@@ -131,17 +131,20 @@ def test_without_activation_error_lrc_is_hlora(quantized_layer):
     assert (lrc_objective(W, base_target(W, None, H, act), None, H, act) / den) ** 0.5 < 2e-3
 
 
-def test_lrc_refit_mask_reselect_lowers_the_objective(quantized_layer):
+def test_lrc_refit_mask_reselect_keeps_the_objective_with_a_new_mask(quantized_layer):
     """Choosing the 2:4 mask again on LRC's base target (W - L R) H_xq H_qq^-1 with H_qq puts the activation error
-    in the mask's criterion: on the outlier layer, 3 rounds kept either way, the relative error 0.01304 -> 0.01284,
-    with a valid 2:4 mask that is not the first sweep's."""
+    in the mask's criterion. On this small outlier layer it is a wash: 3 rounds kept either way and the relative
+    error within 2% of the kept mask's (0.01304 -> 0.01284 on an AVX-512 Xeon, 0.01309 -> 0.01313 on an AVX2
+    EPYC: float32 GEMMs sum in another order there, and the sweeps' discrete choices follow), with a valid 2:4 mask
+    that is not the first sweep's. Where it pays: tests/algorithms/test_refit.py, and the bench (rows 63, 64 against 24, 31)."""
     import dataclasses
 
     W, X, Xq, H, moments, _ = quantized_layer
     s = X.norm(dim=0)
     keep = compress_weight(W, H, s, s, dataclasses.replace(W8A8, refit_mask="keep"), act=moments)
     new = compress_weight(W, H, s, s, dataclasses.replace(W8A8, refit_mask="reselect"), act=moments)
-    assert keep.rel_error == pytest.approx(0.01304, abs=1e-5) and new.rel_error == pytest.approx(0.01284, abs=1e-5)
+    assert keep.rel_error < 0.5 * keep.rel_error_base and 0.0128 < keep.rel_error < 0.0132
+    assert new.rel_error == pytest.approx(keep.rel_error, rel=0.02)
     assert (keep.refit_rounds, new.refit_rounds) == (3, 3)
     assert bool((new.mask.reshape(128, 64, 4).sum(-1) == 2).all()) and not torch.equal(new.mask, keep.mask)
     assert not new.weight.dequantize()[~new.mask].any()

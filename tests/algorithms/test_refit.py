@@ -330,16 +330,17 @@ def _is_2to4(mask: torch.Tensor) -> bool:
 
 
 def test_refit_mask_reselect_lowers_the_error_with_a_new_2to4_mask(layer):
-    """slim-2to4 on the shared correlated layer: keeping the first mask, one refit round is kept (relative output
-    error 0.0630 -> 0.01861); choosing the mask again on W - L R, two rounds are kept and the error ends at 0.01804,
-    with a valid 2:4 mask that differs from the first sweep's and a base that is zero off it."""
+    """slim-2to4 on the shared correlated layer: the one-shot base's relative output error 0.0630, with the adapters
+    and the first mask kept 0.01861 (one refit round kept on an AVX-512 Xeon; 0.01894, none kept, on an AVX2 EPYC,
+    whose float32 GEMMs sum in another order); choosing the mask again on W - L R ends 3% lower (0.01804 after 2
+    rounds; 0.01833 after 1), with a valid 2:4 mask that differs from the first sweep's and a base that is zero
+    off it."""
     W, X, H = layer
     s = X.norm(dim=0)
     keep = compress_weight(W, H, s, s, slim_2to4(refit_mask="keep"))
     new = compress_weight(W, H, s, s, slim_2to4(refit_mask="reselect"))
-    assert (keep.rel_error_base, keep.refit_rounds) == (pytest.approx(0.06301, abs=1e-5), 1)
-    assert keep.rel_error == pytest.approx(0.01861, abs=1e-5)
-    assert new.refit_rounds == 2 and new.rel_error == pytest.approx(0.01804, abs=1e-5)
+    assert keep.rel_error_base == pytest.approx(0.06301, abs=1e-5) and 0.0180 < keep.rel_error < 0.0195
+    assert new.refit_rounds >= 1 and new.rel_error < 0.99 * keep.rel_error
     first = compress_base(W, H, s, slim_2to4())[1]
     assert torch.equal(keep.mask, first) and _is_2to4(new.mask)
     assert 0.0 < float((new.mask != first).float().mean()) < 0.5
