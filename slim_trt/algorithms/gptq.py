@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from .gram import gram
 from .obs import sweep
 from .qtensor import QuantizedTensor
 from .zeropoint import GroupGrid
@@ -30,7 +31,7 @@ def accumulate_hessian(H: torch.Tensor | None, nsamples: int, x: torch.Tensor,
     if t == 0:
         return H.clone(), nsamples
     total = nsamples + t
-    return H.to(torch.float32) * (nsamples / total) + (2.0 / total) * (X.T @ X if xtx is None else xtx), total
+    return H.to(torch.float32) * (nsamples / total) + (2.0 / total) * (gram(X) if xtx is None else xtx), total
 
 
 def gptq_quantize(

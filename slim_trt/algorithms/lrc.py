@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import CompressConfig
+from .gram import gram
 from .lowrank import _factors_in_metric
 from .qtensor import QuantizedTensor
 from .refit import as_float, quantized_adapters, refit_base
@@ -72,8 +73,8 @@ def accumulate_error_moments(m: ActErrorMoments | None, nsamples: int, x: torch.
         return m, nsamples
     total = nsamples + t
     keep, add = nsamples / total, 2.0 / total
-    return ActErrorMoments(m.H_xe * keep + add * (X.T @ Err), m.H_ee * keep + add * (Err.T @ Err),
-                           m.H_qq * keep + add * (Q.T @ Q)), total
+    return ActErrorMoments(m.H_xe * keep + add * (X.T @ Err), m.H_ee * keep + add * gram(Err),
+                           m.H_qq * keep + add * gram(Q)), total
 
 
 def lrc_objective(W: torch.Tensor, W_q: torch.Tensor, M: torch.Tensor | None, H: torch.Tensor,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ...algorithms.gram import gram
 from ...errors import SlimError
 from ...resources import block_bytes, check_fits, fits
 from ...timing import PhaseTimer, phase
@@ -172,7 +173,7 @@ class InputProducts:
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(rows, X^T X, sum of x^2 per channel): the products only the dense pass needs."""
         X = self.rows(x)
-        return (X, *self.once("products", lambda: (X.T @ X, (X * X).sum(0))))
+        return (X, *self.once("products", lambda: (gram(X), (X * X).sum(0))))
 
 
 class KeptInputs:
