@@ -9,7 +9,8 @@ panels (K = 2048: 9/16; measured on a 2-core EPYC with 4096 tokens, 234 -> 151 m
 
 Each entry is the same dot product over the tokens as in X.T @ X; whether the BLAS sums it in the same order
 depends on how it tiles the two shapes, so the last bits may differ from the full product's (the statistics carry
-no meaning at that level). Off the diagonal panels the result is exactly symmetric.
+no meaning at that level); on a 2-core AVX2 EPYC the demo's compressed layers of Gemma 3 270M came out byte for
+byte the same as with full products. Off the diagonal panels the result is exactly symmetric.
 """
 from __future__ import annotations
 
