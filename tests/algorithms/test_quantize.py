@@ -181,3 +181,19 @@ def test_nm_compress_rejects_a_dense_group():
         nm_compress(q, 2, 4)
     with pytest.raises(ValueError, match="multiple of m"):
         nm_compress(torch.zeros(2, 6, dtype=torch.int8), 2, 4)
+
+
+def test_slim_quant_scale_leaves_exact_zeros_out_whatever_the_path():
+    """Pruned weights cost nothing and count nothing: a 2:4-pruned row (its zeros dropped before the sort, every row
+    holding as many) and a row with ragged zeros (kept through the sort) get, bit for bit, the scale of their
+    nonzero values alone."""
+    g = torch.Generator().manual_seed(11)
+    W = 0.02 * torch.randn(16, 64, generator=g)
+    pruned = W * nm_mask(W.abs(), 2, 4)
+    alone = pruned[pruned != 0].reshape(16, 32)
+    assert torch.equal(slim_quant_scale(pruned, 8, -1), slim_quant_scale(alone, 8, -1))
+    ragged = W * (torch.rand(16, 64, generator=g) > 0.4)
+    got = slim_quant_scale(ragged, 8, -1)
+    for i in range(16):
+        row = ragged[i][ragged[i] != 0][None]
+        assert torch.equal(got[i], slim_quant_scale(row, 8, -1)[0]), i
