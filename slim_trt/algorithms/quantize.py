@@ -158,10 +158,11 @@ def slim_quant_scale(W: torch.Tensor, bits: int, group_size: int = 0, rounds: in
     # Exact zeros count for nothing (counts below) and add nothing to a prefix sum, so when every group holds as
     # many (a 2:4 mask leaves half of each row) they are dropped before the sort: the same alpha bit for bit, half
     # the sort (the sweep searches a scale per output channel at every refit round).
-    live_per_group = (flat > 0).sum(1)
-    kept = int(live_per_group[0]) if live_per_group.numel() else 0
-    if 0 < kept < size and bool((live_per_group == kept).all()):
-        flat = flat[flat > 0].reshape(-1, kept)
+    nonzero = flat != 0  # |w|: only the zeros go (a NaN stays where the sort puts it)
+    per_group = nonzero.sum(1)
+    kept = int(per_group[0]) if per_group.numel() else 0
+    if 0 < kept < size and bool((per_group == kept).all()):
+        flat = flat[nonzero].reshape(-1, kept)
     values, _ = flat.sort(dim=1)
     counts = (values > 0).to(torch.float64)
     amax = values[:, -1] if size else torch.zeros(rows * ngroups, device=A.device)
